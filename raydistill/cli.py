@@ -1,0 +1,136 @@
+"""``raydistill`` command line: run | generate | train | evaluate | validate | demo.
+
+Every command takes a YAML config and repeatable ``--set dotted.key=value`` overrides, writes
+the resolved config to ``<output_dir>/config.yaml``, and exits non-zero with a one-paragraph
+message on bad input. Stage modules are imported lazily so ``--help`` and ``validate`` stay fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .config import Config, ConfigError, demo_config_path, load
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distill LLMs on Ray: a teacher answers prompts, a student learns, a report compares.")
+
+ConfigArg = Annotated[Path, typer.Argument(help="Run config (YAML).", show_default=False)]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override: dotted.key=value (repeatable).")]
+
+log = logging.getLogger("raydistill")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _load(config: Path | None, overrides: list[str] | None) -> Config:
+    try:
+        return load(config, overrides or [])
+    except ConfigError as e:
+        _fail(str(e))
+        raise  # unreachable
+
+
+def _prepare(cfg: Config) -> None:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(cfg.dump())
+
+
+def _run_stages(cfg: Config, stages: tuple[str, ...]) -> None:
+    from .data import DataError
+    from .models import ModelError
+    from .schema import SchemaError
+
+    _setup_logging()
+    _prepare(cfg)
+    t0 = time.perf_counter()
+    try:
+        for stage in stages:
+            ts = time.perf_counter()
+            log.info("=== stage %s ===", stage)
+            if stage == "generate":
+                from .generate import run_generate
+
+                run_generate(cfg)
+            elif stage == "train":
+                from .train.trainer import run_train
+
+                run_train(cfg)
+            else:
+                from .evaluate import run_evaluate
+
+                run_evaluate(cfg)
+            log.info("=== stage %s done in %.0f s ===", stage, time.perf_counter() - ts)
+    except (DataError, ModelError, SchemaError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    log.info("finished in %.0f s; outputs in %s", time.perf_counter() - t0, cfg.output_dir)
+    if "evaluate" in stages:
+        typer.echo(f"report: {Path(cfg.output_dir) / 'eval' / 'report.md'}")
+
+
+@app.command()
+def run(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Run every stage: generate → train → evaluate."""
+    _run_stages(_load(config, set_), ("generate", "train", "evaluate"))
+
+
+@app.command()
+def generate(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Teacher answers the train/validation prompts → <output_dir>/corpus/."""
+    _run_stages(_load(config, set_), ("generate",))
+
+
+@app.command()
+def train(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Fine-tune the student on corpus/ → <output_dir>/student/."""
+    _run_stages(_load(config, set_), ("train",))
+
+
+@app.command()
+def evaluate(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Compare teacher, baseline and distilled student → <output_dir>/eval/."""
+    _run_stages(_load(config, set_), ("evaluate",))
+
+
+@app.command()
+def validate(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Check a config and its prompt file without running anything."""
+    from .data import DataError, load_prompts
+
+    cfg = _load(config, set_)
+    try:
+        prompts = load_prompts(cfg.data)
+    except DataError as e:
+        _fail(str(e))
+        raise
+    counts = {s: prompts.column("split").to_pylist().count(s) for s in ("train", "validation", "test")}
+    typer.echo(f"config OK: {prompts.num_rows} prompts ({', '.join(f'{k} {v}' for k, v in counts.items())}); "
+               f"teacher {cfg.teacher.model} ({cfg.teacher.engine}); output_dir {cfg.output_dir}")
+
+
+@app.command()
+def demo(set_: SetOpt = None) -> None:
+    """`run` on the built-in demo config (embedded SmolLM2 teacher, pruned student)."""
+    _run_stages(_load(demo_config_path(), set_), ("generate", "train", "evaluate"))
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="raydistill")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

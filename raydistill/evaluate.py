@@ -1,0 +1,255 @@
+"""The evaluate stage: teacher, baseline student and distilled student on held-out prompts.
+
+All three models answer the same prompts through the same batch generation path
+(``generate.generate_table``, vLLM by default). Written under ``output_dir/eval/``:
+``answers.parquet``, ``report.json``, ``report.md``, ``quality_vs_latency.png``,
+``agreement.png``.
+
+Figures per model (``report.json`` → ``models.<name>``):
+- ``metrics``: task → metric → value (see ``raydistill.tasks``);
+- ``quality``: mean of each task's primary metric (accuracy or ROUGE-L), 0–1;
+- ``agreement_rougeL``: mean ROUGE-L F1 of the answer against the teacher's answer, 0–1;
+- ``latency_ms_p50`` / ``latency_ms_p95``: per-answer latency (request sent → last token), ms;
+- ``output_tokens_per_s``: generated tokens / generation time, where generation time is the
+  sum over engine batches of the slowest answer of the batch (engine start-up excluded);
+- ``peak_memory_mb``: see ``raydistill._probe`` (transformers, one batch, fresh process);
+- ``params``: parameter count; ``size_mb``: weight files on disk (MB = 10^6 bytes).
+``retained`` (top level, and ``retained_baseline``): student metric / teacher metric for each
+``task.metric`` and ``quality``; null where the teacher scored 0 (the ratio is undefined).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from .config import Config
+from .tasks import PRIMARY, rouge_l, score
+
+log = logging.getLogger(__name__)
+
+MODEL_NAMES = ("teacher", "baseline_student", "student")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0–100), as numpy's default."""
+    import numpy as np
+
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def _throughput(table: pa.Table) -> float:
+    rows = table.to_pylist()
+    spans: dict[str, float] = {}
+    for r in rows:
+        if r["latency_s"] is not None:
+            spans[r["batch_id"]] = max(spans.get(r["batch_id"], 0.0), r["latency_s"])
+    seconds = sum(spans.values())
+    tokens = sum(r["response_tokens"] or 0 for r in rows)
+    return tokens / seconds if seconds > 0 else 0.0
+
+
+def memory_probe(model_dir: str, messages: list, batch: int) -> dict:
+    """Run ``raydistill._probe`` in a fresh Python process; returns peak_memory_mb and params."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-m", "raydistill._probe", model_dir, json.dumps(messages), str(batch)],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe failed for {model_dir}:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def model_report(table: pa.Table, teacher_answers: list[str]) -> dict:
+    """Quality, agreement and latency figures of one model's answers (see module docstring)."""
+    rows = table.to_pylist()
+    by_task: dict[str, tuple[list[str], list]] = {}
+    for r in rows:
+        preds, refs = by_task.setdefault(r["task"], ([], []))
+        preds.append(r["response"])
+        refs.append(r["reference"])
+    metrics = {task: score(task, p, refs) for task, (p, refs) in sorted(by_task.items())}
+    primary = [m[PRIMARY[t]] for t, m in metrics.items() if PRIMARY[t] in m]
+    lat_ms = [r["latency_s"] * 1000 for r in rows if r["latency_s"] is not None]
+    return {
+        "metrics": metrics,
+        "quality": sum(primary) / len(primary) if primary else 0.0,
+        "agreement_rougeL": rouge_l([r["response"] for r in rows], teacher_answers),
+        "latency_ms_p50": _percentile(lat_ms, 50),
+        "latency_ms_p95": _percentile(lat_ms, 95),
+        "output_tokens_per_s": _throughput(table),
+        "answers": len(rows),
+        "errors": sum(r["error"] is not None for r in rows),
+        "mean_output_tokens": sum(r["response_tokens"] or 0 for r in rows) / max(1, len(rows)),
+    }
+
+
+def retained(student: dict, teacher: dict) -> dict[str, float | None]:
+    """student / teacher per ``task.metric`` and for ``quality``; None where the teacher is 0."""
+    out: dict[str, float | None] = {}
+    for task, ms in teacher["metrics"].items():
+        for metric, t_val in ms.items():
+            s_val = student["metrics"].get(task, {}).get(metric)
+            out[f"{task}.{metric}"] = (s_val / t_val) if (s_val is not None and t_val) else None
+    out["quality"] = student["quality"] / teacher["quality"] if teacher["quality"] else None
+    return out
+
+
+def _fmt(v, digits=3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def write_markdown(report: dict, answers: dict[str, pa.Table], path: Path) -> None:
+    m = report["models"]
+    names = list(MODEL_NAMES)
+    lines = ["# raydistill evaluation report", "",
+             f"Split `{report['split']}`, {report['prompts']} prompts; teacher `{report['teacher']}`; "
+             f"engine `{report['engine']}`.", "",
+             "## Summary", "",
+             "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    rows = [("quality (mean primary metric, 0–1)", "quality"),
+            ("agreement with teacher (ROUGE-L, 0–1)", "agreement_rougeL"),
+            ("latency p50 (ms)", "latency_ms_p50"), ("latency p95 (ms)", "latency_ms_p95"),
+            ("output tokens/s", "output_tokens_per_s"), ("peak memory (MB)", "peak_memory_mb"),
+            ("parameters", "params"), ("size on disk (MB)", "size_mb"),
+            ("mean answer length (tokens)", "mean_output_tokens")]
+    for label, key in rows:
+        digits = 3 if key in ("quality", "agreement_rougeL") else 1
+        lines.append(f"| {label} | " + " | ".join(_fmt(m[n][key], digits) if key != "params"
+                                                  else f"{m[n][key]:,}" for n in names) + " |")
+    lines += ["", "## Quality per task", "", "| task | metric | " + " | ".join(names) +
+              " | student retained |", "|---|---|" + "---|" * (len(names) + 1)]
+    for task, ms in m["teacher"]["metrics"].items():
+        for metric in ms:
+            vals = [m[n]["metrics"].get(task, {}).get(metric) for n in names]
+            lines.append(f"| {task} | {metric} | " + " | ".join(_fmt(v) for v in vals) +
+                         f" | {_fmt(report['retained'].get(f'{task}.{metric}'))} |")
+    s, t = m["student"], m["teacher"]
+    lines += ["", "## What the student kept and what it saves", "",
+              f"- Quality retained: {_fmt(report['retained']['quality'])} of the teacher's "
+              f"(baseline student: {_fmt(report['retained_baseline']['quality'])}).",
+              f"- Agreement with the teacher: {_fmt(s['agreement_rougeL'])} vs "
+              f"{_fmt(m['baseline_student']['agreement_rougeL'])} before distillation.",
+              f"- Parameters: {s['params'] / t['params']:.2f}× the teacher's; size on disk "
+              f"{s['size_mb'] / t['size_mb']:.2f}×; peak memory {s['peak_memory_mb'] / t['peak_memory_mb']:.2f}×.",
+              f"- Latency p50: {s['latency_ms_p50'] / t['latency_ms_p50']:.2f}× the teacher's; throughput "
+              f"{s['output_tokens_per_s'] / max(t['output_tokens_per_s'], 1e-9):.2f}×.", "",
+              "![quality vs latency](quality_vs_latency.png)", "", "![agreement](agreement.png)", "",
+              "## Example answers", ""]
+    tea = answers["teacher"].to_pylist()
+    for i in range(min(5, len(tea))):
+        prompt = tea[i]["messages"][-1]["content"].replace("\n", " ")
+        lines.append(f"**[{tea[i]['task']}] {prompt}**  ")
+        if tea[i]["reference"] is not None:
+            lines.append(f"- reference: {tea[i]['reference']}")
+        for n in names:
+            text = answers[n].column("response")[i].as_py().strip().replace("\n", " ")
+            lines.append(f"- {n}: {text[:300]}")
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plots(report: dict, folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = report["models"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, color in zip(MODEL_NAMES, ("tab:blue", "tab:gray", "tab:orange")):
+        ax.scatter(m[name]["latency_ms_p50"], m[name]["quality"], s=80, color=color, label=name)
+        ax.annotate(name, (m[name]["latency_ms_p50"], m[name]["quality"]), textcoords="offset points", xytext=(6, 4))
+    ax.set_xlabel("latency p50 per answer (ms)")
+    ax.set_ylabel("quality (mean primary metric)")
+    ax.set_title("Quality vs latency")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    p1 = folder / "quality_vs_latency.png"
+    fig.savefig(p1, dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    vals = [m[n]["agreement_rougeL"] for n in MODEL_NAMES]
+    ax.bar(list(MODEL_NAMES), vals, color=["tab:blue", "tab:gray", "tab:orange"])
+    ax.set_ylabel("ROUGE-L vs teacher answer")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Agreement with the teacher")
+    fig.tight_layout()
+    p2 = folder / "agreement.png"
+    fig.savefig(p2, dpi=100)
+    plt.close(fig)
+    return [p1, p2]
+
+
+def run_evaluate(cfg: Config) -> dict:
+    """Evaluate the three models on the held-out split and write ``eval/``. Returns the report.
+
+    Raises FileNotFoundError when ``student/`` (or the pruned baseline) is missing: run train first.
+    """
+    from .data import load_prompts, select_split
+    from .generate import generate_table
+    from .models import resolve_model, size_on_disk_mb
+    from .runtime import init_ray
+    from .train.trainer import baseline_student_dir
+
+    out = Path(cfg.output_dir)
+    paths = {"teacher": resolve_model(cfg.teacher.model), "baseline_student": baseline_student_dir(cfg),
+             "student": str(out / "student")}
+    for name in ("baseline_student", "student"):
+        if not (Path(paths[name]) / "config.json").is_file() and paths[name].startswith((str(out), "/", ".")):
+            raise FileNotFoundError(f"no {name} at {paths[name]}: run `raydistill train` first")
+    prompts = select_split(load_prompts(cfg.data), (cfg.eval.split,))
+    if cfg.eval.limit:
+        prompts = prompts.slice(0, cfg.eval.limit)
+    if prompts.num_rows == 0:
+        raise ValueError(f"the {cfg.eval.split} split is empty; raise data.split.{cfg.eval.split}")
+    init_ray()
+    gen = cfg.generation.model_copy(update={"top_k_logprobs": 0})
+    answers: dict[str, pa.Table] = {}
+    for name in MODEL_NAMES:
+        log.info("evaluate: %s answers %d %s prompts", name, prompts.num_rows, cfg.eval.split)
+        t0 = time.perf_counter()
+        answers[name] = generate_table(prompts, paths[name], cfg.eval, gen)
+        log.info("evaluate: %s done in %.1f s", name, time.perf_counter() - t0)
+    teacher_answers = answers["teacher"].column("response").to_pylist()
+    probe_msgs = [list(m) for m in prompts.column("messages").to_pylist()]
+    models = {}
+    for name in MODEL_NAMES:
+        rep = model_report(answers[name], teacher_answers)
+        rep.update(memory_probe(paths[name], probe_msgs, cfg.eval.memory_probe_batch))
+        rep["size_mb"] = round(size_on_disk_mb(paths[name]), 2) if Path(paths[name]).is_dir() else None
+        rep["path"] = paths[name]
+        models[name] = rep
+    report = {"split": cfg.eval.split, "prompts": prompts.num_rows, "teacher": cfg.teacher.model,
+              "engine": cfg.eval.engine, "models": models,
+              "retained": retained(models["student"], models["teacher"]),
+              "retained_baseline": retained(models["baseline_student"], models["teacher"])}
+    folder = out / "eval"
+    tmp = out / "eval.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.concat_tables([answers[n].append_column("model", pa.array([n] * answers[n].num_rows))
+                                     for n in MODEL_NAMES]), tmp / "answers.parquet")
+    write_plots(report, tmp)
+    write_markdown(report, answers, tmp / "report.md")
+    (tmp / "report.json").write_text(json.dumps(report, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    log.info("evaluate: agreement with teacher %.3f (baseline %.3f), quality retained %s -> %s",
+             models["student"]["agreement_rougeL"], models["baseline_student"]["agreement_rougeL"],
+             _fmt(report["retained"]["quality"]), folder / "report.md")
+    return report

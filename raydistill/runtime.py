@@ -1,0 +1,64 @@
+"""Ray and vLLM process settings shared by every stage."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def on_gpu_machine() -> bool:
+    """True when this process sees a CUDA device (checked without importing torch.cuda early)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def vllm_env(kv_cache_gib: float = 2.0) -> dict[str, str]:
+    """Environment for vLLM engine processes.
+
+    On CPU, vLLM's backend reserves one core and pins itself to another unless told otherwise;
+    these settings let one engine use every core of the machine and bound its KV cache (GiB).
+    Values already set in the caller's environment win.
+    """
+    ncpu = os.cpu_count() or 1
+    env = {
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{ncpu - 1}",
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(round(kv_cache_gib)))),
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for key in list(env):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connect to the cluster in ``RAY_ADDRESS`` or start a local Ray.
+
+    A local Ray gets ``max(8, cores)`` logical CPUs: Ray Data's LLM processor runs several
+    1-CPU stage actors beside the engine, and on a 2-core machine it deadlocks with fewer
+    logical CPUs (measured here). Token auth is off for the local instance only.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    # vLLM's CPU settings must reach the engine's actors, which inherit the driver's env.
+    for k, v in vllm_env().items():
+        os.environ.setdefault(k, v)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    cpus = num_cpus or max(8, os.cpu_count() or 1)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True,
+             configure_logging=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    ctx.verbose_stats_logs = False
+    log.info("started local Ray with %d logical CPUs", cpus)

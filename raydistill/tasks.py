@@ -1,0 +1,87 @@
+"""Per-task answer extraction and metrics.
+
+- math: final-answer accuracy — the last number in the answer equals the reference number.
+- nli: label accuracy — the first of entailment / neutral / contradiction named in the answer.
+- qa, summarization, conversation: ROUGE-L F1 (rouge-score, stemmed; 0–1) and corpus BLEU
+  (sacrebleu, 0–100) against the reference.
+- agreement: mean ROUGE-L F1 between a model's answer and the teacher's answer (0–1).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+NLI_LABELS = ("entailment", "neutral", "contradiction")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_NLI = re.compile(r"\b(entail(?:ment|s|ed)?|neutral|contradict(?:ion|s|ory|ed)?)\b", re.IGNORECASE)
+
+#: Primary metric per task (used for the "quality" summary and charts).
+PRIMARY = {"math": "accuracy", "nli": "accuracy", "qa": "rougeL", "summarization": "rougeL",
+           "conversation": "rougeL"}
+
+
+def extract_number(text: str) -> float | None:
+    """The last number in ``text`` (commas as thousands separators), or None."""
+    found = _NUMBER.findall(text or "")
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def extract_nli_label(text: str) -> str | None:
+    """The first NLI label named in ``text`` (entails → entailment, contradicts → contradiction)."""
+    m = _NLI.search(text or "")
+    if not m:
+        return None
+    word = m.group(1).lower()
+    if word.startswith("entail"):
+        return "entailment"
+    if word.startswith("contradict"):
+        return "contradiction"
+    return "neutral"
+
+
+@lru_cache(maxsize=1)
+def _rouge():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F1 over pairs (0–1); 0.0 for empty input."""
+    if not predictions:
+        return 0.0
+    scorer = _rouge()
+    return sum(scorer.score(r or "", p or "")["rougeL"].fmeasure
+               for p, r in zip(predictions, references, strict=True)) / len(predictions)
+
+
+def bleu(predictions: list[str], references: list[str]) -> float:
+    """Corpus BLEU (sacrebleu, 0–100) of predictions against one reference each."""
+    import sacrebleu
+
+    if not predictions:
+        return 0.0
+    return float(sacrebleu.corpus_bleu(predictions, [references]).score)
+
+
+def score(task: str, predictions: list[str], references: list[str | None]) -> dict[str, float]:
+    """Task metrics for one model on one task (rows without a reference are skipped)."""
+    pairs = [(p, r) for p, r in zip(predictions, references, strict=True) if r is not None]
+    if not pairs:
+        return {}
+    preds, refs = [p for p, _ in pairs], [r for _, r in pairs]
+    if task == "math":
+        hits = 0
+        for p, r in pairs:
+            want, got = extract_number(r), extract_number(p)
+            hits += want is not None and got is not None and abs(want - got) < 1e-6
+        return {"accuracy": hits / len(pairs)}
+    if task == "nli":
+        return {"accuracy": sum(extract_nli_label(p) == extract_nli_label(r) for p, r in pairs) / len(pairs)}
+    return {"rougeL": rouge_l(preds, refs), "bleu": bleu(preds, refs)}
