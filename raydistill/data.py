@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 import string
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,8 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 
 def _template_fields(template: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    """Row fields a template reads: ``{a}``, ``{a[b]}`` and ``{a.b}`` all read field ``a``."""
+    return [re.split(r"[.\[]", name, maxsplit=1)[0] for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
 def split_of(prompt_id: str, seed: int, validation: float, test: float) -> str:

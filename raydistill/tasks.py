@@ -13,7 +13,8 @@ import re
 from functools import lru_cache
 
 NLI_LABELS = ("entailment", "neutral", "contradiction")
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+# Thousands separators only in groups of three ("1,234"); "1,2,3" is a list of three numbers.
+_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
 _NLI = re.compile(r"\b(entail(?:ment|s|ed)?|neutral|contradict(?:ion|s|ory|ed)?)\b", re.IGNORECASE)
 
 #: Primary metric per task (used for the "quality" summary and charts).

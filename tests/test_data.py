@@ -1,0 +1,438 @@
+"""Tests of raydistill.data: readers, messages, errors, the stable split and the demo set."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raydistill import schema
+from raydistill.config import TASKS, DataConfig, demo_config_path, load
+from raydistill.data import DataError, load_prompts, select_split
+from raydistill.tasks import extract_number
+
+ROWS = [
+    {"id": "a1", "task": "math", "prompt": "What is 2 + 3?", "reference": "5"},
+    {"id": "b2", "task": "nli", "prompt": "Premise: x.\nHypothesis: y.\nLabel?", "reference": "neutral"},
+    {"id": "c3", "task": "qa", "prompt": "Capital of France?", "reference": "Paris"},
+    {"id": "d4", "task": "summarization", "prompt": "Summarize: it rained, \"a lot\", all day.",
+     "reference": "Rain all day."},
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_json(path: Path, rows: list[dict]) -> Path:
+    path.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+WRITERS = {".jsonl": write_jsonl, ".json": write_json, ".parquet": write_parquet, ".csv": write_csv}
+
+
+def cfg_for(path: Path, **kw) -> DataConfig:
+    kw.setdefault("task_field", "task")
+    return DataConfig(path=str(path), **kw)
+
+
+def _load_error(path: Path, **kw) -> str:
+    with pytest.raises(DataError) as ei:
+        load_prompts(cfg_for(path, **kw))
+    return str(ei.value)
+
+
+# --- formats -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("suffix", list(WRITERS))
+def test_each_format_reads_expected_rows(tmp_path, suffix):
+    path = WRITERS[suffix](tmp_path / f"prompts{suffix}", ROWS)
+    table = load_prompts(cfg_for(path))
+    schema.validate(table, schema.PROMPTS_SCHEMA, str(path))
+    assert table.schema.equals(schema.PROMPTS_SCHEMA)
+    assert table.column("prompt_id").to_pylist() == [r["id"] for r in ROWS]
+    assert table.column("task").to_pylist() == [r["task"] for r in ROWS]
+    assert table.column("reference").to_pylist() == [r["reference"] for r in ROWS]
+    assert table.column("messages").to_pylist() == [
+        [{"role": "user", "content": r["prompt"]}] for r in ROWS
+    ]
+    assert set(table.column("split").to_pylist()) <= {"train", "validation", "test"}
+
+
+def test_all_formats_identical(tmp_path):
+    tables = {}
+    for suffix, writer in WRITERS.items():
+        path = writer(tmp_path / f"prompts{suffix}", ROWS)
+        tables[suffix] = load_prompts(cfg_for(path)).to_pylist()
+    first = tables[".jsonl"]
+    for suffix, rows in tables.items():
+        assert rows == first, suffix
+
+
+def test_default_task_used_without_task_field(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    table = load_prompts(DataConfig(path=str(path), task="qa"))
+    assert table.column("task").to_pylist() == ["qa"] * len(ROWS)
+
+
+def test_null_reference_field_gives_null_references(tmp_path):
+    rows = [{"id": "x", "prompt": "hello"}, {"id": "y", "prompt": "world"}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    table = load_prompts(DataConfig(path=str(path), reference_field=None))
+    assert table.column("reference").to_pylist() == [None, None]
+    schema.validate(table, schema.PROMPTS_SCHEMA, "t")
+
+
+def test_json_null_reference_stays_null(tmp_path):
+    rows = [{"id": "x", "prompt": "hello", "reference": None}, {"id": "y", "prompt": "w", "reference": 7}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    table = load_prompts(DataConfig(path=str(path)))
+    assert table.column("reference").to_pylist() == [None, "7"]
+
+
+# --- messages ----------------------------------------------------------------------------------
+
+def test_prompt_template_fills_user_message(tmp_path):
+    rows = [
+        {"id": "s1", "dialogue": "Amy: hi\nBen: hello", "reference": "They greet."},
+        {"id": "s2", "dialogue": "Cy: bye", "reference": "Cy leaves."},
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = DataConfig(path=str(path), task="summarization",
+                     prompt_template="Summarize this dialogue:\n{dialogue}")
+    msgs = load_prompts(cfg).column("messages").to_pylist()
+    assert msgs == [
+        [{"role": "user", "content": "Summarize this dialogue:\nAmy: hi\nBen: hello"}],
+        [{"role": "user", "content": "Summarize this dialogue:\nCy: bye"}],
+    ]
+
+
+def test_prompt_template_multiple_fields(tmp_path):
+    rows = [{"id": "q", "question": "Who?", "context": "Bob ran.", "reference": "Bob"}]
+    path = write_jsonl(tmp_path / "q.jsonl", rows)
+    cfg = DataConfig(path=str(path), task="qa", prompt_template="Context: {context}\nQ: {question}")
+    msgs = load_prompts(cfg).column("messages").to_pylist()
+    assert msgs == [[{"role": "user", "content": "Context: Bob ran.\nQ: Who?"}]]
+
+
+def test_system_prompt_comes_first(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    table = load_prompts(cfg_for(path, system_prompt="You are terse."))
+    for msgs, row in zip(table.column("messages").to_pylist(), ROWS):
+        assert msgs == [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": row["prompt"]},
+        ]
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nowhere.jsonl"
+    msg = _load_error(path)
+    assert str(path) in msg
+
+
+@pytest.mark.parametrize("suffix, text", [
+    (".jsonl", ""),
+    (".jsonl", "\n  \n\n"),
+    (".json", "[]"),
+    (".csv", "id,prompt,reference,task\n"),
+])
+def test_empty_file(tmp_path, suffix, text):
+    path = tmp_path / f"empty{suffix}"
+    path.write_text(text)
+    msg = _load_error(path)
+    assert str(path) in msg
+    assert "empty" in msg
+
+
+def test_malformed_json_line_number(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    lines = [json.dumps(ROWS[0]), json.dumps(ROWS[1]), '{"id": "c3", "prompt": "oops",', json.dumps(ROWS[3])]
+    path.write_text("\n".join(lines) + "\n")
+    msg = _load_error(path)
+    assert "bad.jsonl" in msg
+    assert f"{path}:3:" in msg
+    assert "malformed" in msg.lower()
+
+
+def test_malformed_json_line_number_counts_blank_lines(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n{not json}\n")
+    msg = _load_error(path)
+    assert f"{path}:4:" in msg
+
+
+def test_malformed_json_document_line_number(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[\n  {"id": "a", "prompt": "x"},\n  {"id": "b" "prompt": "y"}\n]\n')
+    msg = _load_error(path)
+    assert f"{path}:3:" in msg
+
+
+def test_json_line_not_an_object(tmp_path):
+    path = tmp_path / "arr.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n[1, 2, 3]\n")
+    msg = _load_error(path)
+    assert f"{path}:2:" in msg
+    assert "object" in msg
+    assert "list" in msg
+
+
+def test_json_document_not_a_list(tmp_path):
+    path = tmp_path / "obj.json"
+    path.write_text(json.dumps(ROWS[0]))
+    msg = _load_error(path)
+    assert str(path) in msg
+    assert "dict" in msg
+
+
+def test_missing_prompt_column(tmp_path):
+    rows = [dict(ROWS[0]), {k: v for k, v in ROWS[1].items() if k != "prompt"} | {"text": "hi"}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    msg = _load_error(path)
+    assert "'prompt'" in msg
+    assert "row 2" in msg
+    assert str(path) in msg
+
+
+def test_custom_prompt_field_missing(tmp_path):
+    path = write_csv(tmp_path / "p.csv", ROWS)
+    msg = _load_error(path, prompt_field="question")
+    assert "'question'" in msg
+    assert "row 1" in msg
+
+
+def test_template_names_absent_field(tmp_path):
+    rows = [{"id": "s1", "text": "Amy: hi", "reference": "r"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    msg = _load_error(path, task_field=None, prompt_template="Summarize this dialogue:\n{dialogue}")
+    assert "'dialogue'" in msg
+    assert "row 1" in msg
+
+
+def test_unknown_task_type(tmp_path):
+    rows = [dict(r) for r in ROWS]
+    rows[2]["task"] = "poetry"
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    msg = _load_error(path)
+    assert "'poetry'" in msg
+    assert "row 3" in msg
+
+
+def test_missing_task_column(tmp_path):
+    rows = [dict(r) for r in ROWS]
+    del rows[1]["task"]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    msg = _load_error(path)
+    assert "'task'" in msg
+    assert "row 2" in msg
+
+
+def test_missing_reference_column(tmp_path):
+    rows = [{k: v for k, v in r.items() if k != "reference"} for r in ROWS]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    msg = _load_error(path)
+    assert "'reference'" in msg
+    assert "row 1" in msg
+
+
+def test_missing_custom_reference_column(tmp_path):
+    path = write_parquet(tmp_path / "p.parquet", ROWS)
+    msg = _load_error(path, reference_field="answer")
+    assert "'answer'" in msg
+    assert "row 1" in msg
+
+
+def test_duplicate_ids_name_both_rows(tmp_path):
+    rows = [dict(r) for r in ROWS]
+    rows[3]["id"] = "b2"
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    msg = _load_error(path)
+    assert "'b2'" in msg
+    assert "row 4" in msg
+    assert "row 2" in msg
+
+
+def test_duplicate_prompts_without_ids(tmp_path):
+    rows = [{"prompt": "same"}, {"prompt": "other"}, {"prompt": "same"}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    msg = _load_error(path, task_field=None, reference_field=None)
+    assert "row 3" in msg
+    assert "row 1" in msg
+
+
+def test_unsupported_suffix(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("What is 2 + 2?\n")
+    msg = _load_error(path)
+    assert "'.txt'" in msg
+    assert str(path) in msg
+
+
+def test_empty_prompt_rejected(tmp_path):
+    rows = [dict(ROWS[0]), dict(ROWS[1], prompt="   ")]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    msg = _load_error(path)
+    assert "row 2" in msg
+
+
+# --- stable split ------------------------------------------------------------------------------
+
+def _synthetic(n: int) -> list[dict]:
+    return [{"id": f"item-{i:05d}", "prompt": f"Prompt number {i}"} for i in range(n)]
+
+
+def _splits(path: Path, **kw) -> dict[str, str]:
+    kw.setdefault("reference_field", None)
+    t = load_prompts(DataConfig(path=str(path), **kw))
+    return dict(zip(t.column("prompt_id").to_pylist(), t.column("split").to_pylist()))
+
+
+def test_split_stable_across_loads_and_row_order(tmp_path):
+    rows = _synthetic(300)
+    a = _splits(write_jsonl(tmp_path / "a.jsonl", rows), seed=7)
+    b = _splits(write_jsonl(tmp_path / "a.jsonl", rows), seed=7)
+    shuffled = list(rows)
+    random.Random(1).shuffle(shuffled)
+    assert [r["id"] for r in shuffled] != [r["id"] for r in rows]
+    c = _splits(write_jsonl(tmp_path / "b.jsonl", shuffled), seed=7)
+    assert a == b
+    assert a == c
+    # A different file format and a subset of rows keep each prompt's split too.
+    d = _splits(write_csv(tmp_path / "c.csv", shuffled[:50]), seed=7)
+    assert all(a[k] == v for k, v in d.items())
+
+
+def test_different_seed_changes_some_assignments(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", _synthetic(300))
+    a = _splits(path, seed=0)
+    b = _splits(path, seed=1)
+    assert a.keys() == b.keys()
+    changed = sum(a[k] != b[k] for k in a)
+    assert changed > 0
+    # Not all either: both are ~70% train.
+    assert changed < len(a)
+
+
+@pytest.mark.parametrize("validation, test", [(0.1, 0.2), (0.25, 0.05), (0.0, 0.3)])
+def test_split_shares(tmp_path, validation, test):
+    path = write_jsonl(tmp_path / "a.jsonl", _synthetic(2000))
+    splits = _splits(path, split={"validation": validation, "test": test})
+    counts = Counter(splits.values())
+    n = len(splits)
+    assert n == 2000
+    assert set(counts) <= {"train", "validation", "test"}
+    assert abs(counts["validation"] / n - validation) <= 0.03
+    assert abs(counts["test"] / n - test) <= 0.03
+    assert abs(counts["train"] / n - (1 - validation - test)) <= 0.03
+    if validation == 0.0:
+        assert counts["validation"] == 0
+
+
+def test_select_split(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", _synthetic(200))
+    table = load_prompts(DataConfig(path=str(path), reference_field=None))
+    splits = table.column("split").to_pylist()
+    held = select_split(table, ("validation", "test"))
+    assert held.num_rows == sum(s != "train" for s in splits)
+    assert set(held.column("split").to_pylist()) <= {"validation", "test"}
+
+
+def test_limit_keeps_first_rows(tmp_path):
+    rows = _synthetic(20)
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    t = load_prompts(DataConfig(path=str(path), reference_field=None, limit=5))
+    assert t.column("prompt_id").to_pylist() == [r["id"] for r in rows[:5]]
+
+
+def test_limit_above_row_count(tmp_path):
+    rows = _synthetic(3)
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    t = load_prompts(DataConfig(path=str(path), reference_field=None, limit=10))
+    assert t.num_rows == 3
+
+
+# --- hashed ids --------------------------------------------------------------------------------
+
+def test_ids_hashed_from_prompt_text(tmp_path):
+    rows = [{"prompt": f"Question {i}?", "reference": str(i)} for i in range(10)]
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    t1 = load_prompts(DataConfig(path=str(path)))
+    t2 = load_prompts(DataConfig(path=str(path)))
+    ids = t1.column("prompt_id").to_pylist()
+    assert ids == t2.column("prompt_id").to_pylist()
+    assert len(set(ids)) == len(ids)
+    assert all(isinstance(i, str) and i for i in ids)
+    by_prompt = {m[-1]["content"]: i for m, i in zip(t1.column("messages").to_pylist(), ids)}
+
+    # Same prompts, reversed order and other references: each prompt keeps its id.
+    other = [{"prompt": r["prompt"], "reference": "changed"} for r in reversed(rows)]
+    t3 = load_prompts(DataConfig(path=str(write_jsonl(tmp_path / "b.jsonl", other))))
+    for m, i in zip(t3.column("messages").to_pylist(), t3.column("prompt_id").to_pylist()):
+        assert by_prompt[m[-1]["content"]] == i
+
+    # id_field=null ignores an id column and hashes the prompt as well.
+    with_ids = [dict(r, id=f"given-{n}") for n, r in enumerate(rows)]
+    t4 = load_prompts(DataConfig(path=str(write_jsonl(tmp_path / "c.jsonl", with_ids)), id_field=None))
+    assert t4.column("prompt_id").to_pylist() == ids
+
+
+def test_empty_id_value_falls_back_to_hash(tmp_path):
+    rows = [{"id": "", "prompt": "Hello there", "reference": "x"}]
+    no_id = [{"prompt": "Hello there", "reference": "x"}]
+    a = load_prompts(DataConfig(path=str(write_jsonl(tmp_path / "a.jsonl", rows))))
+    b = load_prompts(DataConfig(path=str(write_jsonl(tmp_path / "b.jsonl", no_id))))
+    assert a.column("prompt_id").to_pylist() == b.column("prompt_id").to_pylist()
+    assert a.column("prompt_id")[0].as_py() != ""
+
+
+# --- packaged demo set -------------------------------------------------------------------------
+
+def test_demo_set():
+    cfg = load(demo_config_path())
+    table = load_prompts(cfg.data)
+    schema.validate(table, schema.PROMPTS_SCHEMA, "demo")
+    assert table.num_rows >= 200
+    tasks = table.column("task").to_pylist()
+    assert set(tasks) == set(TASKS)
+    splits = Counter(table.column("split").to_pylist())
+    assert splits["train"] > 0 and splits["validation"] > 0 and splits["test"] > 0
+    math_refs = [r for t, r in zip(tasks, table.column("reference").to_pylist()) if t == "math"]
+    assert math_refs
+    for ref in math_refs:
+        assert ref is not None
+        assert extract_number(ref) is not None, ref
+
+
+def test_template_with_indexed_field_fills(tmp_path):
+    """`{meta[title]}` reads field `meta` (Python format semantics)."""
+    from raydistill.config import DataConfig
+    from raydistill.data import load_prompts
+
+    p = tmp_path / "nested.jsonl"
+    p.write_text('{"id": "a", "meta": {"title": "T"}}\n')
+    cfg = DataConfig(path=str(p), prompt_template="Title: {meta[title]}", reference_field=None)
+    assert load_prompts(cfg).column("messages")[0].as_py()[-1]["content"] == "Title: T"
