@@ -2,15 +2,30 @@
 
 Loads the model with transformers, answers one batch of N chat prompts (32 new tokens, greedy),
 and prints one JSON line: ``peak_memory_mb`` (peak resident set size of this process in MB =
-10^6 bytes, or peak CUDA memory allocated on a GPU machine) and ``params`` (parameter count).
-A fresh process keeps other models' memory out of the figure.
+10^6 bytes, ``VmHWM`` in /proc/self/status, or peak CUDA memory allocated on a GPU machine) and
+``params`` (parameter count). A fresh process keeps other models' memory out of the figure.
+(``getrusage``'s ru_maxrss is not used: Linux carries it across fork + exec, so a child of a
+large parent reports the parent's peak.)
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import sys
+
+
+def _peak_rss_bytes() -> int:
+    """Peak resident set size of this process since exec (VmHWM), in bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import resource  # not Linux: best effort
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def main() -> None:
@@ -33,7 +48,7 @@ def main() -> None:
     if gpu:
         peak = torch.cuda.max_memory_allocated() / 1e6
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # KiB on Linux
+        peak = _peak_rss_bytes() / 1e6
     print(json.dumps({"peak_memory_mb": round(peak, 1), "params": sum(p.numel() for p in model.parameters())}))
 
 

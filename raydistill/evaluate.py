@@ -201,7 +201,7 @@ def run_evaluate(cfg: Config) -> dict:
     from .data import load_prompts, select_split
     from .generate import generate_table
     from .models import resolve_model, size_on_disk_mb
-    from .runtime import init_ray
+    from .runtime import init_ray, provenance
     from .train.trainer import baseline_student_dir
 
     out = Path(cfg.output_dir)
@@ -233,7 +233,7 @@ def run_evaluate(cfg: Config) -> dict:
         rep["path"] = paths[name]
         models[name] = rep
     report = {"split": cfg.eval.split, "prompts": prompts.num_rows, "teacher": cfg.teacher.model,
-              "engine": cfg.eval.engine, "models": models,
+              "engine": cfg.eval.engine, "provenance": provenance(), "models": models,
               "retained": retained(models["student"], models["teacher"]),
               "retained_baseline": retained(models["baseline_student"], models["teacher"])}
     folder = out / "eval"
@@ -247,6 +247,7 @@ def run_evaluate(cfg: Config) -> dict:
     write_plots(report, tmp)
     write_markdown(report, answers, tmp / "report.md")
     (tmp / "report.json").write_text(json.dumps(report, indent=2))
+    (tmp / "config.yaml").write_text(cfg.dump())
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     log.info("evaluate: agreement with teacher %.3f (baseline %.3f), quality retained %s -> %s",

