@@ -51,8 +51,9 @@ class DataConfig(_Section):
     prompt_template: str | None = Field(None, description="Python format template over row fields, "
                                         "e.g. 'Summarize this dialogue:\\n{dialogue}'.")
     system_prompt: str | None = Field(None, description="Optional system message prepended to every prompt.")
-    reference_field: str | None = Field("reference", description="Column with the reference answer; "
-                                        "null if the data has none. A missing column is an error unless null.")
+    reference_field: str | None = Field(None, description="Column with the reference answer (null = none: "
+                                        "only agreement with the teacher is scored). A named column missing "
+                                        "from a row is an error.")
     id_field: str | None = Field("id", description="Column with a stable prompt id; rows without the "
                                  "column get an id hashed from the prompt text.")
     task: TaskName = Field("conversation", description="Task type of every row unless task_field names a column.")

@@ -7,7 +7,7 @@ All three models answer the same prompts through the same batch generation path
 
 Figures per model (``report.json`` → ``models.<name>``):
 - ``metrics``: task → metric → value (see ``raydistill.tasks``);
-- ``quality``: mean of each task's primary metric (accuracy or ROUGE-L), 0–1;
+- ``quality``: mean of each task's primary metric (accuracy or ROUGE-L), 0–1; null without references;
 - ``agreement_rougeL``: mean ROUGE-L F1 of the answer against the teacher's answer, 0–1;
 - ``latency_ms_p50`` / ``latency_ms_p95``: per-answer latency (request sent → last token), ms;
 - ``output_tokens_per_s``: generated tokens / generation time, where generation time is the
@@ -75,12 +75,12 @@ def model_report(table: pa.Table, teacher_answers: list[str]) -> dict:
         preds, refs = by_task.setdefault(r["task"], ([], []))
         preds.append(r["response"])
         refs.append(r["reference"])
-    metrics = {task: score(task, p, refs) for task, (p, refs) in sorted(by_task.items())}
+    metrics = {task: ms for task, (p, refs) in sorted(by_task.items()) if (ms := score(task, p, refs))}
     primary = [m[PRIMARY[t]] for t, m in metrics.items() if PRIMARY[t] in m]
     lat_ms = [r["latency_s"] * 1000 for r in rows if r["latency_s"] is not None]
     return {
         "metrics": metrics,
-        "quality": sum(primary) / len(primary) if primary else 0.0,
+        "quality": sum(primary) / len(primary) if primary else None,
         "agreement_rougeL": rouge_l([r["response"] for r in rows], teacher_answers),
         "latency_ms_p50": _percentile(lat_ms, 50),
         "latency_ms_p95": _percentile(lat_ms, 95),
@@ -98,7 +98,8 @@ def retained(student: dict, teacher: dict) -> dict[str, float | None]:
         for metric, t_val in ms.items():
             s_val = student["metrics"].get(task, {}).get(metric)
             out[f"{task}.{metric}"] = (s_val / t_val) if (s_val is not None and t_val) else None
-    out["quality"] = student["quality"] / teacher["quality"] if teacher["quality"] else None
+    out["quality"] = (student["quality"] / teacher["quality"]
+                      if teacher["quality"] and student["quality"] is not None else None)
     return out
 
 
@@ -167,12 +168,15 @@ def write_plots(report: dict, folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     m = report["models"]
+    # Without references there is no task quality: agreement with the teacher is the quality axis.
+    key, label = (("quality", "quality (mean primary metric)") if m["teacher"]["quality"] is not None
+                  else ("agreement_rougeL", "agreement with teacher (ROUGE-L)"))
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, color in zip(MODEL_NAMES, ("tab:blue", "tab:gray", "tab:orange")):
-        ax.scatter(m[name]["latency_ms_p50"], m[name]["quality"], s=80, color=color, label=name)
-        ax.annotate(name, (m[name]["latency_ms_p50"], m[name]["quality"]), textcoords="offset points", xytext=(6, 4))
+        ax.scatter(m[name]["latency_ms_p50"], m[name][key], s=80, color=color, label=name)
+        ax.annotate(name, (m[name]["latency_ms_p50"], m[name][key]), textcoords="offset points", xytext=(6, 4))
     ax.set_xlabel("latency p50 per answer (ms)")
-    ax.set_ylabel("quality (mean primary metric)")
+    ax.set_ylabel(label)
     ax.set_title("Quality vs latency")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -265,8 +265,12 @@ def read_corpus(path: Path) -> pa.Table:
     manifest = path / "manifest.json"
     if not manifest.is_file():
         raise FileNotFoundError(f"no finished corpus at {path} (manifest.json missing): run `raydistill generate` first")
-    table = pq.read_table(sorted(str(p) for p in path.glob("*.parquet")), schema=CORPUS_SCHEMA) \
-        if any(path.glob("*.parquet")) else CORPUS_SCHEMA.empty_table()
+    shards = json.loads(manifest.read_text())["shards"]
+    missing = [s for s in shards if not (path / s).is_file()]
+    if missing:
+        raise FileNotFoundError(f"corpus at {path} lacks shard(s) listed in its manifest: {missing}")
+    tables = [pq.read_table(path / s) for s in shards]
+    table = pa.concat_tables(tables) if tables else CORPUS_SCHEMA.empty_table()
     validate(table, CORPUS_SCHEMA, str(path))
     return table
 
@@ -274,7 +278,8 @@ def read_corpus(path: Path) -> pa.Table:
 def run_generate(cfg: Config) -> dict:
     """Answer the train and validation prompts with the teacher and write ``corpus/``.
 
-    Writes parquet shards with ``CORPUS_SCHEMA`` into ``corpus/`` and then ``manifest.json``
+    Writes parquet shards with ``CORPUS_SCHEMA`` into ``corpus/data/`` (readable as one table by
+    ``pyarrow.parquet.read_table`` or ``ray.data.read_parquet``), then ``manifest.json``
     (rows, tokens, seconds, tokens/s). The folder is built under a temporary name and renamed
     when complete, so an interrupted run never leaves a corpus a later stage would accept.
     Returns the manifest.
@@ -308,8 +313,9 @@ def run_generate(cfg: Config) -> dict:
     table = conform(table, CORPUS_SCHEMA)
     shard_rows = 1000
     shards = []
+    (tmp / "data").mkdir()
     for i in range(0, max(n, 1), shard_rows):
-        name = f"part-{i // shard_rows:05d}.parquet"
+        name = f"data/part-{i // shard_rows:05d}.parquet"
         pq.write_table(table.slice(i, shard_rows), tmp / name)
         shards.append(name)
     resp_tokens = int(pa.compute.sum(table.column("response_tokens")).as_py() or 0)

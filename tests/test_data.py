@@ -54,6 +54,7 @@ WRITERS = {".jsonl": write_jsonl, ".json": write_json, ".parquet": write_parquet
 
 def cfg_for(path: Path, **kw) -> DataConfig:
     kw.setdefault("task_field", "task")
+    kw.setdefault("reference_field", "reference")
     return DataConfig(path=str(path), **kw)
 
 
@@ -107,7 +108,7 @@ def test_null_reference_field_gives_null_references(tmp_path):
 def test_json_null_reference_stays_null(tmp_path):
     rows = [{"id": "x", "prompt": "hello", "reference": None}, {"id": "y", "prompt": "w", "reference": 7}]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
-    table = load_prompts(DataConfig(path=str(path)))
+    table = load_prompts(DataConfig(path=str(path), reference_field="reference"))
     assert table.column("reference").to_pylist() == [None, "7"]
 
 

@@ -54,3 +54,27 @@ def test_memory_probe_is_not_inflated_by_a_large_parent(tiny_model):
     assert out["params"] > 0
     assert 50 < out["peak_memory_mb"] < 1400, out  # torch + a tiny model, not the parent's 1.5 GB
     assert math.isfinite(out["peak_memory_mb"])
+
+
+def test_report_without_references_scores_agreement_only(tmp_path):
+    from raydistill.evaluate import MODEL_NAMES, write_markdown, write_plots
+
+    rows = [{"prompt_id": p, "task": "conversation", "reference": None, "response": r, "response_tokens": 3,
+             "latency_s": lat, "batch_id": "b"} for p, r, lat in (("a", "hello there friend", 1.0),
+                                                                   ("b", "good day", 2.0))]
+    answers = {"teacher": _table(rows), "baseline_student": _table([dict(r, response="zz") for r in rows]),
+               "student": _table([dict(r, response="hello friend") for r in rows])}
+    teacher_answers = answers["teacher"].column("response").to_pylist()
+    models = {n: dict(model_report(answers[n], teacher_answers), peak_memory_mb=100.0, params=10, size_mb=1.0)
+              for n in MODEL_NAMES}
+    assert models["teacher"]["metrics"] == {} and models["teacher"]["quality"] is None
+    assert models["student"]["agreement_rougeL"] > models["baseline_student"]["agreement_rougeL"] == 0.0
+    report = {"split": "test", "prompts": 2, "teacher": "t", "engine": "hf", "models": models,
+              "retained": retained(models["student"], models["teacher"]),
+              "retained_baseline": retained(models["baseline_student"], models["teacher"])}
+    assert report["retained"] == {"quality": None}
+    write_markdown(report, answers, tmp_path / "report.md")
+    pngs = write_plots(report, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "| agreement with teacher (ROUGE-L, 0–1) | 1.000 | 0.000 |" in text and "n/a" in text
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)

@@ -50,7 +50,7 @@ def _check_corpus(out: Path, cfg) -> list[dict]:
     from raydistill.data import load_prompts
 
     manifest = json.loads((out / "corpus" / "manifest.json").read_text())
-    table = pq.read_table(out / "corpus")
+    table = pq.read_table(out / "corpus" / "data")
     validate(table, CORPUS_SCHEMA, "corpus")
     assert table.schema.metadata[b"raydistill.schema_version"] == str(SCHEMA_VERSION).encode()
     prompts = load_prompts(cfg.data)
@@ -158,8 +158,8 @@ def test_later_stage_refuses_missing_or_unfinished_output(tiny_model, tmp_path):
     assert result.exit_code == 2 and "manifest.json missing" in result.output
     # a corpus folder with shards but no manifest (an interrupted generate) is not accepted
     corpus = tmp_path / "run" / "corpus"
-    corpus.mkdir(parents=True)
-    pq.write_table(CORPUS_SCHEMA.empty_table(), corpus / "part-00000.parquet")
+    (corpus / "data").mkdir(parents=True)
+    pq.write_table(CORPUS_SCHEMA.empty_table(), corpus / "data" / "part-00000.parquet")
     result = CliRunner().invoke(app, ["train", str(cfg_file), *args])
     assert result.exit_code == 2 and "run `raydistill generate` first" in result.output
     result = CliRunner().invoke(app, ["evaluate", str(cfg_file), *args])
