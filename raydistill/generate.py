@@ -228,7 +228,7 @@ def generate_dataset(prompts: pa.Table, model_dir: str, engine: EngineConfig, ge
     else:
         out = ds.map_batches(
             HFGenerator,
-            fn_constructor_kwargs=dict(model_dir=model_dir, engine=engine.model_dump(),
+            fn_constructor_kwargs=dict(model_dir=model_dir, engine=engine.model_dump(include=set(EngineConfig.model_fields)),
                                        gen=gen.model_dump(), gpu=gpu),
             batch_size=engine.batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=engine.replicas),

@@ -90,7 +90,6 @@ def lr_lambda(step: int, total: int, warmup: int) -> float:
 
 def train_loop_per_worker(c: dict[str, Any]) -> None:
     """Ray Train worker loop (one per rank). ``c`` carries the plain settings built by run_train."""
-    import os
     import tempfile
 
     import ray.train
@@ -154,6 +153,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
     while step < total:
         epoch = step // steps_per_epoch
         skip = step - epoch * steps_per_epoch  # batches of this epoch already trained before a resume
+        trained = 0
         for i, batch in enumerate(shard.iter_torch_batches(
                 batch_size=t.batch_size, collate_fn=lambda b: collate(b, c["pad_id"]),
                 local_shuffle_buffer_size=None)):
@@ -168,6 +168,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
             opt.step()
             sched.step()
             step += 1
+            trained += 1
             stats = torch.tensor([loss.detach().float() * n_tok, n_tok.float()])
             if world > 1:
                 torch.distributed.all_reduce(stats)
@@ -183,12 +184,12 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
                 break
             if every and step % every == 0:
                 save_state(final=False)
+        if trained == 0:
+            raise RuntimeError(f"rank {rank}: the train shard yielded no batch for epoch {epoch} "
+                               f"(expected {steps_per_epoch}, {skip} already done)")
         if not every and step < total:
             save_state(final=False)  # epoch boundary
-        if skip and i < skip:  # the shard had fewer batches than expected; avoid spinning
-            break
     save_state(final=True)
-    os.environ.pop("_RAYDISTILL_UNUSED", None)
 
 
 def run_train(cfg: Config) -> dict:
