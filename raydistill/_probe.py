@@ -1,6 +1,7 @@
-"""Peak-memory probe, run in a fresh process: ``python -m raydistill._probe MODEL_DIR PROMPTS_JSON N``.
+"""Peak-memory probe, run in a fresh process: ``python -m raydistill._probe MODEL_DIR < PROMPTS_JSON``.
 
-Loads the model with transformers, answers one batch of N chat prompts (32 new tokens, greedy),
+Loads the model with transformers, answers one batch of chat prompts read from stdin as a JSON
+list of message lists (32 new tokens, greedy),
 and prints one JSON line: ``peak_memory_mb`` (peak resident set size of this process in MB =
 10^6 bytes, ``VmHWM`` in /proc/self/status, or peak CUDA memory allocated on a GPU machine) and
 ``params`` (parameter count). A fresh process keeps other models' memory out of the figure.
@@ -32,8 +33,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir, prompts_json, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    messages = json.loads(prompts_json)[:n]
+    model_dir = sys.argv[1]
+    messages = json.load(sys.stdin)
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -8,7 +8,7 @@ dotted key and the bad value. ``load(path, overrides)`` applies ``dotted.key=val
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -26,7 +26,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # coerce_numbers_to_str: `output_dir: 2024` in YAML is the folder "2024", not an error.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 class SplitConfig(_Section):
@@ -160,6 +161,15 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
+    @model_validator(mode="after")
+    def _lengths_fit(self) -> "Config":
+        for name in ("teacher", "eval"):
+            engine = getattr(self, name)
+            if self.generation.max_new_tokens >= engine.max_model_len:
+                raise ValueError(f"generation.max_new_tokens ({self.generation.max_new_tokens}) must be below "
+                                 f"{name}.max_model_len ({engine.max_model_len}): no room for the prompt")
+        return self
+
     def dump(self) -> str:
         """The resolved config as YAML (every field, defaults included)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -176,11 +186,30 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _is_text_field(parts: list[str]) -> bool:
+    """True when the dotted key names a str (or str | None) field of Config."""
+    model: type[BaseModel] = Config
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        ann = field.annotation
+        if i < len(parts) - 1:
+            sub = next((a for a in (ann, *get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            if sub is None:
+                return False
+            model = sub
+        else:
+            return ann is str or str in get_args(ann)
+    return False
+
+
 def apply_override(raw: dict[str, Any], override: str) -> None:
     """Apply one ``dotted.key=value`` override to a raw config dict, in place.
 
-    The value is parsed as a YAML scalar or flow collection (``3`` → int, ``[1, 2]`` → list,
-    ``null`` → None). Raises ConfigError if the string has no '=' or walks into a non-mapping.
+    Text fields take the value verbatim (``data.prompt_template=Question: {q}`` stays text), with
+    ``null`` meaning None. Other fields parse it as YAML (``3`` → int, ``[1, 2]`` → list,
+    ``true`` → bool). Raises ConfigError if the string has no '=' or walks into a non-mapping.
     """
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not of the form dotted.key=value")
@@ -188,13 +217,18 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"override {override!r} has an empty key")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text
+    if _is_text_field(parts):
+        value: Any = None if text.strip() in ("null", "~") else text
+    else:
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
     node = raw
     for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or a section left empty in the YAML file
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
         node = child
@@ -216,10 +250,14 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     if path is not None:
         p = Path(path)
         source = str(p)
+        if p.is_dir():
+            raise ConfigError(f"config path {p} is a folder, not a YAML file")
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {p} is not UTF-8 text") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
         if loaded is None:
@@ -229,6 +267,8 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         raw = loaded
     for ov in overrides:
         apply_override(raw, ov)
+    if overrides:
+        source += " with --set " + " ".join(overrides)
     try:
         return Config.model_validate(raw)
     except ValidationError as e:

@@ -33,16 +33,40 @@ def resolve_data_path(path: str) -> Path:
     return Path(path).expanduser()
 
 
+def _open_text(path: Path):
+    # utf-8-sig: a byte-order mark (Excel's CSV export) is not part of the first column's name.
+    return path.open(encoding="utf-8-sig", newline="" if path.suffix.lower() == ".csv" else None)
+
+
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """Read every row of a prompt file as a dict. Raises DataError naming file and line/row."""
+    """Read every row of a prompt file as a dict.
+
+    Each dict carries ``__where__``: "line N" (.jsonl and .csv: the file line, 1-based),
+    "item N" (.json) or "row N" (.parquet), used in error messages. Raises DataError naming the
+    file and the line/row for unreadable files, bad encodings, malformed JSON and non-objects.
+    """
+    if path.is_dir():
+        raise DataError(f"data path {path} is a folder; give a file ({', '.join(FORMATS)})")
     if not path.exists():
+        if str(path).startswith(("s3:/", "gs:/", "http:/", "https:/")):
+            raise DataError(f"{path}: remote prompt files are not supported yet; copy the file locally")
         raise DataError(f"data file not found: {path}")
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
         raise DataError(f"{path}: unsupported format {suffix!r}; use one of {', '.join(FORMATS)}")
+    try:
+        return _read(path, suffix)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start}); "
+                        "re-save the file as UTF-8") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: malformed CSV: {e}") from None
+
+
+def _read(path: Path, suffix: str) -> list[dict[str, Any]]:
     if suffix == ".jsonl":
         rows = []
-        with path.open(encoding="utf-8") as f:
+        with _open_text(path) as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -52,12 +76,14 @@ def read_records(path: Path) -> list[dict[str, Any]]:
                     raise DataError(f"{path}:{lineno}: malformed JSON line: {e.msg} (column {e.colno})") from None
                 if not isinstance(obj, dict):
                     raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-                obj["__row__"] = lineno
+                obj["__where__"] = f"line {lineno}"
                 rows.append(obj)
         return rows
     if suffix == ".json":
+        with _open_text(path) as f:
+            text = f.read()
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
         if not isinstance(data, list):
@@ -65,7 +91,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         for i, obj in enumerate(data):
             if not isinstance(obj, dict):
                 raise DataError(f"{path}: item {i + 1}: expected a JSON object, got {type(obj).__name__}")
-            obj["__row__"] = i + 1
+            obj["__where__"] = f"item {i + 1}"
         return data
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -74,11 +100,16 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             rows = pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow raises several types for corrupt files
             raise DataError(f"{path}: cannot read parquet: {e}") from None
-    else:
-        with path.open(encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
-    for i, row in enumerate(rows):
-        row["__row__"] = i + 1
+        for i, row in enumerate(rows):
+            row["__where__"] = f"row {i + 1}"
+        return rows
+    csv.field_size_limit(2**31 - 1)  # long documents are legitimate prompts
+    rows = []
+    with _open_text(path) as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            row["__where__"] = f"line {reader.line_num}"
+            rows.append(row)
     return rows
 
 
@@ -120,15 +151,19 @@ def load_prompts(cfg: DataConfig) -> pa.Table:
         fields = [cfg.prompt_field]
 
     out: dict[str, list] = {f.name: [] for f in PROMPTS_SCHEMA}
-    seen: dict[str, int] = {}
+    seen: dict[str, str] = {}
     for rec in records:
-        row = rec["__row__"]
-        where = f"{path}: row {row}"
+        where = f"{path}: {rec['__where__']}"
         for field in fields:
             if field not in rec:
                 what = "data.prompt_template" if cfg.prompt_template else "data.prompt_field"
+                hint = ("; for literal braces in a template write {{ and }}"
+                        if cfg.prompt_template and not field.isidentifier() else "")
                 raise DataError(f"{where}: field {field!r} (named by {what}) is missing; "
-                                f"row has {sorted(k for k in rec if k != '__row__')}")
+                                f"row has {sorted(k for k in rec if k != '__where__')}{hint}")
+            value = rec[field]
+            if cfg.prompt_template and (value is None or (isinstance(value, str) and not value.strip())):
+                raise DataError(f"{where}: field {field!r} used by data.prompt_template is empty")
         if cfg.prompt_template:
             try:
                 prompt = cfg.prompt_template.format_map({k: v for k, v in rec.items()})
@@ -160,8 +195,10 @@ def load_prompts(cfg: DataConfig) -> pa.Table:
         else:
             pid = hashlib.sha256(prompt.encode()).hexdigest()[:16]
         if pid in seen:
-            raise DataError(f"{where}: duplicate prompt id {pid!r} (first seen in row {seen[pid]})")
-        seen[pid] = row
+            raise DataError(f"{where}: duplicate prompt id {pid!r} (first seen at {seen[pid]})"
+                            + ("" if cfg.id_field and cfg.id_field in rec else "; ids without an id column "
+                               "are hashed from the prompt text, so this prompt text repeats"))
+        seen[pid] = rec["__where__"]
 
         messages = []
         if cfg.system_prompt:

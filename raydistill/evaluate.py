@@ -60,7 +60,8 @@ def _throughput(table: pa.Table) -> float:
 def memory_probe(model_dir: str, messages: list, batch: int) -> dict:
     """Run ``raydistill._probe`` in a fresh Python process; returns peak_memory_mb and params."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, "-m", "raydistill._probe", model_dir, json.dumps(messages), str(batch)],
+    # Prompts go through stdin: a command-line argument is capped at 128 KiB on Linux.
+    proc = subprocess.run([sys.executable, "-m", "raydistill._probe", model_dir], input=json.dumps(messages[:batch]),
                           capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe failed for {model_dir}:\n{proc.stderr[-2000:]}")

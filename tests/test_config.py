@@ -302,3 +302,33 @@ def test_dump_lists_every_field():
     assert set(dumped) == CONFIG_KEYS
     assert set(dumped["train"]) == set(rc.TrainConfig.model_fields)
     assert set(dumped["data"]["split"]) == {"validation", "test"}
+
+
+def test_text_overrides_stay_verbatim():
+    """Text fields take --set values as written: no YAML mapping, date, bool or comment surprises."""
+    from raydistill.config import load
+
+    cfg = load(None, ["data.prompt_template=Question: {question}", "data.system_prompt=# Math tutor",
+                      "output_dir=2024-05-01", "data.id_field=no", "data.reference_field=null",
+                      "teacher.engine=hf", "train.epochs=2"])
+    assert cfg.data.prompt_template == "Question: {question}"
+    assert cfg.data.system_prompt == "# Math tutor"
+    assert cfg.output_dir == "2024-05-01" and cfg.data.id_field == "no"
+    assert cfg.data.reference_field is None and cfg.teacher.engine == "hf" and cfg.train.epochs == 2
+
+
+def test_override_into_section_left_empty_in_yaml(tmp_path):
+    from raydistill.config import load
+
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n")
+    assert load(p, ["data.path=x.jsonl"]).data.path == "x.jsonl"
+
+
+def test_max_new_tokens_must_leave_room_for_the_prompt():
+    from raydistill.config import ConfigError, load
+
+    with pytest.raises(ConfigError, match=r"generation.max_new_tokens \(4096\).*teacher.max_model_len \(1024\)"):
+        load(None, ["generation.max_new_tokens=4096"])
+    with pytest.raises(ConfigError, match=r"with --set generation.max_new_tokens=4096"):
+        load(None, ["generation.max_new_tokens=4096"])

@@ -215,7 +215,7 @@ def test_missing_prompt_column(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     msg = _load_error(path)
     assert "'prompt'" in msg
-    assert "row 2" in msg
+    assert "line 2" in msg
     assert str(path) in msg
 
 
@@ -223,7 +223,7 @@ def test_custom_prompt_field_missing(tmp_path):
     path = write_csv(tmp_path / "p.csv", ROWS)
     msg = _load_error(path, prompt_field="question")
     assert "'question'" in msg
-    assert "row 1" in msg
+    assert "line 2" in msg  # CSV: header is line 1
 
 
 def test_template_names_absent_field(tmp_path):
@@ -231,7 +231,7 @@ def test_template_names_absent_field(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     msg = _load_error(path, task_field=None, prompt_template="Summarize this dialogue:\n{dialogue}")
     assert "'dialogue'" in msg
-    assert "row 1" in msg
+    assert "line 1" in msg
 
 
 def test_unknown_task_type(tmp_path):
@@ -240,7 +240,7 @@ def test_unknown_task_type(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     msg = _load_error(path)
     assert "'poetry'" in msg
-    assert "row 3" in msg
+    assert "line 3" in msg
 
 
 def test_missing_task_column(tmp_path):
@@ -249,7 +249,7 @@ def test_missing_task_column(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     msg = _load_error(path)
     assert "'task'" in msg
-    assert "row 2" in msg
+    assert "line 2" in msg
 
 
 def test_missing_reference_column(tmp_path):
@@ -257,14 +257,14 @@ def test_missing_reference_column(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     msg = _load_error(path)
     assert "'reference'" in msg
-    assert "row 1" in msg
+    assert "line 1" in msg
 
 
 def test_missing_custom_reference_column(tmp_path):
     path = write_parquet(tmp_path / "p.parquet", ROWS)
     msg = _load_error(path, reference_field="answer")
     assert "'answer'" in msg
-    assert "row 1" in msg
+    assert "row 1" in msg  # parquet: data row
 
 
 def test_duplicate_ids_name_both_rows(tmp_path):
@@ -273,16 +273,16 @@ def test_duplicate_ids_name_both_rows(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     msg = _load_error(path)
     assert "'b2'" in msg
-    assert "row 4" in msg
-    assert "row 2" in msg
+    assert "line 4" in msg
+    assert "line 2" in msg
 
 
 def test_duplicate_prompts_without_ids(tmp_path):
     rows = [{"prompt": "same"}, {"prompt": "other"}, {"prompt": "same"}]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     msg = _load_error(path, task_field=None, reference_field=None)
-    assert "row 3" in msg
-    assert "row 1" in msg
+    assert "line 3" in msg
+    assert "line 1" in msg
 
 
 def test_unsupported_suffix(tmp_path):
@@ -297,7 +297,7 @@ def test_empty_prompt_rejected(tmp_path):
     rows = [dict(ROWS[0]), dict(ROWS[1], prompt="   ")]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     msg = _load_error(path)
-    assert "row 2" in msg
+    assert "line 2" in msg
 
 
 # --- stable split ------------------------------------------------------------------------------
@@ -437,3 +437,43 @@ def test_template_with_indexed_field_fills(tmp_path):
     p.write_text('{"id": "a", "meta": {"title": "T"}}\n')
     cfg = DataConfig(path=str(p), prompt_template="Title: {meta[title]}", reference_field=None)
     assert load_prompts(cfg).column("messages")[0].as_py()[-1]["content"] == "Title: T"
+
+
+def test_encoding_bom_and_long_csv_fields(tmp_path):
+    """A Latin-1 file is a DataError naming the file; a UTF-8 BOM and a 200 KB cell are fine."""
+    from raydistill.config import DataConfig
+    from raydistill.data import DataError, load_prompts
+
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("prompt\ncaf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin\.csv: not UTF-8 text \(byte 0xe9"):
+        load_prompts(DataConfig(path=str(latin)))
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("\ufeffprompt,answer\nhello,hi\n".encode("utf-8"))
+    t = load_prompts(DataConfig(path=str(bom), reference_field="answer"))
+    assert t.column("reference").to_pylist() == ["hi"]
+    big = tmp_path / "big.csv"
+    big.write_text("prompt\n" + "x" * 200_000 + "\n")
+    assert len(load_prompts(DataConfig(path=str(big))).column("messages")[0].as_py()[0]["content"]) == 200_000
+
+
+def test_template_field_empty_and_literal_brace_hint(tmp_path):
+    from raydistill.config import DataConfig
+    from raydistill.data import DataError, load_prompts
+
+    p = tmp_path / "d.csv"
+    p.write_text("dialogue\nA: hi\n\n\"\"\n")  # the blank line 3 is skipped; line 4 is an empty cell
+    with pytest.raises(DataError, match=r"d\.csv: line 4: field 'dialogue' used by data.prompt_template is empty"):
+        load_prompts(DataConfig(path=str(p), prompt_template="Summarize this dialogue:\n{dialogue}"))
+    with pytest.raises(DataError, match=r"write \{\{ and \}\}"):
+        load_prompts(DataConfig(path=str(p), prompt_template='Return JSON {"q": 1} for {dialogue}'))
+
+
+def test_remote_and_folder_paths_are_clear_errors(tmp_path):
+    from raydistill.config import DataConfig
+    from raydistill.data import DataError, load_prompts
+
+    with pytest.raises(DataError, match="remote prompt files are not supported yet"):
+        load_prompts(DataConfig(path="s3://bucket/p.jsonl"))
+    with pytest.raises(DataError, match="is a folder"):
+        load_prompts(DataConfig(path=str(tmp_path)))

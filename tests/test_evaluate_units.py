@@ -48,7 +48,8 @@ def test_retained_ratios_and_zero_teacher():
 def test_memory_probe_is_not_inflated_by_a_large_parent(tiny_model):
     ballast = np.ones(1_500_000_000 // 8)  # 1.5 GB resident in this (parent) process
     assert ballast.sum() > 0
-    msgs = [[{"role": "user", "content": "Hello there"}]] * 2
+    # 300 long prompts: far more than the 128 KiB a single command-line argument may carry
+    msgs = [[{"role": "user", "content": "Hello there " * 100}]] * 300
     out = memory_probe(str(tiny_model), msgs, 2)
     del ballast
     assert out["params"] > 0

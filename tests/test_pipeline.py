@@ -25,11 +25,16 @@ REPORT_MODEL_KEYS = {"metrics", "agreement_rougeL", "latency_ms_p50", "latency_m
 
 def user_config(tmp_path: Path, tiny_model: Path, n_prompts: int, engine: str) -> tuple[Path, list[str]]:
     """A user's own JSONL (own field names) and a config file, plus the --set overrides."""
-    data = write_jsonl(tmp_path / "my_prompts.jsonl", mixed_prompts(n_prompts))
+    from raydistill.data import split_of
+
+    # One over-long prompt (in the train split) must become an error row, not fail the run.
+    long_id = next(f"long{k}" for k in range(100) if split_of(f"long{k}", 0, 0.1, 0.2) == "train")
+    long_row = {"qid": long_id, "kind": "qa", "question": "Paris " * 300, "answer": "Paris"}
+    data = write_jsonl(tmp_path / "my_prompts.jsonl", mixed_prompts(n_prompts) + [long_row])
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(yaml.safe_dump({
         "output_dir": str(tmp_path / "run"),
-        "teacher": {"model": str(tiny_model), "engine": engine, "batch_size": 16},
+        "teacher": {"model": str(tiny_model), "engine": engine, "batch_size": 16, "max_model_len": 160},
         "generation": {"max_new_tokens": 12, "top_k_logprobs": 3},
         "student": {"init": "prune", "keep_layers": [0, 3]},
         "train": {"workers": 2, "epochs": 4, "batch_size": 4, "lr": 3e-3, "max_seq_len": 128},
@@ -57,12 +62,17 @@ def _check_corpus(out: Path, cfg) -> list[dict]:
     expected = {r["prompt_id"] for r in prompts.to_pylist() if r["split"] in ("train", "validation")}
     ids = table.column("prompt_id").to_pylist()
     assert sorted(ids) == sorted(expected)  # one row per prompt, none lost, none duplicated
+    assert any(i.startswith("long") for i in expected)
     assert manifest["rows"] == len(expected) and manifest["schema_version"] == SCHEMA_VERSION
     assert manifest["response_tokens"] == sum(table.column("response_tokens").to_pylist()) > 0
     assert manifest["tokens_per_s"] > 0
     rows = table.to_pylist()
+    failed = [r for r in rows if r["error"] is not None]
+    assert [r["prompt_id"] for r in failed] == [i for i in expected if i.startswith("long")]
+    assert failed[0]["finish_reason"] == "error" and failed[0]["response_token_ids"] == []
+    assert manifest["rows_with_error"] == 1
+    rows = [r for r in rows if r["error"] is None]
     for r in rows:
-        assert r["error"] is None
         assert 1 <= r["response_tokens"] <= 12 == cfg.generation.max_new_tokens
         assert len(r["response_token_ids"]) == r["response_tokens"]
         assert r["finish_reason"] in ("stop", "length")

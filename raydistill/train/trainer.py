@@ -80,6 +80,17 @@ def collate(batch: dict[str, Any], pad_id: int) -> dict[str, Any]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def _pad_collate(pad_id: int):
+    """``collate`` as a Ray Data collate class (plain functions are deprecated since Ray 2.47)."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class PadCollate(NumpyBatchCollateFn):
+        def __call__(self, batch):
+            return collate(batch, pad_id)
+
+    return PadCollate()
+
+
 def lr_lambda(step: int, total: int, warmup: int) -> float:
     """Linear warmup for ``warmup`` steps, then cosine decay to 0 at ``total`` (a multiplier)."""
     if warmup > 0 and step < warmup:
@@ -155,7 +166,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
         skip = step - epoch * steps_per_epoch  # batches of this epoch already trained before a resume
         trained = 0
         for i, batch in enumerate(shard.iter_torch_batches(
-                batch_size=t.batch_size, collate_fn=lambda b: collate(b, c["pad_id"]),
+                batch_size=t.batch_size, collate_fn=_pad_collate(c["pad_id"]),
                 local_shuffle_buffer_size=None)):
             if i < skip:
                 continue

@@ -1,0 +1,88 @@
+"""The command line: validate, overrides, and each bad input's error with a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from raydistill.cli import app
+
+from .conftest import mixed_prompts, write_jsonl
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.fixture
+def cfg_file(tmp_path) -> Path:
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out")}))
+    return p
+
+
+def user_sets(path: Path) -> list[str]:
+    return ["--set", f"data.path={path}", "--set", "data.prompt_field=question",
+            "--set", "data.task_field=kind", "--set", "data.id_field=qid"]
+
+
+def test_validate_users_own_jsonl(tmp_path, cfg_file):
+    data = write_jsonl(tmp_path / "mine.jsonl", mixed_prompts(30))
+    r = invoke("validate", str(cfg_file), *user_sets(data))
+    assert r.exit_code == 0, r.output
+    assert "config OK: 30 prompts" in r.output
+    counts = dict(part.split() for part in r.output.split("(")[1].split(")")[0].split(", "))
+    assert sum(int(v) for v in counts.values()) == 30
+
+
+def test_demo_config_validates():
+    from raydistill.config import demo_config_path
+
+    r = invoke("validate", str(demo_config_path()))
+    assert r.exit_code == 0, r.output
+    assert "250 prompts" in r.output
+
+
+@pytest.mark.parametrize("content,expect", [
+    (None, "data file not found"),
+    ("", "the dataset is empty"),
+    ('{"question": "a", "kind": "qa"}\n{"question": "b", "kind": "qa"}\n{"question": oops}\n',
+     ":3: malformed JSON line"),
+    ('{"text": "a", "kind": "qa"}\n', "field 'question' (named by data.prompt_field) is missing"),
+    ('{"question": "a", "kind": "poetry"}\n', "unknown task type 'poetry'"),
+])
+def test_bad_data_exits_nonzero_naming_the_problem(tmp_path, cfg_file, content, expect):
+    path = tmp_path / "bad.jsonl"
+    if content is not None:
+        path.write_text(content)
+    r = invoke("validate", str(cfg_file), *user_sets(path))
+    assert r.exit_code == 2
+    assert expect in r.output and "bad.jsonl" in r.output
+
+
+def test_template_naming_absent_field(tmp_path, cfg_file):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"dialogue": "A: hi", "kind": "summarization"}])
+    r = invoke("validate", str(cfg_file), "--set", f"data.path={data}", "--set",
+               "data.prompt_template=Summarize this dialogue:\n{dialog}", "--set", "data.task_field=kind")
+    assert r.exit_code == 2
+    assert "field 'dialog' (named by data.prompt_template) is missing" in r.output and "line 1" in r.output
+
+
+def test_bad_config_key_and_value(cfg_file):
+    r = invoke("validate", str(cfg_file), "--set", "teacher.modle=x")
+    assert r.exit_code == 2 and "teacher.modle: unknown key" in r.output
+    r = invoke("validate", str(cfg_file), "--set", "train.lr=-1")
+    assert r.exit_code == 2 and "train.lr" in r.output and "-1" in r.output
+
+
+def test_run_writes_resolved_config_before_failing(tmp_path, cfg_file):
+    """Every command writes config.yaml; a stage failing on bad input exits 2 with the message."""
+    r = invoke("generate", str(cfg_file), "--set", f"data.path={tmp_path / 'missing.jsonl'}")
+    assert r.exit_code == 2 and "data file not found" in r.output
+    resolved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert resolved["data"]["path"] == str(tmp_path / "missing.jsonl")
+    assert not (tmp_path / "out" / "corpus").exists()
