@@ -106,9 +106,33 @@ def evaluate(config: ConfigArg, set_: SetOpt = None) -> None:
     _run_stages(_load(config, set_), ("evaluate",))
 
 
+def preflight(cfg: Config, counts: dict[str, int]) -> list[str]:
+    """Problems that would stop a stage later: model references, layer indices, split sizes."""
+    from .models import check_reference
+
+    problems = []
+    problem, teacher_layers = check_reference(cfg.teacher.model)
+    if problem:
+        problems.append(f"teacher.model: {problem}")
+    if cfg.student.init == "pretrained":
+        problem, _ = check_reference(cfg.student.model)
+        if problem:
+            problems.append(f"student.model: {problem}")
+    elif cfg.student.keep_layers and teacher_layers:
+        bad = [i for i in cfg.student.keep_layers if not 0 <= i < teacher_layers]
+        if bad:
+            problems.append(f"student.keep_layers: {bad} out of range; the teacher has {teacher_layers} layers")
+    if counts["train"] < cfg.train.workers:
+        problems.append(f"the train split has {counts['train']} prompt(s), fewer than train.workers="
+                        f"{cfg.train.workers}")
+    if counts[cfg.eval.split] == 0:
+        problems.append(f"the {cfg.eval.split} split (eval.split) is empty; raise data.split.{cfg.eval.split}")
+    return problems
+
+
 @app.command()
 def validate(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Check a config and its prompt file without running anything."""
+    """Check a config, its prompt file, model references and split sizes without running anything."""
     from .data import DataError, load_prompts
 
     cfg = _load(config, set_)
@@ -118,6 +142,9 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
         _fail(str(e))
         raise
     counts = {s: prompts.column("split").to_pylist().count(s) for s in ("train", "validation", "test")}
+    problems = preflight(cfg, counts)
+    if problems:
+        _fail("the config would fail later:\n  " + "\n  ".join(problems))
     typer.echo(f"config OK: {prompts.num_rows} prompts ({', '.join(f'{k} {v}' for k, v in counts.items())}); "
                f"teacher {cfg.teacher.model} ({cfg.teacher.engine}); output_dir {cfg.output_dir}")
 

@@ -129,7 +129,7 @@ class TrainConfig(_Section):
     workers: int = Field(2, gt=0, description="Ray Train workers (data-parallel ranks).")
     cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs per worker; also its torch threads.")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend; otherwise gloo on CPU.")
-    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="Parallelism across workers.")
+    strategy: Literal["ddp"] = Field("ddp", description="Parallelism across workers: 'ddp' (DistributedDataParallel).")
     loss: Literal["sequence_kd"] = Field("sequence_kd", description="'sequence_kd' = cross-entropy on the "
                                          "teacher's response tokens (Kim & Rush 2016).")
     epochs: int = Field(3, gt=0, description="Passes over the train split.")

@@ -1,7 +1,8 @@
 """The evaluate stage: teacher, baseline student and distilled student on held-out prompts.
 
 All three models answer the same prompts through the same batch generation path
-(``generate.generate_table``, vLLM by default). Written under ``output_dir/eval/``:
+(``generate.generate_table`` with engine ``eval.engine``, vLLM by default); the teacher runs with
+the ``teacher.*`` engine resources, the students with ``eval.*``. Written under ``output_dir/eval/``:
 ``answers.parquet``, ``report.json``, ``report.md``, ``quality_vs_latency.png``,
 ``agreement.png``.
 
@@ -222,11 +223,15 @@ def run_evaluate(cfg: Config) -> dict:
         raise ValueError(f"the {cfg.eval.split} split is empty; raise data.split.{cfg.eval.split}")
     init_ray()
     gen = cfg.generation.model_copy(update={"top_k_logprobs": 0})
+    # One generation path for all three (eval.engine); the teacher keeps its own resources
+    # (tensor parallelism, dtype, max length), the students use eval.*.
+    engines = {"teacher": cfg.teacher.model_copy(update={"engine": cfg.eval.engine}),
+               "baseline_student": cfg.eval, "student": cfg.eval}
     answers: dict[str, pa.Table] = {}
     for name in MODEL_NAMES:
         log.info("evaluate: %s answers %d %s prompts", name, prompts.num_rows, cfg.eval.split)
         t0 = time.perf_counter()
-        answers[name] = generate_table(prompts, paths[name], cfg.eval, gen)
+        answers[name] = generate_table(prompts, paths[name], engines[name], gen)
         log.info("evaluate: %s done in %.1f s", name, time.perf_counter() - t0)
     teacher_answers = answers["teacher"].column("response").to_pylist()
     probe_msgs = [list(m) for m in prompts.column("messages").to_pylist()]

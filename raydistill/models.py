@@ -186,3 +186,33 @@ def require_chat_template(tokenizer, model_ref: str) -> None:
             f"model {model_ref} has no chat template; raydistill sends chat messages. Use an "
             "instruct/chat model or add a chat_template to its tokenizer_config.json"
         )
+
+
+def check_reference(ref: str) -> tuple[str | None, int | None]:
+    """Cheap pre-flight check of a model reference (nothing is loaded or converted).
+
+    Returns (problem or None, number of decoder layers if its config.json is at hand).
+    """
+    try:
+        if ref.startswith(EMBEDDED_PREFIX):
+            _embedded_gguf(ref[len(EMBEDDED_PREFIX):])
+            folder = cache_dir() / "models" / ref[len(EMBEDDED_PREFIX):]
+        else:
+            folder = Path(resolve_model(ref))
+    except ModelError as e:
+        return str(e), None
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        if ref.startswith(EMBEDDED_PREFIX):
+            return None, None  # converted on first use
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(ref, "config.json")
+        if not isinstance(cached, str):
+            return (f"{ref!r} is neither a local folder nor in the local Hugging Face cache "
+                    "(this machine does not download models at run time)"), None
+        cfg_file = Path(cached)
+    import json
+
+    layers = json.loads(cfg_file.read_text()).get("num_hidden_layers")
+    return None, layers

@@ -86,3 +86,19 @@ def test_run_writes_resolved_config_before_failing(tmp_path, cfg_file):
     resolved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
     assert resolved["data"]["path"] == str(tmp_path / "missing.jsonl")
     assert not (tmp_path / "out" / "corpus").exists()
+
+
+def test_validate_preflight_catches_later_failures(tmp_path, cfg_file, tiny_model):
+    data = write_jsonl(tmp_path / "mine.jsonl", mixed_prompts(30))
+    r = invoke("validate", str(cfg_file), *user_sets(data), "--set", "data.split.test=0",
+               "--set", f"teacher.model={tiny_model}", "--set", "student.keep_layers=[0, 99]",
+               "--set", "train.workers=64", "--set", "student.init=prune")
+    assert r.exit_code == 2, r.output
+    assert "student.keep_layers: [99] out of range; the teacher has 4 layers" in r.output
+    assert "fewer than train.workers=64" in r.output
+    assert "the test split (eval.split) is empty" in r.output
+    r = invoke("validate", str(cfg_file), *user_sets(data), "--set", "teacher.model=/nonexistent/model")
+    assert r.exit_code == 2 and "teacher.model: model folder not found: /nonexistent/model" in r.output
+    r = invoke("validate", str(cfg_file), *user_sets(data), "--set", "student.init=pretrained",
+               "--set", "student.model=nobody/not-cached-model")
+    assert r.exit_code == 2 and "neither a local folder nor in the local Hugging Face cache" in r.output

@@ -92,6 +92,8 @@ def _check_train(out: Path) -> None:
     losses = [m["loss"] for m in metrics]
     assert all(math.isfinite(x) for x in losses)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 * 0.9, losses  # loss fell
+    val = [m["val_loss"] for m in metrics if m.get("val_loss") is not None]
+    assert len(val) == 4 and all(math.isfinite(v) for v in val)  # one per epoch (train.epochs=4)
     files = {p.name for p in (out / "student").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
     student = AutoModelForCausalLM.from_pretrained(out / "student")

@@ -4,7 +4,8 @@ Layout under ``output_dir``:
 - ``baseline_student/``: the student before training (init=prune writes it; init=pretrained
   records the model reference in ``train/student_init.json`` instead);
 - ``train/ray/``: Ray Train's run folder with its checkpoints (resume state);
-- ``train/metrics.jsonl``: one JSON object per optimizer step (loss, lr, tokens, seconds);
+- ``train/metrics.jsonl``: one JSON object per optimizer step (loss, lr, grad_norm, tokens,
+  seconds; ``val_loss`` on the last step of each epoch when the corpus has validation rows);
 - ``student/``: the final student, ``save_pretrained`` format (LoRA merged), with tokenizer.
 """
 
@@ -156,6 +157,24 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report({**metrics, "final": final}, checkpoint=checkpoint)
 
+    def validation_loss() -> float | None:
+        """Token-mean sequence-KD loss on the validation shards of all ranks (teacher answers
+        to validation prompts, never trained on)."""
+        if not c["has_validation"]:
+            return None
+        model.eval()
+        stats = torch.zeros(2)
+        with torch.no_grad():
+            for vb in ray.train.get_dataset_shard("validation").iter_torch_batches(
+                    batch_size=t.batch_size, collate_fn=_pad_collate(c["pad_id"])):
+                out = model(input_ids=vb["input_ids"], attention_mask=vb["attention_mask"]).logits
+                loss, n = sequence_kd_loss(out, vb["labels"])
+                stats += torch.stack([loss.float() * n, n.float()])
+        if world > 1:
+            torch.distributed.all_reduce(stats)
+        model.train()
+        return round(float(stats[0] / stats[1].clamp(min=1)), 6)
+
     shard = ray.train.get_dataset_shard("train")
     steps_per_epoch = c["steps_per_epoch"]
     every = t.checkpoint_every_steps
@@ -191,6 +210,11 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
                 eta = (time.perf_counter() - t_start) / max(1, len(history)) * (total - step)
                 print(f"[raydistill] step {step}/{total} epoch {epoch} loss {rec['loss']:.4f} "
                       f"lr {rec['lr']:.2e} {rec['seconds']:.1f}s/step eta {eta:.0f}s", flush=True)
+            end_of_epoch = step >= total or step % steps_per_epoch == 0
+            if end_of_epoch:
+                rec["val_loss"] = validation_loss()
+                if rank == 0 and rec["val_loss"] is not None:
+                    print(f"[raydistill] epoch {epoch} validation loss {rec['val_loss']:.4f}", flush=True)
             if step >= total:
                 break
             if every and step % every == 0:
@@ -220,8 +244,9 @@ def run_train(cfg: Config) -> dict:
 
     out = Path(cfg.output_dir).resolve()
     corpus = read_corpus(corpus_dir(cfg))
-    rows = [r for r in corpus.select(["split", "messages", "response", "error"]).to_pylist()
-            if r["split"] == "train" and not r["error"] and r["response"]]
+    usable = [r for r in corpus.select(["split", "messages", "response", "error"]).to_pylist()
+              if not r["error"] and r["response"]]
+    rows = [r for r in usable if r["split"] == "train"]
     if not rows:
         raise ValueError(f"the corpus at {corpus_dir(cfg)} has no usable train rows")
 
@@ -243,11 +268,12 @@ def run_train(cfg: Config) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     require_chat_template(tokenizer, str(student_dir))
-    examples = []
-    for r in rows:
-        ex = tokenize_example(tokenizer, r["messages"], r["response"], cfg.train.max_seq_len)
-        if ex is not None:
-            examples.append(ex)
+    def examples_of(split: str) -> list[dict]:
+        out = (tokenize_example(tokenizer, r["messages"], r["response"], cfg.train.max_seq_len)
+               for r in usable if r["split"] == split)
+        return [ex for ex in out if ex is not None]
+
+    examples, val_examples = examples_of("train"), examples_of("validation")
     dropped = len(rows) - len(examples)
     if not examples:
         raise ValueError(f"no train example fits train.max_seq_len={cfg.train.max_seq_len} tokens")
@@ -263,10 +289,14 @@ def run_train(cfg: Config) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     init_ray()
-    ds = ray.data.from_items(examples)
+    datasets = {"train": ray.data.from_items(examples)}
+    # Each rank needs at least one validation row (the shards are split equally).
+    has_validation = len(val_examples) >= t.workers
+    if has_validation:
+        datasets["validation"] = ray.data.from_items(val_examples)
     loop_cfg = {"train": t.model_dump(), "student_dir": str(student_dir), "total_steps": total,
                 "warmup_steps": int(t.warmup_ratio * total), "steps_per_epoch": steps_per_epoch,
-                "pad_id": pad_id}
+                "pad_id": pad_id, "has_validation": has_validation}
     log.info("train: %d examples, %d workers x batch %d, %d steps (%d/epoch)", len(examples), t.workers,
              t.batch_size, total, steps_per_epoch)
     trainer = TorchTrainer(
@@ -278,7 +308,7 @@ def run_train(cfg: Config) -> dict:
             name="ray", storage_path=str(train_dir),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=2)),
-        datasets={"train": ds},
+        datasets=datasets,
     )
     t0 = time.perf_counter()
     result = trainer.fit()
@@ -301,6 +331,7 @@ def run_train(cfg: Config) -> dict:
     tmp.rename(student_out)
     summary = {"steps": len(history), "examples": len(examples), "skipped_too_long": dropped,
                "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
+               "val_loss": [r["val_loss"] for r in history if r.get("val_loss") is not None],
                "seconds": round(seconds, 1), "student": str(student_out),
                "baseline_student": str(student_dir), "provenance": provenance()}
     (train_dir / "summary.json").write_text(json.dumps(summary, indent=2))
