@@ -105,7 +105,8 @@ class StudentConfig(_Section):
                                                  "'prune' copies the teacher keeping only keep_layers.")
     model: str | None = Field(None, description="HF model id or local folder (init=pretrained).")
     keep_layers: list[int] | None = Field(None, description="Teacher decoder layer indices kept by init=prune "
-                                          "(0-based); default: every third layer.")
+                                          "(0-based); default: every third layer plus the last "
+                                          "(11 of SmolLM2's 30).")
 
     @model_validator(mode="after")
     def _needs_model(self) -> "StudentConfig":
@@ -133,7 +134,8 @@ class TrainConfig(_Section):
     loss: Literal["sequence_kd"] = Field("sequence_kd", description="'sequence_kd' = cross-entropy on the "
                                          "teacher's response tokens (Kim & Rush 2016).")
     epochs: int = Field(3, gt=0, description="Passes over the train split.")
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after at most this many optimizer steps "
+                                  "(a cap on epochs × steps per epoch).")
     batch_size: int = Field(8, gt=0, description="Sequences per worker per optimizer step.")
     max_seq_len: int = Field(256, gt=8, description="Prompt + response tokens kept per example (tokens); "
                              "longer examples are cut from the right.")
