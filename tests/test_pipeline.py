@@ -176,3 +176,40 @@ def test_later_stage_refuses_missing_or_unfinished_output(tiny_model, tmp_path):
     assert result.exit_code == 2 and "run `raydistill generate` first" in result.output
     result = CliRunner().invoke(app, ["evaluate", str(cfg_file), *args])
     assert result.exit_code == 2 and "run `raydistill train` first" in result.output
+
+
+def write_synthetic_corpus(cfg, n: int) -> None:
+    """A finished corpus folder (schema + manifest) with simple teacher answers, no generation."""
+    import pyarrow as pa
+
+    from raydistill.data import load_prompts
+    from raydistill.schema import conform
+
+    prompts = load_prompts(cfg.data).to_pylist()[:n]
+    rows = [dict(p, response=f"The answer is {i % 7}.", response_token_ids=[], finish_reason="stop",
+                 prompt_tokens=1, response_tokens=1, latency_s=0.1, batch_id="b", error=None,
+                 teacher="t", generation_params="{}") for i, p in enumerate(prompts)]
+    corpus = Path(cfg.output_dir) / "corpus"
+    (corpus / "data").mkdir(parents=True)
+    pq.write_table(conform(pa.Table.from_pylist(rows), CORPUS_SCHEMA), corpus / "data" / "part-00000.parquet")
+    (corpus / "manifest.json").write_text(json.dumps({"rows": len(rows), "shards": ["data/part-00000.parquet"]}))
+
+
+def test_train_lora_merges_adapters_into_attention_only(tiny_model, tmp_path, ray_local):
+    from transformers import AutoModelForCausalLM
+
+    from raydistill.train.trainer import run_train
+
+    cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
+    cfg = load(cfg_file, sets + ["train.lora.enabled=true", "train.lora.r=4", "train.epochs=2", "train.lr=1e-2"])
+    write_synthetic_corpus(cfg, 30)
+    summary = run_train(cfg)
+    out = Path(cfg.output_dir)
+    assert summary["steps"] >= 2 and summary["last_loss"] < summary["first_loss"]
+    student = AutoModelForCausalLM.from_pretrained(out / "student")  # merged: a plain Llama again
+    assert not any("lora" in n for n, _ in student.named_parameters())
+    base = dict(AutoModelForCausalLM.from_pretrained(out / "baseline_student").named_parameters())
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, base[n])}
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert changed and all(any(t in n for t in targets) for n in changed), changed
+    assert all(any(f"{t}.weight" in n for n in changed) for t in targets)  # every target got a delta
