@@ -26,6 +26,20 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Overri
 log = logging.getLogger("raydistill")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from .runtime import provenance
+
+        typer.echo(" ".join(f"{k} {v}" for k, v in provenance().items()))
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print raydistill's and its stack's versions.")] = False) -> None:
+    """Distill LLMs on Ray: a teacher answers prompts, a student learns, a report compares."""
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")

@@ -112,8 +112,10 @@ def _vllm_dataset(ds, model_dir: str, engine: EngineConfig, gen: GenerationConfi
             "error": error,
         }
 
-    processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
-    return processor(ds)
+    processor = build_processor(config, preprocess=preprocess)
+    # Not build_processor(postprocess=...): ray.data.llm routes failed rows around a postprocess
+    # function, and they must reach the corpus as error rows with the same columns.
+    return processor(ds).map(postprocess)
 
 
 class HFGenerator:

@@ -102,3 +102,8 @@ def test_validate_preflight_catches_later_failures(tmp_path, cfg_file, tiny_mode
     r = invoke("validate", str(cfg_file), *user_sets(data), "--set", "student.init=pretrained",
                "--set", "student.model=nobody/not-cached-model")
     assert r.exit_code == 2 and "neither a local folder nor in the local Hugging Face cache" in r.output
+
+
+def test_version_lists_the_stack():
+    r = invoke("--version")
+    assert r.exit_code == 0 and r.output.startswith("python ") and " raydistill 0.1.0" in r.output
