@@ -243,12 +243,16 @@ def generate_dataset(prompts: pa.Table, model_dir: str, engine: EngineConfig, ge
 def generate_table(prompts: pa.Table, model_dir: str, engine: EngineConfig, gen: GenerationConfig) -> pa.Table:
     """``generate_dataset`` collected into one table, in the order of ``prompts``."""
     ds = generate_dataset(prompts, model_dir, engine, gen)
-    table = pa.concat_tables([pa.Table.from_batches([b], schema=GENERATED_SCHEMA) if isinstance(b, pa.RecordBatch)
-                              else conform(b, GENERATED_SCHEMA)
-                              for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
-                             or [GENERATED_SCHEMA.empty_table()])
+    batches = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))  # conformed tables
+    table = pa.concat_tables(batches) if batches else GENERATED_SCHEMA.empty_table()
     order = {pid: i for i, pid in enumerate(prompts.column("prompt_id").to_pylist())}
-    idx = sorted(range(table.num_rows), key=lambda i: order[table.column("prompt_id")[i].as_py()])
+    ids = table.column("prompt_id").to_pylist()
+    if len(ids) != len(order) or set(ids) != set(order):
+        missing = sorted(set(order) - set(ids))[:10]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})[:10]
+        raise RuntimeError(f"generation returned {len(ids)} rows for {len(order)} prompts "
+                           f"(missing e.g. {missing}, duplicated e.g. {dupes})")
+    idx = sorted(range(table.num_rows), key=lambda i: order[ids[i]])
     return table.take(idx)
 
 

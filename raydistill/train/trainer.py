@@ -157,11 +157,9 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report({**metrics, "final": final}, checkpoint=checkpoint)
 
-    def validation_loss() -> float | None:
+    def validation_loss() -> float:
         """Token-mean sequence-KD loss on the validation shards of all ranks (teacher answers
         to validation prompts, never trained on)."""
-        if not c["has_validation"]:
-            return None
         model.eval()
         stats = torch.zeros(2)
         with torch.no_grad():
@@ -211,9 +209,9 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
                 print(f"[raydistill] step {step}/{total} epoch {epoch} loss {rec['loss']:.4f} "
                       f"lr {rec['lr']:.2e} {rec['seconds']:.1f}s/step eta {eta:.0f}s", flush=True)
             end_of_epoch = step >= total or step % steps_per_epoch == 0
-            if end_of_epoch:
+            if end_of_epoch and c["has_validation"]:
                 rec["val_loss"] = validation_loss()
-                if rank == 0 and rec["val_loss"] is not None:
+                if rank == 0:
                     print(f"[raydistill] epoch {epoch} validation loss {rec['val_loss']:.4f}", flush=True)
             if step >= total:
                 break
@@ -244,8 +242,8 @@ def run_train(cfg: Config) -> dict:
 
     out = Path(cfg.output_dir).resolve()
     corpus = read_corpus(corpus_dir(cfg))
-    usable = [r for r in corpus.select(["split", "messages", "response", "error"]).to_pylist()
-              if not r["error"] and r["response"]]
+    # Failed rows carry no answer; an empty answer is kept: it still teaches the student to stop.
+    usable = [r for r in corpus.select(["split", "messages", "response", "error"]).to_pylist() if not r["error"]]
     rows = [r for r in usable if r["split"] == "train"]
     if not rows:
         raise ValueError(f"the corpus at {corpus_dir(cfg)} has no usable train rows")
