@@ -102,6 +102,8 @@ def _check_train(out: Path) -> None:
     unchanged = [n for n, p in student.named_parameters() if torch.equal(p, base_sd[n])]
     assert unchanged == [], unchanged  # every trainable parameter moved
     assert student.config.num_hidden_layers == 2
+    # resume state went through ray.train.report into the output folder
+    assert list((out / "train" / "ray").glob("checkpoint_*/state.pt"))
 
 
 def _check_report(out: Path) -> dict:
@@ -213,3 +215,18 @@ def test_train_lora_merges_adapters_into_attention_only(tiny_model, tmp_path, ra
     targets = ("q_proj", "k_proj", "v_proj", "o_proj")
     assert changed and all(any(t in n for t in targets) for n in changed), changed
     assert all(any(f"{t}.weight" in n for n in changed) for t in targets)  # every target got a delta
+
+
+def test_hf_generator_uses_as_many_threads_as_cpus(tiny_model):
+    """Ray leaves an actor 1 torch thread; the hf engine takes one per CPU it holds."""
+    from raydistill.config import EngineConfig, GenerationConfig
+    from raydistill.generate import HFGenerator
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        HFGenerator(str(tiny_model), EngineConfig(engine="hf", cpus_per_replica=2).model_dump(),
+                    GenerationConfig().model_dump(), gpu=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
