@@ -230,3 +230,29 @@ def test_hf_generator_uses_as_many_threads_as_cpus(tiny_model):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_train_resumes_an_interrupted_run_and_restarts_a_finished_one(tiny_model, tmp_path, ray_local):
+    from raydistill.train.trainer import run_train
+
+    cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
+    cfg = load(cfg_file, sets + ["train.epochs=2"])
+    write_synthetic_corpus(cfg, 30)
+    first = run_train(cfg)
+    train_dir = Path(cfg.output_dir) / "train"
+    history = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines()]
+    per_epoch = first["steps"] // 2
+
+    # Interrupted: no summary.json yet, checkpoints present -> the next run continues from them.
+    (train_dir / "summary.json").unlink()
+    resumed = run_train(load(cfg_file, sets + ["train.epochs=3"]))
+    again = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines()]
+    assert resumed["steps"] == 3 * per_epoch
+    assert again[: len(history)] == history  # the first two epochs were not redone
+    assert [m["step"] for m in again] == list(range(1, 3 * per_epoch + 1))
+
+    # Finished: a new run starts from step 1 with the new settings.
+    fresh = run_train(load(cfg_file, sets + ["train.epochs=1"]))
+    assert fresh["steps"] == per_epoch
+    rows = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in rows] == list(range(1, per_epoch + 1))

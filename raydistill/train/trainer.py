@@ -3,7 +3,8 @@
 Layout under ``output_dir``:
 - ``baseline_student/``: the student before training (init=prune writes it; init=pretrained
   records the model reference in ``train/student_init.json`` instead);
-- ``train/ray/``: Ray Train's run folder with its checkpoints (resume state);
+- ``train/ray/``: Ray Train's run folder with its checkpoints: ``raydistill train`` after an
+  interrupted run resumes from the latest one; after a finished run it starts afresh;
 - ``train/metrics.jsonl``: one JSON object per optimizer step (loss, lr, grad_norm, tokens,
   seconds; ``val_loss`` on the last step of each epoch when the corpus has validation rows);
 - ``student/``: the final student, ``save_pretrained`` format (LoRA merged), with tokenizer.
@@ -250,6 +251,14 @@ def run_train(cfg: Config) -> dict:
 
     train_dir = out / "train"
     train_dir.mkdir(parents=True, exist_ok=True)
+    # Ray Train restores a run from the checkpoints in its folder. An interrupted run (no
+    # summary.json yet) resumes from its latest checkpoint; after a finished run, start afresh.
+    if (train_dir / "summary.json").is_file():
+        shutil.rmtree(train_dir / "ray", ignore_errors=True)
+        for stale in ("summary.json", "metrics.jsonl"):
+            (train_dir / stale).unlink(missing_ok=True)
+    elif list((train_dir / "ray").glob("checkpoint_*")):
+        log.info("train: resuming an interrupted run from its latest checkpoint in %s", train_dir / "ray")
     if cfg.student.init == "prune":
         student_dir = out / "baseline_student"
         if not (student_dir / "config.json").is_file():
