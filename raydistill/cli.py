@@ -72,6 +72,7 @@ def _run_stages(cfg: Config, stages: tuple[str, ...]) -> None:
     _setup_logging()
     _prepare(cfg)
     t0 = time.perf_counter()
+    stage = stages[0]
     try:
         for stage in stages:
             ts = time.perf_counter()
@@ -91,6 +92,10 @@ def _run_stages(cfg: Config, stages: tuple[str, ...]) -> None:
             log.info("=== stage %s done in %.0f s ===", stage, time.perf_counter() - ts)
     except (DataError, ModelError, SchemaError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted during stage {stage}: finished stages' outputs are kept, this stage's "
+                   "are not; `raydistill train` resumes an interrupted training from its checkpoint", err=True)
+        raise typer.Exit(code=130) from None
     log.info("finished in %.0f s; outputs in %s", time.perf_counter() - t0, cfg.output_dir)
     if "evaluate" in stages:
         typer.echo(f"report: {Path(cfg.output_dir) / 'eval' / 'report.md'}")

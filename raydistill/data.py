@@ -180,7 +180,8 @@ def load_prompts(cfg: DataConfig) -> pa.Table:
                 raise DataError(f"{where}: reference field {cfg.reference_field!r} is missing "
                                 "(set data.reference_field=null if the data has no references)")
             ref = rec[cfg.reference_field]
-            reference = None if ref is None else str(ref)
+            # An empty cell is a missing reference, not an answer to score against.
+            reference = None if ref is None or not str(ref).strip() else str(ref)
 
         task = cfg.task
         if cfg.task_field:

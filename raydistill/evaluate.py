@@ -10,6 +10,8 @@ Figures per model (``report.json`` → ``models.<name>``):
 - ``metrics``: task → metric → value (see ``raydistill.tasks``);
 - ``quality``: mean of each task's primary metric (accuracy or ROUGE-L), 0–1; null without references;
 - ``agreement_rougeL``: mean ROUGE-L F1 of the answer against the teacher's answer, 0–1;
+- ``errors``: prompts that failed (e.g. longer than the engine's max length), left out of the
+  other figures;
 - ``latency_ms_p50`` / ``latency_ms_p95``: per-answer latency (request sent → last token), ms;
 - ``output_tokens_per_s``: generated tokens / generation time, where generation time is the
   sum over engine batches of the slowest answer of the batch (engine start-up excluded);
@@ -33,6 +35,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from .config import Config
+from .generate import engine_throughput
 from .tasks import PRIMARY, rouge_l, score
 
 log = logging.getLogger(__name__)
@@ -47,17 +50,6 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def _throughput(table: pa.Table) -> float:
-    rows = table.to_pylist()
-    spans: dict[str, float] = {}
-    for r in rows:
-        if r["latency_s"] is not None:
-            spans[r["batch_id"]] = max(spans.get(r["batch_id"], 0.0), r["latency_s"])
-    seconds = sum(spans.values())
-    tokens = sum(r["response_tokens"] or 0 for r in rows)
-    return tokens / seconds if seconds > 0 else 0.0
-
-
 def memory_probe(model_dir: str, messages: list, batch: int) -> dict:
     """Run ``raydistill._probe`` in a fresh Python process; returns peak_memory_mb and params."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
@@ -69,27 +61,35 @@ def memory_probe(model_dir: str, messages: list, batch: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def model_report(table: pa.Table, teacher_answers: list[str]) -> dict:
-    """Quality, agreement and latency figures of one model's answers (see module docstring)."""
+def model_report(table: pa.Table, teacher: pa.Table) -> dict:
+    """Quality, agreement and latency figures of one model's answers (see module docstring).
+
+    Rows that failed (``error`` set, e.g. a prompt longer than the engine's max length) are
+    counted in ``errors`` and left out of every other figure; agreement uses the rows that
+    both this model and the teacher answered.
+    """
     rows = table.to_pylist()
+    ok = [r for r in rows if r["error"] is None]
     by_task: dict[str, tuple[list[str], list]] = {}
-    for r in rows:
+    for r in ok:
         preds, refs = by_task.setdefault(r["task"], ([], []))
         preds.append(r["response"])
         refs.append(r["reference"])
     metrics = {task: ms for task, (p, refs) in sorted(by_task.items()) if (ms := score(task, p, refs))}
     primary = [m[PRIMARY[t]] for t, m in metrics.items() if PRIMARY[t] in m]
-    lat_ms = [r["latency_s"] * 1000 for r in rows if r["latency_s"] is not None]
+    lat_ms = [r["latency_s"] * 1000 for r in ok]
+    both = [(r["response"], t["response"]) for r, t in zip(rows, teacher.to_pylist(), strict=True)
+            if r["error"] is None and t["error"] is None]
     return {
         "metrics": metrics,
         "quality": sum(primary) / len(primary) if primary else None,
-        "agreement_rougeL": rouge_l([r["response"] for r in rows], teacher_answers),
+        "agreement_rougeL": rouge_l([a for a, _ in both], [b for _, b in both]) if both else None,
         "latency_ms_p50": _percentile(lat_ms, 50),
         "latency_ms_p95": _percentile(lat_ms, 95),
-        "output_tokens_per_s": _throughput(table),
-        "answers": len(rows),
-        "errors": sum(r["error"] is not None for r in rows),
-        "mean_output_tokens": sum(r["response_tokens"] or 0 for r in rows) / max(1, len(rows)),
+        "output_tokens_per_s": engine_throughput(table),
+        "answers": len(ok),
+        "errors": len(rows) - len(ok),
+        "mean_output_tokens": sum(r["response_tokens"] for r in ok) / max(1, len(ok)),
     }
 
 
@@ -126,7 +126,8 @@ def write_markdown(report: dict, answers: dict[str, pa.Table], path: Path) -> No
             ("latency p50 (ms)", "latency_ms_p50"), ("latency p95 (ms)", "latency_ms_p95"),
             ("output tokens/s", "output_tokens_per_s"), ("peak memory (MB)", "peak_memory_mb"),
             ("parameters", "params"), ("size on disk (MB)", "size_mb"),
-            ("mean answer length (tokens)", "mean_output_tokens")]
+            ("mean answer length (tokens)", "mean_output_tokens"),
+            ("failed prompts (left out above)", "errors")]
     for label, key in rows:
         digits = 3 if key in ("quality", "agreement_rougeL") else 1
         lines.append(f"| {label} | " + " | ".join(_fmt(m[n][key], digits) if key != "params"
@@ -157,7 +158,12 @@ def write_markdown(report: dict, answers: dict[str, pa.Table], path: Path) -> No
         if tea[i]["reference"] is not None:
             lines.append(f"- reference: {tea[i]['reference']}")
         for n in names:
-            text = answers[n].column("response")[i].as_py().strip().replace("\n", " ")
+            row = answers[n].slice(i, 1).to_pylist()[0]
+            text = row["response"].strip().replace("\n", " ")
+            if row["error"] is not None:
+                text = f"(failed: {row['error'][:200]})"
+            elif not text:
+                text = f"(blank: {row['response_tokens']} tokens of whitespace or special tokens)"
             lines.append(f"- {n}: {text[:300]}")
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
@@ -177,6 +183,8 @@ def write_plots(report: dict, folder: Path) -> list[Path]:
     for name, color in zip(MODEL_NAMES, ("tab:blue", "tab:gray", "tab:orange")):
         ax.scatter(m[name]["latency_ms_p50"], m[name][key], s=80, color=color, label=name)
         ax.annotate(name, (m[name]["latency_ms_p50"], m[name][key]), textcoords="offset points", xytext=(6, 4))
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("latency p50 per answer (ms)")
     ax.set_ylabel(label)
     ax.set_title("Quality vs latency")
@@ -233,11 +241,10 @@ def run_evaluate(cfg: Config) -> dict:
         t0 = time.perf_counter()
         answers[name] = generate_table(prompts, paths[name], engines[name], gen)
         log.info("evaluate: %s done in %.1f s", name, time.perf_counter() - t0)
-    teacher_answers = answers["teacher"].column("response").to_pylist()
     probe_msgs = [list(m) for m in prompts.column("messages").to_pylist()]
     models = {}
     for name in MODEL_NAMES:
-        rep = model_report(answers[name], teacher_answers)
+        rep = model_report(answers[name], answers["teacher"])
         rep.update(memory_probe(paths[name], probe_msgs, cfg.eval.memory_probe_batch))
         rep["size_mb"] = round(size_on_disk_mb(paths[name]), 2) if Path(paths[name]).is_dir() else None
         rep["path"] = paths[name]

@@ -199,6 +199,23 @@ class HFGenerator:
         return pa.Table.from_pylist(merged, schema=GENERATED_SCHEMA)
 
 
+def engine_throughput(table: pa.Table) -> float:
+    """Generated tokens per second of engine time (tokens/s), engine start-up excluded.
+
+    Engine time = the sum over engine batches (``batch_id``) of the slowest answer's
+    ``latency_s``; batches of parallel replicas are summed, so this is per replica.
+    """
+    spans: dict[str, float] = {}
+    tokens = 0
+    for bid, lat, n in zip(table.column("batch_id").to_pylist(), table.column("latency_s").to_pylist(),
+                           table.column("response_tokens").to_pylist()):
+        if lat is not None:
+            spans[bid] = max(spans.get(bid, 0.0), lat)
+            tokens += n or 0
+    seconds = sum(spans.values())
+    return tokens / seconds if seconds > 0 else 0.0
+
+
 def _eos_ids(model, tokenizer) -> list[int]:
     ids = model.generation_config.eos_token_id if model.generation_config is not None else None
     ids = [ids] if isinstance(ids, int) else list(ids or [])
@@ -335,7 +352,8 @@ def run_generate(cfg: Config) -> dict:
         "prompt_tokens": int(pa.compute.sum(table.column("prompt_tokens")).as_py() or 0),
         "response_tokens": resp_tokens,
         "seconds": round(seconds, 2),
-        "tokens_per_s": round(resp_tokens / seconds, 2) if seconds > 0 else None,
+        "tokens_per_s": round(resp_tokens / seconds, 2) if seconds > 0 else None,  # wall, with start-up
+        "engine_tokens_per_s": round(engine_throughput(table), 2),
         "teacher": cfg.teacher.model,
         "engine": cfg.teacher.engine,
         "generation_params": json.loads(params),

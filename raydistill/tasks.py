@@ -1,9 +1,11 @@
 """Per-task answer extraction and metrics.
 
-- math: final-answer accuracy — the last number in the answer equals the reference number.
-- nli: label accuracy — the first of entailment / neutral / contradiction named in the answer.
-- qa, summarization, conversation: ROUGE-L F1 (rouge-score, stemmed; 0–1) and corpus BLEU
-  (sacrebleu, 0–100) against the reference.
+- math: final-answer accuracy — the last number in the answer equals the reference number
+  (rows whose reference holds no number are skipped).
+- nli: label accuracy — the first of entailment / neutral / contradiction named in the answer
+  (rows whose reference names no label are skipped).
+- qa, summarization, conversation: ROUGE-L F1 (rouge-score with a Unicode word tokenizer,
+  stemmed; 0–1) and corpus BLEU (sacrebleu, 13a tokenizer, 0–100) against the reference.
 - agreement: mean ROUGE-L F1 between a model's answer and the teacher's answer (0–1).
 """
 
@@ -46,11 +48,31 @@ def extract_nli_label(text: str) -> str | None:
     return "neutral"
 
 
+# Words of any script; CJK ideographs and kana count one character each (they are written
+# without spaces). rouge-score's default tokenizer keeps only a-z and 0-9, scoring Japanese or
+# Russian answers 0 even against themselves.
+_TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W_]+")
+
+
+class _UnicodeTokenizer:
+    """rouge-score tokenizer: lowercase, Unicode words, Porter stemming of ASCII words > 3 chars
+    (as rouge-score's own tokenizer with use_stemmer=True)."""
+
+    def __init__(self):
+        from nltk.stem import porter
+
+        self._stemmer = porter.PorterStemmer()
+
+    def tokenize(self, text: str) -> list[str]:
+        tokens = _TOKEN.findall((text or "").lower())
+        return [self._stemmer.stem(t) if len(t) > 3 and t.isascii() else t for t in tokens]
+
+
 @lru_cache(maxsize=1)
 def _rouge():
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_UnicodeTokenizer())
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:
@@ -77,12 +99,15 @@ def score(task: str, predictions: list[str], references: list[str | None]) -> di
     if not pairs:
         return {}
     preds, refs = [p for p, _ in pairs], [r for _, r in pairs]
-    if task == "math":
-        hits = 0
-        for p, r in pairs:
-            want, got = extract_number(r), extract_number(p)
-            hits += want is not None and got is not None and abs(want - got) < 1e-6
-        return {"accuracy": hits / len(pairs)}
-    if task == "nli":
-        return {"accuracy": sum(extract_nli_label(p) == extract_nli_label(r) for p, r in pairs) / len(pairs)}
+    if task in ("math", "nli"):
+        # Only references that carry a gold answer count (a number; an NLI label).
+        extract = extract_number if task == "math" else extract_nli_label
+        gold = [(extract(r), p) for p, r in pairs if extract(r) is not None]
+        if not gold:
+            return {}
+        if task == "math":
+            hits = sum((got := extract_number(p)) is not None and abs(want - got) < 1e-6 for want, p in gold)
+        else:
+            hits = sum(extract_nli_label(p) == want for want, p in gold)
+        return {"accuracy": hits / len(gold)}
     return {"rougeL": rouge_l(preds, refs), "bleu": bleu(preds, refs)}

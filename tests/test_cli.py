@@ -107,3 +107,14 @@ def test_validate_preflight_catches_later_failures(tmp_path, cfg_file, tiny_mode
 def test_version_lists_the_stack():
     r = invoke("--version")
     assert r.exit_code == 0 and r.output.startswith("python ") and " raydistill 0.1.0" in r.output
+
+
+def test_interrupt_exits_130_with_a_message(tmp_path, cfg_file, monkeypatch):
+    import raydistill.generate
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(raydistill.generate, "run_generate", interrupted)
+    r = invoke("generate", str(cfg_file))
+    assert r.exit_code == 130 and "interrupted during stage generate" in r.output

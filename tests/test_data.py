@@ -106,10 +106,11 @@ def test_null_reference_field_gives_null_references(tmp_path):
 
 
 def test_json_null_reference_stays_null(tmp_path):
-    rows = [{"id": "x", "prompt": "hello", "reference": None}, {"id": "y", "prompt": "w", "reference": 7}]
+    rows = [{"id": "x", "prompt": "hello", "reference": None}, {"id": "y", "prompt": "w", "reference": 7},
+            {"id": "z", "prompt": "v", "reference": "  "}]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     table = load_prompts(DataConfig(path=str(path), reference_field="reference"))
-    assert table.column("reference").to_pylist() == [None, "7"]
+    assert table.column("reference").to_pylist() == [None, "7", None]  # a blank reference is none
 
 
 # --- messages ----------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from raydistill.evaluate import _throughput, memory_probe, model_report, retained
+from raydistill.evaluate import memory_probe, model_report, retained
+from raydistill.generate import engine_throughput
 from raydistill.generate import GENERATED_SCHEMA
 
 
@@ -26,7 +27,8 @@ def test_model_report_figures():
         {"prompt_id": "c", "task": "qa", "reference": "Paris is the capital", "response": "Paris is the capital",
          "response_tokens": 8, "latency_s": 3.0, "batch_id": "b2"},
     ])
-    rep = model_report(t, ["It is 4.", "It is 6.", "Lyon"])
+    teacher = _table([dict(r, response=a) for r, a in zip(t.to_pylist(), ["It is 4.", "It is 6.", "Lyon"])])
+    rep = model_report(t, teacher)
     assert rep["metrics"]["math"] == {"accuracy": 0.5}
     assert rep["metrics"]["qa"]["rougeL"] == pytest.approx(1.0)
     assert rep["quality"] == pytest.approx((0.5 + 1.0) / 2)
@@ -35,7 +37,7 @@ def test_model_report_figures():
     assert rep["latency_ms_p95"] == pytest.approx(2900.0)  # linear interpolation between 2000 and 3000
     # 16 tokens over batch spans max(1, 2) + 3 = 5 s
     assert rep["output_tokens_per_s"] == pytest.approx(16 / 5)
-    assert _throughput(t) == pytest.approx(3.2)
+    assert engine_throughput(t) == pytest.approx(3.2)
 
 
 def test_retained_ratios_and_zero_teacher():
@@ -65,8 +67,7 @@ def test_report_without_references_scores_agreement_only(tmp_path):
                                                                    ("b", "good day", 2.0))]
     answers = {"teacher": _table(rows), "baseline_student": _table([dict(r, response="zz") for r in rows]),
                "student": _table([dict(r, response="hello friend") for r in rows])}
-    teacher_answers = answers["teacher"].column("response").to_pylist()
-    models = {n: dict(model_report(answers[n], teacher_answers), peak_memory_mb=100.0, params=10, size_mb=1.0)
+    models = {n: dict(model_report(answers[n], answers["teacher"]), peak_memory_mb=100.0, params=10, size_mb=1.0)
               for n in MODEL_NAMES}
     assert models["teacher"]["metrics"] == {} and models["teacher"]["quality"] is None
     assert models["student"]["agreement_rougeL"] > models["baseline_student"]["agreement_rougeL"] == 0.0
@@ -79,3 +80,16 @@ def test_report_without_references_scores_agreement_only(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "| agreement with teacher (ROUGE-L, 0–1) | 1.000 | 0.000 |" in text and "n/a" in text
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_failed_rows_are_left_out_of_every_figure():
+    ok = {"prompt_id": "a", "task": "nli", "reference": "entailment", "response": "entailment",
+          "response_tokens": 2, "latency_s": 1.0, "batch_id": "b"}
+    bad = {"prompt_id": "z", "task": "nli", "reference": "neutral", "response": "", "response_tokens": 0,
+           "latency_s": None, "batch_id": "", "error": "prompt too long", "finish_reason": "error"}
+    model = _table([ok, bad])
+    rep = model_report(model, model)
+    assert rep["errors"] == 1 and rep["answers"] == 1
+    assert rep["metrics"]["nli"] == {"accuracy": 1.0}  # not 0.5: the failed row is no wrong answer
+    assert rep["agreement_rougeL"] == pytest.approx(1.0)  # the teacher agrees with itself
+    assert rep["mean_output_tokens"] == 2.0 and rep["latency_ms_p95"] == pytest.approx(1000.0)

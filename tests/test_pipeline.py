@@ -251,8 +251,38 @@ def test_train_resumes_an_interrupted_run_and_restarts_a_finished_one(tiny_model
     assert again[: len(history)] == history  # the first two epochs were not redone
     assert [m["step"] for m in again] == list(range(1, 3 * per_epoch + 1))
 
+    # Interrupted again, but with another learning rate: the checkpoints do not apply, start afresh.
+    (train_dir / "summary.json").unlink()
+    changed = run_train(load(cfg_file, sets + ["train.epochs=1", "train.lr=1e-2"]))
+    assert changed["steps"] == per_epoch
+    assert [json.loads(x)["step"] for x in (train_dir / "metrics.jsonl").read_text().splitlines()] == \
+        list(range(1, per_epoch + 1))
+
     # Finished: a new run starts from step 1 with the new settings.
     fresh = run_train(load(cfg_file, sets + ["train.epochs=1"]))
     assert fresh["steps"] == per_epoch
     rows = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in rows] == list(range(1, per_epoch + 1))
+
+
+def test_interrupted_training_removes_the_old_student(tiny_model, tmp_path, ray_local, monkeypatch):
+    """A student from an earlier run must not outlive a training that was interrupted."""
+    from ray.train.torch import TorchTrainer
+
+    from raydistill.train.trainer import run_train
+
+    cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
+    cfg = load(cfg_file, sets + ["train.epochs=1"])
+    write_synthetic_corpus(cfg, 30)
+    run_train(cfg)
+    assert (Path(cfg.output_dir) / "student" / "config.json").is_file()
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TorchTrainer, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(load(cfg_file, sets + ["train.epochs=2"]))
+    assert not (Path(cfg.output_dir) / "student").exists()
+    result = CliRunner().invoke(app, ["evaluate", str(cfg_file), *[x for s in sets for x in ("--set", s)]])
+    assert result.exit_code == 2 and "run `raydistill train` first" in result.output

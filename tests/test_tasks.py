@@ -64,8 +64,20 @@ def test_score_math_accuracy():
     assert score("math", preds, refs) == {"accuracy": pytest.approx(3 / 5)}
 
 
-def test_score_math_unparsable_reference_is_a_miss():
-    assert score("math", ["7"], ["seven"]) == {"accuracy": 0.0}
+def test_score_skips_references_without_a_gold_answer():
+    """A reference with no number (math) or no label (nli) cannot be scored: it is skipped,
+    never counted as a hit because both sides fail to parse."""
+    assert score("math", ["7"], ["seven"]) == {}
+    assert score("math", ["7", "8"], ["seven", "8"]) == {"accuracy": 1.0}
+    assert score("nli", ["garbage"], [""]) == {}
+    assert score("nli", ["garbage", "neutral"], ["2", "neutral"]) == {"accuracy": 1.0}
+
+
+def test_rouge_l_scores_non_latin_text():
+    assert rouge_l(["東京です"], ["東京です"]) == pytest.approx(1.0)
+    assert rouge_l(["Привет, как дела?"], ["Привет, как дела?"]) == pytest.approx(1.0)
+    # CJK characters count one token each: LCS of 東京です / 京都です is 京です, 3 of 4 -> P = R = 0.75
+    assert rouge_l(["東京です"], ["京都です"]) == pytest.approx(0.75)
 
 
 def test_score_nli_accuracy():

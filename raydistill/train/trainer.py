@@ -4,7 +4,8 @@ Layout under ``output_dir``:
 - ``baseline_student/``: the student before training (init=prune writes it; init=pretrained
   records the model reference in ``train/student_init.json`` instead);
 - ``train/ray/``: Ray Train's run folder with its checkpoints: ``raydistill train`` after an
-  interrupted run resumes from the latest one; after a finished run it starts afresh;
+  interrupted run with unchanged settings (``train/resume_key.json``) resumes from the latest
+  one; after a finished run, or with other settings or another corpus, it starts afresh;
 - ``train/metrics.jsonl``: one JSON object per optimizer step (loss, lr, grad_norm, tokens,
   seconds; ``val_loss`` on the last step of each epoch when the corpus has validation rows);
 - ``student/``: the final student, ``save_pretrained`` format (LoRA merged), with tokenizer.
@@ -101,6 +102,14 @@ def lr_lambda(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def resume_key(cfg: Config, manifest: dict) -> dict:
+    """What must be unchanged for an interrupted run to resume: the train settings except its
+    length, the student, the teacher and the corpus (rows, tokens, generation settings)."""
+    train = cfg.train.model_dump(exclude={"epochs", "max_steps", "checkpoint_every_steps"})
+    corpus = {k: manifest.get(k) for k in ("rows", "response_tokens", "teacher", "generation_params")}
+    return {"train": train, "student": cfg.student.model_dump(), "teacher": cfg.teacher.model, "corpus": corpus}
+
+
 def train_loop_per_worker(c: dict[str, Any]) -> None:
     """Ray Train worker loop (one per rank). ``c`` carries the plain settings built by run_train."""
     import tempfile
@@ -194,6 +203,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+            lr = sched.get_last_lr()[0]  # the rate this step uses
             opt.step()
             sched.step()
             step += 1
@@ -202,7 +212,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
             if world > 1:
                 torch.distributed.all_reduce(stats)
             rec = {"step": step, "epoch": epoch, "loss": round(float(stats[0] / stats[1].clamp(min=1)), 6),
-                   "lr": sched.get_last_lr()[0], "grad_norm": round(float(grad_norm), 4),
+                   "lr": lr, "grad_norm": round(float(grad_norm), 4),
                    "tokens": int(stats[1]), "seconds": round(time.perf_counter() - t0, 3)}
             history.append(rec)
             if rank == 0:
@@ -252,13 +262,24 @@ def run_train(cfg: Config) -> dict:
     train_dir = out / "train"
     train_dir.mkdir(parents=True, exist_ok=True)
     # Ray Train restores a run from the checkpoints in its folder. An interrupted run (no
-    # summary.json yet) resumes from its latest checkpoint; after a finished run, start afresh.
-    if (train_dir / "summary.json").is_file():
+    # summary.json yet) with the same settings resumes from its latest checkpoint; a finished
+    # run, or one whose settings or corpus changed, starts afresh. Only the training length
+    # (epochs, max_steps) may change on resume: it extends or caps the run.
+    key = resume_key(cfg, json.loads((corpus_dir(cfg) / "manifest.json").read_text()))
+    key_file = train_dir / "resume_key.json"
+    checkpoints = list((train_dir / "ray").glob("checkpoint_*"))
+    previous_key = json.loads(key_file.read_text()) if key_file.is_file() else None
+    if checkpoints and not (train_dir / "summary.json").is_file() and previous_key == key:
+        log.info("train: resuming an interrupted run from its latest checkpoint in %s", train_dir / "ray")
+    else:
+        if checkpoints and not (train_dir / "summary.json").is_file():
+            log.warning("train: settings or corpus changed since the interrupted run; starting afresh")
         shutil.rmtree(train_dir / "ray", ignore_errors=True)
         for stale in ("summary.json", "metrics.jsonl"):
             (train_dir / stale).unlink(missing_ok=True)
-    elif list((train_dir / "ray").glob("checkpoint_*")):
-        log.info("train: resuming an interrupted run from its latest checkpoint in %s", train_dir / "ray")
+    key_file.write_text(json.dumps(key, indent=2))
+    # The previous student no longer describes this training: never leave it for evaluate.
+    shutil.rmtree(out / "student", ignore_errors=True)
     if cfg.student.init == "prune":
         student_dir = out / "baseline_student"
         if not (student_dir / "config.json").is_file():
