@@ -195,7 +195,7 @@ def write_plots(report: dict, folder: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    vals = [m[n]["agreement_rougeL"] for n in MODEL_NAMES]
+    vals = [m[n]["agreement_rougeL"] or 0.0 for n in MODEL_NAMES]  # None: no answered prompt
     ax.bar(list(MODEL_NAMES), vals, color=["tab:blue", "tab:gray", "tab:orange"])
     ax.set_ylabel("ROUGE-L vs teacher answer")
     ax.set_ylim(0, 1.05)
@@ -221,8 +221,9 @@ def run_evaluate(cfg: Config) -> dict:
     out = Path(cfg.output_dir)
     paths = {"teacher": resolve_model(cfg.teacher.model), "baseline_student": baseline_student_dir(cfg),
              "student": str(out / "student")}
-    for name in ("baseline_student", "student"):
-        if not (Path(paths[name]) / "config.json").is_file() and paths[name].startswith((str(out), "/", ".")):
+    # Both are written by `raydistill train` (the baseline only for init=prune; otherwise it is student.model).
+    for name in ("baseline_student", "student") if cfg.student.init == "prune" else ("student",):
+        if not (Path(paths[name]) / "config.json").is_file():
             raise FileNotFoundError(f"no {name} at {paths[name]}: run `raydistill train` first")
     prompts = select_split(load_prompts(cfg.data), (cfg.eval.split,))
     if cfg.eval.limit:
