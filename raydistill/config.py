@@ -89,6 +89,9 @@ class EngineConfig(_Section):
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica (0 on CPU machines). For vLLM "
                                     "this is implied by tensor_parallel_size when > 0.")
     tensor_parallel_size: int = Field(1, gt=0, description="vLLM tensor parallel degree (GPUs per replica).")
+    max_concurrent_batches: int = Field(8, gt=0, description="vLLM: batches in flight per replica (overlaps "
+                                        "batches to hide tail latency). Evaluation always uses 1 so that batch "
+                                        "timings add up to engine time.")
     max_model_len: int = Field(1024, gt=0, description="Maximum prompt + answer length (tokens).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; 'auto' = float32 on CPU, bfloat16 on GPU.")

@@ -13,8 +13,8 @@ Figures per model (``report.json`` → ``models.<name>``):
 - ``errors``: prompts that failed (e.g. longer than the engine's max length), left out of the
   other figures;
 - ``latency_ms_p50`` / ``latency_ms_p95``: per-answer latency (request sent → last token), ms;
-- ``output_tokens_per_s``: generated tokens / generation time, where generation time is the
-  sum over engine batches of the slowest answer of the batch (engine start-up excluded);
+- ``output_tokens_per_s``: generated tokens / engine time, the sum over engine batches (run one
+  at a time) of the batch's slowest answer (engine start-up excluded);
 - ``peak_memory_mb``: see ``raydistill._probe`` (transformers, one batch, fresh process);
 - ``params``: parameter count; ``size_mb``: weight files on disk (MB = 10^6 bytes).
 ``retained`` (top level, and ``retained_baseline``): student metric / teacher metric for each
@@ -234,8 +234,10 @@ def run_evaluate(cfg: Config) -> dict:
     gen = cfg.generation.model_copy(update={"top_k_logprobs": 0})
     # One generation path for all three (eval.engine); the teacher keeps its own resources
     # (tensor parallelism, dtype, max length), the students use eval.*.
-    engines = {"teacher": cfg.teacher.model_copy(update={"engine": cfg.eval.engine}),
-               "baseline_student": cfg.eval, "student": cfg.eval}
+    # Batches one at a time, so that per-batch timings add up to engine time (tokens/s).
+    one = {"max_concurrent_batches": 1}
+    engines = {"teacher": cfg.teacher.model_copy(update={"engine": cfg.eval.engine, **one}),
+               "baseline_student": cfg.eval.model_copy(update=one), "student": cfg.eval.model_copy(update=one)}
     answers: dict[str, pa.Table] = {}
     for name in MODEL_NAMES:
         log.info("evaluate: %s answers %d %s prompts", name, prompts.num_rows, cfg.eval.split)
