@@ -167,6 +167,8 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report({**metrics, "final": final}, checkpoint=checkpoint)
 
+    pad_collate = _pad_collate(c["pad_id"])
+
     def validation_loss() -> float:
         """Token-mean sequence-KD loss on the validation shards of all ranks (teacher answers
         to validation prompts, never trained on)."""
@@ -174,7 +176,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
         stats = torch.zeros(2)
         with torch.no_grad():
             for vb in ray.train.get_dataset_shard("validation").iter_torch_batches(
-                    batch_size=t.batch_size, collate_fn=_pad_collate(c["pad_id"])):
+                    batch_size=t.batch_size, collate_fn=pad_collate):
                 out = model(input_ids=vb["input_ids"], attention_mask=vb["attention_mask"]).logits
                 loss, n = sequence_kd_loss(out, vb["labels"])
                 stats += torch.stack([loss.float() * n, n.float()])
@@ -193,7 +195,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
         skip = step - epoch * steps_per_epoch  # batches of this epoch already trained before a resume
         trained = 0
         for i, batch in enumerate(shard.iter_torch_batches(
-                batch_size=t.batch_size, collate_fn=_pad_collate(c["pad_id"]),
+                batch_size=t.batch_size, collate_fn=pad_collate,
                 local_shuffle_buffer_size=None)):
             if i < skip:
                 continue
