@@ -254,7 +254,7 @@ def run_train(cfg: Config) -> dict:
     from ..runtime import init_ray, provenance
 
     out = Path(cfg.output_dir).resolve()
-    corpus = read_corpus(corpus_dir(cfg))
+    corpus, manifest = read_corpus(corpus_dir(cfg))
     # Failed rows carry no answer; an empty answer is kept: it still teaches the student to stop.
     usable = [r for r in corpus.select(["split", "messages", "response", "error"]).to_pylist() if not r["error"]]
     rows = [r for r in usable if r["split"] == "train"]
@@ -267,7 +267,7 @@ def run_train(cfg: Config) -> dict:
     # summary.json yet) with the same settings resumes from its latest checkpoint; a finished
     # run, or one whose settings or corpus changed, starts afresh. Only the training length
     # (epochs, max_steps) may change on resume: it extends or caps the run.
-    key = resume_key(cfg, json.loads((corpus_dir(cfg) / "manifest.json").read_text()))
+    key = resume_key(cfg, manifest)
     key_file = train_dir / "resume_key.json"
     checkpoints = list((train_dir / "ray").glob("checkpoint_*"))
     previous_key = json.loads(key_file.read_text()) if key_file.is_file() else None
