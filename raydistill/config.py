@@ -7,11 +7,16 @@ dotted key and the bad value. ``load(path, overrides)`` applies ``dotted.key=val
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+log = logging.getLogger(__name__)
 
 TASKS = ("math", "nli", "qa", "summarization", "conversation")
 TaskName = Literal["math", "nli", "qa", "summarization", "conversation"]
@@ -19,6 +24,9 @@ TaskName = Literal["math", "nli", "qa", "summarization", "conversation"]
 #: Model reference of the embedded default teacher (see ``raydistill.models``).
 EMBEDDED_TEACHER = "embedded:SmolLM2-135M-Instruct"
 DEMO_DATA = "builtin:demo"
+
+
+_REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+://")  # s3://, gs://, https://; not builtin:demo
 
 
 class ConfigError(ValueError):
@@ -57,9 +65,14 @@ class DataConfig(_Section):
                                         "from a row is an error.")
     id_field: str | None = Field("id", description="Column with a stable prompt id; rows without the "
                                  "column get an id hashed from the prompt text.")
-    task: TaskName = Field("conversation", description="Task type of every row unless task_field names a column.")
+    task: TaskName = Field("conversation", description="Task type of every row unless task_field names a column "
+                           "(--set data.task=... on the command line clears a task_field set in the file).")
     task_field: str | None = Field(None, description="Column holding a per-row task type (mixed datasets).")
-    limit: int | None = Field(None, gt=0, description="Use at most this many prompts (rows, after reading).")
+    limit: int | None = Field(None, gt=0, description="Use at most this many prompts: a sample seeded by "
+                              "data.seed and spread over the task types in proportion (not the first rows).")
+    label_map: dict[str, str] | None = Field(None, description="Maps reference labels to the names scored, "
+                                             "e.g. integer NLI labels {'0': entailment, '1': neutral, "
+                                             "'2': contradiction}; applied to references before scoring.")
     split: SplitConfig = Field(default_factory=SplitConfig)
     seed: int = Field(0, description="Seed of the stable split (hash of seed and prompt id).")
 
@@ -148,6 +161,14 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, gt=0, description="Max global gradient L2 norm.")
     seed: int = Field(0, description="Seed of init, shuffling and dropout.")
     checkpoint_every_steps: int = Field(0, ge=0, description="Report a checkpoint every N steps (0 = at each epoch end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in train/ray/ while training "
+                                  "(older ones are deleted).")
+    delete_checkpoints: bool = Field(True, description="Delete train/ray/ checkpoints once the student is "
+                                     "exported (a finished run does not resume; set false to keep them).")
+    truncated_answers: Literal["keep", "drop"] = Field(
+        "keep", description="Teacher answers cut at max_new_tokens or max_model_len (finish_reason 'length'): "
+        "'keep' trains on them with no end-of-turn label after the cut; 'drop' leaves them out. "
+        "train/summary.json counts them either way.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
@@ -155,16 +176,33 @@ class EvalConfig(EngineConfig):
     split: Literal["test", "validation"] = Field("test", description="Held-out split evaluated.")
     limit: int | None = Field(None, gt=0, description="Evaluate at most this many prompts.")
     memory_probe_batch: int = Field(4, gt=0, description="Prompts in the peak-memory probe (one batch, transformers).")
+    rounds: int = Field(3, ge=1, description="Timing rounds: the prompts are cut into this many parts and the "
+                        "models answer them interleaved (teacher, baseline, student, then the next part), so "
+                        "background load spreads over all models; ratios are reported with their spread.")
+    max_ratio_spread: float = Field(0.25, gt=0, description="A student/teacher latency or throughput ratio "
+                                    "whose spread over rounds ((max - min) / median) exceeds this is marked "
+                                    "untrustworthy in the report.")
+    warn_retained_below: float = Field(0.5, ge=0, le=1, description="The report warns when the student "
+                                       "retains less than this share of the teacher's quality.")
 
 
 class Config(_Section):
-    output_dir: str = Field("runs/demo", description="Folder every stage reads and writes (local path).")
+    output_dir: str = Field("runs/demo", description="Folder every stage reads and writes (local path, relative "
+                            "to the current directory). A config file that sets none gets runs/<file name>.")
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _local_paths(self) -> "Config":
+        for key, value in (("output_dir", self.output_dir), ("data.path", self.data.path)):
+            if _REMOTE.match(value or ""):
+                raise ValueError(f"{key} {value} is a remote path; raydistill reads and writes local paths "
+                                 "only for now (s3:// arrives with cluster-scale generation); use a local folder")
+        return self
 
     @model_validator(mode="after")
     def _lengths_fit(self) -> "Config":
@@ -205,7 +243,8 @@ def _is_text_field(parts: list[str]) -> bool:
                 return False
             model = sub
         else:
-            return ann is str or str in get_args(ann)
+            # str, or str | None; not list[str] (whose args also hold str)
+            return ann is str or (get_origin(ann) in (Union, UnionType) and str in get_args(ann))
     return False
 
 
@@ -270,8 +309,22 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping at top level, got {type(loaded).__name__}")
         raw = loaded
+    file_task_field = (raw.get("data") or {}).get("task_field") if isinstance(raw.get("data"), dict) else None
     for ov in overrides:
         apply_override(raw, ov)
+    keys = {ov.partition("=")[0].strip() for ov in overrides}
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else None
+    if data is not None and {"data.task", "data.task_field"} <= keys and data.get("task_field"):
+        raise ConfigError(f"--set data.task={data.get('task')} and --set data.task_field={data.get('task_field')} "
+                          "are both set: clear data.task_field (data.task_field=null) to give every row one task, "
+                          "or drop data.task to read the task per row")
+    if data is not None and "data.task" in keys and "data.task_field" not in keys and file_task_field:
+        # A task given on the command line is meant for every row: it wins over the file's per-row column.
+        log.info("--set data.task=%s overrides data.task_field=%s from %s", data.get("task"), file_task_field, source)
+        data["task_field"] = None
+    if path is not None and raw.get("output_dir") is None:
+        # Never fall back to the demo's folder: a user's config gets a folder named after itself.
+        raw["output_dir"] = f"runs/{Path(path).stem}"
     if overrides:
         source += " with --set " + " ".join(overrides)
     try:

@@ -216,10 +216,11 @@ def run_evaluate(cfg: Config) -> dict:
     from .generate import generate_table
     from .models import resolve_model, size_on_disk_mb
     from .runtime import init_ray, provenance
-    from .train.trainer import baseline_student_dir
+    from .layout import baseline_student_ref
 
     out = Path(cfg.output_dir)
-    paths = {"teacher": resolve_model(cfg.teacher.model), "baseline_student": baseline_student_dir(cfg),
+    paths = {"teacher": resolve_model(cfg.teacher.model), "baseline_student": (baseline_student_ref(cfg) if cfg.student.init == "prune"
+                                                          else resolve_model(baseline_student_ref(cfg))),
              "student": str(out / "student")}
     # Both are written by `raydistill train` (the baseline only for init=prune; otherwise it is student.model).
     for name in ("baseline_student", "student") if cfg.student.init == "prune" else ("student",):

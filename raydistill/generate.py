@@ -277,32 +277,6 @@ def generate_table(prompts: pa.Table, model_dir: str, engine: EngineConfig, gen:
 
 # ----------------------------------------------------------------------------- the stage
 
-def corpus_dir(cfg: Config) -> Path:
-    return Path(cfg.output_dir) / "corpus"
-
-
-def read_corpus(path: Path) -> tuple[pa.Table, dict]:
-    """Read a finished corpus folder: (table with ``CORPUS_SCHEMA``, manifest dict).
-
-    Raises FileNotFoundError if it is absent or incomplete."""
-    import pyarrow.parquet as pq
-
-    from .schema import validate
-
-    manifest = path / "manifest.json"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"no finished corpus at {path} (manifest.json missing): run `raydistill generate` first")
-    info = json.loads(manifest.read_text())
-    shards = info["shards"]
-    missing = [s for s in shards if not (path / s).is_file()]
-    if missing:
-        raise FileNotFoundError(f"corpus at {path} lacks shard(s) listed in its manifest: {missing}")
-    tables = [pq.read_table(path / s) for s in shards]
-    table = pa.concat_tables(tables) if tables else CORPUS_SCHEMA.empty_table()
-    validate(table, CORPUS_SCHEMA, str(path))
-    return table, info
-
-
 def run_generate(cfg: Config) -> dict:
     """Answer the train and validation prompts with the teacher and write ``corpus/``.
 
@@ -315,6 +289,7 @@ def run_generate(cfg: Config) -> dict:
     import pyarrow.parquet as pq
 
     from .data import load_prompts, select_split
+    from .layout import corpus_dir
     from .models import resolve_model
     from .runtime import init_ray, provenance
 

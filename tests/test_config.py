@@ -280,9 +280,40 @@ def test_invalid_yaml_names_file(tmp_path):
     assert str(p) in str(ei.value)
 
 
-def test_empty_file_gives_defaults(tmp_path):
+def test_empty_file_gives_defaults_in_a_folder_named_after_it(tmp_path):
+    """A user's config that sets no output_dir must never run into (and overwrite) runs/demo."""
     p = _write(tmp_path, "", "empty.yaml")
-    assert load(p) == Config()
+    assert load(p) == Config(output_dir="runs/empty")
+    q = _write(tmp_path, "train: {epochs: 1}\n", "my-run.yaml")
+    assert load(q).output_dir == "runs/my-run"
+    assert load(q, ["output_dir=elsewhere"]).output_dir == "elsewhere"
+    assert load(demo_config_path()).output_dir == "runs/demo"
+
+
+def test_list_override_parses_as_list_of_strings():
+    cfg = load(None, ["train.lora.target_modules=[q_proj,v_proj]"])
+    assert cfg.train.lora.target_modules == ["q_proj", "v_proj"]
+    cfg = load(None, ["train.lora.target_modules=[q_proj, v_proj]", "student.keep_layers=[0,2]"])
+    assert cfg.train.lora.target_modules == ["q_proj", "v_proj"] and cfg.student.keep_layers == [0, 2]
+    # text fields stay verbatim, brackets and all
+    assert load(None, ["data.system_prompt=[draft] be brief"]).data.system_prompt == "[draft] be brief"
+
+
+def test_task_on_the_command_line_wins_over_the_files_task_field():
+    cfg = load(demo_config_path(), ["data.task=math"])
+    assert cfg.data.task == "math" and cfg.data.task_field is None
+    # set both on the command line: the user asked for both, so say which to clear
+    with pytest.raises(ConfigError, match=r"data.task=math and --set data.task_field=kind are both set.*"
+                                          r"data.task_field=null"):
+        load(demo_config_path(), ["data.task=math", "data.task_field=kind"])
+
+
+@pytest.mark.parametrize("key", ["output_dir", "data.path"])
+def test_remote_paths_are_refused_up_front_and_printed_intact(key):
+    with pytest.raises(ConfigError) as ei:
+        load(None, [f"{key}=s3://bucket/runs/x"])
+    msg = str(ei.value)
+    assert "s3://bucket/runs/x is a remote path" in msg and "s3:/b" not in msg
 
 
 # --- dump round trip ---------------------------------------------------------------------------

@@ -30,15 +30,6 @@ STATE_FILE = "state.pt"
 HF_SUBDIR = "hf"
 
 
-def baseline_student_dir(cfg: Config) -> str:
-    """The baseline (untrained) student: ``output_dir/baseline_student`` or ``student.model``."""
-    from ..models import resolve_model
-
-    if cfg.student.init == "prune":
-        return str(Path(cfg.output_dir) / "baseline_student")
-    return resolve_model(cfg.student.model)
-
-
 def tokenize_example(tokenizer, messages: list[dict], response: str, max_len: int) -> dict[str, list[int]] | None:
     """Chat-format one (prompt, teacher response) pair for sequence KD.
 
@@ -249,7 +240,8 @@ def run_train(cfg: Config) -> dict:
     from ray.train.torch import TorchTrainer
     from transformers import AutoTokenizer
 
-    from ..generate import corpus_dir, read_corpus
+    from ..corpus import read_corpus
+    from ..layout import corpus_dir
     from ..models import prune_student, require_chat_template, resolve_model
     from ..runtime import init_ray, provenance
 

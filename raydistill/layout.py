@@ -1,0 +1,53 @@
+"""The run folder: where each stage writes, in one place.
+
+Stages find each other's outputs only through these paths (and ``raydistill.corpus`` for the
+corpus contents), never by importing another stage::
+
+    <output_dir>/
+      config.yaml            resolved config of the last command
+      corpus/                generate: data/part-*.parquet, prompts.parquet (the split), manifest.json
+      baseline_student/      train (student.init=prune): the student before training
+      train/                 train: metrics.jsonl, summary.json, student_init.json, ray/ (checkpoints)
+      student/               train: the distilled student (HF folder)
+      eval/                  evaluate: report.{json,md}, answers.parquet, *.png
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import Config
+
+
+def output_dir(cfg: Config) -> Path:
+    return Path(cfg.output_dir)
+
+
+def corpus_dir(cfg: Config) -> Path:
+    return output_dir(cfg) / "corpus"
+
+
+def train_dir(cfg: Config) -> Path:
+    return output_dir(cfg) / "train"
+
+
+def student_dir(cfg: Config) -> Path:
+    return output_dir(cfg) / "student"
+
+
+def eval_dir(cfg: Config) -> Path:
+    return output_dir(cfg) / "eval"
+
+
+def pruned_baseline_dir(cfg: Config) -> Path:
+    """Where train writes the pruned baseline student (student.init=prune)."""
+    return output_dir(cfg) / "baseline_student"
+
+
+def baseline_student_ref(cfg: Config) -> str:
+    """The baseline (untrained) student: ``output_dir/baseline_student`` for init=prune, else the
+    ``student.model`` reference as given (resolve it with ``raydistill.models.resolve_model``)."""
+    if cfg.student.init == "prune":
+        return str(pruned_baseline_dir(cfg))
+    assert cfg.student.model is not None  # enforced by StudentConfig
+    return cfg.student.model
