@@ -213,6 +213,39 @@ def load_prompts(cfg: DataConfig) -> pa.Table:
     return pa.Table.from_pydict(out, schema=PROMPTS_SCHEMA)
 
 
+def sample_by_task(table: pa.Table, n: int, seed: int) -> pa.Table:
+    """A seeded sample of ``n`` rows of a prompt table, spread over its task types in proportion.
+
+    Each task gets ``n × its share`` rows (largest remainders first; at least one per task when
+    ``n`` ≥ the number of tasks); rows within a task are chosen by a hash of (seed, prompt id), so the sample is
+    stable across runs and machines. The original row order is kept. ``n`` ≥ the row count
+    returns the table unchanged.
+    """
+    if n >= table.num_rows:
+        return table
+    ids = table.column("prompt_id").to_pylist()
+    tasks = table.column("task").to_pylist()
+    by_task: dict[str, list[int]] = {}
+    for i, t in enumerate(tasks):
+        by_task.setdefault(t, []).append(i)
+    exact = {t: n * len(rows) / len(ids) for t, rows in by_task.items()}
+    floor = 1 if n >= len(by_task) else 0  # every task represented while n allows
+    quota = {t: max(floor, int(q)) for t, q in exact.items()}
+    while sum(quota.values()) > n:  # the floors overshot: take from the task furthest above its share
+        t = max((t for t in quota if quota[t] > floor), key=lambda t: (quota[t] - exact[t], t))
+        quota[t] -= 1
+    # Then largest remainders first; ties broken by task name so the result is deterministic.
+    for t in sorted(exact, key=lambda t: (-(exact[t] - quota[t]), t)):
+        if sum(quota.values()) >= n:
+            break
+        quota[t] += 1
+    keep: list[int] = []
+    for t, rows in by_task.items():
+        rank = sorted(rows, key=lambda i: hashlib.sha256(f"{seed}:sample:{ids[i]}".encode()).digest())
+        keep += rank[: quota[t]]
+    return table.take(sorted(keep))
+
+
 def select_split(table: pa.Table, splits: tuple[str, ...]) -> pa.Table:
     """Rows of ``table`` whose ``split`` is in ``splits``."""
     import pyarrow.compute as pc

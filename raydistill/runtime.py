@@ -52,16 +52,21 @@ def init_ray(num_cpus: int | None = None) -> None:
         os.environ.setdefault(k, v)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        log.info("connected to the Ray cluster at RAY_ADDRESS=%s", os.environ["RAY_ADDRESS"])
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     cpus = num_cpus or max(8, os.cpu_count() or 1)
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True,
+    # address="local": always a private instance for this run. Without it, ray.init() joins a
+    # cluster left by `ray start --head` (or a stale /tmp/ray/ray_current_cluster file) and then
+    # refuses num_cpus ("When connecting to an existing cluster, num_cpus and num_gpus must not be
+    # provided"). To use a running cluster, set RAY_ADDRESS.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True,
              configure_logging=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ctx.verbose_stats_logs = False
-    log.info("started local Ray with %d logical CPUs", cpus)
+    log.info("started a private local Ray with %d logical CPUs (set RAY_ADDRESS to use a running cluster)", cpus)
 
 
 def provenance() -> dict:
