@@ -2,13 +2,22 @@
 
 Supported formats: ``.jsonl`` (one object per line), ``.json`` (a list of objects),
 ``.parquet`` and ``.csv`` (header row). Every error names the file and the line/row and field.
+
+Cell values: a prompt must be text (a number, null, NaN or a list is an error naming the line and
+field; a list of chat messages says multi-turn input is not supported yet). A reference or id that
+is null, NaN or blank is missing; numbers become their natural text (``18``, ``0.75``; an integral
+float such as parquet's ``18.0`` is ``18``), booleans ``true``/``false``; ±Infinity, lists and
+objects are errors. A relative ``data.path`` is relative to the current directory.
 """
 
 from __future__ import annotations
 
 import csv
+import decimal
 import hashlib
 import json
+import math
+import os
 import re
 import string
 from pathlib import Path
@@ -21,16 +30,33 @@ from .schema import PROMPTS_SCHEMA
 
 FORMATS = (".jsonl", ".json", ".parquet", ".csv")
 
+_REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+://")  # s3://, gs://, https://; not builtin:demo
+_MULTI_TURN = ("multi-turn input (a list of chat messages) is not supported yet; give a single prompt "
+               "column (data.prompt_field) or a data.prompt_template over text columns")
+
 
 class DataError(ValueError):
     """Bad prompt data; the message names the file and the row (1-based) or field."""
 
 
 def resolve_data_path(path: str) -> Path:
-    """The file behind ``data.path`` (``builtin:demo`` is the packaged demo set)."""
+    """The local file behind ``data.path``.
+
+    ``builtin:demo`` is the packaged demo set; ``~`` expands; a relative path is relative to the
+    current directory (not to the config file's folder). Raises DataError for a remote path
+    (``s3://…``, printed as given) and for a missing file, saying what a relative path resolved to.
+    """
     if path == DEMO_DATA:
         return Path(__file__).parent / "demo" / "prompts.jsonl"
-    return Path(path).expanduser()
+    if _REMOTE.match(path):  # before Path(), which would print s3://b/x as s3:/b/x
+        raise DataError(f"data.path {path}: remote prompt files are not supported yet; copy the file locally")
+    resolved = Path(path).expanduser()
+    if not resolved.exists():
+        if resolved.is_absolute():
+            raise DataError(f"data file not found: {path}")
+        raise DataError(f"data file not found: {path} (resolved against the current directory "
+                        f"{os.getcwd()}: {os.path.abspath(resolved)})")
+    return resolved
 
 
 def _open_text(path: Path):
@@ -41,15 +67,14 @@ def _open_text(path: Path):
 def read_records(path: Path) -> list[dict[str, Any]]:
     """Read every row of a prompt file as a dict.
 
-    Each dict carries ``__where__``: "line N" (.jsonl and .csv: the file line, 1-based),
-    "item N" (.json) or "row N" (.parquet), used in error messages. Raises DataError naming the
-    file and the line/row for unreadable files, bad encodings, malformed JSON and non-objects.
+    Each dict carries ``__where__``: "line N" (.jsonl and .csv: the file line where the row
+    starts, 1-based), "item N" (.json) or "row N" (.parquet), used in error messages. Raises
+    DataError naming the file and the line/row for unreadable files, bad encodings, malformed
+    JSON, non-objects, and CSV rows whose cell count differs from the header's.
     """
     if path.is_dir():
         raise DataError(f"data path {path} is a folder; give a file ({', '.join(FORMATS)})")
     if not path.exists():
-        if str(path).startswith(("s3:/", "gs:/", "http:/", "https:/")):
-            raise DataError(f"{path}: remote prompt files are not supported yet; copy the file locally")
         raise DataError(f"data file not found: {path}")
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
@@ -59,8 +84,6 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start}); "
                         "re-save the file as UTF-8") from None
-    except csv.Error as e:
-        raise DataError(f"{path}: malformed CSV: {e}") from None
 
 
 def _read(path: Path, suffix: str) -> list[dict[str, Any]]:
@@ -103,14 +126,92 @@ def _read(path: Path, suffix: str) -> list[dict[str, Any]]:
         for i, row in enumerate(rows):
             row["__where__"] = f"row {i + 1}"
         return rows
+    return _read_csv(path)
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    # csv.reader, not DictReader: DictReader files surplus cells under the key None and fills
+    # missing ones with None, so an unquoted comma silently cut a prompt.
     csv.field_size_limit(2**31 - 1)  # long documents are legitimate prompts
-    rows = []
+    rows: list[dict[str, Any]] = []
+    header: list[str] | None = None
     with _open_text(path) as f:
-        reader = csv.DictReader(f)
-        for row in reader:
-            row["__where__"] = f"line {reader.line_num}"
+        reader = csv.reader(f)
+        end = 0  # the last file line read so far; a row starts on the line after it
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                raise DataError(f"{path}: line {end + 1}: malformed CSV: {e}") from None
+            start, end = end + 1, reader.line_num
+            if not cells:  # a blank line
+                continue
+            if header is None:
+                header = cells
+                for i, name in enumerate(header):
+                    if name in header[:i]:
+                        raise DataError(f"{path}: line {start}: the header names column {name!r} twice "
+                                        f"(columns {header.index(name) + 1} and {i + 1}); column names must "
+                                        "be unique")
+                continue
+            if len(cells) != len(header):
+                hint = ("quote cells that contain commas" if len(cells) > len(header) else
+                        "every row needs a cell for each column (an empty cell is still a cell), and cells "
+                        "that contain commas or line breaks must be quoted")
+                raise DataError(f"{path}: line {start} has {len(cells)} cells, the header has {len(header)} "
+                                f"({_short(', '.join(header))}); {hint}")
+            row: dict[str, Any] = dict(zip(header, cells))
+            row["__where__"] = f"line {start}"
             rows.append(row)
     return rows
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _is_nan(value: Any) -> bool:
+    return (isinstance(value, float) and math.isnan(value)) or (
+        isinstance(value, decimal.Decimal) and value.is_nan())
+
+
+def _is_chat(value: Any) -> bool:
+    """A list of chat messages: {role, content} (OpenAI style) or {from, value} (ShareGPT style)."""
+    return (isinstance(value, (list, tuple)) and len(value) > 0
+            and all(isinstance(m, dict) and ("role" in m or "from" in m) for m in value))
+
+
+def _cell_text(value: Any, where: str, what: str) -> str | None:
+    """Text of a reference or id cell; None when the cell is missing (null, NaN or blank).
+
+    Integers and integral floats read as integers (``18``, also for parquet's ``18.0``), other
+    floats in their shortest form (``0.75``), booleans as ``true``/``false``. ``what`` names the
+    field in errors ("reference field 'answer'"); ±Infinity, lists, objects and bytes are errors.
+    """
+    if value is None or _is_nan(value):
+        return None
+    if isinstance(value, str):
+        return value if value.strip() else None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isinf(value):
+            raise DataError(f"{where}: {what} is {value} (JSON Infinity), not a usable value; write it as "
+                            "text, or null for none")
+        return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+    if isinstance(value, decimal.Decimal):
+        if value.is_infinite():
+            raise DataError(f"{where}: {what} is {value}, not a usable value; write it as text, or null for none")
+        return str(value)
+    if isinstance(value, (list, tuple, dict, bytes, bytearray)):
+        raise DataError(f"{where}: {what} holds a {type(value).__name__} ({_short(value)}), not one text or "
+                        "number; give one value per row (several values per row are not supported)")
+    return str(value)  # dates and times from parquet read as their ISO text
 
 
 def _template_fields(template: str) -> list[str]:
@@ -132,16 +233,21 @@ def split_of(prompt_id: str, seed: int, validation: float, test: float) -> str:
 def load_prompts(cfg: DataConfig) -> pa.Table:
     """Read, check, and split the prompt file into a table with ``PROMPTS_SCHEMA``.
 
-    Raises DataError for: a missing or unreadable file, an empty dataset, a missing prompt /
-    reference / task column (naming the first row without it), a template naming an absent
-    field, an unknown task type, and duplicate prompt ids.
+    Every row of the file is checked, then ``data.limit`` keeps a sample seeded by ``data.seed``
+    and spread over the task types (``sample_by_task``), so duplicate ids are found across the
+    whole file even when a limit is set, and a limit does not change any prompt's id or split.
+
+    Raises DataError for: a remote, missing or unreadable file, an empty dataset, a CSV row whose
+    cell count differs from the header's, a missing prompt / reference / task column (naming the
+    first row without it), a prompt that is not text (null, NaN, a number; a list of chat
+    messages: multi-turn input is not supported yet), a template naming an absent or empty field,
+    a reference or id that is ±Infinity or a list/object, an unknown or empty task type, and
+    duplicate prompt ids. References that are null, NaN or blank are missing (None).
     """
     path = resolve_data_path(cfg.path)
     records = read_records(path)
     if not records:
         raise DataError(f"{path}: the dataset is empty (no rows)")
-    if cfg.limit is not None:
-        records = records[: cfg.limit]
     if cfg.prompt_template:
         try:
             fields = _template_fields(cfg.prompt_template)
@@ -149,6 +255,7 @@ def load_prompts(cfg: DataConfig) -> pa.Table:
             raise DataError(f"data.prompt_template {cfg.prompt_template!r} is not a valid template: {e}") from None
     else:
         fields = [cfg.prompt_field]
+    named_by = "data.prompt_template" if cfg.prompt_template else "data.prompt_field"
 
     out: dict[str, list] = {f.name: [] for f in PROMPTS_SCHEMA}
     seen: dict[str, str] = {}
@@ -156,44 +263,46 @@ def load_prompts(cfg: DataConfig) -> pa.Table:
         where = f"{path}: {rec['__where__']}"
         for field in fields:
             if field not in rec:
-                what = "data.prompt_template" if cfg.prompt_template else "data.prompt_field"
                 hint = ("; for literal braces in a template write {{ and }}"
                         if cfg.prompt_template and not field.isidentifier() else "")
-                raise DataError(f"{where}: field {field!r} (named by {what}) is missing; "
+                chats = [k for k, v in rec.items() if _is_chat(v)]
+                if chats:
+                    hint += f"; field {chats[0]!r} holds chat messages, but {_MULTI_TURN}"
+                raise DataError(f"{where}: field {field!r} (named by {named_by}) is missing; "
                                 f"row has {sorted(k for k in rec if k != '__where__')}{hint}")
-            value = rec[field]
-            if cfg.prompt_template and (value is None or (isinstance(value, str) and not value.strip())):
-                raise DataError(f"{where}: field {field!r} used by data.prompt_template is empty")
+            _check_prompt_value(rec[field], where, field, named_by, cfg.prompt_template is not None)
         if cfg.prompt_template:
             try:
                 prompt = cfg.prompt_template.format_map({k: v for k, v in rec.items()})
-            except (KeyError, IndexError, ValueError) as e:
+            except (KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
                 raise DataError(f"{where}: data.prompt_template cannot be filled: {e}") from None
         else:
             prompt = rec[cfg.prompt_field]
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise DataError(f"{where}: the prompt is empty or not text ({prompt!r})")
+        if not prompt.strip():
+            raise DataError(f"{where}: the prompt made by {named_by} is empty")
 
         reference = None
         if cfg.reference_field:
             if cfg.reference_field not in rec:
                 raise DataError(f"{where}: reference field {cfg.reference_field!r} is missing "
                                 "(set data.reference_field=null if the data has no references)")
-            ref = rec[cfg.reference_field]
-            # An empty cell is a missing reference, not an answer to score against.
-            reference = None if ref is None or not str(ref).strip() else str(ref)
+            # null, NaN (JSON's bare NaN, pandas' missing value) and blank cells are no reference:
+            # nothing to score against, rather than the text "nan".
+            reference = _cell_text(rec[cfg.reference_field], where, f"reference field {cfg.reference_field!r}")
 
         task = cfg.task
         if cfg.task_field:
             if cfg.task_field not in rec:
                 raise DataError(f"{where}: task field {cfg.task_field!r} is missing")
             task = rec[cfg.task_field]
+            if task is None or _is_nan(task) or (isinstance(task, str) and not task.strip()):
+                raise DataError(f"{where}: task field {cfg.task_field!r} is empty ({task!r}); "
+                                f"known task types: {', '.join(TASKS)}")
         if task not in TASKS:
             raise DataError(f"{where}: unknown task type {task!r}; known: {', '.join(TASKS)}")
 
-        if cfg.id_field and rec.get(cfg.id_field) not in (None, ""):
-            pid = str(rec[cfg.id_field])
-        else:
+        pid = _cell_text(rec.get(cfg.id_field), where, f"id field {cfg.id_field!r}") if cfg.id_field else None
+        if pid is None:
             pid = hashlib.sha256(prompt.encode()).hexdigest()[:16]
         if pid in seen:
             raise DataError(f"{where}: duplicate prompt id {pid!r} (first seen at {seen[pid]})"
@@ -210,7 +319,28 @@ def load_prompts(cfg: DataConfig) -> pa.Table:
         out["task"].append(task)
         out["messages"].append(messages)
         out["reference"].append(reference)
-    return pa.Table.from_pydict(out, schema=PROMPTS_SCHEMA)
+    table = pa.Table.from_pydict(out, schema=PROMPTS_SCHEMA)
+    if cfg.limit is not None:
+        table = sample_by_task(table, cfg.limit, cfg.seed)
+    return table
+
+
+def _check_prompt_value(value: Any, where: str, field: str, named_by: str, templated: bool) -> None:
+    """Raise DataError unless ``value`` can make (or fill) a prompt; names the row and field."""
+    if _is_chat(value):
+        raise DataError(f"{where}: field {field!r} (named by {named_by}) holds chat messages "
+                        f"({_short(value)}); {_MULTI_TURN}")
+    if value is None or _is_nan(value) or (isinstance(value, str) and not value.strip()):
+        shown = "null" if value is None else "NaN" if _is_nan(value) else repr(value)
+        if templated:
+            raise DataError(f"{where}: field {field!r} used by data.prompt_template is empty ({shown})")
+        raise DataError(f"{where}: field {field!r} (named by data.prompt_field) is empty ({shown}); "
+                        "every row needs a prompt")
+    if templated:
+        return  # numbers, and objects read by {a[b]}, fill a template
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {field!r} (named by data.prompt_field) is not text: "
+                        f"{_short(value)} ({type(value).__name__}); a prompt must be a string")
 
 
 def sample_by_task(table: pa.Table, n: int, seed: int) -> pa.Table:

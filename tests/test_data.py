@@ -14,7 +14,7 @@ import pytest
 
 from raydistill import schema
 from raydistill.config import TASKS, DataConfig, demo_config_path, load
-from raydistill.data import DataError, load_prompts, select_split
+from raydistill.data import DataError, load_prompts, sample_by_task, select_split
 from raydistill.tasks import extract_number
 
 ROWS = [
@@ -363,11 +363,28 @@ def test_select_split(tmp_path):
     assert set(held.column("split").to_pylist()) <= {"validation", "test"}
 
 
-def test_limit_keeps_first_rows(tmp_path):
-    rows = _synthetic(20)
+def test_limit_is_a_seeded_sample_over_tasks_not_the_first_rows():
+    """data.limit on the demo (sorted by task: the first 20 rows are all math) spreads over tasks."""
+    cfg = load(demo_config_path()).data
+    full = load_prompts(cfg)
+    assert Counter(full.column("task").to_pylist()[:20]) == {"math": 20}  # what "first rows" gave
+    limited = load_prompts(cfg.model_copy(update={"limit": 20}))
+    assert Counter(limited.column("task").to_pylist()) == {t: 4 for t in TASKS}
+    again = load_prompts(cfg.model_copy(update={"limit": 20}))
+    assert limited.to_pylist() == again.to_pylist()
+    other = load_prompts(cfg.model_copy(update={"limit": 20, "seed": 1}))
+    assert other.column("prompt_id").to_pylist() != limited.column("prompt_id").to_pylist()
+    # A sampled row keeps its id and split: the limit picks rows, it changes none.
+    by_id = {r["prompt_id"]: r for r in full.to_pylist()}
+    assert all(by_id[r["prompt_id"]] == r for r in limited.to_pylist())
+
+
+def test_limit_still_checks_every_row(tmp_path):
+    """Duplicate ids (and any bad row) are found across the whole file, not only in the sample."""
+    rows = _synthetic(20) + [{"id": "item-00003", "prompt": "a different prompt"}]
     path = write_jsonl(tmp_path / "a.jsonl", rows)
-    t = load_prompts(DataConfig(path=str(path), reference_field=None, limit=5))
-    assert t.column("prompt_id").to_pylist() == [r["id"] for r in rows[:5]]
+    with pytest.raises(DataError, match=r"line 21: duplicate prompt id 'item-00003' \(first seen at line 4\)"):
+        load_prompts(DataConfig(path=str(path), reference_field=None, limit=2))
 
 
 def test_limit_above_row_count(tmp_path):
@@ -478,3 +495,249 @@ def test_remote_and_folder_paths_are_clear_errors(tmp_path):
         load_prompts(DataConfig(path="s3://bucket/p.jsonl"))
     with pytest.raises(DataError, match="is a folder"):
         load_prompts(DataConfig(path=str(tmp_path)))
+
+
+# --- cell values: missing references, numbers, prompts that are not text ------------------------
+
+def test_nan_reference_is_missing_not_the_text_nan(tmp_path):
+    """JSON's bare NaN (Python writes it), null and parquet's NaN are no reference, never 'nan'."""
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"id": "a", "prompt": "2+2?", "reference": NaN}\n'
+                     '{"id": "b", "prompt": "3+3?", "reference": null}\n'
+                     '{"id": "c", "prompt": "4+4?", "reference": 8}\n')
+    assert load_prompts(DataConfig(path=str(jsonl), task="math", reference_field="reference")
+                        ).column("reference").to_pylist() == [None, None, "8"]
+    doc = tmp_path / "p.json"
+    doc.write_text('[{"id": "a", "prompt": "2+2?", "reference": NaN}, {"id": "b", "prompt": "x", "reference": 1}]')
+    assert load_prompts(DataConfig(path=str(doc), reference_field="reference")
+                        ).column("reference").to_pylist() == [None, "1"]
+    # pandas writes a numeric column with a gap as float64 with NaN: 18.0 is "18", NaN is missing.
+    pq_path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["a?", "b?", "c?"], "answer": [18.0, float("nan"), 0.75]}), pq_path)
+    assert load_prompts(DataConfig(path=str(pq_path), task="math", reference_field="answer")
+                        ).column("reference").to_pylist() == ["18", None, "0.75"]
+
+
+def test_number_references_read_as_their_natural_text(tmp_path):
+    rows = [{"id": "a", "prompt": "p1", "reference": 18}, {"id": "b", "prompt": "p2", "reference": 18.0},
+            {"id": "c", "prompt": "p3", "reference": 0.75}, {"id": "d", "prompt": "p4", "reference": -3},
+            {"id": "e", "prompt": "p5", "reference": True}, {"id": "f", "prompt": "p6", "reference": 1e-05}]
+    want = ["18", "18", "0.75", "-3", "true", "1e-05"]
+    for suffix in (".jsonl", ".json"):
+        path = WRITERS[suffix](tmp_path / f"n{suffix}", rows)
+        assert load_prompts(DataConfig(path=str(path), reference_field="reference")
+                            ).column("reference").to_pylist() == want, suffix
+    # Integer NLI labels in parquet read as "0"/"2", the keys data.label_map uses.
+    path = tmp_path / "nli.parquet"
+    pq.write_table(pa.table({"prompt": ["p", "h"], "label": pa.array([0, 2], pa.int64())}), path)
+    assert load_prompts(DataConfig(path=str(path), task="nli", reference_field="label")
+                        ).column("reference").to_pylist() == ["0", "2"]
+
+
+def test_infinite_and_list_references_are_errors(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "prompt": "x", "reference": "1"}\n{"id": "b", "prompt": "y", "reference": Infinity}\n')
+    assert _load_error(path, task_field=None) == (
+        f"{path}: line 2: reference field 'reference' is inf (JSON Infinity), not a usable value; "
+        "write it as text, or null for none")
+    path = write_jsonl(tmp_path / "q.jsonl", [{"id": "a", "prompt": "x", "answers": ["Paris", "paris"]}])
+    msg = _load_error(path, task_field=None, reference_field="answers")
+    assert msg.startswith(f"{path}: line 1: reference field 'answers' holds a list (['Paris', 'paris'])")
+
+
+@pytest.mark.parametrize("raw, shown", [
+    ("NaN", "is empty (NaN); every row needs a prompt"),
+    ("null", "is empty (null); every row needs a prompt"),
+    ("18", "is not text: 18 (int); a prompt must be a string"),
+    ("[\"a\", \"b\"]", "is not text: ['a', 'b'] (list); a prompt must be a string"),
+    ("{\"text\": \"hi\"}", "is not text: {'text': 'hi'} (dict); a prompt must be a string"),
+])
+def test_prompt_that_is_not_text_names_line_and_field(tmp_path, raw, shown):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "question": "fine"}\n{"id": "b", "question": %s}\n' % raw)
+    assert _load_error(path, task_field=None, reference_field=None, prompt_field="question") == (
+        f"{path}: line 2: field 'question' (named by data.prompt_field) {shown}")
+
+
+def test_template_field_nan_is_empty_not_nan_text(tmp_path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"doc": ["it rained", None], "n": [1.5, float("nan")]}), path)
+    msg = _load_error(path, task_field=None, reference_field=None, prompt_template="{doc} ({n})")
+    assert msg == f"{path}: row 2: field 'doc' used by data.prompt_template is empty (null)"
+    msg = _load_error(path, task_field=None, reference_field=None, prompt_template="({n})")
+    assert msg == f"{path}: row 2: field 'n' used by data.prompt_template is empty (NaN)"
+
+
+def test_multi_turn_messages_say_not_supported_yet(tmp_path):
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "how are you?"}]
+    rows = [{"id": "a", "messages": chat}]
+    for suffix in (".jsonl", ".parquet"):
+        path = WRITERS[suffix](tmp_path / f"chat{suffix}", rows)
+        msg = _load_error(path, task_field=None, reference_field=None, prompt_field="messages")
+        where = "line 1" if suffix == ".jsonl" else "row 1"
+        assert msg.startswith(f"{path}: {where}: field 'messages' (named by data.prompt_field) holds chat messages")
+        assert msg.endswith("multi-turn input (a list of chat messages) is not supported yet; give a single "
+                            "prompt column (data.prompt_field) or a data.prompt_template over text columns")
+    # The default prompt_field with only a messages column: the missing-field error says the same.
+    path = write_jsonl(tmp_path / "c2.jsonl", rows)
+    msg = _load_error(path, task_field=None, reference_field=None)
+    assert "field 'prompt' (named by data.prompt_field) is missing" in msg
+    assert ("field 'messages' holds chat messages, but multi-turn input (a list of chat messages) "
+            "is not supported yet") in msg
+    # ShareGPT style ({from, value}) through a template too.
+    path = write_jsonl(tmp_path / "c3.jsonl", [{"id": "a", "conversations": [{"from": "human", "value": "hi"}]}])
+    msg = _load_error(path, task_field=None, reference_field=None, prompt_template="Chat: {conversations}")
+    assert "line 1: field 'conversations' (named by data.prompt_template) holds chat messages" in msg
+    assert "not supported yet" in msg
+
+
+def test_empty_task_value_is_named(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "prompt": "x", "task": "qa"}\n{"id": "b", "prompt": "y", "task": NaN}\n')
+    assert _load_error(path, reference_field=None) == (
+        f"{path}: line 2: task field 'task' is empty (nan); known task types: {', '.join(TASKS)}")
+
+
+def test_ids_read_alike_across_formats_and_nan_id_is_hashed(tmp_path):
+    """A parquet float id 7.0 is id "7", as in the CSV and JSON files, so the split agrees."""
+    csv_path = tmp_path / "p.csv"
+    csv_path.write_text("id,prompt\n7,Seven?\n8,Eight?\n")
+    pq_path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"id": [7.0, float("nan")], "prompt": ["Seven?", "Eight?"]}), pq_path)
+    a = load_prompts(DataConfig(path=str(csv_path)))
+    b = load_prompts(DataConfig(path=str(pq_path)))
+    no_id = load_prompts(DataConfig(path=str(write_jsonl(tmp_path / "e.jsonl", [{"prompt": "Eight?"}]))))
+    assert a.column("prompt_id").to_pylist()[0] == b.column("prompt_id").to_pylist()[0] == "7"
+    assert b.column("prompt_id").to_pylist()[1] == no_id.column("prompt_id").to_pylist()[0]
+    assert a.column("split").to_pylist()[0] == b.column("split").to_pylist()[0]
+
+
+# --- CSV cell counts -----------------------------------------------------------------------------
+
+def test_csv_row_with_more_cells_than_header(tmp_path):
+    """An unquoted comma used to cut the prompt silently (DictReader filed the rest under None)."""
+    path = tmp_path / "math.csv"
+    path.write_text("id,prompt,reference\n"
+                    "m1,What is 2 + 2?,4\n"
+                    "m2,A bike costs 1,000 dollars and a helmet 250. What do both cost?,1250\n")
+    assert _load_error(path, task_field=None, task="math") == (
+        f"{path}: line 3 has 4 cells, the header has 3 (id, prompt, reference); quote cells that contain commas")
+    # Quoted, the same row reads whole.
+    path.write_text('id,prompt,reference\nm2,"A bike costs 1,000 dollars and a helmet 250. What do both cost?",1250\n')
+    t = load_prompts(cfg_for(path, task_field=None, task="math"))
+    assert t.column("messages").to_pylist()[0][0]["content"] == (
+        "A bike costs 1,000 dollars and a helmet 250. What do both cost?")
+    assert t.column("reference").to_pylist() == ["1250"]
+
+
+def test_csv_row_with_fewer_cells_than_header(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("id,prompt,reference\na,hello,hi\n\nb,world\n")
+    assert _load_error(path, task_field=None) == (
+        f"{path}: line 4 has 2 cells, the header has 3 (id, prompt, reference); every row needs a cell for "
+        "each column (an empty cell is still a cell), and cells that contain commas or line breaks must be quoted")
+
+
+def test_csv_line_numbers_count_quoted_line_breaks_and_name_the_start(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text('id,prompt\na,"line one\nline two\nline three"\nb,next\n')
+    t = load_prompts(DataConfig(path=str(path)))
+    assert t.column("messages").to_pylist()[0][0]["content"] == "line one\nline two\nline three"
+    path.write_text('id,prompt\na,"line one\nline two\nline three"\nb,next\na,again\n')
+    assert _load_error(path, task_field=None, reference_field=None) == (
+        f"{path}: line 6: duplicate prompt id 'a' (first seen at line 2)")
+
+
+def test_csv_duplicate_header_column(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("id,prompt,prompt\na,x,y\n")
+    assert _load_error(path, task_field=None, reference_field=None) == (
+        f"{path}: line 1: the header names column 'prompt' twice (columns 2 and 3); column names must be unique")
+
+
+# --- paths ---------------------------------------------------------------------------------------
+
+def test_missing_relative_path_says_what_it_resolved_to(tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    msg = _load_error(Path("../data/x.csv"))
+    assert msg == (f"data file not found: ../data/x.csv (resolved against the current directory {cwd}: "
+                   f"{tmp_path / 'data' / 'x.csv'})")
+    assert _load_error(tmp_path / "nowhere.jsonl") == f"data file not found: {tmp_path / 'nowhere.jsonl'}"
+    # A relative path that exists is read from the current directory.
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "x.jsonl", [{"id": "a", "prompt": "hi"}])
+    assert load_prompts(DataConfig(path="../data/x.jsonl")).num_rows == 1
+
+
+@pytest.mark.parametrize("remote", ["s3://bucket/runs/p.jsonl", "gs://b/p.parquet", "https://host/p.csv"])
+def test_remote_path_printed_as_given(remote):
+    with pytest.raises(DataError) as ei:
+        load_prompts(DataConfig(path=remote))
+    assert str(ei.value) == f"data.path {remote}: remote prompt files are not supported yet; copy the file locally"
+
+
+# --- sample_by_task ------------------------------------------------------------------------------
+
+def _task_table(counts: dict[str, int], shuffle_seed: int | None = None) -> pa.Table:
+    rows = [{"prompt_id": f"{t}-{i}", "split": "train", "task": t,
+             "messages": [{"role": "user", "content": f"{t} {i}"}], "reference": None}
+            for t, k in counts.items() for i in range(k)]
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(rows)
+    return pa.Table.from_pylist(rows, schema=schema.PROMPTS_SCHEMA)
+
+
+def _counts(table: pa.Table) -> dict[str, int]:
+    return dict(Counter(table.column("task").to_pylist()))
+
+
+def test_sample_by_task_proportional_quotas():
+    table = _task_table({"math": 60, "nli": 30, "qa": 10})
+    assert _counts(sample_by_task(table, 10, 0)) == {"math": 6, "nli": 3, "qa": 1}
+    # Largest remainders: 7 × (0.6, 0.3, 0.1) = 4.2, 2.1, 0.7 -> 4, 2, 1.
+    assert _counts(sample_by_task(table, 7, 0)) == {"math": 4, "nli": 2, "qa": 1}
+
+
+def test_sample_by_task_at_least_one_per_task():
+    table = _task_table({"math": 90, "nli": 5, "qa": 5})
+    # 5 × (0.9, 0.05, 0.05) = 4.5, 0.25, 0.25: each small task still gets one, math gives way.
+    assert _counts(sample_by_task(table, 5, 0)) == {"math": 3, "nli": 1, "qa": 1}
+    assert _counts(sample_by_task(table, 3, 0)) == {"math": 1, "nli": 1, "qa": 1}
+    # Fewer rows than tasks: the largest tasks first.
+    assert _counts(sample_by_task(table, 1, 0)) == {"math": 1}
+
+
+def test_sample_by_task_quotas_hold_for_many_shapes():
+    rng = random.Random(0)
+    for _ in range(300):
+        counts = {f"t{j}": rng.randint(1, 40) for j in range(rng.randint(1, 6))}
+        total = sum(counts.values())
+        n = rng.randint(1, total)
+        got = _counts(sample_by_task(_task_table(counts), n, rng.randint(0, 9)))
+        assert sum(got.values()) == n, (counts, n, got)
+        assert all(got.get(t, 0) <= k for t, k in counts.items())
+        if n >= len(counts):
+            assert set(got) == set(counts), (counts, n, got)
+        if all(n * k / total >= 1 for k in counts.values()):  # no floor needed: within one of the share
+            assert all(abs(got[t] - n * k / total) < 1 for t, k in counts.items()), (counts, n, got)
+
+
+def test_sample_by_task_seeded_ordered_and_independent_of_row_order():
+    table = _task_table({"math": 40, "nli": 40, "qa": 20})
+    a = sample_by_task(table, 10, 3)
+    assert a.to_pylist() == sample_by_task(table, 10, 3).to_pylist()
+    assert a.column("prompt_id").to_pylist() != sample_by_task(table, 10, 4).column("prompt_id").to_pylist()
+    def positions(sample: pa.Table, source: pa.Table) -> list[int]:
+        where = {pid: i for i, pid in enumerate(source.column("prompt_id").to_pylist())}
+        return [where[p] for p in sample.column("prompt_id").to_pylist()]
+
+    assert positions(a, table) == sorted(positions(a, table))
+    shuffled = _task_table({"math": 40, "nli": 40, "qa": 20}, shuffle_seed=1)
+    b = sample_by_task(shuffled, 10, 3)
+    assert set(b.column("prompt_id").to_pylist()) == set(a.column("prompt_id").to_pylist())
+    assert positions(b, shuffled) == sorted(positions(b, shuffled))
+    assert sample_by_task(table, 100, 0) is table
+    assert sample_by_task(table, 500, 0) is table
