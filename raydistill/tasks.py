@@ -1,61 +1,378 @@
 """Per-task answer extraction and metrics.
 
-- math: final-answer accuracy — the last number in the answer equals the reference number
-  (rows whose reference holds no number are skipped).
-- nli: label accuracy — the first of entailment / neutral / contradiction named in the answer
-  (rows whose reference names no label are skipped).
-- qa, summarization, conversation: ROUGE-L F1 (rouge-score with a Unicode word tokenizer,
-  stemmed; 0–1) and corpus BLEU (sacrebleu, 13a tokenizer, 0–100) against the reference.
-- agreement: mean ROUGE-L F1 between a model's answer and the teacher's answer (0–1).
+``score(task, predictions, references, label_map=None)`` returns ``(metrics, unscorable)``:
+``metrics`` is ``{"accuracy": x}`` (0–1) for math and nli — an empty dict when no reference can be
+scored — and ``{"rougeL": x (0–1), "bleu": y (0–100)}`` for qa, summarization and conversation.
+Rows whose reference is None are skipped and not counted anywhere. ``unscorable`` counts the other
+references that cannot be read (math: no number; nli: no label, after ``data.label_map``): they are
+left out of the accuracy (never scored as a hit or a miss) and the count goes into the report.
+Text tasks have no unscorable references.
+
+math — final-answer accuracy: the number the answer states equals the reference's number (within
+1e-6; 1/3 and 0.333 differ). Answer and reference are read by the same rules (``extract_number``):
+
+- A stated final answer wins over every other number: ``#### N`` (GSM8K), ``\\boxed{...}``,
+  "the answer is ...", "final answer: ...", "answer: ..." (also "was", "would be", "=", bold
+  ``**Answer:**``). The last such statement that holds a number counts, and its first number is
+  the answer: for ``\\boxed`` the box's content, else up to the end of the statement's sentence or
+  line (the next non-empty line when the line ends at the marker: "Final answer:\\n42"). With no
+  stated answer holding a number ("the answer is seven"), the last number in the text counts.
+- Numbers: integers, decimals (``0.75``, ``.5``), thousands separators in groups of three
+  (``1,250``, LaTeX ``1{,}250`` / ``1\\,250``; ``1,2,3`` is three numbers), fractions ``3/4`` and
+  ``-1/2`` (not dates: ``3/4/2023`` is three numbers), mixed numbers ``1 1/2`` (proper fraction
+  after one run of spaces) and ``2\\frac{1}{2}``, LaTeX ``\\frac{a}{b}``, ``\\dfrac``, ``\\tfrac``,
+  ``\\frac12``, and Unicode fractions (``½``, ``1¾``). Each reads as its value: ``0.75`` equals
+  ``3/4``. A fraction over zero (``1/0``) is no number.
+- A minus sign counts only where it is a sign: at the start, or after a space, ``( [ { = : ; ,``,
+  ``$``, quotes or markdown ``* _``; ``5-7`` is a range (reads 7, the last number) and ``x-3`` reads 3.
+  The Unicode minus ``−`` counts as ``-``.
+- Units are not part of the value: ``$1,250`` reads 1250 and ``25%`` reads 25 (so ``25%`` matches a
+  reference ``25``, as GSM8K writes percentages, and does not match ``0.25``).
+
+nli — label accuracy. Labels: three-way ``entailment`` / ``neutral`` / ``contradiction`` and
+binary ``entailment`` / ``not_entailment`` (RTE, QNLI; also written "not entailment",
+"non-entailment"). Answer and reference are read by the same rules (``extract_nli_label``):
+
+- Word forms count (entails, entailed, contradicts, contradictory, ...).
+- A negated label is not that label: "not X", "no X", "isn't X", "doesn't entail", "neither X nor
+  Y", "Y rather than X", "instead of X" (negation reaches back three words within a clause).
+  A negated entailment reads as ``not_entailment``; a negated neutral or contradiction is ignored.
+- An option list (two or more different labels joined only by commas, slashes, "or", "and") is
+  the question repeated, not an answer, and is ignored.
+- The answer settles on the first label after the last "answer:" / "the answer is" / "label:"
+  marker that has one, else on the last label named; ``not_entailment`` gives way to a neutral or
+  contradiction named in the same answer (it is implied by either).
+- Scoring: a three-way reference needs the same label; a ``not_entailment`` reference is matched by
+  ``not_entailment``, ``neutral`` or ``contradiction``.
+- Integer labels (``0``, ``2``) are read only through ``data.label_map`` (e.g. ``{"0": "entailment",
+  "1": "neutral", "2": "contradiction"}``), applied to the stripped reference text before reading
+  it; references not in the map are read as they are. A map value that names no label is an error.
+
+qa, summarization, conversation — ROUGE-L F1 (rouge-score with the Unicode tokenizer below; 0–1)
+and corpus BLEU (sacrebleu, 0–100) against the reference.
+
+- ROUGE-L tokens (``rouge_tokens``): text is NFC-normalised and lowercased; a word is a run of
+  letters, digits and combining marks (Unicode Mn/Mc/Me: Thai vowel marks, Devanagari matras and
+  virama stay in their word, so ``ดู`` ≠ ``ดี`` and ``दिन`` ≠ ``दान``). Arabic and Hebrew optional
+  vowel points (harakat, shadda, niqqud, cantillation) and the Arabic tatweel are dropped, so
+  vocalised and plain spellings match (``كَتَبَ`` = ``كتب``). Scripts written without spaces are
+  split into character clusters (a letter and its combining marks): Han, kana, Thai, Lao, Khmer,
+  Myanmar and the Tai scripts. ASCII words longer than three characters are Porter-stemmed, as
+  rouge-score's own tokenizer does.
+- BLEU tokenizer (``bleu_tokenizer``), chosen once per call from the references' letters (the
+  predictions' only when the references have none), so every model is scored the same way:
+  kana present and Han + kana at least half the letters → ``ja-mecab`` when MeCab and ipadic are
+  importable, else ``char``; otherwise any Han → ``zh``; otherwise Thai/Lao/Khmer/Myanmar/Tai at
+  least half the letters → ``char`` (``flores200`` is not used: its model is downloaded at run
+  time); otherwise ``13a``.
+
+agreement (evaluate): mean ROUGE-L F1 between a model's answer and the teacher's answer (0–1).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import re
+import unicodedata
+from collections.abc import Iterator
 from functools import lru_cache
 
 NLI_LABELS = ("entailment", "neutral", "contradiction")
-# Thousands separators only in groups of three ("1,234"); "1,2,3" is a list of three numbers.
-_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
-_NLI = re.compile(r"\b(entail(?:ment|s|ed)?|neutral|contradict(?:ion|s|ory|ed)?)\b", re.IGNORECASE)
+#: Binary label sets (RTE, QNLI) use ``entailment`` and this label.
+NOT_ENTAILMENT = "not_entailment"
 
 #: Primary metric per task (used for the "quality" summary and charts).
 PRIMARY = {"math": "accuracy", "nli": "accuracy", "qa": "rougeL", "summarization": "rougeL",
            "conversation": "rougeL"}
 
 
-def extract_number(text: str) -> float | None:
-    """The last number in ``text`` (commas as thousands separators), or None."""
-    found = _NUMBER.findall(text or "")
-    if not found:
+# --- math ----------------------------------------------------------------------------------------
+
+# A minus sign is a sign only at the start or after one of these characters (never after a digit
+# or letter: "5-7" is a range, "x-3" a difference).
+_SIGN = r"(?:(?<![^\s(\[{=:;,$*_\"'~≈<>])(?P<sign>[-\u2212]))?"
+_INT = r"\d{1,3}(?:,\d{3})+|\d+"
+_DEC = rf"(?:{_INT})(?:\.\d+)?|(?<![\w.])\.\d+"
+_SDEC = rf"[-\u2212]?(?:{_DEC})"
+_NUMBER = re.compile(
+    rf"""{_SIGN}(?:\\?\$)?(?:
+        (?P<lwhole>\d+)?\\[dt]?frac\s*(?:
+            \{{\s*(?P<lnum>{_SDEC})\s*\}}\s*\{{\s*(?P<lden>{_SDEC})\s*\}}
+            |(?P<lnum1>\d)(?P<lden1>\d))
+      | (?<![\d./])(?P<mwhole>\d+)[ \t]+(?P<mnum>\d+)/(?P<mden>\d+)(?![\d/]|\.\d)
+      | (?<![\d./])(?P<fnum>{_DEC})/(?P<fden>{_DEC})(?![\d/]|\.\d)
+      | (?<![\d.])(?P<plain>{_DEC})
+    )""",
+    re.VERBOSE,
+)
+# Statements of the final answer; the number that follows one wins over the others.
+_ANSWER_MARK = re.compile(
+    r"(?P<hash>\#\#\#\#)|(?P<box>\\(?:boxed|fbox)\s*\{)"
+    r"|\banswer\b[*_\s]*(?:is|was|would\s+be|will\s+be|should\s+be|equals|[:=])",
+    re.IGNORECASE,
+)
+_LATEX_THOUSANDS = re.compile(r"(?<=\d)(?:\{,\}|\\,)(?=\d{3}(?!\d))")
+_VULGAR = re.compile(r"(\d*)([\u00bc-\u00be\u2150-\u215e])")
+
+
+def _num(text: str) -> float:
+    return float(text.replace(",", "").replace("\u2212", "-"))
+
+
+def _normalise_math(text: str) -> str:
+    text = _LATEX_THOUSANDS.sub(",", text).replace("\u2044", "/")
+    return _VULGAR.sub(lambda m: repr(int(m.group(1) or 0) + unicodedata.numeric(m.group(2))), text)
+
+
+def _numbers(text: str) -> Iterator[float]:
+    """The values of the numbers in ``text``, in order (see the module docstring for the forms)."""
+    for m in _NUMBER.finditer(text):
+        sign = -1.0 if m.group("sign") else 1.0
+        if m.group("plain") is not None:
+            yield sign * _num(m.group("plain"))
+        elif m.group("mwhole") is not None:
+            whole, num, den = int(m.group("mwhole")), int(m.group("mnum")), int(m.group("mden"))
+            if 0 < num < den:
+                yield sign * (whole + num / den)
+            else:  # "2 5/4" or "3 1/0" is not a mixed number: two numbers
+                yield sign * whole
+                if den:
+                    yield num / den
+        else:
+            if m.group("fnum") is not None:
+                whole, num, den = 0.0, _num(m.group("fnum")), _num(m.group("fden"))
+            else:
+                whole = float(m.group("lwhole") or 0)
+                num = _num(m.group("lnum") if m.group("lnum") is not None else m.group("lnum1"))
+                den = _num(m.group("lden") if m.group("lden") is not None else m.group("lden1"))
+            if den == 0:  # not a value; "1/0" is skipped
+                continue
+            yield sign * (whole + abs(num / den) if whole else num / den)
+
+
+def _braced(text: str, start: int) -> str:
+    """Text from ``start`` up to the brace that closes the one just before ``start``."""
+    depth = 1
+    for i in range(start, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start:i]
+    return text[start:]
+
+
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
+
+
+def _stated(text: str, start: int) -> str:
+    """The statement from ``start`` to the end of its sentence or line (the next non-empty line
+    when the rest of the line is blank: "Final answer:\\n42")."""
+    rest = text[start:]
+    if not rest.split("\n", 1)[0].strip():
+        rest = rest.lstrip()
+    return rest[:m.start()] if (m := _SENTENCE_END.search(rest)) else rest
+
+
+def extract_number(text: str | None) -> float | None:
+    """The answer's number, or None when ``text`` holds none.
+
+    A stated final answer (``#### N``, ``\\boxed{}``, "the answer is", "final answer:") wins: the
+    first number of the last statement that holds one. Otherwise the last number in the text.
+    Fractions, mixed numbers and ``\\frac{a}{b}`` read as their value; a minus sign counts only
+    where it is a sign (``5-7`` reads 7); ``$`` and ``%`` are ignored (``25%`` reads 25.0).
+    """
+    text = _normalise_math(text or "")
+    for mark in reversed(list(_ANSWER_MARK.finditer(text))):
+        region = (_braced(text, mark.end()) if mark.group("box") is not None
+                  else _stated(text, mark.end()))
+        first = next(_numbers(region), None)
+        if first is not None:
+            return first
+    last = None
+    for last in _numbers(text):
+        pass
+    return last
+
+
+def _same_number(want: float, got: float | None) -> bool:
+    return got is not None and math.isclose(want, got, rel_tol=1e-9, abs_tol=1e-6)
+
+
+# --- nli -----------------------------------------------------------------------------------------
+
+_NLI = re.compile(
+    r"\b(?:(?P<joined>(?:not|non)[_-]?entail\w*)|(?P<ent>entail(?:ment|s|ed|ing)?)|(?P<neu>neutral)"
+    r"|(?P<con>contradict(?:ion|s|ory|ed|ing)?))\b",
+    re.IGNORECASE,
+)
+# Separators inside an option list: "entailment, neutral, or contradiction", "entailment / neutral".
+_OPTION_SEP = re.compile(r"[\s,/|()\[\]\"'`*]*(?:\b(?:or|and)\b[\s,/|()\[\]\"'`*]*)?", re.IGNORECASE)
+# A clause ends at punctuation or a conjunction that starts a new statement.
+_CLAUSE_END = re.compile(r"[.;:!?,\n\u2014\u2013]|\b(?:but|however|though|although|so|thus|therefore|"
+                         r"hence|because|since|while|whereas|yet)\b", re.IGNORECASE)
+_WORD = re.compile(r"[\w'\u2019]+")
+_NEGATORS = {"not", "no", "never", "neither", "nor", "non", "without", "cannot", "lacks", "lack"}
+_NEG_PAIRS = {("rather", "than"), ("instead", "of"), ("other", "than")}
+_FILLER = {"a", "an", "the", "or", "and", "really", "quite", "necessarily", "exactly", "strictly",
+           "clearly", "any", "at", "all"}
+_NLI_MARK = re.compile(r"\b(?:answer|label|prediction|verdict|classification|relationship|relation)\b"
+                       r"[*_\s]*(?:is|was|would\s+be|will\s+be|should\s+be|[:=])", re.IGNORECASE)
+
+
+def _negated(text: str, start: int) -> bool:
+    """Whether a negation reaches the label that starts at ``start`` (same clause, 3 words back)."""
+    before = text[:start]
+    ends = list(_CLAUSE_END.finditer(before))
+    clause = before[ends[-1].end():] if ends else before
+    words = [w.lower().replace("\u2019", "'") for w in _WORD.findall(clause)]
+    counted = 0
+    for i in range(len(words) - 1, -1, -1):
+        w = words[i]
+        if w in _NEGATORS or w.endswith("n't") or (i > 0 and (words[i - 1], w) in _NEG_PAIRS):
+            return True
+        if w in _FILLER or _NLI.fullmatch(w):
+            continue
+        counted += 1
+        if counted >= 3:
+            return False
+    return False
+
+
+def _label_mentions(text: str) -> list[tuple[int, str]]:
+    """(position, label) of every label the text asserts: option lists dropped, negation applied."""
+    found = []
+    for m in _NLI.finditer(text):
+        label = ("not_entailment" if m.group("joined") else "entailment" if m.group("ent")
+                 else "neutral" if m.group("neu") else "contradiction")
+        found.append((m.start(), m.end(), label))
+    # Runs of labels joined only by separators; a run of two or more labels is an option list.
+    keep = [True] * len(found)
+    i = 0
+    while i < len(found):
+        j = i
+        while j + 1 < len(found) and _OPTION_SEP.fullmatch(text, found[j][1], found[j + 1][0]):
+            j += 1
+        if len({label for _, _, label in found[i:j + 1]}) > 1:
+            keep[i:j + 1] = [False] * (j + 1 - i)
+        i = j + 1
+    out = []
+    for (start, _, label), kept in zip(found, keep):
+        if not kept:
+            continue
+        if _negated(text, start):
+            if label != "entailment":
+                continue  # "not neutral" does not say which label it is
+            label = NOT_ENTAILMENT
+        out.append((start, label))
+    return out
+
+
+def extract_nli_label(text: str | None) -> str | None:
+    """The NLI label ``text`` settles on: ``entailment``, ``neutral``, ``contradiction``,
+    ``not_entailment``, or None when it names none (or only negated ones, or only an option list).
+
+    The first label after the last answer marker ("answer:", "the answer is", "label:") that has
+    one, else the last label named; ``not_entailment`` gives way to neutral or contradiction.
+    """
+    text = text or ""
+    mentions = _label_mentions(text)
+    if not mentions:
         return None
-    try:
-        return float(found[-1].replace(",", ""))
-    except ValueError:
-        return None
+    for mark in reversed(list(_NLI_MARK.finditer(text))):
+        after = [label for pos, label in mentions if pos >= mark.end()]
+        if after:
+            specific = [label for label in after if label != NOT_ENTAILMENT]
+            return specific[0] if specific and after[0] == NOT_ENTAILMENT else after[0]
+    labels = [label for _, label in mentions]
+    specific = [label for label in labels if label != NOT_ENTAILMENT]
+    return specific[-1] if specific else labels[-1]
 
 
-def extract_nli_label(text: str) -> str | None:
-    """The first NLI label named in ``text`` (entails → entailment, contradicts → contradiction)."""
-    m = _NLI.search(text or "")
-    if not m:
-        return None
-    word = m.group(1).lower()
-    if word.startswith("entail"):
-        return "entailment"
-    if word.startswith("contradict"):
-        return "contradiction"
-    return "neutral"
+def _nli_hit(want: str, got: str | None) -> bool:
+    if want == NOT_ENTAILMENT:
+        return got in (NOT_ENTAILMENT, "neutral", "contradiction")
+    return got == want
 
 
-# Words of any script; CJK ideographs and kana count one character each (they are written
-# without spaces). rouge-score's default tokenizer keeps only a-z and 0-9, scoring Japanese or
-# Russian answers 0 even against themselves.
-_TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W_]+")
+def _nli_reference(ref: str, label_map: dict[str, str] | None) -> str | None:
+    if label_map:
+        ref = label_map.get(str(ref).strip(), ref)
+    return extract_nli_label(ref)
+
+
+def _check_label_map(label_map: dict[str, str]) -> None:
+    for key, value in label_map.items():
+        if extract_nli_label(str(value)) is None:
+            raise ValueError(f"data.label_map[{key!r}] = {value!r} names no NLI label; use one of "
+                             f"{', '.join(NLI_LABELS)}, {NOT_ENTAILMENT}")
+
+
+# --- text: ROUGE-L and BLEU ----------------------------------------------------------------------
+
+# Scripts written without spaces: a letter and its combining marks form one token.
+_CLUSTER_RANGES = (
+    (0x0E00, 0x0EFF),  # Thai, Lao
+    (0x1000, 0x109F),  # Myanmar
+    (0x1780, 0x17FF), (0x19E0, 0x19FF),  # Khmer
+    (0x1950, 0x19DF), (0x1A20, 0x1AAF), (0xAA80, 0xAADF),  # Tai Le, New Tai Lue, Tai Tham, Tai Viet
+    (0xA9E0, 0xA9FF), (0xAA60, 0xAA7F),  # Myanmar extensions
+)
+_HAN_RANGES = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x3134F))
+_KANA_RANGES = ((0x3040, 0x30FF), (0x31F0, 0x31FF), (0xFF66, 0xFF9F))
+
+
+def _in(ch: str, ranges: tuple[tuple[int, int], ...]) -> bool:
+    cp = ord(ch)
+    return any(lo <= cp <= hi for lo, hi in ranges)
+
+
+def _dropped_mark(ch: str) -> bool:
+    """Arabic/Hebrew optional vowel points and cantillation, the Arabic tatweel."""
+    cp = ord(ch)
+    return (0x064B <= cp <= 0x065F or cp in (0x0670, 0x0640) or 0x06D6 <= cp <= 0x06ED
+            or (0x0591 <= cp <= 0x05C7 and unicodedata.category(ch) == "Mn"))
+
+
+_SKIP, _MARK, _CLUSTER, _WORDCHAR, _SEPARATOR = range(5)
+
+
+@lru_cache(maxsize=65536)
+def _char_kind(ch: str) -> int:
+    cat = unicodedata.category(ch)
+    if _dropped_mark(ch):
+        return _SKIP
+    if cat[0] == "M":
+        return _MARK
+    if cat[0] == "L" and (_in(ch, _CLUSTER_RANGES) or _in(ch, _HAN_RANGES) or _in(ch, _KANA_RANGES)):
+        return _CLUSTER
+    return _WORDCHAR if cat[0] in "LN" else _SEPARATOR
+
+
+def rouge_tokens(text: str | None) -> list[str]:
+    """ROUGE-L tokens of ``text`` before stemming (rules in the module docstring)."""
+    tokens: list[str] = []
+    cur: list[str] = []
+    cluster = False  # whether ``cur`` is a character cluster (letter + marks)
+    for ch in unicodedata.normalize("NFC", text or "").lower():
+        kind = _char_kind(ch)
+        if kind == _MARK:
+            cur.append(ch)  # belongs to the letter before it (or starts a word)
+        elif kind == _CLUSTER or (kind == _WORDCHAR and cluster) or kind == _SEPARATOR:
+            if cur:
+                tokens.append("".join(cur))
+            cur, cluster = ([ch], kind == _CLUSTER) if kind != _SEPARATOR else ([], False)
+        elif kind == _WORDCHAR:
+            cur.append(ch)
+    if cur:
+        tokens.append("".join(cur))
+    return tokens
 
 
 class _UnicodeTokenizer:
-    """rouge-score tokenizer: lowercase, Unicode words, Porter stemming of ASCII words > 3 chars
+    """rouge-score tokenizer: ``rouge_tokens``, then Porter stemming of ASCII words > 3 chars
     (as rouge-score's own tokenizer with use_stemmer=True)."""
 
     def __init__(self):
@@ -64,8 +381,7 @@ class _UnicodeTokenizer:
         self._stemmer = porter.PorterStemmer()
 
     def tokenize(self, text: str) -> list[str]:
-        tokens = _TOKEN.findall((text or "").lower())
-        return [self._stemmer.stem(t) if len(t) > 3 and t.isascii() else t for t in tokens]
+        return [self._stemmer.stem(t) if len(t) > 3 and t.isascii() else t for t in rouge_tokens(text)]
 
 
 @lru_cache(maxsize=1)
@@ -84,30 +400,86 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
                for p, r in zip(predictions, references, strict=True)) / len(predictions)
 
 
-def bleu(predictions: list[str], references: list[str]) -> float:
-    """Corpus BLEU (sacrebleu, 0–100) of predictions against one reference each."""
+def _mecab_available() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in ("MeCab", "ipadic"))
+
+
+def bleu_tokenizer(references: list[str | None], predictions: list[str | None] | None = None) -> str:
+    """The sacrebleu tokenizer for these texts: ``zh``, ``ja-mecab``, ``char`` or ``13a``.
+
+    Chosen from the references' letters (the predictions' only when the references have none);
+    the rule is in the module docstring.
+    """
+    def counts(texts):
+        han = kana = unseg = letters = 0
+        for text in texts:
+            for ch in text or "":
+                if not ch.isalpha():
+                    continue
+                letters += 1
+                han += _in(ch, _HAN_RANGES)
+                kana += _in(ch, _KANA_RANGES)
+                unseg += _in(ch, _CLUSTER_RANGES)
+        return han, kana, unseg, letters
+
+    han, kana, unseg, letters = counts(references)
+    if not letters and predictions:
+        han, kana, unseg, letters = counts(predictions)
+    if kana and 2 * (han + kana) >= letters:
+        return "ja-mecab" if _mecab_available() else "char"
+    if han:
+        return "zh"
+    if letters and 2 * unseg >= letters:
+        return "char"
+    return "13a"
+
+
+def bleu(predictions: list[str], references: list[str], tokenize: str | None = None) -> float:
+    """Corpus BLEU (sacrebleu, 0–100) of predictions against one reference each.
+
+    ``tokenize`` is a sacrebleu tokenizer name; None chooses one by script (``bleu_tokenizer``).
+    """
     import sacrebleu
 
     if not predictions:
         return 0.0
-    return float(sacrebleu.corpus_bleu(predictions, [references]).score)
+    tokenize = tokenize or bleu_tokenizer(references, predictions)
+    preds = [p or "" for p in predictions]
+    refs = [r or "" for r in references]
+    return float(sacrebleu.corpus_bleu(preds, [refs], tokenize=tokenize).score)
 
 
-def score(task: str, predictions: list[str], references: list[str | None]) -> dict[str, float]:
-    """Task metrics for one model on one task (rows without a reference are skipped)."""
+# --- per task ------------------------------------------------------------------------------------
+
+def score(task: str, predictions: list[str], references: list[str | None],
+          label_map: dict[str, str] | None = None) -> tuple[dict[str, float], int]:
+    """Task metrics for one model on one task, and the number of unscorable references.
+
+    Returns ``(metrics, unscorable)``: math/nli ``{"accuracy": 0–1}`` ({} when no reference can be
+    scored), other tasks ``{"rougeL": 0–1, "bleu": 0–100}`` ({} when every reference is None).
+    Rows whose reference is None are skipped and not counted; ``unscorable`` counts the other
+    references with no number (math) or no NLI label (nli, after ``label_map``), which are left
+    out of the accuracy. ``label_map`` (``data.label_map``) maps NLI reference text, e.g.
+    ``{"0": "entailment"}``; a value that names no label raises ValueError.
+    """
     pairs = [(p, r) for p, r in zip(predictions, references, strict=True) if r is not None]
-    if not pairs:
-        return {}
-    preds, refs = [p for p, _ in pairs], [r for _, r in pairs]
-    if task in ("math", "nli"):
-        # Only references that carry a gold answer count (a number; an NLI label).
-        extract = extract_number if task == "math" else extract_nli_label
-        gold = [(extract(r), p) for p, r in pairs if extract(r) is not None]
+    if task == "math":
+        gold = [(want, p) for p, r in pairs if (want := extract_number(r)) is not None]
+        unscorable = len(pairs) - len(gold)
         if not gold:
-            return {}
-        if task == "math":
-            hits = sum((got := extract_number(p)) is not None and abs(want - got) < 1e-6 for want, p in gold)
-        else:
-            hits = sum(extract_nli_label(p) == want for want, p in gold)
-        return {"accuracy": hits / len(gold)}
-    return {"rougeL": rouge_l(preds, refs), "bleu": bleu(preds, refs)}
+            return {}, unscorable
+        hits = sum(_same_number(want, extract_number(p)) for want, p in gold)
+        return {"accuracy": hits / len(gold)}, unscorable
+    if task == "nli":
+        if label_map:
+            _check_label_map(label_map)
+        gold = [(want, p) for p, r in pairs if (want := _nli_reference(r, label_map)) is not None]
+        unscorable = len(pairs) - len(gold)
+        if not gold:
+            return {}, unscorable
+        hits = sum(_nli_hit(want, extract_nli_label(p)) for want, p in gold)
+        return {"accuracy": hits / len(gold)}, unscorable
+    if not pairs:
+        return {}, 0
+    preds, refs = [p for p, _ in pairs], [r for _, r in pairs]
+    return {"rougeL": rouge_l(preds, refs), "bleu": bleu(preds, refs)}, 0
