@@ -1,32 +1,102 @@
 """The evaluate stage: teacher, baseline student and distilled student on held-out prompts.
 
-All three models answer the same prompts through the same batch generation path
-(``generate.generate_table`` with engine ``eval.engine``, vLLM by default); the teacher runs with
-the ``teacher.*`` engine resources, the students with ``eval.*``. Written under ``output_dir/eval/``:
-``answers.parquet``, ``report.json``, ``report.md``, ``quality_vs_latency.png``,
-``agreement.png``.
+Prompts: the ``eval.split`` rows of ``corpus/prompts.parquet``, the split written once by generate
+(``raydistill.corpus.read_prompts``), never ``data.path`` re-read with today's ``data.*``: a changed
+``data.seed`` (or id field, path, template) would otherwise put training prompts into the test set.
+Evaluate fails when an evaluated prompt id is a train row of the corpus, and logs (and warns in the
+report) when the current ``data.*`` settings differ from those in ``corpus/config.yaml``.
+``eval.limit`` keeps a seeded sample spread over the task types (``data.sample_by_task`` with
+``data.seed``), not the first rows.
 
-Figures per model (``report.json`` → ``models.<name>``):
-- ``metrics``: task → metric → value (see ``raydistill.tasks``);
+Timing in interleaved rounds: the prompts are cut into ``eval.rounds`` parts (every
+``rounds``-th prompt, so each part mixes the tasks); in each round the teacher, the baseline
+student and the student answer that part, one after another, then the next round starts. Background
+load on the machine thus falls on all three models alike, and each round gives its own
+student/teacher ratios. Every model answers through ``generate.generate_table`` with engine
+``eval.engine`` (the teacher with the ``teacher.*`` resources, the students with ``eval.*``), one
+engine batch at a time. Each call starts an engine (vLLM: 10–30 s), which is not in any latency:
+latency is per request. The answers of all rounds together give the quality figures.
+
+Written under ``output_dir/eval/``: ``answers.parquet`` (every answer: the generation columns of
+``schema.GENERATED_SCHEMA`` + ``model`` + ``round``), ``report.json``, ``report.md``,
+``quality_vs_latency.png``, ``agreement.png``. ``answers.parquet`` is written first, into
+``eval.partial/``: if anything fails after the answers exist, that folder is kept (the log names
+it); the report is otherwise always written, with ``null`` (n/a in report.md) for every figure that
+cannot be computed (e.g. a model that answered no prompt), and the plots skip those points.
+``report.json`` is strict JSON (no NaN).
+
+``report.json``, top level:
+- ``split``, ``prompts`` (evaluated), ``prompts_by_task``, ``limit`` (``eval.limit``),
+  ``prompt_source`` (the prompts.parquet read);
+- ``data_changed_since_corpus``: ``data.<key>`` → ``{"corpus": …, "now": …}`` for every data setting
+  that differs from ``corpus/config.yaml`` (the corpus's split was used regardless);
+- ``teacher``, ``engine`` (``eval.engine``: the engine that produced latency and tokens/s);
+- ``memory_probe``: how memory was measured: ``engine`` (always ``transformers``: one batch of
+  ``batch`` prompts, ``max_new_tokens`` 32, in a fresh process, see ``raydistill._probe``), and
+  per model the ``dtype`` and ``device`` used (the dtype of that model's evaluation engine);
+- ``warnings``: list of sentences, also at the top of report.md: a model that answered no
+  prompt or failed some; degenerate output; retained quality below ``eval.warn_retained_below``;
+  unscorable references; a timing ratio whose spread over rounds exceeds ``eval.max_ratio_spread``;
+  a student that hits the token limit far more often than the teacher; data settings changed since
+  the corpus; a failed memory probe or plot;
+- ``thresholds``: ``max_ratio_spread``, ``warn_retained_below``, ``repeat_coverage``,
+  ``degenerate_share`` (the values the warnings used);
+- ``timing``: ``rounds`` (number of rounds run), ``per_round``: list of ``{round, prompts,
+  models: {name: {latency_ms_p50, output_tokens_per_s, answers}}}``;
+- ``compared_to_teacher``: per student (``baseline_student``, ``student``): ``params``,
+  ``size_mb_eval_dtype`` and ``model_memory_mb`` ratios (student / teacher, null when either is
+  missing), and ``latency_ms_p50`` and ``output_tokens_per_s`` ratio summaries over rounds, each
+  ``{median, min, max, spread, per_round, trusted}``: ``per_round`` the ratio in each round (null
+  where either model answered nothing that round), ``median`` / ``min`` / ``max`` over the rounds
+  that have one, ``spread`` = (max − min) / median (null with fewer than two rounds), ``trusted`` =
+  spread ≤ ``eval.max_ratio_spread`` (null when the spread is unknown);
+- ``retained`` (and ``retained_baseline``): student metric / teacher metric for each
+  ``task.metric`` and ``quality``; null where the teacher scored 0 or either is missing;
+- ``provenance``: package versions.
+
+``report.json`` → ``models.<name>`` (teacher, baseline_student, student):
+- ``metrics``: task → metric → value (see ``raydistill.tasks``), over the answered prompts;
+- ``unscorable``: task → number of answered prompts whose reference the scorer could not read
+  (an NLI label it does not know, a math reference without a number; ``data.label_map`` maps
+  labels), left out of that task's metrics;
 - ``quality``: mean of each task's primary metric (accuracy or ROUGE-L), 0–1; null without references;
-- ``agreement_rougeL``: mean ROUGE-L F1 of the answer against the teacher's answer, 0–1;
-- ``errors``: prompts that failed (e.g. longer than the engine's max length), left out of the
-  other figures;
+- ``agreement_rougeL``: mean ROUGE-L F1 of the answer against the teacher's answer, 0–1, over
+  prompts both answered;
+- ``answers`` / ``errors``: prompts answered / failed (e.g. longer than the engine's max length);
+  failed prompts are left out of every other figure;
+- ``finish_stop_share`` / ``finish_length_share``: share of answers that ended by themselves
+  (finish reason ``stop``) / that hit the token limit (``length``), 0–1;
+- ``mean_output_tokens``: mean answer length (tokens);
 - ``latency_ms_p50`` / ``latency_ms_p95``: per-answer latency (request sent → last token), ms;
+- ``latency_ms_per_token_p50``: median over answers of latency / answer tokens (ms/token); with the
+  hf engine a batch's answers return together, so a short answer carries its batch's time;
 - ``output_tokens_per_s``: generated tokens / engine time, the sum over engine batches (run one
   at a time) of the batch's slowest answer (engine start-up excluded);
-- ``peak_memory_mb``: see ``raydistill._probe`` (transformers, one batch, fresh process);
-- ``params``: parameter count; ``size_mb``: weight files on disk (MB = 10^6 bytes).
-``retained`` (top level, and ``retained_baseline``): student metric / teacher metric for each
-``task.metric`` and ``quality``; null where the teacher scored 0 (the ratio is undefined).
+- ``repetitive_share``: share of answers whose most repeated n-gram (n ≤ 4 tokens, at least 3
+  occurrences) covers more than ``repeat_coverage`` (0.5) of the answer's tokens;
+  ``max_repeat_run``: the longest run of one n-gram repeated back to back in any answer (repeats);
+  ``identical_share``: share of answers (NLI excluded: its answers are labels) whose text is the
+  answer to another prompt too; ``degenerate``: either share above ``degenerate_share`` (0.3);
+- ``params``: parameter count; ``dtype``: the evaluation engine's dtype;
+- ``model_memory_mb``: the model's own memory, weights + activations/KV cache at the probe batch
+  (peak − baseline on CPU; peak CUDA memory allocated on GPU); ``process_baseline_mb``: the
+  probe process with torch and transformers imported, before the model; ``peak_memory_mb``: the
+  probe process's peak (baseline + model); all MB = 10^6 bytes, measured with transformers in
+  ``dtype``, null if the probe failed;
+- ``size_mb``: weight files as stored (MB), ``size_dtype``: their dtype (from config.json), both
+  null when the model is a hub id not in the local cache; ``size_mb_eval_dtype``: params × bytes per
+  parameter of ``dtype`` (4 for float32, 2 for bfloat16/float16), the size compared across models;
+- ``path``: the model folder (or hub id) evaluated.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -34,39 +104,119 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from .config import Config
+from .config import Config, EngineConfig
 from .generate import engine_throughput
 from .tasks import PRIMARY, rouge_l, score
 
 log = logging.getLogger(__name__)
 
 MODEL_NAMES = ("teacher", "baseline_student", "student")
+STUDENTS = ("baseline_student", "student")
+#: An answer is repetitive when its most repeated n-gram covers more than this share of its tokens.
+REPEAT_COVERAGE = 0.5
+#: A model is flagged degenerate when more than this share of its answers is repetitive, or is
+#: the same text as the answer to another prompt.
+DEGENERATE_SHARE = 0.3
+#: Tasks whose answers are labels: identical answers across prompts are expected there.
+LABEL_TASKS = ("nli",)
+BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "float16": 2}
+_MAX_NGRAM = 4
 
 
-def _percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in 0–100), as numpy's default."""
+# ----------------------------------------------------------------------------- small arithmetic
+
+def _percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in 0–100), as numpy's default; None for no values."""
     import numpy as np
 
-    return float(np.percentile(values, q)) if values else float("nan")
+    return float(np.percentile(values, q)) if values else None
 
 
-def memory_probe(model_dir: str, messages: list, batch: int) -> dict:
-    """Run ``raydistill._probe`` in a fresh Python process; returns peak_memory_mb and params."""
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    # Prompts go through stdin: a command-line argument is capped at 128 KiB on Linux.
-    proc = subprocess.run([sys.executable, "-m", "raydistill._probe", model_dir], input=json.dumps(messages[:batch]),
-                          capture_output=True, text=True, env=env, timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory probe failed for {model_dir}:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _ratio(a, b) -> float | None:
+    """a / b, or None when either is missing or b is 0."""
+    if a is None or b is None or not b:
+        return None
+    return a / b
 
 
-def model_report(table: pa.Table, teacher: pa.Table) -> dict:
-    """Quality, agreement and latency figures of one model's answers (see module docstring).
+def _finite(obj):
+    """``obj`` with every NaN/inf float replaced by None, recursively (strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
-    Rows that failed (``error`` set, e.g. a prompt longer than the engine's max length) are
-    counted in ``errors`` and left out of every other figure; agreement uses the rows that
-    both this model and the teacher answered.
+
+# ----------------------------------------------------------------------------- answer figures
+
+def repetition(tokens: list) -> tuple[float, int]:
+    """How repetitive one answer is: (coverage, max_run).
+
+    ``coverage``: the largest share of the tokens covered by the occurrences of one n-gram (for
+    each n = 1..4 its most frequent n-gram, if it occurs at least 3 times); 0.0 when none does.
+    ``max_run``: the most times one n-gram repeats back to back (1 = no repeat; 0 for an empty answer).
+    """
+    n_tok = len(tokens)
+    if n_tok == 0:
+        return 0.0, 0
+    coverage, max_run = 0.0, 1
+    for n in range(1, _MAX_NGRAM + 1):
+        if n_tok < n:
+            break
+        counts: dict[tuple, int] = {}
+        for i in range(n_tok - n + 1):
+            key = tuple(tokens[i:i + n])
+            counts[key] = counts.get(key, 0) + 1
+        key, top = max(counts.items(), key=lambda kv: kv[1])
+        if top >= 3:
+            covered = set()
+            for i in range(n_tok - n + 1):
+                if tuple(tokens[i:i + n]) == key:
+                    covered.update(range(i, i + n))
+            coverage = max(coverage, len(covered) / n_tok)
+        streak = 0  # positions i with tokens[i] == tokens[i - n], consecutively
+        for i in range(n, n_tok):
+            streak = streak + 1 if tokens[i] == tokens[i - n] else 0
+            max_run = max(max_run, streak // n + 1)
+    return coverage, max_run
+
+
+def degeneracy(rows: list[dict]) -> dict:
+    """Degenerate-output figures of one model's answered rows (see module docstring).
+
+    Tokens are the row's ``response_token_ids`` (whitespace words when the engine gave none).
+    Returns ``repetitive_share``, ``max_repeat_run``, ``identical_share`` (None without rows) and
+    ``degenerate`` (bool).
+    """
+    if not rows:
+        return {"repetitive_share": None, "max_repeat_run": None, "identical_share": None, "degenerate": False}
+    reps = [repetition(list(r.get("response_token_ids") or []) or (r["response"] or "").split()) for r in rows]
+    repetitive = sum(cov > REPEAT_COVERAGE for cov, _ in reps) / len(rows)
+    texts = [" ".join((r["response"] or "").split()).lower() for r in rows if r["task"] not in LABEL_TASKS]
+    seen: dict[str, int] = {}
+    for t in texts:
+        seen[t] = seen.get(t, 0) + 1
+    identical = sum(seen[t] > 1 for t in texts) / len(texts) if texts else None
+    return {"repetitive_share": repetitive, "max_repeat_run": max(run for _, run in reps),
+            "identical_share": identical,
+            "degenerate": repetitive > DEGENERATE_SHARE or (identical or 0.0) > DEGENERATE_SHARE}
+
+
+def _score(task: str, preds: list[str], refs: list, label_map: dict | None) -> tuple[dict, int]:
+    """``tasks.score`` → (metrics, unscorable reference count)."""
+    return score(task, preds, refs, label_map=label_map)
+
+
+def model_report(table: pa.Table, teacher: pa.Table, label_map: dict[str, str] | None = None) -> dict:
+    """Quality, agreement, ending, degeneracy and latency figures of one model's answers.
+
+    ``table`` and ``teacher``: answers (``GENERATED_SCHEMA`` columns) to the same prompts in the
+    same order. Rows that failed (``error`` set) are counted in ``errors`` and left out of every
+    other figure; agreement uses the rows that both this model and the teacher answered. Figures
+    that need an answered row are None when there is none (see module docstring for each key).
     """
     rows = table.to_pylist()
     ok = [r for r in rows if r["error"] is None]
@@ -75,114 +225,376 @@ def model_report(table: pa.Table, teacher: pa.Table) -> dict:
         preds, refs = by_task.setdefault(r["task"], ([], []))
         preds.append(r["response"])
         refs.append(r["reference"])
-    metrics = {task: ms for task, (p, refs) in sorted(by_task.items()) if (ms := score(task, p, refs))}
-    primary = [m[PRIMARY[t]] for t, m in metrics.items() if PRIMARY[t] in m]
-    lat_ms = [r["latency_s"] * 1000 for r in ok]
+    metrics: dict[str, dict] = {}
+    unscorable: dict[str, int] = {}
+    for task, (p, refs) in sorted(by_task.items()):
+        ms, bad = _score(task, p, refs, label_map)
+        if ms:
+            metrics[task] = ms
+        if bad:
+            unscorable[task] = bad
+    primary = [m[PRIMARY[t]] for t, m in metrics.items() if PRIMARY.get(t) in m]
+    lat_ms = [r["latency_s"] * 1000 for r in ok if r["latency_s"] is not None]
+    per_token = [r["latency_s"] * 1000 / r["response_tokens"] for r in ok
+                 if r["latency_s"] is not None and r["response_tokens"]]
     both = [(r["response"], t["response"]) for r, t in zip(rows, teacher.to_pylist(), strict=True)
             if r["error"] is None and t["error"] is None]
+    n_ok = len(ok)
     return {
         "metrics": metrics,
+        "unscorable": unscorable,
         "quality": sum(primary) / len(primary) if primary else None,
         "agreement_rougeL": rouge_l([a for a, _ in both], [b for _, b in both]) if both else None,
+        "answers": n_ok,
+        "errors": len(rows) - n_ok,
+        "finish_stop_share": sum(r["finish_reason"] == "stop" for r in ok) / n_ok if n_ok else None,
+        "finish_length_share": sum(r["finish_reason"] == "length" for r in ok) / n_ok if n_ok else None,
+        "mean_output_tokens": sum(r["response_tokens"] or 0 for r in ok) / n_ok if n_ok else None,
         "latency_ms_p50": _percentile(lat_ms, 50),
         "latency_ms_p95": _percentile(lat_ms, 95),
-        "output_tokens_per_s": engine_throughput(table),
-        "answers": len(ok),
-        "errors": len(rows) - len(ok),
-        "mean_output_tokens": sum(r["response_tokens"] for r in ok) / max(1, len(ok)),
+        "latency_ms_per_token_p50": _percentile(per_token, 50),
+        "output_tokens_per_s": engine_throughput(table) if lat_ms else None,
+        **degeneracy(ok),
     }
 
 
 def retained(student: dict, teacher: dict) -> dict[str, float | None]:
-    """student / teacher per ``task.metric`` and for ``quality``; None where the teacher is 0."""
+    """student / teacher per ``task.metric`` and for ``quality``; None where the teacher is 0 or
+    either value is missing."""
     out: dict[str, float | None] = {}
     for task, ms in teacher["metrics"].items():
         for metric, t_val in ms.items():
-            s_val = student["metrics"].get(task, {}).get(metric)
-            out[f"{task}.{metric}"] = (s_val / t_val) if (s_val is not None and t_val) else None
-    out["quality"] = (student["quality"] / teacher["quality"]
-                      if teacher["quality"] and student["quality"] is not None else None)
+            out[f"{task}.{metric}"] = _ratio(student["metrics"].get(task, {}).get(metric), t_val)
+    out["quality"] = _ratio(student["quality"], teacher["quality"])
     return out
 
 
-def _fmt(v, digits=3) -> str:
+# ----------------------------------------------------------------------------- rounds
+
+def split_rounds(prompts: pa.Table, rounds: int) -> list[pa.Table]:
+    """Cut ``prompts`` into ``min(rounds, rows)`` parts: part r holds rows r, r + R, r + 2R, …
+    (so each part mixes the task types). Every row lands in exactly one part."""
+    n = max(1, min(rounds, prompts.num_rows))
+    return [prompts.take(list(range(r, prompts.num_rows, n))) for r in range(n)]
+
+
+def round_figures(table: pa.Table) -> dict:
+    """Timing figures of one model in one round: latency_ms_p50, output_tokens_per_s, answers."""
+    lat = [x * 1000 for x, e in zip(table.column("latency_s").to_pylist(), table.column("error").to_pylist())
+           if e is None and x is not None]
+    return {"latency_ms_p50": _percentile(lat, 50), "output_tokens_per_s": engine_throughput(table) if lat else None,
+            "answers": len(lat)}
+
+
+def ratio_spread(values: list[float | None], max_spread: float) -> dict:
+    """Summary of one ratio measured in several rounds.
+
+    Args:
+        values: the ratio per round (None where a round has none).
+        max_spread: ``eval.max_ratio_spread``.
+    Returns:
+        ``{median, min, max, spread, per_round, trusted}``: median/min/max over the rounds that
+        have a value (None if none); spread = (max - min) / median (None with fewer than two
+        values or a zero median); trusted = spread <= max_spread (None when spread is None).
+    """
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "spread": None, "per_round": list(values), "trusted": None}
+    med = statistics.median(vals)
+    spread = (max(vals) - min(vals)) / med if len(vals) >= 2 and med > 0 else None
+    return {"median": med, "min": min(vals), "max": max(vals), "spread": spread, "per_round": list(values),
+            "trusted": None if spread is None else spread <= max_spread}
+
+
+def timing_ratios(per_round: list[dict[str, dict]], student: str, max_spread: float) -> dict:
+    """``student`` / teacher ratios of latency p50 and of tokens/s, one per round, summarised by
+    ``ratio_spread``. ``per_round``: for each round, model name → ``round_figures``."""
+    out = {}
+    for key in ("latency_ms_p50", "output_tokens_per_s"):
+        vals = [_ratio(r[student][key], r["teacher"][key]) for r in per_round]
+        out[key] = ratio_spread(vals, max_spread)
+    return out
+
+
+# ----------------------------------------------------------------------------- the report
+
+def build_report(answers: dict[str, pa.Table], model_info: dict[str, dict], *, split: str, teacher: str,
+                 engine: str, label_map: dict | None, max_ratio_spread: float, warn_retained_below: float,
+                 extra: dict | None = None) -> dict:
+    """The report dict (see module docstring) from the answers of the three models.
+
+    Args:
+        answers: model name → answers (``GENERATED_SCHEMA`` columns + ``round``: int), the same
+            prompts in the same order for every model.
+        model_info: model name → probe and size figures (``params``, ``dtype``, ``device``,
+            ``model_memory_mb``, ``process_baseline_mb``, ``peak_memory_mb``, ``size_mb``,
+            ``size_dtype``, ``path``; missing ones become null), plus an optional ``note`` (a warning).
+        extra: more top-level keys (``prompt_source``, ``limit``, ``data_changed_since_corpus``, ...).
+    Returns:
+        A dict that ``json.dumps(..., allow_nan=False)`` accepts.
+    """
+    models: dict[str, dict] = {}
+    for name in MODEL_NAMES:
+        rep = model_report(answers[name], answers["teacher"], label_map)
+        info = dict(model_info.get(name, {}))
+        info.pop("note", None)
+        for key in ("params", "dtype", "model_memory_mb", "process_baseline_mb", "peak_memory_mb", "size_mb",
+                    "size_dtype", "path"):
+            rep[key] = info.get(key)
+        per_param = BYTES_PER_PARAM.get(rep["dtype"] or "")
+        rep["size_mb_eval_dtype"] = round(rep["params"] * per_param / 1e6, 2) if rep["params"] and per_param else None
+        models[name] = rep
+
+    import pyarrow.compute as pc
+
+    def in_round(table: pa.Table, r: int) -> pa.Table:
+        return table.filter(pc.equal(table.column("round"), r)) if "round" in table.column_names else table
+
+    teacher_rows = answers["teacher"]
+    rounds = sorted(set(teacher_rows.column("round").to_pylist())) if "round" in teacher_rows.column_names else [0]
+    per_round = [{"round": r, "prompts": in_round(teacher_rows, r).num_rows,
+                  "models": {name: round_figures(in_round(answers[name], r)) for name in MODEL_NAMES}}
+                 for r in rounds]
+    compared = {}
+    t = models["teacher"]
+    for name in STUDENTS:
+        s = models[name]
+        compared[name] = {
+            "params": _ratio(s["params"], t["params"]),
+            "size_mb_eval_dtype": _ratio(s["size_mb_eval_dtype"], t["size_mb_eval_dtype"]),
+            "model_memory_mb": _ratio(s["model_memory_mb"], t["model_memory_mb"]),
+            **timing_ratios([p["models"] for p in per_round], name, max_ratio_spread),
+        }
+    tasks = teacher_rows.column("task").to_pylist()
+    report = {
+        "split": split, "prompts": teacher_rows.num_rows,
+        "prompts_by_task": {k: tasks.count(k) for k in sorted(set(tasks))},
+        "teacher": teacher, "engine": engine,
+        **(extra or {}),
+        "memory_probe": {"engine": "transformers", "max_new_tokens": 32,
+                         "batch": next((i.get("batch") for i in model_info.values() if i.get("batch")), None),
+                         "models": {n: {"dtype": model_info.get(n, {}).get("dtype"),
+                                        "device": model_info.get(n, {}).get("device")} for n in MODEL_NAMES}},
+        "thresholds": {"max_ratio_spread": max_ratio_spread, "warn_retained_below": warn_retained_below,
+                       "repeat_coverage": REPEAT_COVERAGE, "degenerate_share": DEGENERATE_SHARE},
+        "warnings": [],
+        "models": models,
+        "timing": {"rounds": len(per_round), "per_round": per_round},
+        "compared_to_teacher": compared,
+        "retained": retained(models["student"], models["teacher"]),
+        "retained_baseline": retained(models["baseline_student"], models["teacher"]),
+    }
+    report["warnings"] = build_warnings(report, answers, model_info)
+    return _finite(report)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
+def build_warnings(report: dict, answers: dict[str, pa.Table], model_info: dict[str, dict]) -> list[str]:
+    """The report's ``warnings``: every reason not to take its figures at face value."""
+    out: list[str] = []
+    m, th = report["models"], report["thresholds"]
+    for key, change in (report.get("data_changed_since_corpus") or {}).items():
+        out.append(f"{key} differs from the corpus's settings (corpus {change['corpus']!r}, now {change['now']!r}): "
+                   "the corpus's own split was evaluated (corpus/prompts.parquet), not today's data settings")
+    for name in MODEL_NAMES:
+        rep = m[name]
+        total = rep["answers"] + rep["errors"]
+        if rep["errors"]:
+            first = next((e for e in answers[name].column("error").to_pylist() if e is not None), "")
+            if rep["answers"] == 0:
+                out.append(f"{name} answered none of the {total} prompts (all failed, e.g. {first[:160]}): its "
+                           "figures are null")
+            else:
+                out.append(f"{name}: {rep['errors']} of the {total} prompts failed (e.g. {first[:160]}); they are "
+                           "left out of its figures")
+        if rep["repetitive_share"] is not None and rep["repetitive_share"] > th["degenerate_share"]:
+            out.append(f"{name}: degenerate output: {_pct(rep['repetitive_share'])} of answers repeat one token "
+                       f"sequence over more than {_pct(th['repeat_coverage'])} of their length (longest run: "
+                       f"{rep['max_repeat_run']} repeats)")
+        if rep["identical_share"] is not None and rep["identical_share"] > th["degenerate_share"]:
+            out.append(f"{name}: degenerate output: {_pct(rep['identical_share'])} of answers are the same text as "
+                       "the answer to another prompt")
+        note = model_info.get(name, {}).get("note")
+        if note:
+            out.append(f"{name}: {note}")
+    unscorable: dict[str, int] = {}
+    for name in MODEL_NAMES:
+        for task, n in m[name]["unscorable"].items():
+            unscorable[task] = max(unscorable.get(task, 0), n)
+    for task, n in sorted(unscorable.items()):
+        out.append(f"{task}: {n} reference(s) could not be scored (no label or number the scorer reads) and are "
+                   "left out of its metrics; map labels with data.label_map")
+    q = report["retained"]["quality"]
+    if q is not None and q < th["warn_retained_below"]:
+        out.append(f"student retains {q:.3f} of the teacher's quality, below eval.warn_retained_below "
+                   f"({th['warn_retained_below']})")
+    t_len = m["teacher"]["finish_length_share"]
+    for name in STUDENTS:
+        s_len = m[name]["finish_length_share"]
+        if s_len is not None and t_len is not None and s_len > t_len + 0.25:
+            out.append(f"{name}: {_pct(s_len)} of answers ran to the token limit (teacher: {_pct(t_len)}), "
+                       "which makes it slower per answer")
+    for name in STUDENTS:
+        for key, label in (("latency_ms_p50", "latency p50"), ("output_tokens_per_s", "tokens/s")):
+            r = report["compared_to_teacher"][name][key]
+            if r["trusted"] is False:
+                rounds = report["timing"]["rounds"]
+                out.append(f"{name}/teacher {label} ratio varies by {_pct(r['spread'])} over {rounds} "
+                           f"rounds (min {r['min']:.2f}, max {r['max']:.2f}), above eval.max_ratio_spread "
+                           f"({th['max_ratio_spread']}): the machine's load changed while timing; do not trust it")
+    return out
+
+
+def _fmt(v, digits: int = 3) -> str:
     if v is None:
         return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
     if isinstance(v, float):
-        return f"{v:.{digits}f}"
+        return f"{v:,.{digits}f}"
     return str(v)
 
 
+def _fmt_ratio(r: dict, what: str) -> str:
+    """A ratio summary over rounds: '0.51× the teacher's (rounds 0.48–0.55, spread 8%)'."""
+    if r["median"] is None:
+        return "n/a"
+    text = f"{r['median']:.2f}× {what} (rounds {r['min']:.2f}–{r['max']:.2f}"
+    text += f", spread {_pct(r['spread'])})" if r["spread"] is not None else ", one round: spread unknown)"
+    if r["trusted"] is False:
+        text += " **not to be trusted: machine load**"
+    return text
+
+
 def write_markdown(report: dict, answers: dict[str, pa.Table], path: Path) -> None:
+    """report.md: warnings first, then the summary, timing rounds, per-task quality, examples.
+    Missing values print as n/a; nothing here divides by a missing figure."""
     m = report["models"]
     names = list(MODEL_NAMES)
-    lines = ["# raydistill evaluation report", "",
-             f"Split `{report['split']}`, {report['prompts']} prompts; teacher `{report['teacher']}`; "
-             f"engine `{report['engine']}`.", "",
-             "## Summary", "",
-             "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    rows = [("quality (mean primary metric, 0–1)", "quality"),
-            ("agreement with teacher (ROUGE-L, 0–1)", "agreement_rougeL"),
-            ("latency p50 (ms)", "latency_ms_p50"), ("latency p95 (ms)", "latency_ms_p95"),
-            ("output tokens/s", "output_tokens_per_s"), ("peak memory (MB)", "peak_memory_mb"),
-            ("parameters", "params"), ("size on disk (MB)", "size_mb"),
-            ("mean answer length (tokens)", "mean_output_tokens"),
-            ("failed prompts (left out above)", "errors")]
-    for label, key in rows:
-        digits = 3 if key in ("quality", "agreement_rougeL") else 1
-        lines.append(f"| {label} | " + " | ".join(_fmt(m[n][key], digits) if key != "params"
-                                                  else f"{m[n][key]:,}" for n in names) + " |")
+    lines = ["# raydistill evaluation report", ""]
+    if report["warnings"]:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in report["warnings"]] + [""]
+    by_task = ", ".join(f"{k} {v}" for k, v in report.get("prompts_by_task", {}).items())
+    probe = report["memory_probe"]
+    dtypes = ", ".join(f"{n} {probe['models'][n]['dtype'] or 'n/a'} on {probe['models'][n]['device'] or 'n/a'}"
+                       for n in names)
+    lines += [f"Split `{report['split']}`, {report['prompts']} prompts ({by_task}); teacher `{report['teacher']}`; "
+              f"engine `{report['engine']}`, timed in {report['timing']['rounds']} interleaved round(s). "
+              f"Memory measured with {probe['engine']} (batch {_fmt(probe['batch'])}, {probe['max_new_tokens']} new "
+              f"tokens) in each model's evaluation dtype: {dtypes}.", "",
+              "## Summary", "",
+              "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    rows = [("quality (mean primary metric, 0–1)", "quality", 3),
+            ("agreement with teacher (ROUGE-L, 0–1)", "agreement_rougeL", 3),
+            ("prompts answered", "answers", 0), ("failed prompts (left out above)", "errors", 0),
+            ("ended by themselves (finish stop)", "finish_stop_share", "%"),
+            ("hit the token limit (finish length)", "finish_length_share", "%"),
+            ("mean answer length (tokens)", "mean_output_tokens", 1),
+            ("latency p50 per answer (ms)", "latency_ms_p50", 1), ("latency p95 per answer (ms)", "latency_ms_p95", 1),
+            ("latency p50 per output token (ms/token)", "latency_ms_per_token_p50", 1),
+            ("output tokens/s", "output_tokens_per_s", 1),
+            ("model memory: weights + activations (MB)", "model_memory_mb", 1),
+            ("process baseline: interpreter + libraries (MB)", "process_baseline_mb", 1),
+            ("peak process memory (MB)", "peak_memory_mb", 1), ("eval dtype", "dtype", 0),
+            ("parameters", "params", 0), ("size on disk as stored (MB)", "size_mb", 1),
+            ("stored dtype", "size_dtype", 0), ("size in eval dtype (MB)", "size_mb_eval_dtype", 1),
+            ("repetitive answers", "repetitive_share", "%"),
+            ("answers identical across prompts", "identical_share", "%"),
+            ("degenerate output", "degenerate", 0)]
+    for label, key, digits in rows:
+        cells = [_pct(m[n].get(key)) if digits == "%" else _fmt(m[n].get(key), digits) for n in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    lines += ["", "## Timing rounds", "",
+              "Each round, every model answers the same part of the prompts, one after another.", "",
+              "| round | prompts | " + " | ".join(f"{n} p50 (ms)" for n in names) +
+              " | student/teacher latency | student/teacher tokens/s |", "|---|---|" + "---|" * (len(names) + 2)]
+    for r in report["timing"]["per_round"]:
+        f = r["models"]
+        lat = _ratio(f["student"]["latency_ms_p50"], f["teacher"]["latency_ms_p50"])
+        tps = _ratio(f["student"]["output_tokens_per_s"], f["teacher"]["output_tokens_per_s"])
+        lines.append(f"| {r['round']} | {r['prompts']} | " + " | ".join(_fmt(f[n]["latency_ms_p50"], 1) for n in names)
+                     + f" | {_fmt(lat, 2)} | {_fmt(tps, 2)} |")
+
+    unscorable = {t for n in names for t in m[n]["unscorable"]}
     lines += ["", "## Quality per task", "", "| task | metric | " + " | ".join(names) +
-              " | student retained |", "|---|---|" + "---|" * (len(names) + 1)]
-    for task, ms in m["teacher"]["metrics"].items():
-        for metric in ms:
+              " | student retained | unscorable references |", "|---|---|" + "---|" * (len(names) + 2)]
+    tasks = sorted(set(m["teacher"]["metrics"]) | unscorable | {t for n in names for t in m[n]["metrics"]})
+    for task in tasks:
+        metrics = next((m[n]["metrics"][task] for n in names if task in m[n]["metrics"]), {"-": None})
+        bad = max(m[n]["unscorable"].get(task, 0) for n in names)
+        for metric in metrics:
             vals = [m[n]["metrics"].get(task, {}).get(metric) for n in names]
             lines.append(f"| {task} | {metric} | " + " | ".join(_fmt(v) for v in vals) +
-                         f" | {_fmt(report['retained'].get(f'{task}.{metric}'))} |")
+                         f" | {_fmt(report['retained'].get(f'{task}.{metric}'))} | {bad} |")
+
     s, t = m["student"], m["teacher"]
+    cmp = report["compared_to_teacher"]["student"]
+    theirs = "the teacher's"
     lines += ["", "## What the student kept and what it saves", "",
               f"- Quality retained: {_fmt(report['retained']['quality'])} of the teacher's "
               f"(baseline student: {_fmt(report['retained_baseline']['quality'])}).",
               f"- Agreement with the teacher: {_fmt(s['agreement_rougeL'])} vs "
               f"{_fmt(m['baseline_student']['agreement_rougeL'])} before distillation.",
-              f"- Parameters: {s['params'] / t['params']:.2f}× the teacher's; size on disk "
-              f"{s['size_mb'] / t['size_mb']:.2f}×; peak memory {s['peak_memory_mb'] / t['peak_memory_mb']:.2f}×.",
-              f"- Latency p50: {s['latency_ms_p50'] / t['latency_ms_p50']:.2f}× the teacher's; throughput "
-              f"{s['output_tokens_per_s'] / max(t['output_tokens_per_s'], 1e-9):.2f}×.", "",
+              f"- Parameters: {_fmt(cmp['params'], 2)}× the teacher's; size in the eval dtype "
+              f"{_fmt(cmp['size_mb_eval_dtype'], 2)}×; model memory {_fmt(cmp['model_memory_mb'], 2)}× "
+              f"({_fmt(s['model_memory_mb'], 0)} vs {_fmt(t['model_memory_mb'], 0)} MB, besides a process "
+              f"baseline of about {_fmt(t['process_baseline_mb'], 0)} MB).",
+              f"- Latency p50 (median over rounds): {_fmt_ratio(cmp['latency_ms_p50'], theirs)}.",
+              f"- Output tokens/s (median over rounds): {_fmt_ratio(cmp['output_tokens_per_s'], theirs)}.",
+              f"- Answers that ended by themselves: student {_pct(s['finish_stop_share'])}, teacher "
+              f"{_pct(t['finish_stop_share'])}; mean length {_fmt(s['mean_output_tokens'], 1)} vs "
+              f"{_fmt(t['mean_output_tokens'], 1)} tokens.", "",
               "![quality vs latency](quality_vs_latency.png)", "", "![agreement](agreement.png)", "",
               "## Example answers", ""]
     tea = answers["teacher"].to_pylist()
+    others = {n: answers[n].slice(0, 5).to_pylist() for n in names}
     for i in range(min(5, len(tea))):
         prompt = tea[i]["messages"][-1]["content"].replace("\n", " ")
-        lines.append(f"**[{tea[i]['task']}] {prompt}**  ")
+        lines.append(f"**[{tea[i]['task']}] {prompt[:300]}**  ")
         if tea[i]["reference"] is not None:
             lines.append(f"- reference: {tea[i]['reference']}")
         for n in names:
-            row = answers[n].slice(i, 1).to_pylist()[0]
-            text = row["response"].strip().replace("\n", " ")
+            row = others[n][i]
+            text = (row["response"] or "").strip().replace("\n", " ")
             if row["error"] is not None:
                 text = f"(failed: {row['error'][:200]})"
             elif not text:
                 text = f"(blank: {row['response_tokens']} tokens of whitespace or special tokens)"
-            lines.append(f"- {n}: {text[:300]}")
+            lines.append(f"- {n} ({row['finish_reason']}): {text[:300]}")
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
 
 
 def write_plots(report: dict, folder: Path) -> list[Path]:
+    """quality_vs_latency.png and agreement.png; models without a figure are left out (labelled n/a)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     m = report["models"]
+    colors = dict(zip(MODEL_NAMES, ("tab:blue", "tab:gray", "tab:orange")))
     # Without references there is no task quality: agreement with the teacher is the quality axis.
     key, label = (("quality", "quality (mean primary metric)") if m["teacher"]["quality"] is not None
                   else ("agreement_rougeL", "agreement with teacher (ROUGE-L)"))
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, color in zip(MODEL_NAMES, ("tab:blue", "tab:gray", "tab:orange")):
-        ax.scatter(m[name]["latency_ms_p50"], m[name][key], s=80, color=color, label=name)
-        ax.annotate(name, (m[name]["latency_ms_p50"], m[name][key]), textcoords="offset points", xytext=(6, 4))
+    missing = []
+    for name in MODEL_NAMES:
+        x, y = m[name]["latency_ms_p50"], m[name][key]
+        if x is None or y is None:
+            missing.append(name)
+            continue
+        ax.scatter(x, y, s=80, color=colors[name], label=name)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4))
+    if missing:
+        ax.text(0.02, 0.02, "n/a (no answered prompt or no figure): " + ", ".join(missing),
+                transform=ax.transAxes, fontsize=8)
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
     ax.set_xlabel("latency p50 per answer (ms)")
@@ -195,10 +607,13 @@ def write_plots(report: dict, folder: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    vals = [m[n]["agreement_rougeL"] or 0.0 for n in MODEL_NAMES]  # None: no answered prompt
-    ax.bar(list(MODEL_NAMES), vals, color=["tab:blue", "tab:gray", "tab:orange"])
+    vals = [m[n]["agreement_rougeL"] for n in MODEL_NAMES]
+    ax.bar(list(MODEL_NAMES), [v or 0.0 for v in vals], color=[colors[n] for n in MODEL_NAMES])
+    for i, v in enumerate(vals):
+        ax.annotate("n/a" if v is None else f"{v:.2f}", (i, v or 0.0), ha="center", textcoords="offset points",
+                    xytext=(0, 3))
     ax.set_ylabel("ROUGE-L vs teacher answer")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.1)
     ax.set_title("Agreement with the teacher")
     fig.tight_layout()
     p2 = folder / "agreement.png"
@@ -207,30 +622,183 @@ def write_plots(report: dict, folder: Path) -> list[Path]:
     return [p1, p2]
 
 
+def write_report(folder: Path, report: dict, answers: dict[str, pa.Table]) -> None:
+    """Write report.json, report.md and the plots into ``folder``. A plot that fails becomes a
+    warning; report.json is strict JSON (ValueError on NaN, which build_report never leaves)."""
+    try:
+        write_plots(report, folder)
+    except Exception as e:  # a figure must not cost the report
+        log.exception("evaluate: plots failed")
+        report["warnings"].append(f"plots could not be drawn: {type(e).__name__}: {e}")
+    (folder / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False))
+    write_markdown(report, answers, folder / "report.md")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def memory_probe(model_dir: str, messages: list, batch: int, dtype: str | None = None,
+                 device: str | None = None) -> dict:
+    """Run ``raydistill._probe`` in a fresh Python process (see its docstring for the keys).
+
+    ``dtype``/``device``: as the model's evaluation engine ran it (default float32 on CPU).
+    Raises RuntimeError with the probe's stderr when it fails.
+    """
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    args = [sys.executable, "-m", "raydistill._probe", model_dir]
+    if dtype:
+        args += ["--dtype", dtype]
+    if device:
+        args += ["--device", device]
+    # Prompts go through stdin: a command-line argument is capped at 128 KiB on Linux.
+    proc = subprocess.run(args, input=json.dumps(messages[:batch]), capture_output=True, text=True, env=env,
+                          timeout=1800)
+    if proc.returncode != 0:
+        lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
+        raise RuntimeError(f"memory probe failed for {model_dir}: {lines[-1] if lines else f'exit {proc.returncode}'}"
+                           f"\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def model_files(path: str) -> tuple[float | None, str | None]:
+    """(size of the weight files in MB, their dtype from config.json) of a local model folder, or of
+    a hub id in the local HF cache (no download); (None, None) when neither is found."""
+    from .models import size_on_disk_mb
+
+    folder = Path(path)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(path, local_files_only=True))
+        except Exception:  # not cached, not a hub id: unknown, not an error
+            return None, None
+    config = folder / "config.json"
+    stored = None
+    if config.is_file():
+        cfg = json.loads(config.read_text())
+        stored = cfg.get("dtype") or cfg.get("torch_dtype")
+    return round(size_on_disk_mb(folder), 2), stored
+
+
+def _flat(d: dict, prefix: str) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "label_map":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def data_changes(corpus: Path, cfg: Config) -> dict[str, dict]:
+    """``data.<key>`` → {corpus, now} for each data setting that differs from the corpus's
+    ``config.yaml`` ({} when the corpus has none)."""
+    import yaml
+
+    file = Path(corpus) / "config.yaml"
+    if not file.is_file():
+        return {}
+    then = _flat((yaml.safe_load(file.read_text()) or {}).get("data") or {}, "data.")
+    now = _flat(cfg.data.model_dump(mode="json"), "data.")
+    return {k: {"corpus": then.get(k), "now": now.get(k)} for k in sorted(set(then) | set(now))
+            if then.get(k) != now.get(k)}
+
+
+def _corpus_ids(corpus: Path, split: str) -> set[str]:
+    """Prompt ids of the corpus rows (``data/part-*.parquet``) in ``split``; reads two columns only."""
+    import pyarrow.parquet as pq
+
+    from .corpus import read_manifest
+
+    ids: set[str] = set()
+    for shard in read_manifest(corpus).get("shards", []):
+        if (Path(corpus) / shard).is_file():
+            t = pq.read_table(Path(corpus) / shard, columns=["prompt_id", "split"])
+            pairs = zip(t.column("prompt_id").to_pylist(), t.column("split").to_pylist())
+            ids.update(p for p, s in pairs if s == split)
+    return ids
+
+
+def load_eval_prompts(cfg: Config) -> tuple[pa.Table, dict[str, dict]]:
+    """The prompts to evaluate and the data settings changed since the corpus.
+
+    Reads the ``eval.split`` rows of ``corpus/prompts.parquet`` (the split written by generate),
+    keeps a sample of ``eval.limit`` spread over tasks (``data.sample_by_task``, seed ``data.seed``).
+    Raises FileNotFoundError without a finished corpus or prompts.parquet, SchemaError when an
+    evaluated id is in two splits or is a train row of the corpus (the ids are listed), and
+    ValueError when the split is empty.
+    """
+    from .corpus import PROMPTS_FILE, read_prompts
+    from .data import sample_by_task
+    from .layout import corpus_dir
+    from .schema import SchemaError
+
+    corpus = corpus_dir(cfg)
+    prompts = read_prompts(corpus, (cfg.eval.split,))
+    changes = data_changes(corpus, cfg)
+    for key, change in changes.items():
+        log.warning("evaluate: %s is %r now but %r when the corpus was made; the corpus's own %s split is "
+                    "evaluated (%s)", key, change["now"], change["corpus"], cfg.eval.split, corpus / PROMPTS_FILE)
+    clash = sorted(set(prompts.column("prompt_id").to_pylist()) & _corpus_ids(corpus, "train"))
+    if clash:
+        raise SchemaError(f"{len(clash)} {cfg.eval.split} prompt(s) of {corpus / PROMPTS_FILE} are train rows of the "
+                          f"corpus in {corpus / 'data'}, so the student was trained on them: {', '.join(clash[:20])}"
+                          f"{' …' if len(clash) > 20 else ''}; regenerate the corpus (`raydistill generate`)")
+    if prompts.num_rows == 0:
+        raise ValueError(f"the {cfg.eval.split} split of {corpus / PROMPTS_FILE} is empty; raise "
+                         f"data.split.{cfg.eval.split} and rerun `raydistill generate`")
+    if cfg.eval.limit:
+        prompts = sample_by_task(prompts, cfg.eval.limit, cfg.data.seed)
+    return prompts, changes
+
+
+def _engine_device(engine: EngineConfig) -> tuple[str, str]:
+    """(dtype, device) the evaluation engine runs a model in (as ``generate`` decides)."""
+    from .runtime import on_gpu_machine
+
+    gpu = engine.gpus_per_replica > 0 or (engine.engine == "vllm" and on_gpu_machine())
+    dtype = engine.dtype if engine.dtype != "auto" else ("bfloat16" if gpu else "float32")
+    return dtype, "cuda" if gpu else "cpu"
+
+
+def _model_info(path: str, engine: EngineConfig, probe_msgs: list, batch: int) -> dict:
+    """Probe and size figures of one model; a failed probe leaves its figures null, with a note."""
+    dtype, device = _engine_device(engine)
+    info: dict = {"path": path, "dtype": dtype, "device": device}
+    info["size_mb"], info["size_dtype"] = model_files(path)
+    try:
+        probe = memory_probe(path, probe_msgs, batch, dtype, device)
+        info.update({k: probe.get(k) for k in ("params", "model_memory_mb", "process_baseline_mb", "peak_memory_mb",
+                                               "batch")})
+    except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:
+        log.error("evaluate: %s", e)
+        first = (str(e).splitlines() or [repr(e)])[0]
+        info["note"] = f"memory and parameter figures are null: {first[:300]}"
+    return info
+
+
 def run_evaluate(cfg: Config) -> dict:
     """Evaluate the three models on the held-out split and write ``eval/``. Returns the report.
 
-    Raises FileNotFoundError when ``student/`` (or the pruned baseline) is missing: run train first.
+    Raises FileNotFoundError when ``student/`` (or the pruned baseline) is missing (run train
+    first) or the corpus lacks ``prompts.parquet``; SchemaError when the evaluated prompts meet the
+    train rows. Once the answers exist they are never lost: ``answers.parquet`` is written first
+    and a later failure keeps ``eval.partial/`` (the log says so).
     """
-    from .data import load_prompts, select_split
     from .generate import generate_table
-    from .models import resolve_model, size_on_disk_mb
-    from .runtime import init_ray, provenance
-    from .layout import baseline_student_ref
+    from .layout import baseline_student_ref, student_dir
+    from .models import resolve_model
+    from .runtime import init_ray
 
-    out = Path(cfg.output_dir)
-    paths = {"teacher": resolve_model(cfg.teacher.model), "baseline_student": (baseline_student_ref(cfg) if cfg.student.init == "prune"
-                                                          else resolve_model(baseline_student_ref(cfg))),
-             "student": str(out / "student")}
+    paths = {"teacher": resolve_model(cfg.teacher.model),
+             "baseline_student": (baseline_student_ref(cfg) if cfg.student.init == "prune"
+                                  else resolve_model(baseline_student_ref(cfg))),
+             "student": str(student_dir(cfg))}
     # Both are written by `raydistill train` (the baseline only for init=prune; otherwise it is student.model).
     for name in ("baseline_student", "student") if cfg.student.init == "prune" else ("student",):
         if not (Path(paths[name]) / "config.json").is_file():
             raise FileNotFoundError(f"no {name} at {paths[name]}: run `raydistill train` first")
-    prompts = select_split(load_prompts(cfg.data), (cfg.eval.split,))
-    if cfg.eval.limit:
-        prompts = prompts.slice(0, cfg.eval.limit)
-    if prompts.num_rows == 0:
-        raise ValueError(f"the {cfg.eval.split} split is empty; raise data.split.{cfg.eval.split}")
+    prompts, changes = load_eval_prompts(cfg)
     init_ray()
     gen = cfg.generation.model_copy(update={"top_k_logprobs": 0})
     # One generation path for all three (eval.engine); the teacher keeps its own resources
@@ -239,39 +807,73 @@ def run_evaluate(cfg: Config) -> dict:
     one = {"max_concurrent_batches": 1}
     engines = {"teacher": cfg.teacher.model_copy(update={"engine": cfg.eval.engine, **one}),
                "baseline_student": cfg.eval.model_copy(update=one), "student": cfg.eval.model_copy(update=one)}
-    answers: dict[str, pa.Table] = {}
+    parts = split_rounds(prompts, cfg.eval.rounds)
+    if len(parts) < cfg.eval.rounds:
+        log.warning("evaluate: %d prompts, so %d timing rounds instead of eval.rounds=%d", prompts.num_rows,
+                    len(parts), cfg.eval.rounds)
+    got: dict[str, list[pa.Table]] = {n: [] for n in MODEL_NAMES}
+    for r, part in enumerate(parts):
+        for name in MODEL_NAMES:
+            log.info("evaluate: round %d/%d: %s answers %d %s prompts", r + 1, len(parts), name, part.num_rows,
+                     cfg.eval.split)
+            t0 = time.perf_counter()
+            table = generate_table(part, paths[name], engines[name], gen)
+            got[name].append(table.append_column("round", pa.array([r] * table.num_rows, pa.int32())))
+            log.info("evaluate: round %d: %s done in %.1f s (engine start included)", r + 1, name,
+                     time.perf_counter() - t0)
+    order = {pid: i for i, pid in enumerate(prompts.column("prompt_id").to_pylist())}
+    answers = {}
     for name in MODEL_NAMES:
-        log.info("evaluate: %s answers %d %s prompts", name, prompts.num_rows, cfg.eval.split)
-        t0 = time.perf_counter()
-        answers[name] = generate_table(prompts, paths[name], engines[name], gen)
-        log.info("evaluate: %s done in %.1f s", name, time.perf_counter() - t0)
-    probe_msgs = [list(m) for m in prompts.column("messages").to_pylist()]
-    models = {}
-    for name in MODEL_NAMES:
-        rep = model_report(answers[name], answers["teacher"])
-        rep.update(memory_probe(paths[name], probe_msgs, cfg.eval.memory_probe_batch))
-        rep["size_mb"] = round(size_on_disk_mb(paths[name]), 2) if Path(paths[name]).is_dir() else None
-        rep["path"] = paths[name]
-        models[name] = rep
-    report = {"split": cfg.eval.split, "prompts": prompts.num_rows, "teacher": cfg.teacher.model,
-              "engine": cfg.eval.engine, "provenance": provenance(), "models": models,
-              "retained": retained(models["student"], models["teacher"]),
-              "retained_baseline": retained(models["baseline_student"], models["teacher"])}
-    folder = out / "eval"
-    tmp = out / "eval.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+        table = pa.concat_tables(got[name])
+        ids = table.column("prompt_id").to_pylist()
+        answers[name] = table.take(sorted(range(table.num_rows), key=lambda i: order[ids[i]]))
+
+    return finish_evaluation(cfg, prompts, answers, paths, engines, changes)
+
+
+def finish_evaluation(cfg: Config, prompts: pa.Table, answers: dict[str, pa.Table], paths: dict[str, str],
+                      engines: dict[str, EngineConfig], changes: dict[str, dict]) -> dict:
+    """Everything after the answers: write ``answers.parquet`` first (into ``eval.partial/``), probe
+    memory, build and write the report, then rename ``eval.partial/`` to ``eval/``. Returns the report.
+
+    ``answers``: model name → answers in prompt order (``GENERATED_SCHEMA`` + ``round``). A model
+    that answered nothing or a probe that fails gives null figures and a warning; a plot that fails
+    gives a warning. Any other failure re-raises and keeps ``eval.partial/answers.parquet`` (logged).
+    """
     import pyarrow.parquet as pq
 
+    from .corpus import PROMPTS_FILE
+    from .layout import corpus_dir, eval_dir
+    from .runtime import provenance
+
+    folder = eval_dir(cfg)
+    tmp = folder.with_name("eval.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     pq.write_table(pa.concat_tables([answers[n].append_column("model", pa.array([n] * answers[n].num_rows))
                                      for n in MODEL_NAMES]), tmp / "answers.parquet")
-    write_plots(report, tmp)
-    write_markdown(report, answers, tmp / "report.md")
-    (tmp / "report.json").write_text(json.dumps(report, indent=2))
-    (tmp / "config.yaml").write_text(cfg.dump())
+    try:
+        probe_msgs = [list(m) for m in prompts.column("messages").to_pylist()[: cfg.eval.memory_probe_batch]]
+        info = {name: _model_info(paths[name], engines[name], probe_msgs, cfg.eval.memory_probe_batch)
+                for name in MODEL_NAMES}
+        report = build_report(
+            answers, info, split=cfg.eval.split, teacher=cfg.teacher.model, engine=cfg.eval.engine,
+            label_map=cfg.data.label_map, max_ratio_spread=cfg.eval.max_ratio_spread,
+            warn_retained_below=cfg.eval.warn_retained_below,
+            extra={"prompt_source": str(corpus_dir(cfg) / PROMPTS_FILE), "limit": cfg.eval.limit,
+                   "data_changed_since_corpus": changes, "provenance": provenance()})
+        write_report(tmp, report, answers)
+        (tmp / "config.yaml").write_text(cfg.dump())
+    except BaseException:
+        log.error("evaluate: failed after every model had answered; the answers are kept in %s "
+                  "(the next `raydistill evaluate` starts afresh and removes that folder)", tmp / "answers.parquet")
+        raise
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
-    log.info("evaluate: agreement with teacher %.3f (baseline %.3f), quality retained %s -> %s",
-             models["student"]["agreement_rougeL"], models["baseline_student"]["agreement_rougeL"],
+    for w in report["warnings"]:
+        log.warning("evaluate: %s", w)
+    log.info("evaluate: agreement with teacher %s (baseline %s), quality retained %s -> %s",
+             _fmt(report["models"]["student"]["agreement_rougeL"]),
+             _fmt(report["models"]["baseline_student"]["agreement_rougeL"]),
              _fmt(report["retained"]["quality"]), folder / "report.md")
     return report

@@ -1,21 +1,39 @@
-"""Report arithmetic and the peak-memory probe."""
+"""Report arithmetic and building, on synthetic answer tables (no engines), and the memory probe."""
 
+import json
 import math
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from raydistill.evaluate import memory_probe, model_report, retained
-from raydistill.generate import engine_throughput
-from raydistill.generate import GENERATED_SCHEMA
+from raydistill.evaluate import (MODEL_NAMES, build_report, degeneracy, memory_probe, model_files, model_report,
+                                 ratio_spread, repetition, retained, split_rounds, timing_ratios, write_report)
+from raydistill.generate import GENERATED_SCHEMA, engine_throughput
 
 
-def _table(rows):
+def _table(rows, rounds=None):
     base = {"messages": [{"role": "user", "content": "q"}], "split": "test", "finish_reason": "stop",
             "prompt_tokens": 3, "response_token_ids": [], "top_logprobs_ids": None, "top_logprobs": None,
             "error": None}
-    return pa.Table.from_pylist([dict(base, **r) for r in rows], schema=GENERATED_SCHEMA)
+    table = pa.Table.from_pylist([dict(base, **r) for r in rows], schema=GENERATED_SCHEMA)
+    if rounds is not None:
+        table = table.append_column("round", pa.array(rounds, pa.int32()))
+    return table
+
+
+def _info(**over):
+    """Probe and size figures of one model, as run_evaluate collects them."""
+    return dict({"params": 1_000_000, "dtype": "float32", "device": "cpu", "model_memory_mb": 40.0,
+                 "process_baseline_mb": 500.0, "peak_memory_mb": 540.0, "size_mb": 4.0, "size_dtype": "float32",
+                 "path": "/m", "batch": 2}, **over)
+
+
+def _report(answers, info=None, **kw):
+    args = dict(split="test", teacher="t", engine="hf", label_map=None, max_ratio_spread=0.25,
+                warn_retained_below=0.5)
+    args.update(kw)
+    return build_report(answers, info or {n: _info() for n in MODEL_NAMES}, **args)
 
 
 def test_model_report_figures():
@@ -47,41 +65,6 @@ def test_retained_ratios_and_zero_teacher():
     assert r == {"math.accuracy": None, "qa.rougeL": 0.5, "qa.bleu": 0.25, "quality": 0.5}
 
 
-def test_memory_probe_is_not_inflated_by_a_large_parent(tiny_model):
-    ballast = np.ones(1_500_000_000 // 8)  # 1.5 GB resident in this (parent) process
-    assert ballast.sum() > 0
-    # 300 long prompts: far more than the 128 KiB a single command-line argument may carry
-    msgs = [[{"role": "user", "content": "Hello there " * 100}]] * 300
-    out = memory_probe(str(tiny_model), msgs, 2)
-    del ballast
-    assert out["params"] > 0
-    assert 50 < out["peak_memory_mb"] < 1400, out  # torch + a tiny model, not the parent's 1.5 GB
-    assert math.isfinite(out["peak_memory_mb"])
-
-
-def test_report_without_references_scores_agreement_only(tmp_path):
-    from raydistill.evaluate import MODEL_NAMES, write_markdown, write_plots
-
-    rows = [{"prompt_id": p, "task": "conversation", "reference": None, "response": r, "response_tokens": 3,
-             "latency_s": lat, "batch_id": "b"} for p, r, lat in (("a", "hello there friend", 1.0),
-                                                                   ("b", "good day", 2.0))]
-    answers = {"teacher": _table(rows), "baseline_student": _table([dict(r, response="zz") for r in rows]),
-               "student": _table([dict(r, response="hello friend") for r in rows])}
-    models = {n: dict(model_report(answers[n], answers["teacher"]), peak_memory_mb=100.0, params=10, size_mb=1.0)
-              for n in MODEL_NAMES}
-    assert models["teacher"]["metrics"] == {} and models["teacher"]["quality"] is None
-    assert models["student"]["agreement_rougeL"] > models["baseline_student"]["agreement_rougeL"] == 0.0
-    report = {"split": "test", "prompts": 2, "teacher": "t", "engine": "hf", "models": models,
-              "retained": retained(models["student"], models["teacher"]),
-              "retained_baseline": retained(models["baseline_student"], models["teacher"])}
-    assert report["retained"] == {"quality": None}
-    write_markdown(report, answers, tmp_path / "report.md")
-    pngs = write_plots(report, tmp_path)
-    text = (tmp_path / "report.md").read_text()
-    assert "| agreement with teacher (ROUGE-L, 0–1) | 1.000 | 0.000 |" in text and "n/a" in text
-    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
-
-
 def test_failed_rows_are_left_out_of_every_figure():
     ok = {"prompt_id": "a", "task": "nli", "reference": "entailment", "response": "entailment",
           "response_tokens": 2, "latency_s": 1.0, "batch_id": "b"}
@@ -93,3 +76,266 @@ def test_failed_rows_are_left_out_of_every_figure():
     assert rep["metrics"]["nli"] == {"accuracy": 1.0}  # not 0.5: the failed row is no wrong answer
     assert rep["agreement_rougeL"] == pytest.approx(1.0)  # the teacher agrees with itself
     assert rep["mean_output_tokens"] == 2.0 and rep["latency_ms_p95"] == pytest.approx(1000.0)
+
+
+def _rows(n, task="qa", **over):
+    """n answered rows, each a different answer, latency 1.0, 1.1, ... s, one batch each."""
+    return [dict({"prompt_id": f"p{i}", "task": task, "reference": "Paris is the capital of France.",
+                  "response": f"Paris is the capital of France, fact {i}.", "response_tokens": 6,
+                  "latency_s": 1.0 + i / 10, "batch_id": f"b{i}"}, **over) for i in range(n)]
+
+
+def test_model_report_ending_and_per_token_latency():
+    rows = [{"prompt_id": "a", "task": "qa", "reference": "x", "response": "a b", "response_tokens": 4,
+             "latency_s": 2.0, "batch_id": "b1", "finish_reason": "stop"},
+            {"prompt_id": "b", "task": "qa", "reference": "x", "response": "a b c", "response_tokens": 10,
+             "latency_s": 2.0, "batch_id": "b1", "finish_reason": "length"},
+            {"prompt_id": "c", "task": "qa", "reference": "x", "response": "d", "response_tokens": 10,
+             "latency_s": 4.0, "batch_id": "b2", "finish_reason": "length"}]
+    rep = model_report(_table(rows), _table(rows))
+    assert rep["finish_stop_share"] == pytest.approx(1 / 3) and rep["finish_length_share"] == pytest.approx(2 / 3)
+    assert rep["mean_output_tokens"] == pytest.approx(8.0)
+    # ms per token per answer: 500, 200, 400 -> median 400
+    assert rep["latency_ms_per_token_p50"] == pytest.approx(400.0)
+    assert rep["unscorable"] == {}
+
+
+def test_memory_probe_separates_model_from_process_baseline(tiny_model):
+    ballast = np.ones(1_500_000_000 // 8)  # 1.5 GB resident in this (parent) process
+    assert ballast.sum() > 0
+    # 300 long prompts: far more than the 128 KiB a single command-line argument may carry
+    msgs = [[{"role": "user", "content": "Hello there " * 100}]] * 300
+    out = memory_probe(str(tiny_model), msgs, 2, dtype="bfloat16", device="cpu")
+    del ballast
+    assert out["params"] > 0 and out["dtype"] == "bfloat16" and out["device"] == "cpu" and out["batch"] == 2
+    # the baseline is torch + transformers (hundreds of MB), not the parent's 1.5 GB
+    assert 100 < out["process_baseline_mb"] < 1400, out
+    assert out["model_memory_mb"] == pytest.approx(out["peak_memory_mb"] - out["process_baseline_mb"], abs=0.2)
+    # a tiny model (~0.1M params, 2 long prompts) is tens of MB of its own, not the interpreter's hundreds
+    assert 0 <= out["model_memory_mb"] < 300, out
+    assert all(math.isfinite(out[k]) for k in ("peak_memory_mb", "model_memory_mb", "process_baseline_mb"))
+
+
+def test_model_files_local_folder_and_uncached_hub_id(tiny_model):
+    size, dtype = model_files(str(tiny_model))
+    assert size == pytest.approx(sum(f.stat().st_size for f in tiny_model.glob("*.safetensors")) / 1e6, abs=0.01)
+    assert dtype == "float32"
+    assert model_files("some-org/no-such-model-cached") == (None, None)  # HF_HUB_OFFLINE: no download
+
+
+def test_model_with_no_answer_gives_strict_json_nulls_md_and_plots(tmp_path):
+    """eval.max_model_len too small for one model: every row failed; the report is still written."""
+    ok = _rows(4)
+    failed = [dict(r, response="", response_tokens=0, latency_s=None, batch_id="", finish_reason="error",
+                   error="prompt has 30 tokens; max_model_len 24 - max_new_tokens 8 = 16") for r in ok]
+    rounds = [0, 1, 0, 1]
+    answers = {"teacher": _table(ok, rounds), "baseline_student": _table(failed, rounds),
+               "student": _table(ok, rounds)}
+    report = _report(answers)
+    text = json.dumps(report, allow_nan=False)  # strict JSON: no NaN anywhere
+    back = json.loads(text)["models"]["baseline_student"]
+    for key in ("quality", "agreement_rougeL", "latency_ms_p50", "latency_ms_p95", "latency_ms_per_token_p50",
+                "output_tokens_per_s", "mean_output_tokens", "finish_stop_share", "repetitive_share"):
+        assert back[key] is None, key
+    assert back["answers"] == 0 and back["errors"] == 4
+    assert report["compared_to_teacher"]["baseline_student"]["latency_ms_p50"]["median"] is None
+    assert report["compared_to_teacher"]["student"]["latency_ms_p50"]["median"] == pytest.approx(1.0)
+    assert report["warnings"] == ["baseline_student answered none of the 4 prompts (all failed, e.g. prompt has 30 "
+                                  "tokens; max_model_len 24 - max_new_tokens 8 = 16): its figures are null"]
+    write_report(tmp_path, report, answers)
+    assert json.loads((tmp_path / "report.json").read_text())["models"]["baseline_student"]["latency_ms_p50"] is None
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith("# raydistill evaluation report\n\n## Warnings\n")
+    assert "| latency p50 per answer (ms) | 1,150.0 | n/a | 1,150.0 |" in md
+    assert "(failed: prompt has 30 tokens" in md
+    for png in ("quality_vs_latency.png", "agreement.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hub_id_teacher_without_local_folder_has_null_size(tmp_path):
+    rows = _rows(3)
+    answers = {n: _table(rows) for n in MODEL_NAMES}
+    size, dtype = model_files("HuggingFaceTB/not-in-this-cache")
+    info = {"teacher": _info(size_mb=size, size_dtype=dtype, path="HuggingFaceTB/not-in-this-cache", params=None,
+                             model_memory_mb=None, process_baseline_mb=None, peak_memory_mb=None,
+                             note="memory and parameter figures are null: memory probe failed for x: offline"),
+            "baseline_student": _info(params=500_000), "student": _info(params=500_000, dtype="bfloat16")}
+    report = _report(answers, info)
+    t = report["models"]["teacher"]
+    assert t["size_mb"] is None and t["size_dtype"] is None and t["size_mb_eval_dtype"] is None
+    assert report["compared_to_teacher"]["student"]["params"] is None
+    assert report["models"]["student"]["size_mb_eval_dtype"] == pytest.approx(1.0)  # 500k params x 2 bytes
+    assert "teacher: memory and parameter figures are null: memory probe failed for x: offline" in report["warnings"]
+    write_report(tmp_path, report, answers)
+    md = (tmp_path / "report.md").read_text()
+    assert "| size on disk as stored (MB) | n/a | 4.0 | 4.0 |" in md
+    assert "| size in eval dtype (MB) | n/a | 2.0 | 1.0 |" in md
+    assert "- Parameters: n/a× the teacher's; size in the eval dtype n/a×; model memory n/a×" in md
+    json.dumps(report, allow_nan=False)
+
+
+def test_size_ratio_compares_one_dtype():
+    """A bf16-stored student is not 'half the size' because of its dtype: the ratio uses params x eval bytes."""
+    answers = {n: _table(_rows(2)) for n in MODEL_NAMES}
+    info = {"teacher": _info(params=4_000_000, size_mb=8.0, size_dtype="bfloat16"),
+            "baseline_student": _info(params=2_000_000, size_mb=8.0),
+            "student": _info(params=2_000_000, size_mb=4.0, size_dtype="bfloat16")}
+    report = _report(answers, info)
+    assert report["models"]["teacher"]["size_mb_eval_dtype"] == pytest.approx(16.0)
+    assert report["compared_to_teacher"]["student"]["size_mb_eval_dtype"] == pytest.approx(0.5)
+    assert report["compared_to_teacher"]["student"]["params"] == pytest.approx(0.5)
+
+
+def test_repetition_of_one_answer():
+    digits = [5, 6, 7] + [0] * 40  # "The answer is 1000000..." (digit tokens)
+    cov, run = repetition(digits)
+    assert cov == pytest.approx(40 / 43) and run == 40
+    cov, run = repetition(["the", "cat", "sat", "on", "the", "mat"])
+    assert cov == 0.0 and run == 1  # "the" twice is no repetition
+    cov, run = repetition("a b c a b c a b c a b c".split())  # a 3-gram repeated 4 times back to back
+    assert cov == pytest.approx(1.0) and run == 4
+    assert repetition([]) == (0.0, 0)
+
+
+def test_degenerate_output_is_flagged_in_report_and_markdown(tmp_path):
+    n = 6
+    teacher = [dict(r, response=f"The answer is {i}.", response_token_ids=[1, 2, 3, 10 + i], task="math",
+                    reference=str(i)) for i, r in enumerate(_rows(n))]
+    same = [dict(r, response="The answer is 1000000000000000", response_token_ids=[1, 2, 3, 4] + [0] * 15)
+            for r in teacher]
+    # the baseline says the same short sentence to every prompt (no repetition inside an answer)
+    parrot = [dict(r, response="I do not know.", response_token_ids=[7, 8, 9]) for r in teacher]
+    answers = {"teacher": _table(teacher), "baseline_student": _table(parrot), "student": _table(same)}
+    report = _report(answers)
+    s, b, t = (report["models"][k] for k in ("student", "baseline_student", "teacher"))
+    assert s["repetitive_share"] == 1.0 and s["max_repeat_run"] == 15 and s["degenerate"] is True
+    assert b["repetitive_share"] == 0.0 and b["identical_share"] == 1.0 and b["degenerate"] is True
+    assert t["degenerate"] is False and t["identical_share"] == 0.0
+    w = report["warnings"]
+    assert any(x.startswith("student: degenerate output: 100% of answers repeat one token sequence") for x in w), w
+    assert any(x.startswith("baseline_student: degenerate output: 100% of answers are the same text") for x in w), w
+    # quality retained 0 (student scores 0 of the teacher's 1.0): below eval.warn_retained_below
+    assert report["retained"]["quality"] == 0.0
+    assert any(x.startswith("student retains 0.000 of the teacher's quality, below eval.warn_retained_below (0.5)")
+               for x in w), w
+    write_report(tmp_path, report, answers)
+    md = (tmp_path / "report.md").read_text()
+    head = md.split("## Summary")[0]
+    assert "## Warnings" in head and "student: degenerate output" in head and "student retains 0.000" in head
+    assert "| degenerate output | no | yes | yes |" in md
+
+
+def test_label_answers_may_repeat_without_a_degenerate_flag():
+    rows = [dict(r, task="nli", reference="entailment", response="entailment") for r in _rows(8)]
+    d = degeneracy(rows)
+    assert d["identical_share"] is None and d["degenerate"] is False  # NLI answers are labels
+
+
+def test_finish_shares_in_report_and_length_warning(tmp_path):
+    teacher = [dict(r, finish_reason="stop" if i % 2 else "length") for i, r in enumerate(_rows(4))]
+    student = [dict(r, finish_reason="length", response_tokens=64) for r in _rows(4)]
+    answers = {"teacher": _table(teacher), "baseline_student": _table(teacher), "student": _table(student)}
+    report = _report(answers)
+    assert report["models"]["teacher"]["finish_stop_share"] == 0.5
+    assert report["models"]["student"]["finish_length_share"] == 1.0
+    assert report["models"]["student"]["mean_output_tokens"] == 64.0
+    assert any(w.startswith("student: 100% of answers ran to the token limit (teacher: 50%)")
+               for w in report["warnings"]), report["warnings"]
+    write_report(tmp_path, report, answers)
+    md = (tmp_path / "report.md").read_text()
+    assert "| ended by themselves (finish stop) | 50% | 50% | 0% |" in md
+    assert "| hit the token limit (finish length) | 50% | 50% | 100% |" in md
+    assert "| mean answer length (tokens) | 6.0 | 6.0 | 64.0 |" in md
+    assert "latency p50 per output token (ms/token)" in md
+
+
+def test_ratio_spread_over_rounds():
+    quiet = ratio_spread([0.50, 0.52, 0.48], 0.25)
+    assert quiet["median"] == pytest.approx(0.50) and quiet["min"] == 0.48 and quiet["max"] == 0.52
+    assert quiet["spread"] == pytest.approx(0.08) and quiet["trusted"] is True
+    loaded = ratio_spread([0.06, 0.51, 0.50], 0.25)  # load landed on the teacher in round 0
+    assert loaded["median"] == pytest.approx(0.50)  # the median resists the one loaded round
+    assert loaded["spread"] == pytest.approx((0.51 - 0.06) / 0.50) and loaded["trusted"] is False
+    one = ratio_spread([0.5, None], 0.25)
+    assert one["median"] == 0.5 and one["spread"] is None and one["trusted"] is None
+    assert one["per_round"] == [0.5, None]
+    assert ratio_spread([None, None], 0.25)["median"] is None
+
+
+def test_timing_ratios_per_round_from_figures():
+    def fig(lat, tps):
+        return {"latency_ms_p50": lat, "output_tokens_per_s": tps, "answers": 3}
+
+    per_round = [{"teacher": fig(1000, 10), "baseline_student": fig(600, 16), "student": fig(500, 20)},
+                 {"teacher": fig(2000, 5), "baseline_student": fig(1200, 8), "student": fig(1000, 10)},
+                 {"teacher": fig(1000, 10), "baseline_student": fig(None, None), "student": fig(900, 12)}]
+    r = timing_ratios(per_round, "student", 0.25)
+    assert r["latency_ms_p50"]["per_round"] == [0.5, 0.5, 0.9]
+    assert r["latency_ms_p50"]["median"] == 0.5 and r["latency_ms_p50"]["spread"] == pytest.approx(0.8)
+    assert r["latency_ms_p50"]["trusted"] is False
+    assert r["output_tokens_per_s"]["per_round"] == [2.0, 2.0, 1.2]
+    b = timing_ratios(per_round, "baseline_student", 0.25)
+    assert b["latency_ms_p50"]["per_round"] == [0.6, 0.6, None] and b["latency_ms_p50"]["trusted"] is True
+
+
+def test_report_rounds_and_untrusted_ratio_warning(tmp_path):
+    rows = _rows(4)
+    rounds = [0, 1, 0, 1]
+    # round 0: student at half the teacher's latency; round 1: the machine was loaded while the student ran
+    lat_t, lat_s = [1.0, 1.0, 1.0, 1.0], [0.5, 2.0, 0.5, 2.0]
+    teacher = [dict(r, latency_s=x, batch_id=f"t{i}") for i, (r, x) in enumerate(zip(rows, lat_t))]
+    student = [dict(r, latency_s=x, batch_id=f"s{i}") for i, (r, x) in enumerate(zip(rows, lat_s))]
+    answers = {"teacher": _table(teacher, rounds), "baseline_student": _table(teacher, rounds),
+               "student": _table(student, rounds)}
+    report = _report(answers)
+    assert report["timing"]["rounds"] == 2
+    assert [r["prompts"] for r in report["timing"]["per_round"]] == [2, 2]
+    lat = report["compared_to_teacher"]["student"]["latency_ms_p50"]
+    assert lat["per_round"] == [0.5, 2.0] and lat["median"] == pytest.approx(1.25) and lat["trusted"] is False
+    assert report["compared_to_teacher"]["baseline_student"]["latency_ms_p50"]["trusted"] is True
+    assert any(w.startswith("student/teacher latency p50 ratio varies by 120% over 2 rounds (min 0.50, max 2.00)")
+               for w in report["warnings"]), report["warnings"]
+    write_report(tmp_path, report, answers)
+    md = (tmp_path / "report.md").read_text()
+    assert "| 0 | 2 | 1,000.0 | 1,000.0 | 500.0 | 0.50 | 2.00 |" in md
+    assert ("Latency p50 (median over rounds): 1.25× the teacher's (rounds 0.50–2.00, spread 120%) "
+            "**not to be trusted: machine load**") in md
+
+
+def test_split_rounds_interleaves_every_prompt_once():
+    prompts = pa.table({"prompt_id": [f"p{i}" for i in range(7)], "task": ["math"] * 4 + ["nli"] * 3})
+    parts = split_rounds(prompts, 3)
+    assert [p.column("prompt_id").to_pylist() for p in parts] == [["p0", "p3", "p6"], ["p1", "p4"], ["p2", "p5"]]
+    assert {"math", "nli"} <= set(parts[0].column("task").to_pylist())  # each part mixes the tasks
+    assert len(split_rounds(prompts, 20)) == 7  # never an empty round
+
+
+def test_report_without_references_scores_agreement_only(tmp_path):
+    rows = [{"prompt_id": p, "task": "conversation", "reference": None, "response": r, "response_tokens": 3,
+             "latency_s": lat, "batch_id": "b"} for p, r, lat in (("a", "hello there friend", 1.0),
+                                                                   ("b", "good day", 2.0))]
+    answers = {"teacher": _table(rows), "baseline_student": _table([dict(r, response="zz") for r in rows]),
+               "student": _table([dict(r, response="hello friend") for r in rows])}
+    report = _report(answers)
+    models = report["models"]
+    assert models["teacher"]["metrics"] == {} and models["teacher"]["quality"] is None
+    assert models["student"]["agreement_rougeL"] > models["baseline_student"]["agreement_rougeL"] == 0.0
+    assert report["retained"] == {"quality": None}
+    write_report(tmp_path, report, answers)
+    text = (tmp_path / "report.md").read_text()
+    assert "| agreement with teacher (ROUGE-L, 0–1) | 1.000 | 0.000 |" in text and "n/a" in text
+    assert all((tmp_path / p).read_bytes()[:4] == b"\x89PNG" for p in ("quality_vs_latency.png", "agreement.png"))
+
+
+def test_unscorable_references_are_counted_per_task(tmp_path):
+    """One NLI reference no scorer reads must not leave accuracy 1.0 unexplained; label_map maps integers."""
+    refs = ["entailment", "2", "maybe so"]  # "2" is contradiction through data.label_map; "maybe so" is unscorable
+    rows = [dict(r, task="nli", reference=ref, response=ans)
+            for r, ref, ans in zip(_rows(3), refs, ["entailment", "contradiction", "neutral"])]
+    answers = {n: _table(rows) for n in MODEL_NAMES}
+    report = _report(answers, label_map={"0": "entailment", "1": "neutral", "2": "contradiction"})
+    t = report["models"]["teacher"]
+    assert t["unscorable"] == {"nli": 1} and t["metrics"]["nli"]["accuracy"] == 1.0  # 2 of 2 scorable
+    assert any(w.startswith("nli: 1 reference(s) could not be scored") for w in report["warnings"])
+    write_report(tmp_path, report, answers)
+    assert "| nli | accuracy | 1.000 | 1.000 | 1.000 | 1.000 | 1 |" in (tmp_path / "report.md").read_text()

@@ -1,0 +1,261 @@
+"""The evaluate stage on a run folder: prompts from the corpus's split, eval.limit, and a real
+hf-engine evaluation of tiny models in interleaved timing rounds."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from raydistill.config import load
+from raydistill.corpus import write_prompts
+from raydistill.data import load_prompts, select_split
+from raydistill.schema import CORPUS_SCHEMA, PROMPTS_SCHEMA, SchemaError, conform
+
+from .conftest import build_tiny_model, mixed_prompts, write_jsonl
+
+
+def _config(tmp_path: Path, tiny_model: Path, rows: list[dict], extra: list[str] = ()) -> tuple[Path, list[str]]:
+    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "run"),
+        "teacher": {"model": str(tiny_model), "engine": "hf", "batch_size": 4, "max_model_len": 160},
+        "generation": {"max_new_tokens": 12},
+        "student": {"init": "prune", "keep_layers": [0, 3]},
+        "eval": {"engine": "hf", "batch_size": 4, "memory_probe_batch": 2},
+    }))
+    sets = [f"data.path={data}", "data.prompt_field=question", "data.reference_field=answer",
+            "data.id_field=qid", "data.task_field=kind", *extra]
+    return cfg_file, sets
+
+
+def write_corpus(cfg, prompts: pa.Table | None = None) -> pa.Table:
+    """A finished corpus as generate writes it: prompts.parquet (every split), the train and
+    validation rows with simple teacher answers, config.yaml (the settings that made it), manifest."""
+    prompts = load_prompts(cfg.data) if prompts is None else prompts
+    corpus = Path(cfg.output_dir) / "corpus"
+    (corpus / "data").mkdir(parents=True)
+    write_prompts(corpus, prompts)
+    rows = [dict(p, response="The answer is 1.", response_token_ids=[], finish_reason="stop", prompt_tokens=1,
+                 response_tokens=1, latency_s=0.1, batch_id="b", error=None, teacher="t", generation_params="{}")
+            for p in select_split(prompts, ("train", "validation")).to_pylist()]
+    pq.write_table(conform(pa.Table.from_pylist(rows), CORPUS_SCHEMA), corpus / "data" / "part-00000.parquet")
+    (corpus / "config.yaml").write_text(cfg.dump())
+    (corpus / "manifest.json").write_text(json.dumps({"rows": len(rows), "shards": ["data/part-00000.parquet"]}))
+    return prompts
+
+
+def test_changed_data_seed_still_evaluates_the_corpus_test_split(tmp_path, tiny_model, caplog):
+    """data.seed=1 at evaluate re-splits the same file differently: the corpus's split must win."""
+    from raydistill.evaluate import load_eval_prompts
+
+    cfg_file, sets = _config(tmp_path, tiny_model, mixed_prompts(60))
+    made = load(cfg_file, sets)
+    corpus_prompts = write_corpus(made)
+    corpus_test = set(select_split(corpus_prompts, ("test",)).column("prompt_id").to_pylist())
+    corpus_train = set(select_split(corpus_prompts, ("train",)).column("prompt_id").to_pylist())
+    later = load(cfg_file, sets + ["data.seed=1"])
+    resplit = set(select_split(load_prompts(later.data), ("test",)).column("prompt_id").to_pylist())
+    assert resplit & corpus_train  # what re-reading data.path with today's seed would have evaluated
+    with caplog.at_level(logging.WARNING, logger="raydistill.evaluate"):
+        prompts, changes = load_eval_prompts(later)
+    assert set(prompts.column("prompt_id").to_pylist()) == corpus_test
+    assert not set(prompts.column("prompt_id").to_pylist()) & corpus_train
+    assert changes == {"data.seed": {"corpus": 0, "now": 1}}
+    assert "data.seed is 1 now but 0 when the corpus was made" in caplog.text
+
+
+def test_evaluated_prompt_that_is_a_train_row_of_the_corpus_fails(tmp_path, tiny_model):
+    from raydistill.evaluate import load_eval_prompts
+
+    cfg_file, sets = _config(tmp_path, tiny_model, mixed_prompts(30))
+    cfg = load(cfg_file, sets)
+    prompts = load_prompts(cfg.data)
+    write_corpus(cfg, prompts)
+    # prompts.parquet rewritten (e.g. by another tool) so that two train rows of the corpus became test prompts
+    rows = prompts.to_pylist()
+    moved = [r["prompt_id"] for r in rows if r["split"] == "train"][:2]
+    for r in rows:
+        if r["prompt_id"] in moved:
+            r["split"] = "test"
+    write_prompts(Path(cfg.output_dir) / "corpus", pa.Table.from_pylist(rows, schema=PROMPTS_SCHEMA))
+    with pytest.raises(SchemaError) as err:
+        load_eval_prompts(cfg)
+    msg = str(err.value)
+    assert "2 test prompt(s)" in msg and "are train rows of the corpus" in msg
+    assert all(pid in msg for pid in moved)
+
+
+def test_eval_limit_is_a_sample_spread_over_tasks(tmp_path, tiny_model):
+    """eval.limit=10 over a test split of 14 math then 6 NLI prompts: 7 + 3, not the first 10 rows."""
+    from raydistill.evaluate import load_eval_prompts
+
+    cfg_file, sets = _config(tmp_path, tiny_model, mixed_prompts(5), ["eval.limit=10"])
+    cfg = load(cfg_file, sets)
+    msgs = [{"role": "user", "content": "q"}]
+    rows = ([{"prompt_id": f"m{i}", "split": "test", "task": "math", "messages": msgs, "reference": "1"}
+             for i in range(14)]
+            + [{"prompt_id": f"n{i}", "split": "test", "task": "nli", "messages": msgs, "reference": "neutral"}
+               for i in range(6)]
+            + [{"prompt_id": f"t{i}", "split": "train", "task": "math", "messages": msgs, "reference": "1"}
+               for i in range(5)])
+    write_corpus(cfg, pa.Table.from_pylist(rows, schema=PROMPTS_SCHEMA))
+    prompts, _ = load_eval_prompts(cfg)
+    tasks = prompts.column("task").to_pylist()
+    assert (tasks.count("math"), tasks.count("nli")) == (7, 3)
+    again, _ = load_eval_prompts(cfg)
+    assert again.column("prompt_id").to_pylist() == prompts.column("prompt_id").to_pylist()  # seeded
+
+
+def _strict_json(path: Path) -> dict:
+    def refuse(const):
+        raise AssertionError(f"{path} holds {const}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_evaluate_hf_engine_in_interleaved_rounds(tmp_path, tiny_model, ray_local):
+    from raydistill.evaluate import MODEL_NAMES, run_evaluate
+
+    cfg_file, sets = _config(tmp_path, tiny_model, mixed_prompts(30),
+                             ["data.split.test=0.5", "eval.limit=8", "eval.rounds=2"])
+    made = load(cfg_file, sets)
+    corpus_prompts = write_corpus(made)
+    out = Path(made.output_dir)
+    build_tiny_model(out / "baseline_student", num_layers=2, seed=1)
+    build_tiny_model(out / "student", num_layers=2, seed=2)
+    cfg = load(cfg_file, sets + ["data.seed=3"])  # changed after generate: the corpus's split still rules
+    report = run_evaluate(cfg)
+
+    assert not (out / "eval.partial").exists()
+    assert _strict_json(out / "eval" / "report.json") == json.loads(json.dumps(report))
+    corpus_test = set(select_split(corpus_prompts, ("test",)).column("prompt_id").to_pylist())
+    answers = pq.read_table(out / "eval" / "answers.parquet").to_pylist()
+    assert len(answers) == 3 * 8
+    ids = {n: [a["prompt_id"] for a in answers if a["model"] == n] for n in MODEL_NAMES}
+    assert ids["teacher"] == ids["student"] == ids["baseline_student"] and len(set(ids["teacher"])) == 8
+    assert set(ids["teacher"]) <= corpus_test
+    # two rounds of four prompts, every model answering each round's prompts
+    per_round = {(a["model"], a["round"]) for a in answers}
+    assert per_round == {(n, r) for n in MODEL_NAMES for r in (0, 1)}
+    assert report["timing"]["rounds"] == 2 and [r["prompts"] for r in report["timing"]["per_round"]] == [4, 4]
+    assert report["data_changed_since_corpus"] == {"data.seed": {"corpus": 0, "now": 3}}
+    assert any(w.startswith("data.seed differs from the corpus's settings") for w in report["warnings"])
+    assert report["prompts"] == 8 and sum(report["prompts_by_task"].values()) == 8
+
+    for key in ("latency_ms_p50", "output_tokens_per_s"):
+        r = report["compared_to_teacher"]["student"][key]
+        assert len(r["per_round"]) == 2 and all(v is not None and v > 0 for v in r["per_round"])
+        assert r["min"] <= r["median"] <= r["max"]
+        assert r["spread"] == pytest.approx((r["max"] - r["min"]) / r["median"])
+        assert r["trusted"] is (r["spread"] <= cfg.eval.max_ratio_spread)
+    for name in MODEL_NAMES:
+        m = report["models"][name]
+        assert m["answers"] == 8 and m["errors"] == 0
+        assert m["finish_stop_share"] + m["finish_length_share"] == pytest.approx(1.0)
+        assert 1 <= m["mean_output_tokens"] <= 12
+        assert m["latency_ms_p50"] <= m["latency_ms_p95"] and m["latency_ms_per_token_p50"] > 0
+        assert m["output_tokens_per_s"] > 0
+        assert m["dtype"] == "float32"
+        assert report["memory_probe"]["models"][name] == {"dtype": "float32", "device": "cpu"}
+        assert m["process_baseline_mb"] > 100 and m["model_memory_mb"] >= 0
+        assert m["peak_memory_mb"] == pytest.approx(m["process_baseline_mb"] + m["model_memory_mb"], abs=0.2)
+        assert m["size_mb"] > 0 and m["size_dtype"] == "float32"
+        assert m["size_mb_eval_dtype"] == pytest.approx(m["params"] * 4 / 1e6, abs=0.01)
+        assert isinstance(m["degenerate"], bool) and isinstance(m["unscorable"], dict)
+        assert all(math.isfinite(v) for ms in m["metrics"].values() for v in ms.values())
+    assert report["compared_to_teacher"]["student"]["params"] < 1
+    md = (out / "eval" / "report.md").read_text()
+    assert "## Timing rounds" in md and "| 0 | 4 |" in md and "| 1 | 4 |" in md
+    assert "| ended by themselves (finish stop) |" in md and "median over rounds" in md
+    for png in ("quality_vs_latency.png", "agreement.png"):
+        assert (out / "eval" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _finished_answers(cfg) -> tuple[pa.Table, dict[str, pa.Table]]:
+    """Answers as run_evaluate collects them: the teacher and student answered 4 prompts in two
+    rounds; the baseline answered none (its prompts exceed its max_model_len)."""
+    from raydistill.generate import GENERATED_SCHEMA
+
+    msgs = [{"role": "user", "content": f"What is {i} plus 3?"} for i in range(4)]
+    prompts = pa.Table.from_pylist([{"prompt_id": f"p{i}", "split": "test", "task": "math", "messages": [m],
+                                     "reference": str(i + 3)} for i, m in enumerate(msgs)], schema=PROMPTS_SCHEMA)
+    gen = dict(response_token_ids=[], top_logprobs_ids=None, top_logprobs=None, prompt_tokens=30)
+
+    def answered(text):
+        return [dict(p, **gen, response=text.format(i + 3), finish_reason="stop", response_tokens=5,
+                     latency_s=0.5 + i / 10, batch_id=f"b{i}", error=None)
+                for i, p in enumerate(prompts.to_pylist())]
+
+    failed = [dict(p, **gen, response="", finish_reason="error", response_tokens=0, latency_s=None, batch_id="",
+                   error="prompt has 30 tokens; max_model_len 24 - max_new_tokens 8 = 16") for p in prompts.to_pylist()]
+    rounds = pa.array([0, 1, 0, 1], pa.int32())
+    answers = {n: pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA).append_column("round", rounds)
+               for n, rows in (("teacher", answered("The answer is {}.")), ("baseline_student", failed),
+                               ("student", answered("It is {}.")))}
+    return prompts, answers
+
+
+def test_finished_answers_survive_a_model_without_answers_and_failed_probes(tmp_path, tiny_model, monkeypatch):
+    """eval.max_model_len=24: a model answers nothing; hub-like paths the probe cannot load; a plot
+    that fails. The report is still written, with nulls and warnings, and eval.partial/ is gone."""
+    import raydistill.evaluate as ev
+
+    cfg_file, sets = _config(tmp_path, tiny_model, mixed_prompts(5))
+    cfg = load(cfg_file, sets)
+    prompts, answers = _finished_answers(cfg)
+    paths = {n: f"no-org/{n}-not-cached" for n in ev.MODEL_NAMES}  # not local, not in the HF cache
+    engines = {"teacher": cfg.teacher, "baseline_student": cfg.eval, "student": cfg.eval}
+
+    def broken_plots(report, folder):
+        raise RuntimeError("matplotlib backend exploded")
+
+    monkeypatch.setattr(ev, "write_plots", broken_plots)
+    report = ev.finish_evaluation(cfg, prompts, answers, paths, engines, {})
+    out = Path(cfg.output_dir)
+    assert not (out / "eval.partial").exists()
+    assert _strict_json(out / "eval" / "report.json") == json.loads(json.dumps(report))
+    b = report["models"]["baseline_student"]
+    assert b["answers"] == 0 and b["latency_ms_p50"] is None and b["quality"] is None
+    assert report["models"]["student"]["metrics"] == {"math": {"accuracy": 1.0}}
+    for name in ev.MODEL_NAMES:
+        m = report["models"][name]
+        assert m["size_mb"] is None and m["params"] is None and m["model_memory_mb"] is None
+    w = report["warnings"]
+    assert any(x.startswith("baseline_student answered none of the 4 prompts") for x in w), w
+    assert sum(x.startswith(f"{n}: memory and parameter figures are null: memory probe failed for no-org/{n}")
+               for n in ev.MODEL_NAMES for x in w) == 3, w
+    assert "plots could not be drawn: RuntimeError: matplotlib backend exploded" in w
+    assert len(pq.read_table(out / "eval" / "answers.parquet")) == 12
+    md = (out / "eval" / "report.md").read_text()
+    assert "| latency p50 per answer (ms) | 650.0 | n/a | 650.0 |" in md
+    assert "| parameters | n/a | n/a | n/a |" in md
+
+
+def test_a_failure_after_the_answers_keeps_them(tmp_path, tiny_model, monkeypatch, caplog):
+    import raydistill.evaluate as ev
+
+    cfg_file, sets = _config(tmp_path, tiny_model, mixed_prompts(5))
+    cfg = load(cfg_file, sets)
+    prompts, answers = _finished_answers(cfg)
+    paths = {n: f"no-org/{n}-not-cached" for n in ev.MODEL_NAMES}
+    engines = {"teacher": cfg.teacher, "baseline_student": cfg.eval, "student": cfg.eval}
+
+    def broken_markdown(report, answers, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ev, "write_markdown", broken_markdown)
+    with pytest.raises(OSError, match="disk full"), caplog.at_level(logging.ERROR, logger="raydistill.evaluate"):
+        ev.finish_evaluation(cfg, prompts, answers, paths, engines, {})
+    kept = Path(cfg.output_dir) / "eval.partial" / "answers.parquet"
+    table = pq.read_table(kept)
+    assert table.num_rows == 12 and set(table.column("model").to_pylist()) == set(ev.MODEL_NAMES)
+    assert not (Path(cfg.output_dir) / "eval").exists()
+    assert f"the answers are kept in {kept}" in caplog.text
