@@ -126,8 +126,10 @@ def evaluate(config: ConfigArg, set_: SetOpt = None) -> None:
 
 
 def preflight(cfg: Config, counts: dict[str, int]) -> list[str]:
-    """Problems that would stop a stage later: model references, layer indices, split sizes."""
-    from .models import check_reference
+    """Problems that would stop a stage later: model references, layer indices, an architecture
+    init=prune cannot prune, LoRA target modules the student lacks (checked on the meta device
+    when the model's config.json is at hand), split sizes."""
+    from .models import ModelError, check_prunable, check_reference, config_json, lora_target_problem, meta_model
 
     problems = []
     problem, teacher_layers = check_reference(cfg.teacher.model)
@@ -137,10 +139,24 @@ def preflight(cfg: Config, counts: dict[str, int]) -> list[str]:
         problem, _ = check_reference(cfg.student.model)
         if problem:
             problems.append(f"student.model: {problem}")
-    elif cfg.student.keep_layers and teacher_layers:
-        bad = [i for i in cfg.student.keep_layers if not 0 <= i < teacher_layers]
-        if bad:
-            problems.append(f"student.keep_layers: {bad} out of range; the teacher has {teacher_layers} layers")
+    else:
+        if cfg.student.keep_layers and teacher_layers:
+            bad = [i for i in cfg.student.keep_layers if not 0 <= i < teacher_layers]
+            if bad:
+                problems.append(f"student.keep_layers: {bad} out of range; the teacher has {teacher_layers} layers")
+        teacher_cfg = config_json(cfg.teacher.model)
+        problem = check_prunable(teacher_cfg) if teacher_cfg else None
+        if problem:
+            problems.append(f"student.init=prune: {problem}")
+    # The student's modules are the teacher's (init=prune) or student.model's.
+    student_cfg = config_json(cfg.teacher.model if cfg.student.init == "prune" else cfg.student.model)
+    if cfg.train.lora.enabled and student_cfg:
+        try:
+            problem = lora_target_problem(meta_model(student_cfg), cfg.train.lora.target_modules)
+        except ModelError as e:
+            problem = str(e)
+        if problem:
+            problems.append(f"train.lora.target_modules: {problem}")
     if counts["train"] < cfg.train.workers:
         problems.append(f"the train split has {counts['train']} prompt(s), fewer than train.workers="
                         f"{cfg.train.workers}")

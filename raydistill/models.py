@@ -121,21 +121,150 @@ def size_on_disk_mb(folder: str | Path) -> float:
     return total / 1e6
 
 
-def decoder_layers(model):
-    """The ``nn.ModuleList`` of decoder blocks of an HF causal LM (Llama, Qwen, Mistral, Phi-3, ...).
+#: Where supported architectures keep their decoder blocks (attribute path -> families), in the
+#: order they are looked up. The layer count is ``config.num_hidden_layers`` in all of them (GPT-2's
+#: ``n_layer`` is an alias transformers maps to it).
+PRUNABLE_LAYOUTS = {
+    "model.layers": "Llama-style (Llama, Mistral, Qwen2/3, Phi-3, Gemma, SmolLM2)",
+    "model.decoder.layers": "OPT",
+    "transformer.h": "GPT-2",
+}
+SUPPORTED_PRUNE = "; ".join(f"{fam}: {path}" for path, fam in PRUNABLE_LAYOUTS.items())
 
-    Raises ModelError for architectures that keep their blocks elsewhere.
-    """
-    for path in ("model.layers", "model.decoder.layers", "transformer.h"):
+
+def _layer_slot(model):
+    """(parent module, attribute name, ModuleList) of the decoder blocks, or None."""
+    from torch import nn
+
+    for path in PRUNABLE_LAYOUTS:
+        *parents, name = path.split(".")
         obj = model
-        for attr in path.split("."):
+        for attr in parents:
             obj = getattr(obj, attr, None)
             if obj is None:
                 break
-        if obj is not None:
-            return obj
-    raise ModelError(f"cannot find the decoder layers of {type(model).__name__}; "
-                     "init=prune supports Llama-style models (model.layers)")
+        layers = getattr(obj, name, None) if obj is not None else None
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return obj, name, layers
+    return None
+
+
+def decoder_layers(model):
+    """The ``nn.ModuleList`` of decoder blocks of an HF causal LM (see ``PRUNABLE_LAYOUTS``).
+
+    Raises ModelError for architectures that keep their blocks elsewhere.
+    """
+    slot = _layer_slot(model)
+    if slot is None:
+        raise ModelError(f"cannot find the decoder layers of {type(model).__name__}; student.init=prune "
+                         f"supports {SUPPORTED_PRUNE}. Use student.init=pretrained with a smaller model instead")
+    return slot[2]
+
+
+def prune_problem(model) -> str | None:
+    """Why ``model`` (a real or meta-device HF causal LM) cannot be depth-pruned, or None."""
+    if _layer_slot(model) is None:
+        return (f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')}) keeps its decoder layers "
+                f"where student.init=prune cannot find them; supported: {SUPPORTED_PRUNE}. Use "
+                "student.init=pretrained with a smaller model instead")
+    if getattr(model.config, "scale_attn_by_inverse_layer_idx", False):
+        return (f"{type(model).__name__} scales attention by 1/(layer index + 1) "
+                "(scale_attn_by_inverse_layer_idx): renumbered layers would compute differently; "
+                "student.init=prune cannot keep it; use student.init=pretrained")
+    return None
+
+
+#: model_type values known to prune (tested layouts): ``check_prunable`` answers for them from
+#: config.json alone, without importing torch.
+_KNOWN_PRUNABLE = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "opt"}
+
+
+def check_prunable(config_file: str | Path) -> str | None:
+    """Why the model described by ``config_file`` cannot be depth-pruned, or None. Known model
+    types are answered from the JSON; others are built on the meta device (see ``prune_problem``)."""
+    import json
+
+    raw = json.loads(Path(config_file).read_text())
+    if raw.get("model_type") in _KNOWN_PRUNABLE and not raw.get("scale_attn_by_inverse_layer_idx"):
+        return None
+    try:
+        return prune_problem(meta_model(config_file))
+    except ModelError as e:
+        return str(e)
+
+
+def config_json(ref: str) -> Path | None:
+    """The ``config.json`` of a model reference if it is at hand without converting or downloading
+    anything (local folder, converted embedded model, local HF cache), else None."""
+    try:
+        if ref.startswith(EMBEDDED_PREFIX):
+            folder = cache_dir() / "models" / ref[len(EMBEDDED_PREFIX):]
+        else:
+            folder = Path(resolve_model(ref))
+    except ModelError:
+        return None
+    if (folder / "config.json").is_file():
+        return folder / "config.json"
+    if ref.startswith(EMBEDDED_PREFIX):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(ref, "config.json")
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def meta_model(config_file: str | Path):
+    """The causal LM described by ``config_file`` built on the meta device: every module, no
+    weights (well under a second; nothing is read but the JSON). Raises ModelError when
+    transformers cannot build it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(Path(config_file).parent)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(cfg)
+    except (ValueError, KeyError, OSError) as e:
+        raise ModelError(f"cannot build the model described by {config_file}: {e}") from e
+
+
+def _lora_types() -> tuple:
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, Conv1D)
+
+
+def lora_target_problem(model, targets: list[str]) -> str | None:
+    """Check LoRA ``targets`` against the modules of ``model`` (real or meta device) the way peft
+    matches them (a module name equal to the target or ending in ``.target``).
+
+    Returns None when every target names at least one module and all matched modules are layers
+    LoRA can wrap (Linear, Embedding, Conv, GPT-2's Conv1D); else a message that lists the
+    adaptable module names the model has inside its decoder layers (e.g. q_proj, k_proj, ...).
+    """
+    lora_types = _lora_types()
+    named = list(model.named_modules())
+    slot = _layer_slot(model)
+    scope = slot[2].named_modules() if slot is not None else named
+    available: list[str] = []
+    for name, mod in scope:
+        leaf = name.rsplit(".", 1)[-1]
+        if name and isinstance(mod, lora_types) and leaf not in available:
+            available.append(leaf)
+    missing, unsupported = [], []
+    for target in targets:
+        matched = [m for n, m in named if n == target or n.endswith("." + target)]
+        if not matched:
+            missing.append(target)
+        elif not all(isinstance(m, lora_types) for m in matched):
+            unsupported.append(f"{target} ({type(next(m for m in matched if not isinstance(m, lora_types))).__name__})")
+    has = f"it has {', '.join(available)}" if available else "it has no layer LoRA can wrap"
+    if missing:
+        return f"no module named {', '.join(missing)} in the student; {has}"
+    if unsupported:
+        return f"{', '.join(unsupported)} is not a layer LoRA can wrap; {has}"
+    return None
 
 
 def default_keep_layers(num_layers: int) -> list[int]:
@@ -150,15 +279,21 @@ def prune_student(teacher_dir: str | Path, keep_layers: list[int] | None, out_di
     """Write a depth-pruned copy of the teacher to ``out_dir`` (HF format, with tokenizer).
 
     Embeddings, final norm and LM head are copied; decoder layers ``keep_layers`` (0-based,
-    in the given order) are kept. Returns the kept indices. Raises ModelError on an index out
-    of range. Weights are saved in float32.
+    in the given order) are kept and renumbered (KV-cache slots). Supported layouts:
+    ``SUPPORTED_PRUNE`` (Llama-style, OPT, GPT-2). Returns the kept indices. Raises ModelError
+    for another architecture (checked on the meta device before any weight is read), an index
+    out of range, or a written copy that does not reload with exactly the kept weights.
+    Weights are saved in float32.
     """
     import torch
     from torch import nn
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    problem = prune_problem(meta_model(Path(teacher_dir) / "config.json"))
+    if problem:
+        raise ModelError(f"student.init=prune: {problem}")
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
-    layers = decoder_layers(model)
+    parent, attr, layers = _layer_slot(model)
     n = len(layers)
     keep = list(keep_layers) if keep_layers is not None else default_keep_layers(n)
     bad = [i for i in keep if not 0 <= i < n]
@@ -166,16 +301,23 @@ def prune_student(teacher_dir: str | Path, keep_layers: list[int] | None, out_di
         raise ModelError(f"student.keep_layers {bad} out of range: the teacher has {n} layers (0..{n - 1})")
     new_layers = nn.ModuleList([layers[i] for i in keep])
     for new_idx, layer in enumerate(new_layers):
-        attn = getattr(layer, "self_attn", None)
-        if attn is not None and hasattr(attn, "layer_idx"):
-            attn.layer_idx = new_idx  # KV-cache slot
-    model.model.layers = new_layers
+        for mod in layer.modules():  # attention (self_attn, attn, crossattention): KV-cache slot
+            if getattr(mod, "layer_idx", None) is not None:
+                mod.layer_idx = new_idx
+    setattr(parent, attr, new_layers)
     model.config.num_hidden_layers = len(keep)
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = [model.config.layer_types[i] for i in keep]
     out = Path(out_dir)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(out)
+    # A copy that does not reload as the pruned model is worse than no copy: check it now.
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    want, got = model.state_dict(), reloaded.state_dict()
+    wrong = [k for k in want if k not in got or not torch.equal(want[k], got[k])]
+    if len(decoder_layers(reloaded)) != len(keep) or wrong:
+        raise ModelError(f"the pruned {type(model).__name__} written to {out} does not reload as written "
+                         f"({len(decoder_layers(reloaded))} layers, {len(wrong)} tensor(s) differ, e.g. {wrong[:3]})")
     return keep
 
 

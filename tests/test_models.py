@@ -61,3 +61,93 @@ def test_embedded_teacher_converts_to_safetensors():
     tok = AutoTokenizer.from_pretrained(path)
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
     assert size_on_disk_mb(path) > 400
+
+
+def _tiny_arch(folder, kind, tokenizer_dir):
+    """A tiny random GPT-2, OPT or GPT-NeoX (4 layers) with the tiny model's tokenizer, built here."""
+    from transformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM,
+                              OPTConfig, OPTForCausalLM)
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=4, n_head=2, n_positions=128,
+                                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    elif kind == "opt":
+        model = OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=4, ffn_dim=128,
+                                         num_attention_heads=2, word_embed_proj_dim=64, max_position_embeddings=128,
+                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                         pad_token_id=tok.pad_token_id))
+    else:
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=4,
+                                                 num_attention_heads=2, intermediate_size=128,
+                                                 max_position_embeddings=128))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind,blocks", [("gpt2", "transformer.h"), ("opt", "model.decoder.layers")])
+def test_prune_gpt2_and_opt(tiny_model, tmp_path, kind, blocks):
+    """GPT-2 keeps its blocks in transformer.h (n_layer), OPT in model.decoder.layers."""
+    teacher_dir = _tiny_arch(tmp_path / kind, kind, tiny_model)
+    keep = prune_student(teacher_dir, [0, 3], tmp_path / "student")
+    assert keep == [0, 3]
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    assert student.config.num_hidden_layers == 2
+    t_sd, s_sd = teacher.state_dict(), student.state_dict()
+    layer_keys = [k for k in s_sd if k.startswith(blocks + ".")]
+    assert {k.split(".")[len(blocks.split("."))] for k in layer_keys} == {"0", "1"}
+    for k in layer_keys:
+        parts = k.split(".")
+        i = len(blocks.split("."))
+        old = ".".join(parts[:i] + [str(keep[int(parts[i])])] + parts[i + 1:])
+        assert torch.equal(s_sd[k], t_sd[old]), k
+    assert all(torch.equal(v, t_sd[k]) for k, v in s_sd.items() if not k.startswith(blocks + "."))
+    ids = torch.tensor([[1, 5, 6, 7]])
+    assert student.generate(ids, max_new_tokens=5, do_sample=False).shape == (1, 9)
+    # keeping every layer reproduces the teacher exactly (nothing but the layer list changes)
+    prune_student(teacher_dir, [0, 1, 2, 3], tmp_path / "all")
+    same = AutoModelForCausalLM.from_pretrained(tmp_path / "all")
+    assert torch.allclose(same(ids).logits, teacher(ids).logits, atol=1e-5)
+
+
+def test_prune_refuses_an_unsupported_architecture_before_any_work(tiny_model, tmp_path, monkeypatch):
+    from raydistill.models import check_prunable
+
+    teacher_dir = _tiny_arch(tmp_path / "neox", "neox", tiny_model)
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
+    with pytest.raises(ModelError, match=r"GPTNeoXForCausalLM .*supported: Llama-style .*OPT.*GPT-2"):
+        prune_student(teacher_dir, [0, 3], tmp_path / "student")
+    assert not (tmp_path / "student").exists()
+    assert "supported: Llama-style" in check_prunable(teacher_dir / "config.json")
+    assert check_prunable(tiny_model / "config.json") is None
+
+
+def test_prune_refuses_gpt2_scaled_by_layer_index(tiny_model, tmp_path):
+    import json
+
+    teacher_dir = _tiny_arch(tmp_path / "gpt2", "gpt2", tiny_model)
+    cfg = json.loads((teacher_dir / "config.json").read_text())
+    (teacher_dir / "config.json").write_text(json.dumps(dict(cfg, scale_attn_by_inverse_layer_idx=True)))
+    with pytest.raises(ModelError, match="scale_attn_by_inverse_layer_idx"):
+        prune_student(teacher_dir, [0, 3], tmp_path / "student")
+
+
+def test_lora_targets_are_checked_against_the_students_modules(tiny_model, tmp_path):
+    from raydistill.models import lora_target_problem, meta_model
+
+    llama = meta_model(tiny_model / "config.json")
+    assert next(llama.parameters()).device.type == "meta"  # no weights read
+    assert lora_target_problem(llama, ["q_proj", "k_proj", "v_proj", "o_proj"]) is None
+    assert lora_target_problem(llama, ["qkv_proj"]) == (
+        "no module named qkv_proj in the student; it has q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj")
+    assert lora_target_problem(llama, ["mlp"]).startswith("mlp (LlamaMLP) is not a layer LoRA can wrap")
+    gpt2 = meta_model(_tiny_arch(tmp_path / "gpt2", "gpt2", tiny_model) / "config.json")
+    assert lora_target_problem(gpt2, ["c_attn"]) is None  # GPT-2's Conv1D
+    assert lora_target_problem(gpt2, ["q_proj"]).endswith("it has c_attn, c_proj, c_fc")

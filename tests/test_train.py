@@ -1,0 +1,205 @@
+"""The train stage end to end on a tiny model: labels, shuffling, resume, checkpoints, config errors, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from raydistill.cli import app
+from raydistill.config import load
+from raydistill.models import ModelError
+from raydistill.train.trainer import (BASELINE_RECIPE, _ensure_baseline, checkpoint_dirs, checkpoint_step,
+                                      lr_lambda, run_train, warmup_steps)
+
+from .conftest import build_tiny_model
+from .test_pipeline import user_config, write_synthetic_corpus
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+
+
+def _steps_on_disk(out: Path) -> list[int]:
+    return sorted(checkpoint_step(d) for d in checkpoint_dirs(out / "train" / "ray"))
+
+
+def test_baseline_student_is_rebuilt_when_what_made_it_changes(tiny_model, tmp_path):
+    cfg_file, sets = user_config(tmp_path, tiny_model, 10, "hf")
+    out = tmp_path / "run"
+    base = _ensure_baseline(load(cfg_file, sets), out)
+    recipe = json.loads((base / BASELINE_RECIPE).read_text())
+    assert recipe["teacher"] == str(tiny_model) and recipe["keep_layers"] == [0, 3] and recipe["kept"] == [0, 3]
+    stamp = (base / "model.safetensors").stat().st_mtime_ns
+    assert _ensure_baseline(load(cfg_file, sets), out) == base
+    assert (base / "model.safetensors").stat().st_mtime_ns == stamp  # same recipe: reused
+    _ensure_baseline(load(cfg_file, sets + ["student.keep_layers=[0, 2, 3]"]), out)
+    assert json.loads((base / "config.json").read_text())["num_hidden_layers"] == 3
+    other = build_tiny_model(tmp_path / "other-teacher", num_layers=6, seed=1)
+    _ensure_baseline(load(cfg_file, sets + [f"teacher.model={other}", "student.keep_layers=null"]), out)
+    assert json.loads((base / BASELINE_RECIPE).read_text())["kept"] == [0, 3, 5]  # the new teacher's default
+    assert json.loads((base / "config.json").read_text())["num_hidden_layers"] == 3
+
+
+def test_lora_targets_the_student_lacks_fail_before_ray(tiny_model, tmp_path):
+    cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
+    bad = sets + ["train.lora.enabled=true", "train.lora.target_modules=[qkv_proj]"]
+    want = ("train.lora.target_modules: no module named qkv_proj in the student; it has q_proj, k_proj, v_proj, "
+            "o_proj, gate_proj, up_proj, down_proj")
+    r = CliRunner().invoke(app, ["validate", str(cfg_file), *[x for s in bad for x in ("--set", s)]])
+    assert r.exit_code == 2 and want in r.output, r.output
+    cfg = load(cfg_file, bad)
+    write_synthetic_corpus(cfg, 30)
+    with pytest.raises(ModelError) as e:
+        run_train(cfg)
+    assert str(e.value) == want
+    assert not (tmp_path / "run" / "train" / "ray").exists()  # Ray Train never started
+
+
+def test_validate_refuses_pruning_an_unsupported_architecture(tiny_model, tmp_path):
+    from .test_models import _tiny_arch
+
+    neox = _tiny_arch(tmp_path / "neox", "neox", tiny_model)
+    cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
+    r = CliRunner().invoke(app, ["validate", str(cfg_file), *[x for s in sets for x in ("--set", s)],
+                                 "--set", f"teacher.model={neox}"])
+    assert r.exit_code == 2
+    assert "student.init=prune: GPTNeoXForCausalLM (gpt_neox) keeps its decoder layers" in r.output
+    assert "supported: Llama-style" in r.output and "OPT: model.decoder.layers; GPT-2: transformer.h" in r.output
+
+
+def test_a_config_error_on_the_workers_is_not_retried(tiny_model, tmp_path, ray_local, monkeypatch):
+    """A bad LoRA target that got past the driver's check fails once, with peft's message."""
+    import raydistill.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "check_lora_targets", lambda cfg, student_dir: None)
+    cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
+    cfg = load(cfg_file, sets + ["train.workers=1", "train.lora.enabled=true", "train.lora.target_modules=[qkv_proj]"])
+    write_synthetic_corpus(cfg, 30)
+    with pytest.raises(ValueError, match=r"a config error; not retried\): \w+Error: Target modules .*qkv_proj"):
+        run_train(cfg)
+
+
+def test_labels_follow_the_teachers_ids_and_truncation(tiny_model, tmp_path, ray_local):
+    """A corpus made with the student's tokenizer is trained on its stored ids; truncated rows are
+    counted, and with truncated_answers=drop left out; every left-out row is in the summary."""
+    from transformers import AutoTokenizer
+
+    from raydistill.chat import text_ids, tokenizer_fingerprint
+    from raydistill.schema import CORPUS_SCHEMA, conform
+
+    cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
+    cfg = load(cfg_file, sets + ["train.workers=1", "train.epochs=1", "train.truncated_answers=drop"])
+    write_synthetic_corpus(cfg, 30)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    corpus = Path(cfg.output_dir) / "corpus"
+    shard = corpus / "data" / "part-00000.parquet"
+    rows = pq.read_table(shard).to_pylist()
+    spelled = [i for ch in "Paris" for i in text_ids(tok, ch)]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    for r in rows:
+        r.update(response="Paris", response_token_ids=spelled + [tok.eos_token_id], finish_reason="stop")
+    train_rows[0].update(finish_reason="length", response_token_ids=spelled)
+    train_rows[1].update(finish_reason="error", error="prompt too long", response="", response_token_ids=[])
+    pq.write_table(conform(pa.Table.from_pylist(rows), CORPUS_SCHEMA), shard)
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    manifest.update(teacher_tokenizer=tokenizer_fingerprint(tok), stop_token_ids=[tok.eos_token_id])
+    (corpus / "manifest.json").write_text(json.dumps(manifest))
+    summary = run_train(cfg)
+    n_train = len(train_rows)
+    assert summary["label_source"] == "teacher_token_ids"
+    assert summary["truncated_rows"] == 1 and summary["truncated_action"] == "dropped"
+    assert summary["dropped"] == {"error": 1, "truncated": 1, "too_long": 0, "uneven_split": 0}
+    assert summary["examples"] == n_train - 2
+    # the tokens trained per epoch: each example's labels are the 5 spelled ids + <|im_end|>\n
+    assert sum(m["tokens"] for m in _metrics(Path(cfg.output_dir))) == (n_train - 2) * (len(spelled) + 2)
+
+
+def test_shuffle_resume_schedule_and_checkpoints(tiny_model, tmp_path, ray_local):
+    """Batches change every epoch; an interrupted run resumes from its latest checkpoint even when
+    Ray's own record lags, sees the same batches, and follows the schedule of its new length; only
+    train.keep_checkpoints checkpoints stay (none with delete_checkpoints)."""
+    cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
+    sets += ["train.epochs=2", "train.checkpoint_every_steps=1", "train.keep_checkpoints=100",
+             "train.delete_checkpoints=false"]
+    cfg = load(cfg_file, sets)
+    write_synthetic_corpus(cfg, 30)
+    out = Path(cfg.output_dir)
+    first = run_train(cfg)
+    a = _metrics(out)
+    per_epoch = first["steps"] // 2
+    assert per_epoch >= 3 and first["resumed_from_step"] is None
+    assert first["dropped"]["uneven_split"] == first["examples"] % 2
+    tokens = [m["tokens"] for m in a]
+    assert tokens[:per_epoch] != tokens[per_epoch:]  # epoch 1 is not epoch 0 again
+    assert _steps_on_disk(out) == list(range(1, 2 * per_epoch + 1))
+
+    # Interrupted after step 4: later checkpoints gone, Ray's record still names them.
+    (out / "train" / "summary.json").unlink()
+    for d in checkpoint_dirs(out / "train" / "ray"):
+        if checkpoint_step(d) > 4:
+            shutil.rmtree(d)
+    resumed = run_train(load(cfg_file, sets + ["train.epochs=3", "train.keep_checkpoints=2"]))
+    b = _metrics(out)
+    total = 3 * per_epoch
+    assert resumed["resumed_from_step"] == 4 and resumed["steps"] == total
+    assert b[:4] == a[:4]  # steps 1-4 come from the checkpoint, not redone
+    assert [m["tokens"] for m in b[4:2 * per_epoch]] == tokens[4:]  # the same batches as uninterrupted
+    assert [m["tokens"] for m in b[2 * per_epoch:]] != tokens[:per_epoch]
+    # after the resume, the schedule of the new length: what an uninterrupted 3-epoch run uses
+    peak, warmup = cfg.train.lr, warmup_steps(total, cfg.train.warmup_ratio)
+    assert [m["lr"] for m in b[4:]] == pytest.approx([peak * lr_lambda(s, total, warmup) for s in range(4, total)])
+    assert _steps_on_disk(out) == [total - 1, total]  # train.keep_checkpoints=2
+
+
+def _run_cli_train(cfg_file: Path, sets: list[str], stop_after_step: int) -> tuple[int, str]:
+    """`raydistill train` in its own process group; Ctrl-C (SIGINT to the group, as a terminal
+    sends it) once step ``stop_after_step`` is printed. Returns (exit status, output)."""
+    cmd = [sys.executable, "-m", "raydistill.cli", "train", str(cfg_file), *[x for s in sets for x in ("--set", s)]]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    reached = threading.Event()
+
+    def read():
+        for line in p.stdout:
+            lines.append(line)
+            if f"[raydistill] step {stop_after_step}/" in line:
+                reached.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert reached.wait(400), "training never reached step %d:\n%s" % (stop_after_step, "".join(lines[-40:]))
+        os.killpg(p.pid, signal.SIGINT)
+        rc = p.wait(180)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    return rc, "".join(lines)
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_and_the_next_run_resumes_from_the_latest_checkpoint(tiny_model, tmp_path, ray_local):
+    cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
+    sets += ["train.epochs=50", "train.checkpoint_every_steps=1"]
+    write_synthetic_corpus(load(cfg_file, sets), 30)
+    rc, output = _run_cli_train(cfg_file, sets, stop_after_step=3)
+    assert rc == 130, output[-3000:]
+    assert "interrupted during stage train" in output
+    out = tmp_path / "run"
+    assert not (out / "student").exists() and not (out / "train" / "summary.json").exists()
+    written = _steps_on_disk(out)
+    assert written and written[-1] >= 3
+    summary = run_train(load(cfg_file, sets + [f"train.max_steps={written[-1] + 1}"]))
+    assert summary["resumed_from_step"] == written[-1]  # not one checkpoint earlier
+    assert summary["steps"] == written[-1] + 1
+    assert not list((out / "train" / "ray").glob("checkpoint_*"))  # train.delete_checkpoints (default): none left
