@@ -56,8 +56,52 @@ def _top_logprobs(entries, k: int) -> tuple[list[list[int]] | None, list[list[fl
     return ids, lps
 
 
-def _vllm_dataset(ds, model_dir: str, engine: EngineConfig, gen: GenerationConfig, gpu: bool):
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+def _stop_ids(model_dir: str) -> set[int]:
+    """Token ids that end an answer for ``model_dir`` (``chat.stop_token_ids``: the EOS ids of
+    generation_config.json / config.json and the tokenizer's EOS, the ids vLLM and transformers
+    stop on). A hub id is read from the local Hugging Face cache."""
+    from .chat import stop_token_ids
+    from .models import local_model_dir
+
+    ids = stop_token_ids(local_model_dir(model_dir))
+    if not ids:
+        log.warning("%s declares no EOS token id: every answer will end by length", model_dir)
+    return ids
+
+
+def _finish_reason(tokens: list[int], stop_ids: set[int]) -> str:
+    """How an answer ended, read from its tokens with the engine's own rule: "stop" when its last
+    token is one of the model's stop ids (the engine ends an answer there and keeps that token),
+    else "length" (``max_new_tokens`` reached, or the prompt + answer filled ``max_model_len``)."""
+    return "stop" if tokens and tokens[-1] in stop_ids else "length"
+
+
+class _PromptTokenizer:
+    """Ray Data actor: adds each row's prompt token ids (``chat.prompt_ids`` of its messages) as
+    ``tokenized_prompt`` (list of ints), the column ray.data.llm's vLLM stage sends to the engine
+    as a ``TokensPrompt``, and their count as ``prompt_tokens``. One tokenizer per actor; the
+    driver does no per-row tokenizer work."""
+
+    def __init__(self, model_dir: str):
+        from transformers import AutoTokenizer
+
+        from .models import require_chat_template
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        require_chat_template(self.tokenizer, model_dir)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from .chat import prompt_ids
+
+        ids = [prompt_ids(self.tokenizer, _messages(m)) for m in batch.column("messages").to_pylist()]
+        batch = batch.append_column("tokenized_prompt", pa.array(ids, pa.list_(pa.int64())))
+        return batch.append_column("prompt_tokens", pa.array([len(x) for x in ids], pa.int32()))
+
+
+def _vllm_config(model_dir: str, engine: EngineConfig, gen: GenerationConfig, gpu: bool):
+    """The ``vLLMEngineProcessorConfig`` of one engine: no chat-template or tokenize stage (rows
+    bring their own ``tokenized_prompt``), the engine's own vLLM environment (KV cache size)."""
+    from ray.data.llm import vLLMEngineProcessorConfig
 
     from .runtime import vllm_env
 
@@ -72,7 +116,7 @@ def _vllm_dataset(ds, model_dir: str, engine: EngineConfig, gen: GenerationConfi
         engine_kwargs["enforce_eager"] = True
         # The vLLM stage asks for tensor_parallel GPUs by default; on CPU it takes CPUs.
         extra["placement_group_config"] = {"bundles": [{"CPU": engine.cpus_per_replica}]}
-    config = vLLMEngineProcessorConfig(
+    return vLLMEngineProcessorConfig(
         model_source=model_dir,
         engine_kwargs=engine_kwargs,
         batch_size=engine.batch_size,
@@ -81,49 +125,82 @@ def _vllm_dataset(ds, model_dir: str, engine: EngineConfig, gen: GenerationConfi
         log_engine_metrics=False,
         should_continue_on_error=True,  # one over-long prompt must not fail the dataset
         runtime_env={"env_vars": vllm_env(engine.kv_cache_gib)},
-        chat_template_stage={"enabled": True, "num_cpus": 0.25},
+        # Prompts arrive as token ids (chat.prompt_ids): no template rendering, no tokenizing
+        # (either would add a BOS a template already wrote, or read text spelling <|im_end|> as the token).
+        chat_template_stage={"enabled": False},
         tokenize_stage={"enabled": False},
         detokenize_stage={"enabled": False},
         **extra,
     )
-    k = gen.top_k_logprobs
+
+
+def _vllm_outputs(ds, model_dir: str, engine: EngineConfig, gen: GenerationConfig, gpu: bool):
+    """Prompt rows -> rows as ray.data.llm's vLLM stage returns them (before ``_vllm_row``): our
+    prompt columns plus ``prompt_token_ids`` (what the engine read), ``generated_tokens``,
+    ``generated_text``, ``num_generated_tokens``, ``logprobs``, ``time_taken_llm``,
+    ``batch_uuid`` and ``__inference_error__``."""
+    import ray
+    from ray.data.llm import build_processor
+
     sampling = dict(max_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-                    seed=gen.seed, logprobs=k or None)
+                    seed=gen.seed, logprobs=gen.top_k_logprobs or None)
+    ds = ds.map_batches(_PromptTokenizer, fn_constructor_kwargs=dict(model_dir=model_dir),
+                        batch_size=engine.batch_size, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
 
     def preprocess(row: dict) -> dict:
-        # Our prompt columns travel to postprocess untouched (the chat template stage writes `prompt`).
+        # Our prompt columns travel through the stage untouched; the engine reads tokenized_prompt.
         return dict(row, messages=_messages(row["messages"]), sampling_params=sampling)
 
-    def postprocess(row: dict) -> dict:
-        error = row.get("__inference_error__") or None
-        n_out = int(row.get("num_generated_tokens") or 0)
-        ids, lps = _top_logprobs(row.get("logprobs"), k)
-        return {
-            "prompt_id": row["prompt_id"], "split": row["split"], "task": row["task"],
-            "messages": _messages(row["messages"]), "reference": row["reference"],
-            "response": row.get("generated_text") or "",
-            "response_token_ids": [int(t) for t in (row.get("generated_tokens") or [])],
-            # ray.data.llm does not pass vLLM's finish_reason through: a full budget means "length".
-            "finish_reason": "error" if error else ("length" if n_out >= gen.max_new_tokens else "stop"),
-            "prompt_tokens": int(row.get("num_input_tokens") or 0),
-            "response_tokens": n_out,
-            "latency_s": float(row["time_taken_llm"]) if not error else None,
-            "batch_id": str(row.get("batch_uuid") or ""),
-            "top_logprobs_ids": ids, "top_logprobs": lps,
-            "error": error,
-        }
+    processor = build_processor(_vllm_config(model_dir, engine, gen, gpu), preprocess=preprocess)
+    return processor(ds)
 
-    processor = build_processor(config, preprocess=preprocess)
+
+def _vllm_row(row: dict, k: int, stop_ids: set[int]) -> dict:
+    """One vLLM stage output row -> prompt columns + ``GENERATION_FIELDS``.
+
+    ray.data.llm (2.60) does not pass vLLM's finish_reason through, so it is read from the
+    tokens with vLLM's own rule (``_finish_reason``): vLLM keeps the stop token in the output ids
+    and ends a request at ``max_tokens`` or when prompt + answer reach ``max_model_len``.
+    """
+    error = row.get("__inference_error__") or None
+    tokens = row.get("generated_tokens")  # a numpy array or list (vLLM keeps the stop token in it)
+    tokens = [int(t) for t in tokens] if tokens is not None else []
+    ids, lps = _top_logprobs(row.get("logprobs"), k)
+    return {
+        "prompt_id": row["prompt_id"], "split": row["split"], "task": row["task"],
+        "messages": _messages(row["messages"]), "reference": row["reference"],
+        "response": row.get("generated_text") or "",
+        "response_token_ids": tokens,
+        "finish_reason": "error" if error else _finish_reason(tokens, stop_ids),
+        # what the engine read; our own count for rows the engine refused
+        "prompt_tokens": int(row.get("num_input_tokens") or row.get("prompt_tokens") or 0),
+        "response_tokens": len(tokens),
+        "latency_s": float(row["time_taken_llm"]) if not error else None,
+        "batch_id": str(row.get("batch_uuid") or ""),
+        "top_logprobs_ids": ids, "top_logprobs": lps,
+        "error": error,
+    }
+
+
+def _vllm_dataset(ds, model_dir: str, engine: EngineConfig, gen: GenerationConfig, gpu: bool):
+    from functools import partial
+
+    stop_ids = _stop_ids(model_dir)
     # Not build_processor(postprocess=...): ray.data.llm routes failed rows around a postprocess
     # function, and they must reach the corpus as error rows with the same columns.
-    return processor(ds).map(postprocess)
+    return _vllm_outputs(ds, model_dir, engine, gen, gpu).map(partial(_vllm_row, k=gen.top_k_logprobs,
+                                                                      stop_ids=stop_ids))
 
 
 class HFGenerator:
     """A Ray Data actor that answers prompt batches with transformers ``generate``.
 
-    Each actor uses ``threads`` torch threads (Ray would leave it one). Prompts longer than
-    ``max_model_len - max_new_tokens`` tokens get an error row instead of failing the batch.
+    Prompts are ``chat.prompt_ids`` of each row's messages (the ids the vLLM engine gets), left-padded
+    here with an attention mask. Like vLLM, an answer ends at a stop id (``_stop_ids``, kept as the
+    last response token), at ``max_new_tokens``, or when prompt + answer reach
+    ``engine.max_model_len``; a prompt of ``max_model_len`` tokens or more gets an error row
+    instead of failing the batch. Each actor uses ``threads`` torch threads (Ray would leave it one).
     Latency of a row = wall time of its batch (all answers of a batch return together).
     """
 
@@ -139,51 +216,57 @@ class HFGenerator:
         self.device = "cuda" if gpu else "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         require_chat_template(self.tokenizer, model_dir)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.stop_ids = _stop_ids(model_dir)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (min(self.stop_ids) if self.stop_ids else 0)
         dtype = getattr(torch, _dtype(self.engine, gpu))
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
-        self.stop_ids = set(_eos_ids(self.model, self.tokenizer))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
+        from .chat import prompt_ids
+
         rows = batch.to_pylist()
         batch_id = uuid.uuid4().hex
-        budget = self.engine.max_model_len - self.gen.max_new_tokens
-        texts = [self.tokenizer.apply_chat_template(_messages(r["messages"]), add_generation_prompt=True,
-                                                    tokenize=False) for r in rows]
-        encoded = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        ok = [i for i, ids in enumerate(encoded) if len(ids) <= budget]
+        limit = self.engine.max_model_len
+        encoded = [prompt_ids(self.tokenizer, _messages(r["messages"])) for r in rows]
         results: dict[int, dict] = {}
+        caps: dict[int, int] = {}  # row -> most new tokens it may get
         for i, ids in enumerate(encoded):
-            if len(ids) > budget:
+            if len(ids) >= limit:  # vLLM refuses these too: no room for one answer token
                 results[i] = dict(response="", response_token_ids=[], finish_reason="error",
                                   prompt_tokens=len(ids), response_tokens=0, latency_s=None,
                                   top_logprobs_ids=None, top_logprobs=None,
-                                  error=f"prompt has {len(ids)} tokens; max_model_len {self.engine.max_model_len}"
-                                        f" - max_new_tokens {self.gen.max_new_tokens} = {budget}")
+                                  error=f"prompt has {len(ids)} tokens; max_model_len is {limit}: "
+                                        "no room for an answer")
+            else:
+                caps[i] = min(self.gen.max_new_tokens, limit - len(ids))
+        ok = list(caps)
         if ok:
+            width = max(len(encoded[i]) for i in ok)
+            input_ids = torch.tensor([[self.pad_id] * (width - len(encoded[i])) + encoded[i] for i in ok],
+                                     dtype=torch.long, device=self.device)
+            mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in ok],
+                                dtype=torch.long, device=self.device)
             t0 = time.perf_counter()
-            enc = self.tokenizer([texts[i] for i in ok], add_special_tokens=False, padding=True,
-                                 padding_side="left", return_tensors="pt").to(self.device)
             torch.manual_seed(self.gen.seed)
             k = self.gen.top_k_logprobs
             with torch.inference_mode():
                 out = self.model.generate(
-                    **enc, max_new_tokens=self.gen.max_new_tokens,
+                    input_ids=input_ids, attention_mask=mask, max_new_tokens=max(caps.values()),
                     do_sample=self.gen.temperature > 0,
                     temperature=self.gen.temperature if self.gen.temperature > 0 else None,
                     top_p=self.gen.top_p if self.gen.temperature > 0 else None,
-                    top_k=None, pad_token_id=self.tokenizer.pad_token_id,
+                    top_k=None, pad_token_id=self.pad_id,
+                    eos_token_id=sorted(self.stop_ids) or None,
                     return_dict_in_generate=True, output_logits=bool(k))
             elapsed = time.perf_counter() - t0
-            new = out.sequences[:, enc["input_ids"].shape[1]:].tolist()
+            new = out.sequences[:, width:].tolist()
             for j, i in enumerate(ok):
-                toks = new[j]
+                toks = new[j][: caps[i]]  # a row's own cap: max_new_tokens or what max_model_len leaves
                 stop = next((p for p, t in enumerate(toks) if t in self.stop_ids), None)
-                finish = "stop" if stop is not None else "length"
-                toks = toks[: stop + 1] if stop is not None else toks  # keep the EOS token itself
+                toks = toks[: stop + 1] if stop is not None else toks  # keep the stop token itself
                 ids_k = lps_k = None
                 if k:
                     ids_k, lps_k = [], []
@@ -192,7 +275,9 @@ class HFGenerator:
                         top = torch.topk(lp, k)
                         ids_k.append(top.indices.tolist())
                         lps_k.append(top.values.tolist())
-                text = self.tokenizer.decode(toks, skip_special_tokens=True)
+                finish = _finish_reason(toks, self.stop_ids)
+                # Like vLLM, the text leaves the stop token out (even one that is not a special token).
+                text = self.tokenizer.decode(toks[:-1] if finish == "stop" else toks, skip_special_tokens=True)
                 results[i] = dict(response=text, response_token_ids=toks, finish_reason=finish,
                                   prompt_tokens=len(encoded[i]), response_tokens=len(toks),
                                   latency_s=elapsed, top_logprobs_ids=ids_k, top_logprobs=lps_k, error=None)
@@ -216,14 +301,6 @@ def engine_throughput(table: pa.Table) -> float:
             tokens += n or 0
     seconds = sum(spans.values())
     return tokens / seconds if seconds > 0 else 0.0
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return ids
 
 
 def generate_dataset(prompts: pa.Table, model_dir: str, engine: EngineConfig, gen: GenerationConfig):
@@ -280,28 +357,39 @@ def generate_table(prompts: pa.Table, model_dir: str, engine: EngineConfig, gen:
 def run_generate(cfg: Config) -> dict:
     """Answer the train and validation prompts with the teacher and write ``corpus/``.
 
-    Writes parquet shards with ``CORPUS_SCHEMA`` into ``corpus/data/`` (readable as one table by
-    ``pyarrow.parquet.read_table`` or ``ray.data.read_parquet``), then ``manifest.json``
-    (rows, tokens, seconds, tokens/s). The folder is built under a temporary name and renamed
-    when complete, so an interrupted run never leaves a corpus a later stage would accept.
+    Writes ``prompts.parquet`` (every prompt of the run with its split, test included:
+    ``corpus.write_prompts``), parquet shards with ``CORPUS_SCHEMA`` into ``corpus/data/``
+    (readable as one table by ``pyarrow.parquet.read_table`` or ``ray.data.read_parquet``), then
+    ``manifest.json``: rows, tokens, seconds, tokens/s, ``finish_reasons`` (count of stop / length /
+    error), ``teacher_tokenizer`` (``chat.tokenizer_fingerprint``), ``stop_token_ids`` and ``data``
+    (the data settings that made the split). The folder is built under a temporary name and
+    renamed when complete, so an interrupted run never leaves a corpus a later stage would accept.
     Returns the manifest.
     """
     import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
 
-    from .data import load_prompts, select_split
+    from .chat import tokenizer_fingerprint
+    from .corpus import check_disjoint, write_prompts
+    from .data import load_prompts, resolve_data_path, select_split
     from .layout import corpus_dir
     from .models import resolve_model
     from .runtime import init_ray, provenance
 
-    prompts = select_split(load_prompts(cfg.data), ("train", "validation"))
+    all_prompts = load_prompts(cfg.data)
+    check_disjoint(all_prompts, str(cfg.data.path))
+    prompts = select_split(all_prompts, ("train", "validation"))
     if prompts.num_rows == 0:
         raise ValueError("no prompts in the train/validation splits; lower data.split.test or add data")
     teacher_dir = resolve_model(cfg.teacher.model)
+    teacher_tokenizer = tokenizer_fingerprint(AutoTokenizer.from_pretrained(teacher_dir))
+    stop_ids = sorted(_stop_ids(teacher_dir))
     init_ray()
     out = corpus_dir(cfg)
     tmp = out.with_name("corpus.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    write_prompts(tmp, all_prompts)  # the split of the run, written once: evaluate reads its test prompts here
     params = json.dumps(cfg.generation.model_dump(), sort_keys=True)
     log.info("generate: %d prompts with teacher %s (engine %s)", prompts.num_rows, cfg.teacher.model,
              cfg.teacher.engine)
@@ -323,19 +411,28 @@ def run_generate(cfg: Config) -> dict:
         shards.append(name)
     resp_tokens = int(pa.compute.sum(table.column("response_tokens")).as_py() or 0)
     errors = table.filter(pa.compute.is_valid(table.column("error")))
+    reasons = table.column("finish_reason").to_pylist()
+    data_settings = cfg.data.model_dump(mode="json")
+    data_settings["resolved_path"] = str(resolve_data_path(cfg.data.path).resolve())
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "rows": n,
         "rows_with_error": errors.num_rows,
+        "finish_reasons": {r: reasons.count(r) for r in ("stop", "length", "error")},
         "splits": {s: int(pa.compute.sum(pa.compute.equal(table.column("split"), s)).as_py() or 0)
                    for s in ("train", "validation")},
+        "prompts_by_split": {s: int(pa.compute.sum(pa.compute.equal(all_prompts.column("split"), s)).as_py() or 0)
+                                for s in ("train", "validation", "test")},
         "prompt_tokens": int(pa.compute.sum(table.column("prompt_tokens")).as_py() or 0),
         "response_tokens": resp_tokens,
         "seconds": round(seconds, 2),
         "tokens_per_s": round(resp_tokens / seconds, 2) if seconds > 0 else None,  # wall, engine start-up included
         "teacher": cfg.teacher.model,
+        "teacher_tokenizer": teacher_tokenizer,
+        "stop_token_ids": stop_ids,
         "engine": cfg.teacher.engine,
         "generation_params": json.loads(params),
+        "data": data_settings,  # what made the split in prompts.parquet (path, seed, shares, ids, template, limit)
         "shards": shards,
         "provenance": provenance(),
     }
@@ -345,6 +442,7 @@ def run_generate(cfg: Config) -> dict:
     tmp.rename(out)
     for row in errors.slice(0, 5).to_pylist():
         log.warning("generate: prompt %s failed: %s", row["prompt_id"], row["error"])
-    log.info("generate: %d rows, %d response tokens in %.1f s (%.1f tokens/s) -> %s", n, resp_tokens,
+    log.info("generate: %d rows (%s), %d response tokens in %.1f s (%.1f tokens/s) -> %s", n,
+             ", ".join(f"{k} {v}" for k, v in manifest["finish_reasons"].items()), resp_tokens,
              seconds, manifest["tokens_per_s"] or 0, out)
     return manifest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 log = logging.getLogger(__name__)
@@ -15,24 +16,32 @@ def on_gpu_machine() -> bool:
     return torch.cuda.is_available()
 
 
-def vllm_env(kv_cache_gib: float = 2.0) -> dict[str, str]:
-    """Environment for vLLM engine processes.
+def vllm_env(kv_cache_gib: float | None = None) -> dict[str, str]:
+    """Environment for vLLM engine processes (passed as the engine's Ray ``runtime_env``).
 
     On CPU, vLLM's backend reserves one core and pins itself to another unless told otherwise;
-    these settings let one engine use every core of the machine and bound its KV cache (GiB).
-    Values already set in the caller's environment win.
+    these settings let one engine use every core of the machine. Values of those already set in
+    the caller's environment win (a user's own core binding).
+
+    Args:
+        kv_cache_gib: the engine's CPU KV cache (GiB, from ``teacher.kv_cache_gib`` or
+            ``eval.kv_cache_gib``); vLLM's ``VLLM_CPU_KVCACHE_SPACE`` takes whole GiB, so it is
+            rounded up (at least 1). The config value always wins over a ``VLLM_CPU_KVCACHE_SPACE``
+            in the shell, so each engine gets its own size. None leaves the key out (settings
+            shared by every process, as ``init_ray`` sets them).
     """
     ncpu = os.cpu_count() or 1
     env = {
         "VLLM_CPU_OMP_THREADS_BIND": f"0-{ncpu - 1}",
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-        "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(round(kv_cache_gib)))),
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
         "TOKENIZERS_PARALLELISM": "false",
     }
     for key in list(env):
         if key in os.environ:
             env[key] = os.environ[key]
+    if kv_cache_gib is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(kv_cache_gib)))
     return env
 
 

@@ -24,9 +24,13 @@ PROMPTS_SCHEMA = pa.schema([
 #: Columns every generation engine returns per row (see ``raydistill.generate``).
 GENERATION_FIELDS = [
     pa.field("response", pa.string()),
+    # The engine's own generated ids, as many as response_tokens; a "stop" answer ends with the
+    # stop token (e.g. <|im_end|>), which `response` (decoded, special tokens skipped) leaves out.
     pa.field("response_token_ids", pa.list_(pa.int32())),
-    pa.field("finish_reason", pa.string()),                   # stop | length | error
-    pa.field("prompt_tokens", pa.int32()),
+    # stop: ended with a model stop id (its last response token); length: cut at max_new_tokens or
+    # where prompt + answer reached max_model_len; error: no answer (see `error`).
+    pa.field("finish_reason", pa.string()),
+    pa.field("prompt_tokens", pa.int32()),                    # ids the engine read (chat.prompt_ids)
     pa.field("response_tokens", pa.int32()),
     pa.field("latency_s", pa.float64()),                      # seconds from request to last token
     pa.field("batch_id", pa.string()),                        # engine batch the row was answered in

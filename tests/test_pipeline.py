@@ -66,6 +66,12 @@ def _check_corpus(out: Path, cfg) -> list[dict]:
     assert manifest["rows"] == len(expected) and manifest["schema_version"] == SCHEMA_VERSION
     assert manifest["response_tokens"] == sum(table.column("response_tokens").to_pylist()) > 0
     assert manifest["tokens_per_s"] > 0
+    # the split of the run is written once with the corpus, test prompts included
+    assert pq.read_table(out / "corpus" / "prompts.parquet").column("prompt_id").to_pylist() == \
+        prompts.column("prompt_id").to_pylist()
+    reasons = table.column("finish_reason").to_pylist()
+    assert manifest["finish_reasons"] == {r: reasons.count(r) for r in ("stop", "length", "error")}
+    assert manifest["stop_token_ids"] and manifest["teacher_tokenizer"] and manifest["data"]["path"] == cfg.data.path
     rows = table.to_pylist()
     failed = [r for r in rows if r["error"] is not None]
     assert [r["prompt_id"] for r in failed] == [i for i in expected if i.startswith("long")]
@@ -75,7 +81,7 @@ def _check_corpus(out: Path, cfg) -> list[dict]:
     for r in rows:
         assert 1 <= r["response_tokens"] <= 12 == cfg.generation.max_new_tokens
         assert len(r["response_token_ids"]) == r["response_tokens"]
-        assert r["finish_reason"] in ("stop", "length")
+        assert r["finish_reason"] == ("stop" if r["response_token_ids"][-1] in manifest["stop_token_ids"] else "length")
         assert len(r["top_logprobs"]) == r["response_tokens"] and all(len(x) == 3 for x in r["top_logprobs"])
         assert all(a >= b for x in r["top_logprobs"] for a, b in zip(x, x[1:]))  # sorted, best first
         assert all(lp <= 0 for x in r["top_logprobs"] for lp in x)
@@ -102,8 +108,8 @@ def _check_train(out: Path) -> None:
     unchanged = [n for n, p in student.named_parameters() if torch.equal(p, base_sd[n])]
     assert unchanged == [], unchanged  # every trainable parameter moved
     assert student.config.num_hidden_layers == 2
-    # resume state went through ray.train.report into the output folder
-    assert list((out / "train" / "ray").glob("checkpoint_*/state.pt"))
+    # the finished run's checkpoints are deleted once the student is exported (train.delete_checkpoints)
+    assert not list((out / "train" / "ray").glob("checkpoint_*"))
 
 
 def _check_report(out: Path) -> dict:
@@ -236,6 +242,7 @@ def test_train_resumes_an_interrupted_run_and_restarts_a_finished_one(tiny_model
     from raydistill.train.trainer import run_train
 
     cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
+    sets = sets + ["train.delete_checkpoints=false"]  # keep them: the test plays an interruption after the end
     cfg = load(cfg_file, sets + ["train.epochs=2"])
     write_synthetic_corpus(cfg, 30)
     first = run_train(cfg)
