@@ -38,7 +38,7 @@ def user_config(tmp_path: Path, tiny_model: Path, n_prompts: int, engine: str) -
         "generation": {"max_new_tokens": 12, "top_k_logprobs": 3},
         "student": {"init": "prune", "keep_layers": [0, 3]},
         "train": {"workers": 2, "epochs": 4, "batch_size": 4, "lr": 3e-3, "max_seq_len": 128},
-        "eval": {"engine": engine, "batch_size": 32, "memory_probe_batch": 2},
+        "eval": {"engine": engine, "batch_size": 32, "memory_probe_batch": 2, "rounds": 2},
     }))
     sets = [f"data.path={data}", "data.prompt_field=question", "data.reference_field=answer",
             "data.id_field=qid", "data.task_field=kind"]
