@@ -33,7 +33,9 @@ def _special_strings(tokenizer) -> list[str]:
     for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
         if getattr(tok, "special", False):
             out.add(str(tok.content) if hasattr(tok, "content") else str(tok))
-    return sorted((s for s in out if s), key=len, reverse=True)
+    # Longest first (so a longer token is matched before its prefix), then by text: never by the
+    # set's order, which changes with Python's per-process hash seed.
+    return sorted((s for s in out if s), key=lambda s: (-len(s), s))
 
 
 def has_special_text(tokenizer, text: str) -> bool:

@@ -93,8 +93,11 @@ def _run_stages(cfg: Config, stages: tuple[str, ...]) -> None:
     except (DataError, ModelError, SchemaError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
+        after = {"generate": "rerun `raydistill generate` to regenerate the corpus",
+                 "train": "`raydistill train` resumes from the latest checkpoint",
+                 "evaluate": "rerun `raydistill evaluate`"}[stage]
         typer.echo(f"interrupted during stage {stage}: finished stages' outputs are kept, this stage's "
-                   "are not; `raydistill train` resumes an interrupted training from its checkpoint", err=True)
+                   f"are not; {after}", err=True)
         raise typer.Exit(code=130) from None
     log.info("finished in %.0f s; outputs in %s", time.perf_counter() - t0, cfg.output_dir)
     if "evaluate" in stages:
@@ -131,7 +134,19 @@ def preflight(cfg: Config, counts: dict[str, int]) -> list[str]:
     when the model's config.json is at hand), split sizes."""
     from .models import ModelError, check_prunable, check_reference, config_json, lora_target_problem, meta_model
 
+    from .models import EMBEDDED_PREFIX, resolve_model
+
     problems = []
+    needs_files = cfg.student.init == "prune" and (cfg.student.keep_layers or cfg.train.lora.enabled)
+    if needs_files and cfg.teacher.model.startswith(EMBEDDED_PREFIX) and config_json(cfg.teacher.model) is None:
+        # The embedded teacher is a GGUF until its first use: convert it now (once per machine)
+        # rather than skip the layer and LoRA checks.
+        typer.echo(f"converting {cfg.teacher.model} once (about 40 s) to check student.keep_layers and "
+                   "train.lora against it ...", err=True)
+        try:
+            resolve_model(cfg.teacher.model)
+        except ModelError as e:
+            problems.append(f"teacher.model: {e}")
     problem, teacher_layers = check_reference(cfg.teacher.model)
     if problem:
         problems.append(f"teacher.model: {problem}")

@@ -202,7 +202,7 @@ class Config(_Section):
         for key, value in (("output_dir", self.output_dir), ("data.path", self.data.path)):
             if _REMOTE.match(value or ""):
                 raise ValueError(f"{key} {value} is a remote path; raydistill reads and writes local paths "
-                                 "only for now (s3:// arrives with cluster-scale generation); use a local folder")
+                                 "only for now (s3:// arrives with cluster-scale generation); use a local path")
         return self
 
     @model_validator(mode="after")
@@ -225,6 +225,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (value {e['input']!r})")
+        elif isinstance(e["input"], dict):  # a check over a whole section: its message names the values
+            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e['input']!r})")
     return "\n".join(lines)

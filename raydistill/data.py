@@ -293,7 +293,9 @@ def load_prompts(cfg: DataConfig) -> pa.Table:
         task = cfg.task
         if cfg.task_field:
             if cfg.task_field not in rec:
-                raise DataError(f"{where}: task field {cfg.task_field!r} is missing")
+                raise DataError(f"{where}: task field {cfg.task_field!r} (data.task_field) is missing; to give "
+                                f"every row one task type, set data.task_field=null and data.task "
+                                f"(now {cfg.task!r}; one of {', '.join(TASKS)})")
             task = rec[cfg.task_field]
             if task is None or _is_nan(task) or (isinstance(task, str) and not task.strip()):
                 raise DataError(f"{where}: task field {cfg.task_field!r} is empty ({task!r}); "

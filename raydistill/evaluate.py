@@ -431,6 +431,16 @@ def build_warnings(report: dict, answers: dict[str, pa.Table], model_info: dict[
     if q is not None and q < th["warn_retained_below"]:
         out.append(f"student retains {q:.3f} of the teacher's quality, below eval.warn_retained_below "
                    f"({th['warn_retained_below']})")
+    def answered(name: str) -> set[str]:
+        t = answers[name]
+        return {pid for pid, err in zip(t.column("prompt_id").to_pylist(), t.column("error").to_pylist())
+                if err is None}
+
+    for name in STUDENTS:
+        differ = answered(name) ^ answered("teacher")
+        if differ and m[name]["answers"] and m["teacher"]["answers"]:
+            out.append(f"{name} and the teacher answered different prompts ({len(differ)} answered by only one of "
+                       "them): its quality and timing ratios compare different prompt sets")
     t_len = m["teacher"]["finish_length_share"]
     for name in STUDENTS:
         s_len = m[name]["finish_length_share"]

@@ -118,3 +118,17 @@ def test_interrupt_exits_130_with_a_message(tmp_path, cfg_file, monkeypatch):
     monkeypatch.setattr(raydistill.generate, "run_generate", interrupted)
     r = invoke("generate", str(cfg_file))
     assert r.exit_code == 130 and "interrupted during stage generate" in r.output
+
+
+def test_validate_checks_layers_and_lora_against_an_unconverted_embedded_teacher(tmp_path, cfg_file, monkeypatch):
+    """On a fresh machine the embedded teacher is still a GGUF: validate converts it to check
+    student.keep_layers and train.lora, instead of printing "config OK" and failing in train."""
+    monkeypatch.setenv("RAYDISTILL_CACHE", str(tmp_path / "empty-cache"))
+    data = write_jsonl(tmp_path / "mine.jsonl", mixed_prompts(30))
+    r = invoke("validate", str(cfg_file), *user_sets(data), "--set", "student.keep_layers=[0,99]",
+               "--set", "train.lora.enabled=true", "--set", "train.lora.target_modules=[qkv_proj]")
+    assert r.exit_code == 2, r.output
+    assert "converting embedded:SmolLM2-135M-Instruct once" in r.output
+    assert "student.keep_layers: [99] out of range; the teacher has 30 layers" in r.output
+    assert "train.lora.target_modules: no module named qkv_proj in the student" in r.output
+    assert (tmp_path / "empty-cache" / "models" / "SmolLM2-135M-Instruct" / "config.json").is_file()

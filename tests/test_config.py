@@ -314,6 +314,7 @@ def test_remote_paths_are_refused_up_front_and_printed_intact(key):
         load(None, [f"{key}=s3://bucket/runs/x"])
     msg = str(ei.value)
     assert "s3://bucket/runs/x is a remote path" in msg and "s3:/b" not in msg
+    assert "(got {" not in msg  # a check over the whole config names its values, not the whole config
 
 
 # --- dump round trip ---------------------------------------------------------------------------

@@ -249,8 +249,8 @@ def test_missing_task_column(tmp_path):
     del rows[1]["task"]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     msg = _load_error(path)
-    assert "'task'" in msg
-    assert "line 2" in msg
+    assert "line 2: task field 'task' (data.task_field) is missing" in msg
+    assert "set data.task_field=null and data.task" in msg  # says how to give every row one task
 
 
 def test_missing_reference_column(tmp_path):

@@ -339,3 +339,18 @@ def test_unscorable_references_are_counted_per_task(tmp_path):
     assert any(w.startswith("nli: 1 reference(s) could not be scored") for w in report["warnings"])
     write_report(tmp_path, report, answers)
     assert "| nli | accuracy | 1.000 | 1.000 | 1.000 | 1.000 | 1 |" in (tmp_path / "report.md").read_text()
+
+
+def test_a_student_that_answered_other_prompts_is_flagged():
+    """eval.max_model_len too small for the students only: 2 of 4 prompts fail for them, so their
+    ratios compare other prompts than the teacher's; the report says so."""
+    ok = _rows(4)
+    part = [dict(r, response="", response_tokens=0, latency_s=None, batch_id="", finish_reason="error",
+                 error="prompt too long") if i % 2 else r for i, r in enumerate(ok)]
+    answers = {"teacher": _table(ok), "baseline_student": _table(part), "student": _table(part)}
+    warnings = _report(answers)["warnings"]
+    for name in ("baseline_student", "student"):
+        assert (f"{name} and the teacher answered different prompts (2 answered by only one of them): its quality "
+                "and timing ratios compare different prompt sets") in warnings
+    same = _report({n: _table(ok) for n in MODEL_NAMES})["warnings"]
+    assert not any("different prompts" in w for w in same)

@@ -90,16 +90,20 @@ def test_a_config_error_on_the_workers_is_not_retried(tiny_model, tmp_path, ray_
         run_train(cfg)
 
 
-def test_labels_follow_the_teachers_ids_and_truncation(tiny_model, tmp_path, ray_local):
+def test_labels_follow_the_teachers_ids_and_truncation(tiny_model, tmp_path, ray_local, monkeypatch):
     """A corpus made with the student's tokenizer is trained on its stored ids; truncated rows are
-    counted, and with truncated_answers=drop left out; every left-out row is in the summary."""
+    counted, and with truncated_answers=drop left out; every left-out row is in the summary.
+    The output_dir is relative (as runs/demo is): Ray Train workers do not run in the driver's
+    working directory, so they must be handed absolute paths."""
     from transformers import AutoTokenizer
 
     from raydistill.chat import text_ids, tokenizer_fingerprint
     from raydistill.schema import CORPUS_SCHEMA, conform
 
     cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
-    cfg = load(cfg_file, sets + ["train.workers=1", "train.epochs=1", "train.truncated_answers=drop"])
+    monkeypatch.chdir(tmp_path)
+    cfg = load(cfg_file, sets + ["output_dir=run", "train.workers=1", "train.epochs=1",
+                                 "train.truncated_answers=drop"])
     write_synthetic_corpus(cfg, 30)
     tok = AutoTokenizer.from_pretrained(tiny_model)
     corpus = Path(cfg.output_dir) / "corpus"

@@ -532,6 +532,9 @@ def run_train(cfg: Config) -> dict:
         student_dir = _ensure_baseline(cfg, out)
     else:
         student_dir = Path(resolve_model(cfg.student.model))
+    if student_dir.exists():
+        # Ray Train workers do not run in the driver's working directory: hand them absolute paths.
+        student_dir = student_dir.resolve()
     (train_dir / "student_init.json").write_text(json.dumps(
         {"init": cfg.student.init, "baseline_student": str(student_dir), "teacher": cfg.teacher.model,
          "keep_layers": cfg.student.keep_layers}, indent=2))
