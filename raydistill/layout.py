@@ -1,13 +1,15 @@
 """The run folder: where each stage writes, in one place.
 
 Stages find each other's outputs only through these paths (and ``raydistill.corpus`` for the
-corpus contents), never by importing another stage::
+corpus contents), never by importing another stage (evaluate reuses generate's engine functions to
+answer its prompts, not to find generate's outputs)::
 
     <output_dir>/
       config.yaml            resolved config of the last command
       corpus/                generate: data/part-*.parquet, prompts.parquet (the split), manifest.json
       baseline_student/      train (student.init=prune): the student before training
-      train/                 train: metrics.jsonl, summary.json, student_init.json, ray/ (checkpoints)
+      train/                 train: metrics.jsonl, summary.json, student_init.json, ray/ (checkpoints;
+                             removed after a finished run unless train.delete_checkpoints=false)
       student/               train: the distilled student (HF folder)
       eval/                  evaluate: report.{json,md}, answers.parquet, *.png
 """
