@@ -90,8 +90,11 @@ def main(argv: list[str] | None = None) -> None:
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
-    enc = tok(texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+    from raydistill.chat import prompt_ids
+
+    # The prompt ids every stage sends (chat.prompt_ids), left-padded.
+    ids = [prompt_ids(tok, m) for m in messages]
+    enc = tok.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt")
     if device == "cuda":
         torch.cuda.init()
     baseline = _rss_bytes()  # interpreter + torch + transformers + tokenizer, no model yet

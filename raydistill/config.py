@@ -26,7 +26,7 @@ EMBEDDED_TEACHER = "embedded:SmolLM2-135M-Instruct"
 DEMO_DATA = "builtin:demo"
 
 
-_REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+://")  # s3://, gs://, https://; not builtin:demo
+REMOTE_PATH = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+://")  # s3://, gs://, https://; not builtin:demo
 
 
 class ConfigError(ValueError):
@@ -81,6 +81,10 @@ class DataConfig(_Section):
     def _has_prompt(self) -> "DataConfig":
         if not self.prompt_field and not self.prompt_template:
             raise ValueError("set data.prompt_field or data.prompt_template (both are empty)")
+        if self.label_map:
+            from .tasks import check_label_map  # light: re and unicodedata only
+
+            check_label_map(self.label_map)  # before any model runs, not after evaluation's answers
         return self
 
 
@@ -175,7 +179,8 @@ class TrainConfig(_Section):
 
 class EvalConfig(EngineConfig):
     split: Literal["test", "validation"] = Field("test", description="Held-out split evaluated.")
-    limit: int | None = Field(None, gt=0, description="Evaluate at most this many prompts.")
+    limit: int | None = Field(None, gt=0, description="Evaluate at most this many prompts: a sample seeded by "
+                              "data.seed and spread over the task types (not the first rows).")
     memory_probe_batch: int = Field(4, gt=0, description="Prompts in the peak-memory probe (one batch, transformers).")
     rounds: int = Field(3, ge=1, description="Timing rounds: the prompts are cut into this many parts and the "
                         "models answer them interleaved (teacher, baseline, student, then the next part), so "
@@ -200,7 +205,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _local_paths(self) -> "Config":
         for key, value in (("output_dir", self.output_dir), ("data.path", self.data.path)):
-            if _REMOTE.match(value or ""):
+            if REMOTE_PATH.match(value or ""):
                 raise ValueError(f"{key} {value} is a remote path; raydistill reads and writes local paths "
                                  "only for now (s3:// arrives with cluster-scale generation); use a local path")
         return self

@@ -63,7 +63,6 @@ def read_prompts(path: Path, splits: tuple[str, ...] | None = None) -> pa.Table:
     Raises FileNotFoundError when the corpus predates this file (regenerate it) and SchemaError
     when the held-out prompts share an id with the train prompts.
     """
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     path = Path(path)
@@ -76,7 +75,9 @@ def read_prompts(path: Path, splits: tuple[str, ...] | None = None) -> pa.Table:
     validate(table, PROMPTS_SCHEMA, str(file))
     check_disjoint(table, str(file))
     if splits is not None:
-        table = table.filter(pc.is_in(table.column("split"), value_set=pa.array(list(splits))))
+        from .data import select_split
+
+        table = select_split(table, splits)
     return table
 
 

@@ -25,12 +25,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from .config import DEMO_DATA, TASKS, DataConfig
+from .config import DEMO_DATA, REMOTE_PATH, TASKS, DataConfig
 from .schema import PROMPTS_SCHEMA
 
 FORMATS = (".jsonl", ".json", ".parquet", ".csv")
 
-_REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+://")  # s3://, gs://, https://; not builtin:demo
 _MULTI_TURN = ("multi-turn input (a list of chat messages) is not supported yet; give a single prompt "
                "column (data.prompt_field) or a data.prompt_template over text columns")
 
@@ -48,7 +47,7 @@ def resolve_data_path(path: str) -> Path:
     """
     if path == DEMO_DATA:
         return Path(__file__).parent / "demo" / "prompts.jsonl"
-    if _REMOTE.match(path):  # before Path(), which would print s3://b/x as s3:/b/x
+    if REMOTE_PATH.match(path):  # before Path(), which would print s3://b/x as s3:/b/x
         raise DataError(f"data.path {path}: remote prompt files are not supported yet; copy the file locally")
     resolved = Path(path).expanduser()
     if not resolved.exists():

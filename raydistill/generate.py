@@ -254,7 +254,10 @@ class HFGenerator:
             k = self.gen.top_k_logprobs
             with torch.inference_mode():
                 out = self.model.generate(
-                    input_ids=input_ids, attention_mask=mask, max_new_tokens=max(caps.values()),
+                    input_ids=input_ids, attention_mask=mask,
+                    # left padding: the batch is `width` long, and must stay within max_model_len
+                    # (GPT-2/OPT position embeddings end there); rows cut by it end as "length"
+                    max_new_tokens=max(1, min(max(caps.values()), limit - width)),
                     do_sample=self.gen.temperature > 0,
                     temperature=self.gen.temperature if self.gen.temperature > 0 else None,
                     top_p=self.gen.top_p if self.gen.temperature > 0 else None,
@@ -370,14 +373,13 @@ def run_generate(cfg: Config) -> dict:
     from transformers import AutoTokenizer
 
     from .chat import tokenizer_fingerprint
-    from .corpus import check_disjoint, write_prompts
+    from .corpus import write_prompts
     from .data import load_prompts, resolve_data_path, select_split
     from .layout import corpus_dir
     from .models import resolve_model
     from .runtime import init_ray, provenance
 
     all_prompts = load_prompts(cfg.data)
-    check_disjoint(all_prompts, str(cfg.data.path))
     prompts = select_split(all_prompts, ("train", "validation"))
     if prompts.num_rows == 0:
         raise ValueError("no prompts in the train/validation splits; lower data.split.test or add data")

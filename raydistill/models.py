@@ -356,5 +356,6 @@ def check_reference(ref: str) -> tuple[str | None, int | None]:
         cfg_file = Path(cached)
     import json
 
-    layers = json.loads(cfg_file.read_text()).get("num_hidden_layers")
+    raw = json.loads(cfg_file.read_text())
+    layers = raw.get("num_hidden_layers", raw.get("n_layer"))  # GPT-2 names it n_layer
     return None, layers

@@ -303,7 +303,8 @@ def _nli_reference(ref: str, label_map: dict[str, str] | None) -> str | None:
     return extract_nli_label(ref)
 
 
-def _check_label_map(label_map: dict[str, str]) -> None:
+def check_label_map(label_map: dict[str, str]) -> None:
+    """Raise ValueError naming the key when a ``data.label_map`` value names no NLI label."""
     for key, value in label_map.items():
         if extract_nli_label(str(value)) is None:
             raise ValueError(f"data.label_map[{key!r}] = {value!r} names no NLI label; use one of "
@@ -472,7 +473,7 @@ def score(task: str, predictions: list[str], references: list[str | None],
         return {"accuracy": hits / len(gold)}, unscorable
     if task == "nli":
         if label_map:
-            _check_label_map(label_map)
+            check_label_map(label_map)
         gold = [(want, p) for p, r in pairs if (want := _nli_reference(r, label_map)) is not None]
         unscorable = len(pairs) - len(gold)
         if not gold:

@@ -364,3 +364,11 @@ def test_max_new_tokens_must_leave_room_for_the_prompt():
         load(None, ["generation.max_new_tokens=4096"])
     with pytest.raises(ConfigError, match=r"with --set generation.max_new_tokens=4096"):
         load(None, ["generation.max_new_tokens=4096"])
+
+
+def test_label_map_values_are_checked_when_the_config_loads():
+    """Not after three models have answered the evaluation prompts."""
+    with pytest.raises(ConfigError, match=r"data.label_map\['1'\] = 'maybe' names no NLI label"):
+        load(None, ['data.label_map={"0": entailment, "1": maybe}'])
+    assert load(None, ['data.label_map={"0": entailment, "2": contradiction}']).data.label_map == {
+        "0": "entailment", "2": "contradiction"}

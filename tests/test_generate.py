@@ -348,3 +348,30 @@ def test_llama3_template_bos_once_in_every_engine(tmp_path, ray_local):
     for k in texts:
         assert list(raw[k]["prompt_token_ids"]) == ids[k]  # one BOS in vLLM too
         assert list(raw[k]["generated_tokens"]) == hf_rows[k]["response_token_ids"]
+
+
+def test_hf_engine_batch_stays_within_max_model_len_for_absolute_positions(tiny_model, tmp_path):
+    """GPT-2 has position embeddings up to n_positions (128 here): a left-padded batch of a long and
+    a short prompt must not run past max_model_len (it raised IndexError for the whole batch)."""
+    from transformers import AutoTokenizer
+
+    from raydistill.chat import prompt_ids
+    from raydistill.config import EngineConfig, GenerationConfig
+    from raydistill.generate import HFGenerator
+
+    from .test_models import _tiny_arch
+
+    model_dir = _tiny_arch(tmp_path / "gpt2", "gpt2", tiny_model)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    long_text = "Paris " * 200
+    while len(prompt_ids(tok, [{"role": "user", "content": long_text}])) > 120:
+        long_text = long_text[:-6]
+    gen = HFGenerator(str(model_dir), EngineConfig(engine="hf", max_model_len=128).model_dump(),
+                      GenerationConfig(max_new_tokens=20).model_dump(), gpu=False)
+    out = gen(prompt_table({"long": long_text, "short": "Hello"})).to_pylist()
+    by_id = {r["prompt_id"]: r for r in out}
+    assert all(r["error"] is None for r in out)
+    long_row = by_id["long"]
+    assert long_row["prompt_tokens"] + long_row["response_tokens"] <= 128
+    assert long_row["finish_reason"] == "length" or long_row["response_token_ids"][-1] in gen.stop_ids
+    assert 1 <= by_id["short"]["response_tokens"] <= 20

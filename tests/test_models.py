@@ -151,3 +151,11 @@ def test_lora_targets_are_checked_against_the_students_modules(tiny_model, tmp_p
     gpt2 = meta_model(_tiny_arch(tmp_path / "gpt2", "gpt2", tiny_model) / "config.json")
     assert lora_target_problem(gpt2, ["c_attn"]) is None  # GPT-2's Conv1D
     assert lora_target_problem(gpt2, ["q_proj"]).endswith("it has c_attn, c_proj, c_fc")
+
+
+def test_check_reference_reads_gpt2_depth_from_n_layer(tiny_model, tmp_path):
+    """GPT-2's config.json names its depth n_layer: validate must still check keep_layers against it."""
+    from raydistill.models import check_reference
+
+    problem, layers = check_reference(str(_tiny_arch(tmp_path / "gpt2", "gpt2", tiny_model)))
+    assert problem is None and layers == 4

@@ -207,3 +207,24 @@ def test_ctrl_c_exits_130_and_the_next_run_resumes_from_the_latest_checkpoint(ti
     assert summary["resumed_from_step"] == written[-1]  # not one checkpoint earlier
     assert summary["steps"] == written[-1] + 1
     assert not list((out / "train" / "ray").glob("checkpoint_*"))  # train.delete_checkpoints (default): none left
+
+
+def test_resuming_with_a_run_shorter_than_the_checkpoint_is_refused_up_front(tiny_model, tmp_path):
+    """An interrupted run at step 50 resumed with train.max_steps=2 used to "finish" and then fail
+    without a final checkpoint; now it says what to change before Ray starts."""
+    from raydistill.corpus import read_manifest
+    from raydistill.train.trainer import _write_meta, resume_key
+
+    cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
+    cfg = load(cfg_file, sets + ["train.max_steps=2"])
+    write_synthetic_corpus(cfg, 30)
+    train_dir = Path(cfg.output_dir) / "train"
+    ckpt = train_dir / "ray" / "checkpoint_2026-11-29_00-00-00.000000"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.pt").write_bytes(b"x")
+    _write_meta(ckpt, 50, final=False)
+    (train_dir / "resume_key.json").write_text(json.dumps(resume_key(cfg, read_manifest(train_dir.parent / "corpus"))))
+    with pytest.raises(ValueError, match=r"already trained 50 steps, past this run's length of 2 steps "
+                                         r"\(train.epochs=4, train.max_steps=2\)"):
+        run_train(cfg)
+    assert ckpt.is_dir()  # nothing already produced is lost

@@ -565,6 +565,10 @@ def run_train(cfg: Config) -> dict:
                  "left out" if t.truncated_answers == "drop" else "trained without an end-of-turn label")
     steps_per_epoch = math.ceil(per_worker / t.batch_size)
     total = min(t.max_steps or 10**12, steps_per_epoch * t.epochs)
+    if resumed_from is not None and resumed_from > total:
+        raise ValueError(f"the interrupted run already trained {resumed_from} steps, past this run's length of "
+                         f"{total} steps (train.epochs={t.epochs}, train.max_steps={t.max_steps}): raise them to "
+                         f"continue it, or delete {ray_dir} to start afresh")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     init_ray()
