@@ -374,4 +374,20 @@ def test_hf_engine_batch_stays_within_max_model_len_for_absolute_positions(tiny_
     long_row = by_id["long"]
     assert long_row["prompt_tokens"] + long_row["response_tokens"] <= 128
     assert long_row["finish_reason"] == "length" or long_row["response_token_ids"][-1] in gen.stop_ids
-    assert 1 <= by_id["short"]["response_tokens"] <= 20
+    # the short prompt still gets its own cap (as in vLLM), in a pass of its own
+    short = by_id["short"]
+    assert short["response_tokens"] == 20 or short["finish_reason"] == "stop"
+    assert short["batch_id"] != long_row["batch_id"]
+
+
+def test_fitting_groups_keep_every_row_within_max_model_len():
+    from raydistill.generate import _fitting_groups
+
+    lengths = {0: 120, 1: 5, 2: 100, 3: 6}
+    caps = {i: min(20, 128 - n) for i, n in lengths.items()}
+    groups = _fitting_groups(caps, lengths, 128)
+    assert sorted(i for g in groups for i in g) == [0, 1, 2, 3]
+    for g in groups:
+        assert max(lengths[i] for i in g) + max(caps[i] for i in g) <= 128
+    # prompts that all leave room for max_new_tokens: one pass, as before
+    assert _fitting_groups({0: 20, 1: 20}, {0: 50, 1: 10}, 128) == [[0, 1]]
