@@ -49,6 +49,22 @@ def read_corpus(path: Path) -> tuple[pa.Table, dict]:
     return table, info
 
 
+def corpus_ids(path: Path, split: str) -> set[str]:
+    """Prompt ids of the corpus rows (``data/part-*.parquet``) in ``split``; reads two columns only.
+
+    Raises FileNotFoundError without a finished corpus."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    ids: set[str] = set()
+    for shard in read_manifest(path).get("shards", []):
+        if (path / shard).is_file():
+            t = pq.read_table(path / shard, columns=["prompt_id", "split"])
+            ids.update(p for p, s in zip(t.column("prompt_id").to_pylist(), t.column("split").to_pylist())
+                       if s == split)
+    return ids
+
+
 def write_prompts(path: Path, prompts: pa.Table) -> None:
     """Write every prompt of the run with its split (``PROMPTS_SCHEMA``) to ``path/prompts.parquet``."""
     import pyarrow.parquet as pq

@@ -714,21 +714,6 @@ def data_changes(corpus: Path, cfg: Config) -> dict[str, dict]:
             if then.get(k) != now.get(k)}
 
 
-def _corpus_ids(corpus: Path, split: str) -> set[str]:
-    """Prompt ids of the corpus rows (``data/part-*.parquet``) in ``split``; reads two columns only."""
-    import pyarrow.parquet as pq
-
-    from .corpus import read_manifest
-
-    ids: set[str] = set()
-    for shard in read_manifest(corpus).get("shards", []):
-        if (Path(corpus) / shard).is_file():
-            t = pq.read_table(Path(corpus) / shard, columns=["prompt_id", "split"])
-            pairs = zip(t.column("prompt_id").to_pylist(), t.column("split").to_pylist())
-            ids.update(p for p, s in pairs if s == split)
-    return ids
-
-
 def load_eval_prompts(cfg: Config) -> tuple[pa.Table, dict[str, dict]]:
     """The prompts to evaluate and the data settings changed since the corpus.
 
@@ -738,7 +723,7 @@ def load_eval_prompts(cfg: Config) -> tuple[pa.Table, dict[str, dict]]:
     evaluated id is in two splits or is a train row of the corpus (the ids are listed), and
     ValueError when the split is empty.
     """
-    from .corpus import PROMPTS_FILE, read_prompts
+    from .corpus import PROMPTS_FILE, corpus_ids, read_prompts
     from .data import sample_by_task
     from .layout import corpus_dir
     from .schema import SchemaError
@@ -749,7 +734,7 @@ def load_eval_prompts(cfg: Config) -> tuple[pa.Table, dict[str, dict]]:
     for key, change in changes.items():
         log.warning("evaluate: %s is %r now but %r when the corpus was made; the corpus's own %s split is "
                     "evaluated (%s)", key, change["now"], change["corpus"], cfg.eval.split, corpus / PROMPTS_FILE)
-    clash = sorted(set(prompts.column("prompt_id").to_pylist()) & _corpus_ids(corpus, "train"))
+    clash = sorted(set(prompts.column("prompt_id").to_pylist()) & corpus_ids(corpus, "train"))
     if clash:
         raise SchemaError(f"{len(clash)} {cfg.eval.split} prompt(s) of {corpus / PROMPTS_FILE} are train rows of the "
                           f"corpus in {corpus / 'data'}, so the student was trained on them: {', '.join(clash[:20])}"

@@ -486,7 +486,7 @@ def run_train(cfg: Config) -> dict:
 
     from ..chat import stop_token_ids
     from ..corpus import read_corpus
-    from ..layout import corpus_dir
+    from ..layout import corpus_dir, student_dir as student_out_dir, train_dir as train_out_dir
     from ..models import require_chat_template, resolve_model
     from ..runtime import init_ray, provenance
 
@@ -498,7 +498,7 @@ def run_train(cfg: Config) -> dict:
     if not any(not r["error"] for r in rows["train"]):
         raise ValueError(f"the corpus at {corpus_dir(cfg)} has no usable train rows")
 
-    train_dir = out / "train"
+    train_dir = train_out_dir(cfg).resolve()  # absolute: Ray Train workers run elsewhere
     ray_dir = train_dir / "ray"
     train_dir.mkdir(parents=True, exist_ok=True)
     # An interrupted run (no summary.json yet) with the same settings resumes from its latest
@@ -527,7 +527,7 @@ def run_train(cfg: Config) -> dict:
             (train_dir / stale).unlink(missing_ok=True)
     key_file.write_text(json.dumps(key, indent=2))
     # The previous student no longer describes this training: never leave it for evaluate.
-    shutil.rmtree(out / "student", ignore_errors=True)
+    shutil.rmtree(student_out_dir(cfg), ignore_errors=True)
     if cfg.student.init == "prune":
         student_dir = _ensure_baseline(cfg, out)
     else:
@@ -622,8 +622,8 @@ def run_train(cfg: Config) -> dict:
     with (train_dir / "metrics.jsonl").open("w") as f:
         for rec in history:
             f.write(json.dumps(rec) + "\n")
-    student_out = out / "student"
-    tmp = out / "student.partial"
+    student_out = student_out_dir(cfg).resolve()
+    tmp = student_out.with_name("student.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(final_dir / HF_SUBDIR, tmp)
     tokenizer.save_pretrained(tmp)
