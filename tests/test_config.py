@@ -309,12 +309,21 @@ def test_task_on_the_command_line_wins_over_the_files_task_field():
 
 
 @pytest.mark.parametrize("key", ["output_dir", "data.path"])
-def test_remote_paths_are_refused_up_front_and_printed_intact(key):
+def test_s3_paths_load_and_other_schemes_are_refused_intact(key):
+    cfg = load(None, [f"{key}=s3://bucket/runs/x"])
+    assert (cfg.output_dir if key == "output_dir" else cfg.data.path) == "s3://bucket/runs/x"
     with pytest.raises(ConfigError) as ei:
-        load(None, [f"{key}=s3://bucket/runs/x"])
+        load(None, [f"{key}=gs://bucket/runs/x"])
     msg = str(ei.value)
-    assert "s3://bucket/runs/x is a remote path" in msg and "s3:/b" not in msg
+    assert "gs://bucket/runs/x: only local paths and s3:// are supported" in msg and "gs:/b" not in msg
     assert "(got {" not in msg  # a check over the whole config names its values, not the whole config
+
+
+def test_openai_teacher_needs_a_base_url():
+    with pytest.raises(ConfigError, match="teacher.engine is 'openai' but teacher.base_url is empty"):
+        load(None, ["teacher.engine=openai", "teacher.model=deepseek-chat"])
+    cfg = load(None, ["teacher.engine=openai", "teacher.base_url=http://127.0.0.1:1/v1"])
+    assert cfg.teacher.api_key_env == "OPENAI_API_KEY"
 
 
 # --- dump round trip ---------------------------------------------------------------------------

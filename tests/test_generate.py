@@ -190,6 +190,47 @@ def test_vllm_env_gives_each_engine_its_own_kv_cache(monkeypatch):
     assert envs["eval"]["VLLM_CPU_KVCACHE_SPACE"] == "4"
 
 
+def test_vllm_gpu_settings_reach_the_engine_config():
+    """tensor/pipeline parallel size, GPU memory share and accelerator type go to ray.data.llm;
+    on CPU the engine takes a CPU bundle and none of the GPU settings."""
+    from raydistill.config import Config
+    from raydistill.generate.vllm_engine import _vllm_config
+
+    cfg = Config.model_validate({"teacher": {"tensor_parallel_size": 4, "pipeline_parallel_size": 2,
+                                             "gpu_memory_utilization": 0.85, "accelerator_type": "H100"}})
+    gpu = _vllm_config("/m", cfg.teacher, GenerationConfig(), gpu=True)
+    assert gpu.engine_kwargs["tensor_parallel_size"] == 4 and gpu.engine_kwargs["pipeline_parallel_size"] == 2
+    assert gpu.engine_kwargs["gpu_memory_utilization"] == 0.85 and gpu.accelerator_type == "H100"
+    assert gpu.engine_kwargs["dtype"] == "bfloat16" and gpu.placement_group_config is None
+    cpu = _vllm_config("/m", cfg.teacher, GenerationConfig(), gpu=False)
+    assert "gpu_memory_utilization" not in cpu.engine_kwargs and cpu.accelerator_type is None
+    assert cpu.placement_group_config["bundles"] == [{"CPU": 1.0, "GPU": 0.0}] and cpu.engine_kwargs["dtype"] == "float32"
+    ev = _vllm_config("/m", cfg.eval, GenerationConfig(), gpu=True)  # eval's engine has no pp/accelerator fields
+    assert ev.engine_kwargs["pipeline_parallel_size"] == 1 and ev.accelerator_type is None
+
+
+@pytest.mark.gpu
+def test_vllm_teacher_on_gpu_with_tensor_parallel(tmp_path, tiny_model, ray_local):
+    """A real vLLM engine on the GPUs this machine has (tensor_parallel_size = their count, up to 2)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from raydistill.config import Config
+    from raydistill.generate import generate_table
+
+    tp = 2 if torch.cuda.device_count() >= 2 else 1
+    cfg = Config.model_validate({"teacher": {"tensor_parallel_size": tp, "gpu_memory_utilization": 0.3,
+                                             "batch_size": 4, "max_model_len": 256}})
+    prompts = pa.Table.from_pylist([{"prompt_id": f"p{i}", "split": "train", "task": "conversation",
+                                     "messages": [{"role": "user", "content": f"Hello {i}"}], "reference": None}
+                                    for i in range(8)], schema=PROMPTS_SCHEMA)
+    out = generate_table(prompts, str(tiny_model), cfg.teacher, GenerationConfig(max_new_tokens=8))
+    assert out.column("prompt_id").to_pylist() == [f"p{i}" for i in range(8)]
+    assert all(e is None for e in out.column("error").to_pylist())
+    assert all(n > 0 for n in out.column("response_tokens").to_pylist())
+
+
 def test_init_ray_does_not_pin_the_kv_cache(ray_local):
     assert os.environ.get("VLLM_CPU_KVCACHE_SPACE") == _SHELL_KV
 

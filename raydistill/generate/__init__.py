@@ -12,10 +12,10 @@ Heavy imports (vllm, transformers, torch) happen inside actors and functions, ne
 
 """
 
-from .answer import generate_dataset, generate_table
+from .answer import answer_dataset, generate_dataset, generate_table
 from .common import GENERATED_SCHEMA, engine_throughput
 from .hf_engine import HFGenerator
 from .stage import run_generate
 
-__all__ = ["GENERATED_SCHEMA", "HFGenerator", "engine_throughput", "generate_dataset", "generate_table",
+__all__ = ["GENERATED_SCHEMA", "HFGenerator", "answer_dataset", "engine_throughput", "generate_dataset", "generate_table",
            "run_generate"]

@@ -17,12 +17,14 @@ from .hf_engine import HFGenerator
 from .vllm_engine import _vllm_dataset
 
 
-def generate_dataset(prompts: pa.Table, model_dir: str, engine: EngineConfig, gen: GenerationConfig):
-    """A lazy Ray Dataset of ``prompts`` answered by the model in ``model_dir``.
+def answer_dataset(ds, model: str, engine: EngineConfig, gen: GenerationConfig):
+    """Prompt rows -> the same rows with the engine's answers; lazy, one stage for every engine.
 
     Args:
-        prompts: rows with ``schema.PROMPTS_SCHEMA``.
-        model_dir: local HF model folder (or hub id) with a chat template.
+        ds: ``ray.data.Dataset`` of rows with ``schema.PROMPTS_SCHEMA``.
+        model: local HF model folder (or hub id) with a chat template for ``vllm`` and ``hf``;
+            for ``openai`` the model name the endpoint serves (``teacher.model``).
+        engine: ``teacher`` or ``eval`` settings; ``engine.engine`` picks the engine.
     Returns:
         ``ray.data.Dataset`` whose batches have ``GENERATED_SCHEMA`` (prompt columns + generation
         columns). Nothing runs until it is consumed.
@@ -31,23 +33,35 @@ def generate_dataset(prompts: pa.Table, model_dir: str, engine: EngineConfig, ge
 
     from ..runtime import on_gpu_machine
 
-    gpu = engine.gpus_per_replica > 0 or (engine.engine == "vllm" and on_gpu_machine())
-    ds = ray.data.from_arrow(prompts)
-    # Small prompt sets would otherwise land in one block and use one replica.
-    ds = ds.repartition(max(1, math.ceil(prompts.num_rows / engine.batch_size)))
-    if engine.engine == "vllm":
-        out = _vllm_dataset(ds, model_dir, engine, gen, gpu)
+    kind = engine.engine
+    if kind == "openai":
+        from .openai_engine import openai_dataset
+
+        out = openai_dataset(ds, engine, gen)
+    elif kind == "vllm":
+        gpu = engine.gpus_per_replica > 0 or on_gpu_machine()
+        out = _vllm_dataset(ds, model, engine, gen, gpu)
     else:
+        gpu = engine.gpus_per_replica > 0
         out = ds.map_batches(
             HFGenerator,
-            fn_constructor_kwargs=dict(model_dir=model_dir, engine=engine.model_dump(include=set(EngineConfig.model_fields)),
+            fn_constructor_kwargs=dict(model_dir=model, engine=engine.model_dump(include=set(EngineConfig.model_fields)),
                                        gen=gen.model_dump(), gpu=gpu),
             batch_size=engine.batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=engine.replicas),
             num_cpus=engine.cpus_per_replica, num_gpus=engine.gpus_per_replica,
         )
-    return out.map_batches(lambda t: conform(t, GENERATED_SCHEMA), batch_format="pyarrow",
-                           batch_size=None)
+    return out.map_batches(lambda t: conform(t, GENERATED_SCHEMA), batch_format="pyarrow", batch_size=None)
+
+
+def generate_dataset(prompts: pa.Table, model: str, engine: EngineConfig, gen: GenerationConfig):
+    """``answer_dataset`` over an in-memory table of prompt rows (evaluation's small prompt sets),
+    cut into blocks of ``engine.batch_size`` so that every replica gets work."""
+    import ray
+
+    ds = ray.data.from_arrow(prompts)
+    ds = ds.repartition(max(1, math.ceil(prompts.num_rows / engine.batch_size)))
+    return answer_dataset(ds, model, engine, gen)
 
 
 def generate_table(prompts: pa.Table, model_dir: str, engine: EngineConfig, gen: GenerationConfig) -> pa.Table:

@@ -52,7 +52,14 @@ def _vllm_config(model_dir: str, engine: EngineConfig, gen: GenerationConfig, gp
         max_logprobs=max(20, gen.top_k_logprobs),
     )
     extra: dict[str, Any] = {}
-    if not gpu:
+    if gpu:
+        # Teacher-only settings (eval's engine has none): a replica spans tp × pp GPUs, which
+        # ray.data.llm reserves in one placement group.
+        engine_kwargs["pipeline_parallel_size"] = getattr(engine, "pipeline_parallel_size", 1)
+        engine_kwargs["gpu_memory_utilization"] = getattr(engine, "gpu_memory_utilization", 0.9)
+        if getattr(engine, "accelerator_type", None):
+            extra["accelerator_type"] = engine.accelerator_type
+    else:
         engine_kwargs["enforce_eager"] = True
         # The vLLM stage asks for tensor_parallel GPUs by default; on CPU it takes CPUs.
         extra["placement_group_config"] = {"bundles": [{"CPU": engine.cpus_per_replica}]}

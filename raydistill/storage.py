@@ -1,0 +1,162 @@
+"""Local or ``s3://`` storage behind one small path type, on pyarrow's filesystems.
+
+Every path of a run (``data.path``, ``output_dir`` and what lies under it) is a ``StoragePath``:
+the pyarrow ``FileSystem`` that reaches it plus the path inside that filesystem. Ray Data takes
+the same pair (``filesystem=``), so the driver, Ray Data tasks and plain pyarrow calls all see
+one store. S3 settings: ``storage.endpoint_url`` (else ``AWS_ENDPOINT_URL``), ``storage.region``
+(else ``AWS_REGION`` / ``AWS_DEFAULT_REGION``); credentials come from the usual AWS environment
+variables (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``) or an
+instance role, read by pyarrow itself.
+
+Writes of small files (manifests, markers, configs) are atomic: S3 makes an object visible only
+when its upload completes, and locally the text goes to a temporary file renamed into place.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from .config import StorageConfig
+
+S3 = "s3://"
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """True for ``s3://`` paths."""
+    return str(path).startswith(S3)
+
+
+def _s3_filesystem(storage: StorageConfig | None) -> pafs.S3FileSystem:
+    endpoint = (storage.endpoint_url if storage else None) or os.environ.get("AWS_ENDPOINT_URL")
+    region = ((storage.region if storage else None) or os.environ.get("AWS_REGION")
+              or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+    kwargs: dict = {"region": region}
+    if endpoint:
+        url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs.update(endpoint_override=url.netloc + url.path.rstrip("/"), scheme=url.scheme or "https")
+    return pafs.S3FileSystem(**kwargs)
+
+
+@dataclass(frozen=True)
+class StoragePath:
+    """A file or folder on local disk or S3.
+
+    ``uri``: as users read it (``s3://bucket/key`` or an absolute local path); ``fs``: the pyarrow
+    filesystem; ``path``: the path inside ``fs`` (``bucket/key`` on S3).
+    """
+
+    uri: str
+    fs: pafs.FileSystem
+    path: str
+
+    @property
+    def remote(self) -> bool:
+        return self.uri.startswith(S3)
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    def __truediv__(self, name: str) -> "StoragePath":
+        name = str(name).strip("/")
+        return StoragePath(f"{self.uri.rstrip('/')}/{name}", self.fs, f"{self.path.rstrip('/')}/{name}")
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def local(self) -> Path:
+        """The local ``Path``; raises ValueError for an S3 path."""
+        if self.remote:
+            raise ValueError(f"{self.uri} is on S3, not a local path")
+        return Path(self.path)
+
+    def _type(self) -> pafs.FileType:
+        return self.fs.get_file_info(self.path).type
+
+    def exists(self) -> bool:
+        return self._type() != pafs.FileType.NotFound
+
+    def is_file(self) -> bool:
+        return self._type() == pafs.FileType.File
+
+    def is_dir(self) -> bool:
+        """A folder (on S3: any object lies under this prefix)."""
+        return self._type() == pafs.FileType.Directory
+
+    def read_bytes(self) -> bytes:
+        with self.fs.open_input_stream(self.path) as f:
+            return f.read()
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode("utf-8")
+
+    def write_text(self, text: str) -> None:
+        """Write ``text`` (UTF-8) atomically: readers see the old file or the whole new one."""
+        data = text.encode("utf-8")
+        if self.remote:
+            with self.fs.open_output_stream(self.path) as f:  # visible only once complete
+                f.write(data)
+            return
+        target = Path(self.path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+
+    def mkdir(self) -> None:
+        self.fs.create_dir(self.path, recursive=True)
+
+    def delete(self) -> None:
+        """Remove this file or folder (and everything under it); nothing happens if it is absent."""
+        kind = self._type()
+        if kind == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path)
+        elif kind == pafs.FileType.File:
+            self.fs.delete_file(self.path)
+
+    def files(self, suffix: str = "") -> list["StoragePath"]:
+        """Files under this folder (recursively), sorted, ending in ``suffix``; hidden files and
+        names starting with ``_`` or ``.`` (markers, temporary files) are left out. [] if absent."""
+        if not self.is_dir():
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True))
+        base = self.path.rstrip("/")
+        out = []
+        for info in infos:
+            if info.type != pafs.FileType.File or not info.path.endswith(suffix):
+                continue
+            rel = info.path[len(base):].lstrip("/")
+            if any(part.startswith(("_", ".")) for part in rel.split("/")):
+                continue
+            out.append(self / rel)
+        return sorted(out, key=lambda p: p.path)
+
+    def glob(self) -> list["StoragePath"]:
+        """Files matching this path's last component as a glob (``data/part-*.parquet``), sorted."""
+        parent_uri, _, pattern = self.uri.rstrip("/").rpartition("/")
+        parent = StoragePath(parent_uri, self.fs, self.path.rstrip("/").rpartition("/")[0])
+        if not parent.is_dir():
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(parent.path, recursive=False))
+        return sorted((parent / i.base_name for i in infos
+                       if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.base_name, pattern)),
+                      key=lambda p: p.path)
+
+
+def storage_path(path: str | os.PathLike, storage: StorageConfig | None = None) -> StoragePath:
+    """The ``StoragePath`` of a local path (made absolute, ``~`` expanded) or an ``s3://`` URI."""
+    text = str(path)
+    if is_remote(text):
+        key = text[len(S3):].rstrip("/")
+        if not key or key.startswith("/"):
+            raise ValueError(f"{text}: an S3 path needs a bucket (s3://bucket/prefix)")
+        return StoragePath(f"{S3}{key}", _s3_filesystem(storage), key)
+    local = os.path.abspath(os.path.expanduser(text))
+    return StoragePath(local, pafs.LocalFileSystem(), local)
