@@ -58,19 +58,22 @@ def _load(config: Path | None, overrides: list[str] | None) -> Config:
         raise  # unreachable
 
 
-def _prepare(cfg: Config) -> None:
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(cfg.dump())
+def _prepare(cfg: Config, stages: tuple[str, ...]) -> None:
+    from .storage import is_remote, storage_path
+
+    if is_remote(cfg.output_dir) and set(stages) & {"train", "evaluate"}:
+        _fail(f"output_dir {cfg.output_dir} is on S3: generate reads and writes S3, but train and evaluate still "
+              "need a local output_dir; run `raydistill generate` alone, or use a local output_dir")
+    (storage_path(cfg.output_dir, cfg.storage) / "config.yaml").write_text(cfg.dump())
 
 
-def _run_stages(cfg: Config, stages: tuple[str, ...]) -> None:
+def _run_stages(cfg: Config, stages: tuple[str, ...], overwrite: bool = False) -> None:
     from .data import DataError
     from .models import ModelError
     from .schema import SchemaError
 
     _setup_logging()
-    _prepare(cfg)
+    _prepare(cfg, stages)
     t0 = time.perf_counter()
     stage = stages[0]
     try:
@@ -80,7 +83,7 @@ def _run_stages(cfg: Config, stages: tuple[str, ...]) -> None:
             if stage == "generate":
                 from .generate import run_generate
 
-                run_generate(cfg)
+                run_generate(cfg, overwrite=overwrite)
             elif stage == "train":
                 from .train.trainer import run_train
 
@@ -93,27 +96,31 @@ def _run_stages(cfg: Config, stages: tuple[str, ...]) -> None:
     except (DataError, ModelError, SchemaError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
-        after = {"generate": "rerun `raydistill generate` to regenerate the corpus",
+        after = {"generate": "rerun `raydistill generate` to continue where it stopped (answers already written "
+                             "are kept; --overwrite starts again)",
                  "train": "`raydistill train` resumes from the latest checkpoint",
                  "evaluate": "rerun `raydistill evaluate`"}[stage]
-        typer.echo(f"interrupted during stage {stage}: finished stages' outputs are kept, this stage's "
-                   f"are not; {after}", err=True)
+        typer.echo(f"interrupted during stage {stage}: finished stages' outputs are kept; {after}", err=True)
         raise typer.Exit(code=130) from None
     log.info("finished in %.0f s; outputs in %s", time.perf_counter() - t0, cfg.output_dir)
     if "evaluate" in stages:
         typer.echo(f"report: {Path(cfg.output_dir) / 'eval' / 'report.md'}")
 
 
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Delete an existing corpus and generate it again "
+                                            "(by default a rerun continues an unfinished corpus and keeps a finished one).")]
+
+
 @app.command()
-def run(config: ConfigArg, set_: SetOpt = None) -> None:
+def run(config: ConfigArg, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
     """Run every stage: generate → train → evaluate."""
-    _run_stages(_load(config, set_), ("generate", "train", "evaluate"))
+    _run_stages(_load(config, set_), ("generate", "train", "evaluate"), overwrite)
 
 
 @app.command()
-def generate(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Teacher answers the train/validation prompts → <output_dir>/corpus/."""
-    _run_stages(_load(config, set_), ("generate",))
+def generate(config: ConfigArg, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
+    """Teacher answers the train/validation prompts → <output_dir>/corpus/ (a rerun continues where it stopped)."""
+    _run_stages(_load(config, set_), ("generate",), overwrite)
 
 
 @app.command()
@@ -187,7 +194,7 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
 
     cfg = _load(config, set_)
     try:
-        prompts = load_prompts(cfg.data)
+        prompts = load_prompts(cfg.data, cfg.task_prompts)
     except DataError as e:
         _fail(str(e))
         raise

@@ -56,14 +56,21 @@ class DataConfig(_Section):
     path: str = Field(DEMO_DATA, description="Prompts: a file (.jsonl, .json, .parquet, .csv), a folder of "
                       "such shards, or a glob (data/part-*.parquet), local or s3://; "
                       f"'{DEMO_DATA}' is the packaged demo set.")
-    messages_field: str | None = Field(None, description="Column holding a chat history (a list of {role, "
-                                       "content}); the teacher writes the next assistant turn. Replaces "
-                                       "prompt_field and prompt_template.")
+    messages_field: str | None = Field(None, description="Column holding a chat history: a list of {role, "
+                                       "content} (roles system, user, assistant) or ShareGPT {from, value} "
+                                       "(human → user, gpt → assistant, system); in CSV a cell of JSON text. "
+                                       "The teacher writes the next assistant turn, so the history must end "
+                                       "with a user turn; a system message may only come first. Replaces "
+                                       "prompt_field (ignored) and prompt_template (an error to set both); "
+                                       "rows without an id get one hashed from the whole history.")
     prompt_field: str | None = Field("prompt", description="Column holding the user prompt. "
                                      "Ignored when prompt_template is set.")
     prompt_template: str | None = Field(None, description="Python format template over row fields, "
                                         "e.g. 'Summarize this dialogue:\\n{dialogue}'.")
-    system_prompt: str | None = Field(None, description="Optional system message prepended to every prompt.")
+    system_prompt: str | None = Field(None, description="System message of every row; when set it replaces "
+                                      "the row's task system prompt (task_prompts.<task>) for every row. A "
+                                      "conversation (data.messages_field) whose history starts with its own "
+                                      "system message keeps that one instead.")
     reference_field: str | None = Field(None, description="Column with the reference answer (null = none: "
                                         "only agreement with the teacher is scored). A named column missing "
                                         "from a row is an error.")
@@ -85,6 +92,10 @@ class DataConfig(_Section):
     def _has_prompt(self) -> "DataConfig":
         if not self.prompt_field and not self.prompt_template and not self.messages_field:
             raise ValueError("set data.prompt_field, data.prompt_template or data.messages_field (all are empty)")
+        if self.messages_field and self.prompt_template:
+            raise ValueError(f"data.messages_field ({self.messages_field!r}) and data.prompt_template "
+                             f"({self.prompt_template!r}) are both set; a row's messages come from one of them: "
+                             "clear one (=null)")
         if self.label_map:
             from .tasks import check_label_map  # light: re and unicodedata only
 
@@ -253,9 +264,38 @@ TASK_SYSTEM_PROMPTS = {
 }
 
 
+#: Placeholders a task system prompt may use (filled from task_prompts.final_answer_marker / summary_max_words).
+TASK_PROMPT_PLACEHOLDERS = ("marker", "max_words")
+
+
+def task_prompt_problem(text: str, marker: str = "####", max_words: int = 60) -> str | None:
+    """Why ``text`` cannot be a task system prompt (None when it can).
+
+    Only ``{marker}`` and ``{max_words}`` are placeholders; literal braces are written ``{{`` and ``}}``.
+    """
+    import string
+
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+    except ValueError as e:
+        return f"is not a valid template ({e}); write {{{{ and }}}} for literal braces"
+    unknown = [n for n in names if n not in TASK_PROMPT_PLACEHOLDERS]
+    if unknown:
+        shown = ", ".join("{" + n + "}" for n in dict.fromkeys(unknown))
+        return (f"uses {shown}; only {{marker}} and {{max_words}} are filled in (write {{{{ and }}}} for "
+                "literal braces)")
+    try:
+        text.format(marker=marker, max_words=max_words)
+    except (ValueError, TypeError) as e:  # a bad format spec such as {max_words:q}
+        return f"cannot be filled: {e}"
+    return None
+
+
 class TaskPromptsConfig(_Section):
-    """A system prompt per task type, sent with every prompt of that task at generation and evaluation
-    (both read the messages stored in corpus/prompts/). ``{marker}`` and ``{max_words}`` are filled in."""
+    """A system prompt per task type, the first message of every row of that task (generation writes the
+    messages to corpus/prompts.parquet; evaluation sends the same ones). ``{marker}`` and ``{max_words}`` are
+    filled in. ``data.system_prompt``, when set, replaces the task prompt for every row; a conversation
+    (``data.messages_field``) whose history starts with its own system message keeps that one."""
     final_answer_marker: str = Field("####", min_length=1, description="Text that precedes the final answer "
                                      "of math and QA answers (GSM8K style: '#### 42').")
     summary_max_words: int = Field(60, gt=0, description="Length budget of summaries (words).")
@@ -266,7 +306,30 @@ class TaskPromptsConfig(_Section):
                                       description="System prompt of summarization prompts; null = none.")
     conversation: str | None = Field(TASK_SYSTEM_PROMPTS["conversation"],
                                      description="System prompt of conversation prompts; null = none.")
-    enabled: bool = Field(True, description="false = no task system prompts (only data.system_prompt).")
+    enabled: bool = Field(True, description="false = no task system prompts (only data.system_prompt, when "
+                          "set). When true, a set data.system_prompt still replaces every task's prompt; a "
+                          "conversation's own system message always stays.")
+
+    @model_validator(mode="after")
+    def _placeholders_known(self) -> "TaskPromptsConfig":
+        for task in TASKS:
+            text = getattr(self, task)
+            problem = text and task_prompt_problem(text, self.final_answer_marker, self.summary_max_words)
+            if problem:
+                raise ValueError(f"task_prompts.{task} ({text!r}) {problem}")
+        return self
+
+    def system_prompts(self) -> dict[str, str]:
+        """Task type → its system prompt with ``{marker}`` and ``{max_words}`` filled; tasks whose prompt
+        is null or blank are absent, and the dict is empty when ``enabled`` is false."""
+        if not self.enabled:
+            return {}
+        out = {}
+        for task in TASKS:
+            text = getattr(self, task)
+            if text and text.strip():
+                out[task] = text.format(marker=self.final_answer_marker, max_words=self.summary_max_words)
+        return out
 
 
 class FilterConfig(_Section):
@@ -308,6 +371,13 @@ class Config(_Section):
             m = REMOTE_PATH.match(value or "")
             if m and not value.startswith("s3://"):
                 raise ValueError(f"{key} {value}: only local paths and s3:// are supported")
+        return self
+
+    @model_validator(mode="after")
+    def _prune_needs_local_teacher(self) -> "Config":
+        if self.teacher.engine == "openai" and self.student.init == "prune":
+            raise ValueError("student.init is 'prune' but teacher.engine is 'openai': an API teacher has no layers "
+                             "to copy; use student.init=pretrained and student.model=<HF id or folder>")
         return self
 
     @model_validator(mode="after")

@@ -1,99 +1,141 @@
-"""The corpus folder: the one door between generate and train/evaluate.
+"""The corpus folder: the one door between generate and train/evaluate (local or ``s3://``).
 
 ``corpus/`` holds
-- ``data/part-*.parquet``: the teacher's answers to the train and validation prompts
-  (``schema.CORPUS_SCHEMA``);
-- ``prompts.parquet``: every prompt of the run with the split it was given
-  (``schema.PROMPTS_SCHEMA``: train, validation *and* test), written once by generate, so that
-  evaluate scores exactly the prompts that were held out, whatever ``data.*`` says later;
+- ``prompts/part-*.parquet``: every prompt of the run with the split it was given
+  (``schema.PROMPTS_SCHEMA``: train, validation *and* test), written once by generate (its
+  ``_COMPLETE`` marker says so), so that evaluate scores exactly the prompts that were held out,
+  whatever ``data.*`` says later;
+- ``data/part-*.parquet``: the teacher's answers kept for training (``schema.CORPUS_SCHEMA``);
+- ``rejects/part-*.parquet``: answers left out, with ``reject_reason`` (``REJECTS_SCHEMA``);
 - ``manifest.json``: written last; its presence marks the corpus complete.
+
+While generation runs (or after it was interrupted) the folder also holds ``generated/`` (every
+answer, written shard by shard), ``_checkpoint/`` (Ray Data's record of the prompt ids written),
+``_runs/`` (one file per run) and ``_settings.json`` (what a resumed run must match); generate
+removes ``generated/`` and ``_checkpoint/`` once the manifest is written.
+
+Every function takes a local path, an ``s3://`` URI or a ``storage.StoragePath``.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 
 import pyarrow as pa
 
-from .schema import CORPUS_SCHEMA, PROMPTS_SCHEMA, SchemaError, validate
+from .schema import CORPUS_SCHEMA, PROMPTS_SCHEMA, SCHEMA_VERSION, SchemaError, validate
+from .storage import StoragePath, storage_path
 
 MANIFEST = "manifest.json"
-PROMPTS_FILE = "prompts.parquet"
+PROMPTS_DIR = "prompts"
+DATA_DIR = "data"
+REJECTS_DIR = "rejects"
+GENERATED_DIR = "generated"
+COMPLETE = "_COMPLETE"
+
+REJECTS_SCHEMA = pa.schema(list(CORPUS_SCHEMA) + [pa.field("reject_reason", pa.string(), nullable=False)],
+                           metadata=CORPUS_SCHEMA.metadata)
+
+Where = str | os.PathLike | StoragePath
 
 
-def read_manifest(path: Path) -> dict:
-    """The manifest of a finished corpus folder. Raises FileNotFoundError if it is absent."""
-    manifest = Path(path) / MANIFEST
-    if not manifest.is_file():
-        raise FileNotFoundError(f"no finished corpus at {path} ({MANIFEST} missing): run `raydistill generate` first")
-    return json.loads(manifest.read_text())
+def location(path: Where) -> StoragePath:
+    """``path`` as a ``StoragePath`` (S3 settings from the environment unless already one)."""
+    return path if isinstance(path, StoragePath) else storage_path(path)
 
 
-def read_corpus(path: Path) -> tuple[pa.Table, dict]:
-    """Read a finished corpus folder: (table with ``CORPUS_SCHEMA``, manifest dict).
+def read_manifest(path: Where) -> dict:
+    """The manifest of a finished corpus folder.
+
+    Raises FileNotFoundError if it is absent (no finished corpus), SchemaError if the corpus was
+    written with another schema version (regenerate it)."""
+    loc = location(path)
+    file = loc / MANIFEST
+    if not file.is_file():
+        raise FileNotFoundError(f"no finished corpus at {loc} ({MANIFEST} missing): run `raydistill generate` "
+                                "(an interrupted generation continues where it stopped)")
+    info = json.loads(file.read_text())
+    if info.get("schema_version") != SCHEMA_VERSION:
+        raise SchemaError(f"corpus at {loc} has schema version {info.get('schema_version')}, this raydistill "
+                          f"reads version {SCHEMA_VERSION}: rerun `raydistill generate --overwrite`")
+    return info
+
+
+def _read_tables(loc: StoragePath, files: list[str], columns: list[str] | None = None) -> list[pa.Table]:
+    import pyarrow.parquet as pq
+
+    missing = [f for f in files if not (loc / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"corpus at {loc} lacks shard(s) listed in its manifest: {missing[:10]}")
+    return [pq.read_table((loc / f).path, filesystem=loc.fs, columns=columns) for f in files]
+
+
+def read_corpus(path: Where) -> tuple[pa.Table, dict]:
+    """Read a finished corpus's kept rows into memory: (table with ``CORPUS_SCHEMA``, manifest).
 
     Raises FileNotFoundError if it is absent or incomplete, SchemaError if a shard breaks the schema.
     """
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    info = read_manifest(path)
-    shards = info["shards"]
-    missing = [s for s in shards if not (path / s).is_file()]
-    if missing:
-        raise FileNotFoundError(f"corpus at {path} lacks shard(s) listed in its manifest: {missing}")
-    tables = [pq.read_table(path / s) for s in shards]
+    loc = location(path)
+    info = read_manifest(loc)
+    tables = _read_tables(loc, info["shards"])
     table = pa.concat_tables(tables) if tables else CORPUS_SCHEMA.empty_table()
-    validate(table, CORPUS_SCHEMA, str(path))
+    validate(table, CORPUS_SCHEMA, str(loc))
     return table, info
 
 
-def corpus_ids(path: Path, split: str) -> set[str]:
-    """Prompt ids of the corpus rows (``data/part-*.parquet``) in ``split``; reads two columns only.
+def corpus_ids(path: Where, split: str) -> set[str]:
+    """Prompt ids of the kept corpus rows (``data/``) in ``split``; reads two columns only.
 
     Raises FileNotFoundError without a finished corpus."""
-    import pyarrow.parquet as pq
-
-    path = Path(path)
+    loc = location(path)
     ids: set[str] = set()
-    for shard in read_manifest(path).get("shards", []):
-        if (path / shard).is_file():
-            t = pq.read_table(path / shard, columns=["prompt_id", "split"])
-            ids.update(p for p, s in zip(t.column("prompt_id").to_pylist(), t.column("split").to_pylist())
-                       if s == split)
+    for t in _read_tables(loc, read_manifest(loc).get("shards", []), columns=["prompt_id", "split"]):
+        ids.update(p for p, s in zip(t.column("prompt_id").to_pylist(), t.column("split").to_pylist()) if s == split)
     return ids
 
 
-def write_prompts(path: Path, prompts: pa.Table) -> None:
-    """Write every prompt of the run with its split (``PROMPTS_SCHEMA``) to ``path/prompts.parquet``."""
+def write_prompts(path: Where, prompts: pa.Table) -> None:
+    """Write every prompt of the run with its split (``PROMPTS_SCHEMA``) to ``path/prompts/`` in one
+    shard and mark it complete (generate writes it with Ray Data, shard by shard; this is for small
+    tables and tests)."""
     import pyarrow.parquet as pq
 
+    loc = location(path) / PROMPTS_DIR
     validate(prompts, PROMPTS_SCHEMA, "prompts")
-    pq.write_table(prompts.select(PROMPTS_SCHEMA.names), Path(path) / PROMPTS_FILE)
+    loc.mkdir()
+    pq.write_table(prompts.select(PROMPTS_SCHEMA.names), (loc / "part-00000.parquet").path, filesystem=loc.fs)
+    (loc / COMPLETE).write_text(json.dumps({"rows": prompts.num_rows}))
 
 
-def read_prompts(path: Path, splits: tuple[str, ...] | None = None) -> pa.Table:
-    """The prompts written with the corpus (optionally only ``splits``), in their original order.
+def prompts_complete(path: Where) -> bool:
+    """True when ``path/prompts/`` was written completely."""
+    return (location(path) / PROMPTS_DIR / COMPLETE).is_file()
 
-    Raises FileNotFoundError when the corpus predates this file (regenerate it) and SchemaError
-    when the held-out prompts share an id with the train prompts.
+
+def read_prompts(path: Where, splits: tuple[str, ...] | None = None) -> pa.Table:
+    """The prompts written with the corpus (optionally only ``splits``) into memory.
+
+    For evaluation's held-out prompts; the whole prompt set of a large run belongs in Ray Data
+    (``ray.data.read_parquet`` of ``prompts/``). Raises FileNotFoundError without a finished
+    corpus or when ``prompts/`` is missing, SchemaError when held-out prompts share an id with
+    the train prompts.
     """
-    import pyarrow.parquet as pq
+    import pyarrow.compute as pc
 
-    path = Path(path)
-    read_manifest(path)
-    file = path / PROMPTS_FILE
-    if not file.is_file():
-        raise FileNotFoundError(f"corpus at {path} has no {PROMPTS_FILE} (the split of the run); it was made by "
-                                "an older raydistill: rerun `raydistill generate`")
-    table = pq.read_table(file)
-    validate(table, PROMPTS_SCHEMA, str(file))
-    check_disjoint(table, str(file))
+    loc = location(path)
+    read_manifest(loc)
+    folder = loc / PROMPTS_DIR
+    if not prompts_complete(loc):
+        raise FileNotFoundError(f"corpus at {loc} has no complete {PROMPTS_DIR}/ (the split of the run): rerun "
+                                "`raydistill generate --overwrite`")
+    tables = _read_tables(folder, [f.path[len(folder.path):].lstrip("/") for f in folder.files(".parquet")])
+    table = pa.concat_tables(tables) if tables else PROMPTS_SCHEMA.empty_table()
+    validate(table, PROMPTS_SCHEMA, str(folder))
+    table = table.select(PROMPTS_SCHEMA.names).cast(PROMPTS_SCHEMA)
+    check_disjoint(table, str(folder))
     if splits is not None:
-        from .data import select_split
-
-        table = select_split(table, splits)
+        table = table.filter(pc.is_in(table.column("split"), value_set=pa.array(list(splits))))
     return table
 
 

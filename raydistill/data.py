@@ -4,7 +4,7 @@ Supported formats: ``.jsonl`` (one object per line), ``.json`` (a list of object
 ``.parquet`` and ``.csv`` (header row). Every error names the file and the line/row and field.
 
 Cell values: a prompt must be text (a number, null, NaN or a list is an error naming the line and
-field; a list of chat messages says multi-turn input is not supported yet). A reference or id that
+field; a list of chat messages points to ``data.messages_field``, which reads a chat history). A reference or id that
 is null, NaN or blank is missing; numbers become their natural text (``18``, ``0.75``; an integral
 float such as parquet's ``18.0`` is ``18``), booleans ``true``/``false``; ±Infinity, lists and
 objects are errors. A relative ``data.path`` is relative to the current directory.
@@ -25,14 +25,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from .config import DEMO_DATA, REMOTE_PATH, TASKS, DataConfig
+from .config import DEMO_DATA, REMOTE_PATH, TASKS, DataConfig, TaskPromptsConfig
 from .schema import PROMPTS_SCHEMA
 
 FORMATS = (".jsonl", ".json", ".parquet", ".csv")
-
-_MULTI_TURN = ("multi-turn input (a list of chat messages) is not supported yet; give a single prompt "
-               "column (data.prompt_field) or a data.prompt_template over text columns")
-
 
 class DataError(ValueError):
     """Bad prompt data; the message names the file and the row (1-based) or field."""
@@ -229,108 +225,257 @@ def split_of(prompt_id: str, seed: int, validation: float, test: float) -> str:
     return "train"
 
 
-def load_prompts(cfg: DataConfig) -> pa.Table:
+def load_prompts(cfg: DataConfig, task_prompts: TaskPromptsConfig | None = None) -> pa.Table:
     """Read, check, and split the prompt file into a table with ``PROMPTS_SCHEMA``.
 
-    Every row of the file is checked, then ``data.limit`` keeps a sample seeded by ``data.seed``
+    The whole local file is read on the driver and turned into rows by ``make_prompts`` (errors
+    name the file and its line/row), then ``data.limit`` keeps a sample seeded by ``data.seed``
     and spread over the task types (``sample_by_task``), so duplicate ids are found across the
     whole file even when a limit is set, and a limit does not change any prompt's id or split.
+    ``task_prompts``: the run's ``Config.task_prompts`` (each row starts with its task's system
+    prompt); None = no task system prompts (only ``data.system_prompt``).
 
     Raises DataError for: a remote, missing or unreadable file, an empty dataset, a CSV row whose
-    cell count differs from the header's, a missing prompt / reference / task column (naming the
-    first row without it), a prompt that is not text (null, NaN, a number; a list of chat
-    messages: multi-turn input is not supported yet), a template naming an absent or empty field,
-    a reference or id that is ±Infinity or a list/object, an unknown or empty task type, and
-    duplicate prompt ids. References that are null, NaN or blank are missing (None).
+    cell count differs from the header's, and every row error of ``make_prompts``.
     """
     path = resolve_data_path(cfg.path)
     records = read_records(path)
     if not records:
         raise DataError(f"{path}: the dataset is empty (no rows)")
-    if cfg.prompt_template:
-        try:
-            fields = _template_fields(cfg.prompt_template)
-        except ValueError as e:
-            raise DataError(f"data.prompt_template {cfg.prompt_template!r} is not a valid template: {e}") from None
-    else:
-        fields = [cfg.prompt_field]
-    named_by = "data.prompt_template" if cfg.prompt_template else "data.prompt_field"
-
-    out: dict[str, list] = {f.name: [] for f in PROMPTS_SCHEMA}
-    seen: dict[str, str] = {}
-    for rec in records:
-        where = f"{path}: {rec['__where__']}"
-        for field in fields:
-            if field not in rec:
-                hint = ("; for literal braces in a template write {{ and }}"
-                        if cfg.prompt_template and not field.isidentifier() else "")
-                chats = [k for k, v in rec.items() if _is_chat(v)]
-                if chats:
-                    hint += f"; field {chats[0]!r} holds chat messages, but {_MULTI_TURN}"
-                raise DataError(f"{where}: field {field!r} (named by {named_by}) is missing; "
-                                f"row has {sorted(k for k in rec if k != '__where__')}{hint}")
-            _check_prompt_value(rec[field], where, field, named_by, cfg.prompt_template is not None)
-        if cfg.prompt_template:
-            try:
-                prompt = cfg.prompt_template.format_map({k: v for k, v in rec.items()})
-            except (KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
-                raise DataError(f"{where}: data.prompt_template cannot be filled: {e}") from None
-        else:
-            prompt = rec[cfg.prompt_field]
-        if not prompt.strip():
-            raise DataError(f"{where}: the prompt made by {named_by} is empty")
-
-        reference = None
-        if cfg.reference_field:
-            if cfg.reference_field not in rec:
-                raise DataError(f"{where}: reference field {cfg.reference_field!r} is missing "
-                                "(set data.reference_field=null if the data has no references)")
-            # null, NaN (JSON's bare NaN, pandas' missing value) and blank cells are no reference:
-            # nothing to score against, rather than the text "nan".
-            reference = _cell_text(rec[cfg.reference_field], where, f"reference field {cfg.reference_field!r}")
-
-        task = cfg.task
-        if cfg.task_field:
-            if cfg.task_field not in rec:
-                raise DataError(f"{where}: task field {cfg.task_field!r} (data.task_field) is missing; to give "
-                                f"every row one task type, set data.task_field=null and data.task "
-                                f"(now {cfg.task!r}; one of {', '.join(TASKS)})")
-            task = rec[cfg.task_field]
-            if task is None or _is_nan(task) or (isinstance(task, str) and not task.strip()):
-                raise DataError(f"{where}: task field {cfg.task_field!r} is empty ({task!r}); "
-                                f"known task types: {', '.join(TASKS)}")
-        if task not in TASKS:
-            raise DataError(f"{where}: unknown task type {task!r}; known: {', '.join(TASKS)}")
-
-        pid = _cell_text(rec.get(cfg.id_field), where, f"id field {cfg.id_field!r}") if cfg.id_field else None
-        if pid is None:
-            pid = hashlib.sha256(prompt.encode()).hexdigest()[:16]
-        if pid in seen:
-            raise DataError(f"{where}: duplicate prompt id {pid!r} (first seen at {seen[pid]})"
-                            + ("" if cfg.id_field and cfg.id_field in rec else "; ids without an id column "
-                               "are hashed from the prompt text, so this prompt text repeats"))
-        seen[pid] = rec["__where__"]
-
-        messages = []
-        if cfg.system_prompt:
-            messages.append({"role": "system", "content": cfg.system_prompt})
-        messages.append({"role": "user", "content": prompt})
-        out["prompt_id"].append(pid)
-        out["split"].append(split_of(pid, cfg.seed, cfg.split.validation, cfg.split.test))
-        out["task"].append(task)
-        out["messages"].append(messages)
-        out["reference"].append(reference)
-    table = pa.Table.from_pydict(out, schema=PROMPTS_SCHEMA)
+    table = make_prompts(records, cfg, task_prompts, str(path))
     if cfg.limit is not None:
         table = sample_by_task(table, cfg.limit, cfg.seed)
     return table
+
+
+def make_prompts(records: list[dict], data: DataConfig, task_prompts: TaskPromptsConfig | None,
+                 source: str) -> pa.Table:
+    """Turn a batch of raw records into prompt rows (``PROMPTS_SCHEMA``, one per record, in order).
+
+    Pure and picklable: the per-batch step of the streaming job (Ray Data ``map_batches`` over
+    ``batch.to_pylist()``) and the core of ``load_prompts``. Values may be plain Python or
+    numpy/pyarrow scalars and arrays (as Ray Data batches give them); they are read alike.
+
+    Per record: the messages come from ``data.messages_field`` (a chat history, see
+    ``DataConfig.messages_field``), else one user message from ``data.prompt_template`` or
+    ``data.prompt_field``. The first message is the row's system prompt: ``data.system_prompt``
+    when set, else its task's prompt from ``task_prompts`` (``{marker}``/``{max_words}`` filled;
+    none when ``task_prompts`` is None or disabled); a history that starts with its own system
+    message keeps it and gets neither. ``reference`` from ``data.reference_field`` (null, NaN or
+    blank = None); ``task`` from ``data.task_field`` or ``data.task``; ``prompt_id`` from
+    ``data.id_field``, else the first 16 hex digits of the SHA-256 of the prompt text (of the
+    history's JSON for a conversation; a history of one user message hashes like that text);
+    ``split`` by ``split_of``.
+
+    Where errors point: a record's ``__where__`` ("line 12", "row 3") after ``source`` (the file;
+    a record's ``__source__``, when present, replaces it); without ``__where__``, ``source`` and
+    the row's id ("row id 'a1'"), or its position in the batch when it has no id.
+
+    Raises DataError for: a missing prompt / messages / reference / task field; a prompt that is
+    not text (null, NaN, a number, a list; chat messages in a prompt column point to
+    ``data.messages_field``); a template naming an absent or empty field; a history that is not a
+    non-empty list of messages with a known role and text content, that has a system message
+    other than first, or that ends with an assistant turn; a reference or id that is ±Infinity or
+    a list/object; an unknown or empty task type; duplicate prompt ids within ``records``.
+    """
+    if data.prompt_template and not data.messages_field:
+        try:
+            fields = _template_fields(data.prompt_template)
+        except ValueError as e:
+            raise DataError(f"data.prompt_template {data.prompt_template!r} is not a valid template: {e}") from None
+    else:
+        fields = [data.prompt_field]
+    named_by = "data.prompt_template" if data.prompt_template else "data.prompt_field"
+    system_prompts = task_prompts.system_prompts() if task_prompts is not None else {}
+
+    out: dict[str, list] = {f.name: [] for f in PROMPTS_SCHEMA}
+    seen: dict[str, str] = {}
+    for i, raw in enumerate(records):
+        rec = {k: _plain(v) for k, v in raw.items()}
+        where, here = _where(rec, i, source, data.id_field)
+
+        if data.messages_field:
+            if data.messages_field not in rec:
+                raise DataError(f"{where}: field {data.messages_field!r} (named by data.messages_field) is missing; "
+                                f"row has {_columns(rec)}")
+            history = _history(rec[data.messages_field], where, data.messages_field)
+            if len(history) == 1:  # one user turn: the id of the same text in a prompt column
+                hashed = history[0]["content"]
+            else:
+                hashed = json.dumps(history, ensure_ascii=False, separators=(",", ":"))
+        else:
+            for field in fields:
+                if field not in rec:
+                    hint = ("; for literal braces in a template write {{ and }}"
+                            if data.prompt_template and not field.isidentifier() else "")
+                    chats = [k for k, v in rec.items() if _is_chat(v)]
+                    if chats:
+                        hint += f"; field {chats[0]!r} holds chat messages: {_use_messages_field(chats[0])}"
+                    raise DataError(f"{where}: field {field!r} (named by {named_by}) is missing; "
+                                    f"row has {_columns(rec)}{hint}")
+                _check_prompt_value(rec[field], where, field, named_by, data.prompt_template is not None)
+            if data.prompt_template:
+                try:
+                    prompt = data.prompt_template.format_map(rec)
+                except (KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
+                    raise DataError(f"{where}: data.prompt_template cannot be filled: {e}") from None
+            else:
+                prompt = rec[data.prompt_field]
+            if not prompt.strip():
+                raise DataError(f"{where}: the prompt made by {named_by} is empty")
+            history = [{"role": "user", "content": prompt}]
+            hashed = prompt
+
+        reference = None
+        if data.reference_field:
+            if data.reference_field not in rec:
+                raise DataError(f"{where}: reference field {data.reference_field!r} is missing "
+                                "(set data.reference_field=null if the data has no references)")
+            # null, NaN (JSON's bare NaN, pandas' missing value) and blank cells are no reference:
+            # nothing to score against, rather than the text "nan".
+            reference = _cell_text(rec[data.reference_field], where, f"reference field {data.reference_field!r}")
+
+        task = data.task
+        if data.task_field:
+            if data.task_field not in rec:
+                raise DataError(f"{where}: task field {data.task_field!r} (data.task_field) is missing; to give "
+                                f"every row one task type, set data.task_field=null and data.task "
+                                f"(now {data.task!r}; one of {', '.join(TASKS)})")
+            task = rec[data.task_field]
+            if task is None or _is_nan(task) or (isinstance(task, str) and not task.strip()):
+                raise DataError(f"{where}: task field {data.task_field!r} is empty ({task!r}); "
+                                f"known task types: {', '.join(TASKS)}")
+        if not isinstance(task, str) or task not in TASKS:
+            raise DataError(f"{where}: unknown task type {task!r}; known: {', '.join(TASKS)}")
+
+        pid = _cell_text(rec.get(data.id_field), where, f"id field {data.id_field!r}") if data.id_field else None
+        given = pid is not None
+        if pid is None:
+            pid = hashlib.sha256(hashed.encode()).hexdigest()[:16]
+        if pid in seen:
+            what = "history" if data.messages_field else "prompt text"
+            raise DataError(f"{where}: duplicate prompt id {pid!r} (first seen at {seen[pid]})"
+                            + ("" if given else f"; ids without an id value are hashed from the {what}, so "
+                               f"this {what} repeats"))
+        seen[pid] = here
+
+        system = data.system_prompt or system_prompts.get(task)
+        messages = list(history)
+        if system and history[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system})
+        out["prompt_id"].append(pid)
+        out["split"].append(split_of(pid, data.seed, data.split.validation, data.split.test))
+        out["task"].append(task)
+        out["messages"].append(messages)
+        out["reference"].append(reference)
+    return pa.Table.from_pydict(out, schema=PROMPTS_SCHEMA)
+
+
+_MARKERS = ("__where__", "__source__")  # bookkeeping keys a reader adds to a record, not data columns
+
+#: Roles of a chat history, with ShareGPT's names mapped to OpenAI's.
+_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
+
+
+def _columns(rec: dict[str, Any]) -> list[str]:
+    return sorted(k for k in rec if k not in _MARKERS)
+
+
+def _use_messages_field(field: str) -> str:
+    return (f"to send a chat history (the teacher writes the next assistant turn), set "
+            f"data.messages_field={field} instead of a prompt column or template")
+
+
+def _where(rec: dict[str, Any], i: int, source: str, id_field: str | None) -> tuple[str, str]:
+    """(the error prefix of a record, what a later duplicate says about it)."""
+    src = str(rec.get("__source__") or source)
+    label = str(rec.get("__where__") or f"batch row {i + 1}")
+    here = label if src == source else f"{src}: {label}"
+    if rec.get("__where__"):
+        return f"{src}: {label}", here
+    pid = None
+    if id_field:
+        try:
+            pid = _cell_text(rec.get(id_field), "", "")
+        except DataError:
+            pid = None  # a bad id is reported, with this row's position, by the id check
+    if pid is not None:
+        return f"{src}: row id {pid!r}", here
+    return f"{src}: {label} (no id)", here
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as plain Python: numpy arrays and scalars and pyarrow scalars converted, deeply."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    as_py = getattr(value, "as_py", None)  # a pyarrow scalar
+    if callable(as_py):
+        return _plain(as_py())
+    tolist = getattr(value, "tolist", None)  # a numpy array or scalar (np.str_, np.float64, np.bool_)
+    if callable(tolist):
+        return _plain(tolist())
+    return value
+
+
+def _history(value: Any, where: str, field: str) -> list[dict[str, str]]:
+    """The chat history in ``value`` as [{role, content}] with OpenAI roles; DataError naming the
+    row, the field and the message (1-based) otherwise."""
+    named = f"field {field!r} (named by data.messages_field)"
+    if isinstance(value, str) and value.strip().startswith("["):  # a CSV cell of JSON text
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: {named} is text that is not a JSON list of messages: {e.msg} "
+                            f"(column {e.colno})") from None
+    if not isinstance(value, list):
+        shown = "null" if value is None else "NaN" if _is_nan(value) else _short(value)
+        raise DataError(f"{where}: {named} is not a list of chat messages: {shown} ({type(value).__name__}); "
+                        "give a list of {role, content} (or ShareGPT {from, value}) objects")
+    if not value:
+        raise DataError(f"{where}: {named} is an empty list; a conversation needs at least one user message")
+    out = []
+    for j, m in enumerate(value, 1):
+        at = f"{where}: {named}, message {j}"
+        if not isinstance(m, dict):
+            raise DataError(f"{at} is not an object: {_short(m)} ({type(m).__name__}); give {{role, content}} "
+                            "(or ShareGPT {from, value})")
+        # Ray Data unifies the keys of a column's structs: a missing key reads as None.
+        if m.get("role") is not None or m.get("from") is None:
+            role, content, keys = m.get("role"), m.get("content"), ("role", "content")
+        else:
+            role, content, keys = m.get("from"), m.get("value"), ("from", "value")
+        if role is None:
+            raise DataError(f"{at} has no role: {_short(m)}; give {{role, content}} (or ShareGPT {{from, value}})")
+        mapped = _ROLES.get(role.strip().lower()) if isinstance(role, str) else None
+        if mapped is None:
+            raise DataError(f"{at} has unknown role {role!r}; known: system, user, assistant "
+                            "(ShareGPT: human, gpt, system)")
+        if content is None or _is_nan(content):
+            raise DataError(f"{at} ({role}) has no {keys[1]}: {_short(m)}")
+        if not isinstance(content, str):
+            raise DataError(f"{at} ({role}): {keys[1]} is not text: {_short(content)} ({type(content).__name__})")
+        if not content.strip():
+            raise DataError(f"{at} ({role}): {keys[1]} is empty ({content!r})")
+        if mapped == "system" and j > 1:
+            raise DataError(f"{at} is a system message; only the first message may be one")
+        out.append({"role": mapped, "content": content})
+    if out[-1]["role"] == "assistant":
+        raise DataError(f"{where}: {named} ends with an assistant turn (message {len(out)}): nothing for the "
+                        "teacher to answer; end the history with the user turn to be answered")
+    if out[-1]["role"] == "system":
+        raise DataError(f"{where}: {named} holds only a system message; add the user turn to be answered")
+    return out
 
 
 def _check_prompt_value(value: Any, where: str, field: str, named_by: str, templated: bool) -> None:
     """Raise DataError unless ``value`` can make (or fill) a prompt; names the row and field."""
     if _is_chat(value):
         raise DataError(f"{where}: field {field!r} (named by {named_by}) holds chat messages "
-                        f"({_short(value)}); {_MULTI_TURN}")
+                        f"({_short(value)}); {_use_messages_field(field)}")
     if value is None or _is_nan(value) or (isinstance(value, str) and not value.strip()):
         shown = "null" if value is None else "NaN" if _is_nan(value) else repr(value)
         if templated:
@@ -344,13 +489,33 @@ def _check_prompt_value(value: Any, where: str, field: str, named_by: str, templ
                         f"{_short(value)} ({type(value).__name__}); a prompt must be a string")
 
 
+def task_quotas(counts: dict[str, int], n: int) -> dict[str, int]:
+    """How many of ``n`` sampled prompts each task gets, given its prompt count: ``n × its share``,
+    at least one per task when ``n`` ≥ the number of tasks, then largest remainders first (ties
+    by task name, so the result is deterministic). ``n`` ≥ the total keeps every prompt."""
+    total = sum(counts.values())
+    if n >= total:
+        return dict(counts)
+    exact = {t: n * c / total for t, c in counts.items()}
+    floor = 1 if n >= len(counts) else 0  # every task represented while n allows
+    quota = {t: max(floor, int(q)) for t, q in exact.items()}
+    while sum(quota.values()) > n:  # the floors overshot: take from the task furthest above its share
+        t = max((t for t in quota if quota[t] > floor), key=lambda t: (quota[t] - exact[t], t))
+        quota[t] -= 1
+    for t in sorted(exact, key=lambda t: (-(exact[t] - quota[t]), t)):
+        if sum(quota.values()) >= n:
+            break
+        quota[t] += 1
+    return quota
+
+
 def sample_by_task(table: pa.Table, n: int, seed: int) -> pa.Table:
     """A seeded sample of ``n`` rows of a prompt table, spread over its task types in proportion.
 
-    Each task gets ``n × its share`` rows (largest remainders first; at least one per task when
-    ``n`` ≥ the number of tasks); rows within a task are chosen by a hash of (seed, prompt id), so the sample is
-    stable across runs and machines. The original row order is kept. ``n`` ≥ the row count
-    returns the table unchanged.
+    Each task gets its ``task_quotas`` share; rows within a task are chosen by a hash of (seed,
+    prompt id), so the sample is stable across runs and machines. The original row order is kept.
+    ``n`` ≥ the row count returns the table unchanged. (The generate stage computes the same
+    sample in Ray Data.)
     """
     if n >= table.num_rows:
         return table
@@ -359,17 +524,7 @@ def sample_by_task(table: pa.Table, n: int, seed: int) -> pa.Table:
     by_task: dict[str, list[int]] = {}
     for i, t in enumerate(tasks):
         by_task.setdefault(t, []).append(i)
-    exact = {t: n * len(rows) / len(ids) for t, rows in by_task.items()}
-    floor = 1 if n >= len(by_task) else 0  # every task represented while n allows
-    quota = {t: max(floor, int(q)) for t, q in exact.items()}
-    while sum(quota.values()) > n:  # the floors overshot: take from the task furthest above its share
-        t = max((t for t in quota if quota[t] > floor), key=lambda t: (quota[t] - exact[t], t))
-        quota[t] -= 1
-    # Then largest remainders first; ties broken by task name so the result is deterministic.
-    for t in sorted(exact, key=lambda t: (-(exact[t] - quota[t]), t)):
-        if sum(quota.values()) >= n:
-            break
-        quota[t] += 1
+    quota = task_quotas({t: len(rows) for t, rows in by_task.items()}, n)
     keep: list[int] = []
     for t, rows in by_task.items():
         rank = sorted(rows, key=lambda i: hashlib.sha256(f"{seed}:sample:{ids[i]}".encode()).digest())

@@ -52,6 +52,10 @@ cannot be computed (e.g. a model that answered no prompt), and the plots skip th
   spread ≤ ``eval.max_ratio_spread`` (null when the spread is unknown);
 - ``retained`` (and ``retained_baseline``): student metric / teacher metric for each
   ``task.metric`` and ``quality``; null where the teacher scored 0 or either is missing;
+- ``corpus_rejects``: the teacher corpus's filtering, from ``corpus/manifest.json``:
+  ``{rows_kept, rows_rejected, rejects: {reason: count}}`` (reasons of
+  ``raydistill.generate.filters.REASONS``; the rows themselves are in ``corpus/rejects/``); null
+  for a corpus whose manifest records none;
 - ``provenance``: package versions.
 
 ``report.json`` → ``models.<name>`` (teacher, baseline_student, student):
@@ -205,12 +209,14 @@ def degeneracy(rows: list[dict]) -> dict:
             "degenerate": repetitive > DEGENERATE_SHARE or (identical or 0.0) > DEGENERATE_SHARE}
 
 
-def _score(task: str, preds: list[str], refs: list, label_map: dict | None) -> tuple[dict, int]:
+def _score(task: str, preds: list[str], refs: list, label_map: dict | None,
+           marker: str = "####") -> tuple[dict, int]:
     """``tasks.score`` → (metrics, unscorable reference count)."""
-    return score(task, preds, refs, label_map=label_map)
+    return score(task, preds, refs, label_map=label_map, marker=marker)
 
 
-def model_report(table: pa.Table, teacher: pa.Table, label_map: dict[str, str] | None = None) -> dict:
+def model_report(table: pa.Table, teacher: pa.Table, label_map: dict[str, str] | None = None,
+                 marker: str = "####") -> dict:
     """Quality, agreement, ending, degeneracy and latency figures of one model's answers.
 
     ``table`` and ``teacher``: answers (``GENERATED_SCHEMA`` columns) to the same prompts in the
@@ -228,7 +234,7 @@ def model_report(table: pa.Table, teacher: pa.Table, label_map: dict[str, str] |
     metrics: dict[str, dict] = {}
     unscorable: dict[str, int] = {}
     for task, (p, refs) in sorted(by_task.items()):
-        ms, bad = _score(task, p, refs, label_map)
+        ms, bad = _score(task, p, refs, label_map, marker)
         if ms:
             metrics[task] = ms
         if bad:
@@ -320,7 +326,7 @@ def timing_ratios(per_round: list[dict[str, dict]], student: str, max_spread: fl
 
 def build_report(answers: dict[str, pa.Table], model_info: dict[str, dict], *, split: str, teacher: str,
                  engine: str, label_map: dict | None, max_ratio_spread: float, warn_retained_below: float,
-                 extra: dict | None = None) -> dict:
+                 extra: dict | None = None, marker: str = "####") -> dict:
     """The report dict (see module docstring) from the answers of the three models.
 
     Args:
@@ -330,12 +336,13 @@ def build_report(answers: dict[str, pa.Table], model_info: dict[str, dict], *, s
             ``model_memory_mb``, ``process_baseline_mb``, ``peak_memory_mb``, ``size_mb``,
             ``size_dtype``, ``path``; missing ones become null), plus an optional ``note`` (a warning).
         extra: more top-level keys (``prompt_source``, ``limit``, ``data_changed_since_corpus``, ...).
+        marker: ``task_prompts.final_answer_marker``, read before math and QA final answers.
     Returns:
         A dict that ``json.dumps(..., allow_nan=False)`` accepts.
     """
     models: dict[str, dict] = {}
     for name in MODEL_NAMES:
-        rep = model_report(answers[name], answers["teacher"], label_map)
+        rep = model_report(answers[name], answers["teacher"], label_map, marker)
         info = dict(model_info.get(name, {}))
         info.pop("note", None)
         for key in ("params", "dtype", "model_memory_mb", "process_baseline_mb", "peak_memory_mb", "size_mb",
@@ -481,6 +488,36 @@ def _fmt_ratio(r: dict, what: str) -> str:
     return text
 
 
+def corpus_rejects(corpus) -> dict | None:
+    """``report.json``'s ``corpus_rejects`` from the corpus manifest (``corpus.read_manifest``):
+    ``{"rows_kept": int | None, "rows_rejected": int, "rejects": {reason: count}}``, or None when
+    the manifest records no filtering (an older corpus) or cannot be read."""
+    from .corpus import read_manifest
+
+    try:
+        manifest = read_manifest(corpus)
+    except (FileNotFoundError, ValueError):
+        return None
+    rejects = manifest.get("rejects")
+    if not isinstance(rejects, dict):
+        return None
+    counts = {str(k): int(v) for k, v in rejects.items()}
+    return {"rows_kept": manifest.get("rows_kept"), "rows_rejected": sum(counts.values()), "rejects": counts}
+
+
+def _rejects_markdown(rejects: dict | None) -> list[str]:
+    """report.md's "Teacher corpus" section (nothing when the corpus recorded no filtering)."""
+    if not rejects:
+        return []
+    lines = ["", "## Teacher corpus", "",
+             f"{_fmt(rejects.get('rows_kept'), 0)} teacher answers kept for training, "
+             f"{_fmt(rejects['rows_rejected'], 0)} left out (the rows are in `corpus/rejects/` with their reason).", ""]
+    if rejects["rejects"]:
+        lines += ["| reject reason | rows |", "|---|---|"]
+        lines += [f"| {reason} | {_fmt(n, 0)} |" for reason, n in rejects["rejects"].items()]
+    return lines
+
+
 def write_markdown(report: dict, answers: dict[str, pa.Table], path: Path) -> None:
     """report.md: warnings first, then the summary, timing rounds, per-task quality, examples.
     Missing values print as n/a; nothing here divides by a missing figure."""
@@ -520,6 +557,7 @@ def write_markdown(report: dict, answers: dict[str, pa.Table], path: Path) -> No
         cells = [_pct(m[n].get(key)) if digits == "%" else _fmt(m[n].get(key), digits) for n in names]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
+    lines += _rejects_markdown(report.get("corpus_rejects"))
     lines += ["", "## Timing rounds", "",
               "Each round, every model answers the same part of the prompts, one after another.", "",
               "| round | prompts | " + " | ".join(f"{n} p50 (ms)" for n in names) +
@@ -723,7 +761,7 @@ def load_eval_prompts(cfg: Config) -> tuple[pa.Table, dict[str, dict]]:
     evaluated id is in two splits or is a train row of the corpus (the ids are listed), and
     ValueError when the split is empty.
     """
-    from .corpus import PROMPTS_FILE, corpus_ids, read_prompts
+    from .corpus import PROMPTS_DIR, corpus_ids, read_prompts
     from .data import sample_by_task
     from .layout import corpus_dir
     from .schema import SchemaError
@@ -733,14 +771,14 @@ def load_eval_prompts(cfg: Config) -> tuple[pa.Table, dict[str, dict]]:
     changes = data_changes(corpus, cfg)
     for key, change in changes.items():
         log.warning("evaluate: %s is %r now but %r when the corpus was made; the corpus's own %s split is "
-                    "evaluated (%s)", key, change["now"], change["corpus"], cfg.eval.split, corpus / PROMPTS_FILE)
+                    "evaluated (%s)", key, change["now"], change["corpus"], cfg.eval.split, corpus / PROMPTS_DIR)
     clash = sorted(set(prompts.column("prompt_id").to_pylist()) & corpus_ids(corpus, "train"))
     if clash:
-        raise SchemaError(f"{len(clash)} {cfg.eval.split} prompt(s) of {corpus / PROMPTS_FILE} are train rows of the "
+        raise SchemaError(f"{len(clash)} {cfg.eval.split} prompt(s) of {corpus / PROMPTS_DIR} are train rows of the "
                           f"corpus in {corpus / 'data'}, so the student was trained on them: {', '.join(clash[:20])}"
                           f"{' …' if len(clash) > 20 else ''}; regenerate the corpus (`raydistill generate`)")
     if prompts.num_rows == 0:
-        raise ValueError(f"the {cfg.eval.split} split of {corpus / PROMPTS_FILE} is empty; raise "
+        raise ValueError(f"the {cfg.eval.split} split of {corpus / PROMPTS_DIR} is empty; raise "
                          f"data.split.{cfg.eval.split} and rerun `raydistill generate`")
     if cfg.eval.limit:
         prompts = sample_by_task(prompts, cfg.eval.limit, cfg.data.seed)
@@ -837,7 +875,7 @@ def finish_evaluation(cfg: Config, prompts: pa.Table, answers: dict[str, pa.Tabl
     """
     import pyarrow.parquet as pq
 
-    from .corpus import PROMPTS_FILE
+    from .corpus import PROMPTS_DIR
     from .layout import corpus_dir, eval_dir
     from .runtime import provenance
 
@@ -854,9 +892,10 @@ def finish_evaluation(cfg: Config, prompts: pa.Table, answers: dict[str, pa.Tabl
         report = build_report(
             answers, info, split=cfg.eval.split, teacher=cfg.teacher.model, engine=cfg.eval.engine,
             label_map=cfg.data.label_map, max_ratio_spread=cfg.eval.max_ratio_spread,
-            warn_retained_below=cfg.eval.warn_retained_below,
-            extra={"prompt_source": str(corpus_dir(cfg) / PROMPTS_FILE), "limit": cfg.eval.limit,
-                   "data_changed_since_corpus": changes, "provenance": provenance()})
+            warn_retained_below=cfg.eval.warn_retained_below, marker=cfg.task_prompts.final_answer_marker,
+            extra={"prompt_source": str(corpus_dir(cfg) / PROMPTS_DIR), "limit": cfg.eval.limit,
+                   "data_changed_since_corpus": changes, "corpus_rejects": corpus_rejects(corpus_dir(cfg)),
+                   "provenance": provenance()})
         write_report(tmp, report, answers)
         (tmp / "config.yaml").write_text(cfg.dump())
     except BaseException:

@@ -53,3 +53,10 @@ def baseline_student_ref(cfg: Config) -> str:
         return str(pruned_baseline_dir(cfg))
     assert cfg.student.model is not None  # enforced by StudentConfig
     return cfg.student.model
+
+
+def corpus_location(cfg: Config):
+    """``corpus/`` as a ``storage.StoragePath`` (local or s3://, with ``storage.*`` settings)."""
+    from .storage import storage_path
+
+    return storage_path(cfg.output_dir, cfg.storage) / "corpus"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: prompts/ folder, rejects/, run history (issue 6)
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 

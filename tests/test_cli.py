@@ -112,7 +112,7 @@ def test_version_lists_the_stack():
 def test_interrupt_exits_130_with_a_message(tmp_path, cfg_file, monkeypatch):
     import raydistill.generate
 
-    def interrupted(cfg):
+    def interrupted(cfg, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(raydistill.generate, "run_generate", interrupted)

@@ -322,7 +322,8 @@ def test_s3_paths_load_and_other_schemes_are_refused_intact(key):
 def test_openai_teacher_needs_a_base_url():
     with pytest.raises(ConfigError, match="teacher.engine is 'openai' but teacher.base_url is empty"):
         load(None, ["teacher.engine=openai", "teacher.model=deepseek-chat"])
-    cfg = load(None, ["teacher.engine=openai", "teacher.base_url=http://127.0.0.1:1/v1"])
+    cfg = load(None, ["teacher.engine=openai", "teacher.base_url=http://127.0.0.1:1/v1",
+                      "student.init=pretrained", "student.model=some/student"])  # prune needs a local teacher
     assert cfg.teacher.api_key_env == "OPENAI_API_KEY"
 
 

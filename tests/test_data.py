@@ -568,7 +568,7 @@ def test_template_field_nan_is_empty_not_nan_text(tmp_path):
     assert msg == f"{path}: row 2: field 'n' used by data.prompt_template is empty (NaN)"
 
 
-def test_multi_turn_messages_say_not_supported_yet(tmp_path):
+def test_chat_messages_in_a_prompt_column_point_to_messages_field(tmp_path):
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
             {"role": "user", "content": "how are you?"}]
     rows = [{"id": "a", "messages": chat}]
@@ -577,19 +577,22 @@ def test_multi_turn_messages_say_not_supported_yet(tmp_path):
         msg = _load_error(path, task_field=None, reference_field=None, prompt_field="messages")
         where = "line 1" if suffix == ".jsonl" else "row 1"
         assert msg.startswith(f"{path}: {where}: field 'messages' (named by data.prompt_field) holds chat messages")
-        assert msg.endswith("multi-turn input (a list of chat messages) is not supported yet; give a single "
-                            "prompt column (data.prompt_field) or a data.prompt_template over text columns")
+        assert msg.endswith("to send a chat history (the teacher writes the next assistant turn), set "
+                            "data.messages_field=messages instead of a prompt column or template")
     # The default prompt_field with only a messages column: the missing-field error says the same.
     path = write_jsonl(tmp_path / "c2.jsonl", rows)
     msg = _load_error(path, task_field=None, reference_field=None)
     assert "field 'prompt' (named by data.prompt_field) is missing" in msg
-    assert ("field 'messages' holds chat messages, but multi-turn input (a list of chat messages) "
-            "is not supported yet") in msg
+    assert "field 'messages' holds chat messages: to send a chat history" in msg
+    assert "set data.messages_field=messages" in msg
     # ShareGPT style ({from, value}) through a template too.
     path = write_jsonl(tmp_path / "c3.jsonl", [{"id": "a", "conversations": [{"from": "human", "value": "hi"}]}])
     msg = _load_error(path, task_field=None, reference_field=None, prompt_template="Chat: {conversations}")
     assert "line 1: field 'conversations' (named by data.prompt_template) holds chat messages" in msg
-    assert "not supported yet" in msg
+    assert "set data.messages_field=conversations" in msg
+    # Followed, the hint works.
+    t = load_prompts(DataConfig(path=str(path), messages_field="conversations", reference_field=None))
+    assert t.column("messages").to_pylist() == [[{"role": "user", "content": "hi"}]]
 
 
 def test_empty_task_value_is_named(tmp_path):
@@ -741,3 +744,316 @@ def test_sample_by_task_seeded_ordered_and_independent_of_row_order():
     assert positions(b, shuffled) == sorted(positions(b, shuffled))
     assert sample_by_task(table, 100, 0) is table
     assert sample_by_task(table, 500, 0) is table
+
+
+# --- make_prompts: batches of records (the streaming job's per-batch step) -----------------------
+
+def test_make_prompts_matches_load_prompts_and_pickles(tmp_path):
+    import pickle
+
+    from raydistill.config import TaskPromptsConfig
+    from raydistill.data import make_prompts
+
+    path = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    cfg, tp = cfg_for(path), TaskPromptsConfig()
+    # Plain records (no __where__), as Ray Data gives them, make the rows load_prompts makes.
+    batch = make_prompts([dict(r) for r in ROWS], cfg, tp, "s3://b/p.jsonl")
+    assert batch.schema.equals(schema.PROMPTS_SCHEMA)
+    assert batch.to_pylist() == load_prompts(cfg, tp).to_pylist()
+    # Picklable: the function and its arguments go to Ray workers.
+    fn, cfg2, tp2 = pickle.loads(pickle.dumps((make_prompts, cfg, tp)))
+    assert fn([dict(r) for r in ROWS], cfg2, tp2, "x").to_pylist() == batch.to_pylist()
+    empty = make_prompts([], cfg, tp, "x")
+    assert empty.num_rows == 0 and empty.schema.equals(schema.PROMPTS_SCHEMA)
+
+
+def test_make_prompts_errors_name_the_file_and_the_row_id():
+    from raydistill.data import make_prompts
+
+    cfg = DataConfig(task_field="task", reference_field="reference")
+    src = "s3://bucket/prompts/part-00003.parquet"
+
+    def err(records):
+        with pytest.raises(DataError) as ei:
+            make_prompts(records, cfg, None, src)
+        return str(ei.value)
+
+    rows = [dict(r) for r in ROWS]
+    rows[2]["task"] = "poetry"
+    assert err(rows) == f"{src}: row id 'c3': unknown task type 'poetry'; known: {', '.join(TASKS)}"
+    rows = [dict(ROWS[0]), {"prompt": 18, "task": "qa", "reference": None}]
+    assert err(rows) == (f"{src}: batch row 2 (no id): field 'prompt' (named by data.prompt_field) is not text: "
+                         "18 (int); a prompt must be a string")
+    rows = [dict(r) for r in ROWS] + [dict(ROWS[1], prompt="other")]
+    assert err(rows) == f"{src}: row id 'b2': duplicate prompt id 'b2' (first seen at batch row 2)"
+    rows = [{"prompt": "same", "task": "qa", "reference": None}] * 2
+    assert err(rows).startswith(f"{src}: batch row 2 (no id): duplicate prompt id ")
+    assert err(rows).endswith("(first seen at batch row 1); ids without an id value are hashed from the "
+                              "prompt text, so this prompt text repeats")
+    # A record's own __where__ / __source__ win (line-exact errors; rows of several shards).
+    rows = [dict(ROWS[0], __where__="line 7", __source__="data/a.jsonl"), dict(ROWS[1], task=None)]
+    assert err(rows[:1] + [dict(rows[1], __where__="line 2")]) == (
+        f"{src}: line 2: task field 'task' is empty (None); known task types: {', '.join(TASKS)}")
+    rows = [dict(ROWS[0], __where__="line 7", __source__="data/a.jsonl"),
+            dict(ROWS[1], id="a1", __where__="line 1", __source__="data/b.jsonl")]
+    assert err(rows) == "data/b.jsonl: line 1: duplicate prompt id 'a1' (first seen at data/a.jsonl: line 7)"
+    # A bad id names the row by its place in the batch.
+    assert err([dict(ROWS[0], id=float("inf"))]) == (
+        f"{src}: batch row 1 (no id): id field 'id' is inf (JSON Infinity), not a usable value; write it as "
+        "text, or null for none")
+
+
+def test_make_prompts_reads_numpy_and_pyarrow_values():
+    """Ray Data batches may hold numpy scalars/arrays and pyarrow scalars where files gave Python values."""
+    import numpy as np
+
+    from raydistill.data import make_prompts
+
+    chat = np.array([{"role": "user", "content": np.str_("hi")}, {"role": "assistant", "content": "hello"},
+                     {"role": "user", "content": "and?"}], dtype=object)
+    records = [
+        {"id": np.int64(7), "prompt": np.str_("What is 2 + 3?"), "task": np.str_("math"),
+         "reference": np.float64(18.0)},
+        {"id": pa.scalar("q"), "prompt": pa.scalar("Capital?"), "task": "qa", "reference": np.float64("nan")},
+    ]
+    got = make_prompts(records, DataConfig(task_field="task", reference_field="reference"), None, "f")
+    assert got.to_pylist() == make_prompts(
+        [{"id": 7, "prompt": "What is 2 + 3?", "task": "math", "reference": 18.0},
+         {"id": "q", "prompt": "Capital?", "task": "qa", "reference": None}],
+        DataConfig(task_field="task", reference_field="reference"), None, "f").to_pylist()
+    assert got.column("reference").to_pylist() == ["18", None]
+    conv = make_prompts([{"id": np.str_("c"), "chat": chat}], DataConfig(messages_field="chat"), None, "f")
+    assert conv.column("messages").to_pylist() == [[{"role": "user", "content": "hi"},
+                                                    {"role": "assistant", "content": "hello"},
+                                                    {"role": "user", "content": "and?"}]]
+    # A chat history arriving as a numpy array in a prompt column still points to data.messages_field.
+    with pytest.raises(DataError, match="set data.messages_field=chat"):
+        make_prompts([{"id": "c", "chat": chat}], DataConfig(prompt_field="chat"), None, "f")
+
+
+def test_make_prompts_in_ray_data_map_batches(tmp_path, ray_local):
+    """The lead's path: Ray Data reads the file, map_batches calls make_prompts on each batch."""
+    import ray
+
+    from raydistill.config import TaskPromptsConfig
+    from raydistill.data import make_prompts
+
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "how are you?"}]
+    rows = [{"id": f"r{i}", "task": "conversation", "chat": chat[: 1 + 2 * (i % 2)]} for i in range(6)]
+    jsonl = write_jsonl(tmp_path / "c.jsonl", rows)
+    pq_path = write_parquet(tmp_path / "c.parquet", rows)
+    cfg = DataConfig(path=str(jsonl), messages_field="chat", reference_field=None)
+    tp = TaskPromptsConfig(conversation="Be kind.")
+    want = load_prompts(cfg, tp).to_pylist()
+
+    def to_prompts(batch: pa.Table) -> pa.Table:
+        return make_prompts(batch.to_pylist(), cfg, tp, str(jsonl))
+
+    def to_prompts_pandas(df):  # pandas batches hold the list column as numpy arrays of dicts
+        return make_prompts(df.to_dict("records"), cfg, tp, str(pq_path))
+
+    for ds, fn, fmt in ((ray.data.read_json(str(jsonl)), to_prompts, "pyarrow"),
+                        (ray.data.read_parquet(str(pq_path)), to_prompts, "pyarrow"),
+                        (ray.data.read_parquet(str(pq_path)), to_prompts_pandas, "pandas")):
+        got = ds.map_batches(fn, batch_format=fmt, batch_size=4).take_all()
+        got = sorted(({k: r[k] for k in ("prompt_id", "split", "task", "messages", "reference")} for r in got),
+                     key=lambda r: r["prompt_id"])
+        got = pa.Table.from_pylist(got, schema=schema.PROMPTS_SCHEMA).to_pylist()
+        assert got == sorted(want, key=lambda r: r["prompt_id"]), fmt
+
+
+# --- data.messages_field: conversations ---------------------------------------------------------
+
+CHAT = [{"role": "system", "content": "You are a support agent."},
+        {"role": "user", "content": "My order is late."},
+        {"role": "assistant", "content": "Sorry! What is the order number?"},
+        {"role": "user", "content": "A-1234."}]
+SHAREGPT = [{"from": {"role": "from"}.get(m["role"], {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"])),
+             "value": m["content"]} for m in CHAT]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+def test_messages_field_openai_and_sharegpt(tmp_path, suffix):
+    rows = [{"id": "o1", "chat": CHAT}, {"id": "o2", "chat": CHAT[1:2]}]
+    path = WRITERS[suffix](tmp_path / f"chat{suffix}", rows)
+    cfg = DataConfig(path=str(path), messages_field="chat", reference_field=None)
+    t = load_prompts(cfg)
+    assert t.column("task").to_pylist() == ["conversation", "conversation"]
+    assert t.column("messages").to_pylist() == [CHAT, CHAT[1:2]]
+    assert t.column("prompt_id").to_pylist() == ["o1", "o2"]
+    # ShareGPT {from, value}: human → user, gpt → assistant; the same messages.
+    share = WRITERS[suffix](tmp_path / f"share{suffix}", [{"id": "o1", "conversations": SHAREGPT}])
+    s = load_prompts(DataConfig(path=str(share), messages_field="conversations", reference_field=None))
+    assert SHAREGPT[1] == {"from": "human", "value": "My order is late."}
+    assert s.column("messages").to_pylist() == [CHAT]
+
+
+def test_messages_field_hashed_ids_use_the_whole_history(tmp_path):
+    from raydistill.data import make_prompts
+
+    cfg = DataConfig(messages_field="chat", reference_field=None)
+
+    def ids(histories):
+        return make_prompts([{"chat": h} for h in histories], cfg, None, "f").column("prompt_id").to_pylist()
+
+    later = CHAT[:3] + [{"role": "user", "content": "B-999."}]
+    a = ids([CHAT, later, CHAT[1:]])
+    assert len(set(a)) == 3  # the same last turn after different histories, or without the system turn
+    assert ids([SHAREGPT]) == a[:1]  # the style does not change the id
+    # One user turn hashes like the same text in a prompt column (same id, same split).
+    one = ids([CHAT[1:2]])
+    plain = make_prompts([{"prompt": CHAT[1]["content"]}], DataConfig(reference_field=None), None, "f")
+    assert one == plain.column("prompt_id").to_pylist()
+    with pytest.raises(DataError, match=r"batch row 2 \(no id\): duplicate prompt id .* hashed from the history, "
+                                        r"so this history repeats"):
+        ids([CHAT, SHAREGPT])
+
+
+def test_messages_field_json_text_in_csv(tmp_path):
+    path = tmp_path / "c.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "chat"])
+        w.writerow(["c1", json.dumps(CHAT)])
+        w.writerow(["c2", "[{\"role\": \"user\""])
+    with pytest.raises(DataError) as ei:
+        load_prompts(DataConfig(path=str(path), messages_field="chat", reference_field=None))
+    assert str(ei.value).startswith(f"{path}: line 3: field 'chat' (named by data.messages_field) is text that is "
+                                    "not a JSON list of messages: ")
+    path.write_text(path.read_text().splitlines()[0] + "\n" + path.read_text().splitlines()[1] + "\n")
+    t = load_prompts(DataConfig(path=str(path), messages_field="chat", reference_field=None))
+    assert t.column("messages").to_pylist() == [CHAT]
+
+
+_NAMED = "field 'chat' (named by data.messages_field)"
+
+
+@pytest.mark.parametrize("chat, error", [
+    ("hello", f"{_NAMED} is not a list of chat messages: hello (str); give a list of {{role, content}} "
+              "(or ShareGPT {from, value}) objects"),
+    (None, f"{_NAMED} is not a list of chat messages: null (NoneType); give a list of {{role, content}} "
+           "(or ShareGPT {from, value}) objects"),
+    ({"role": "user", "content": "hi"}, f"{_NAMED} is not a list of chat messages: {{'role': 'user', 'content': "
+                                        "'hi'} (dict); give a list of {role, content} (or ShareGPT {from, value}) "
+                                        "objects"),
+    ([], f"{_NAMED} is an empty list; a conversation needs at least one user message"),
+    (["hi"], f"{_NAMED}, message 1 is not an object: hi (str); give {{role, content}} (or ShareGPT {{from, value}})"),
+    ([{"content": "hi"}], f"{_NAMED}, message 1 has no role: {{'content': 'hi'}}; give {{role, content}} "
+                          "(or ShareGPT {from, value})"),
+    ([{"role": "user"}], f"{_NAMED}, message 1 (user) has no content: {{'role': 'user'}}"),
+    ([{"from": "human"}], f"{_NAMED}, message 1 (human) has no value: {{'from': 'human'}}"),
+    ([{"role": "user", "content": "  "}], f"{_NAMED}, message 1 (user): content is empty ('  ')"),
+    ([{"role": "user", "content": ["a"]}], f"{_NAMED}, message 1 (user): content is not text: ['a'] (list)"),
+    ([{"role": "tool", "content": "x"}], f"{_NAMED}, message 1 has unknown role 'tool'; known: system, user, "
+                                         "assistant (ShareGPT: human, gpt, system)"),
+    ([{"from": "bot", "value": "x"}], f"{_NAMED}, message 1 has unknown role 'bot'; known: system, user, "
+                                      "assistant (ShareGPT: human, gpt, system)"),
+    (CHAT[1:3], f"{_NAMED} ends with an assistant turn (message 2): nothing for the teacher to answer; end the "
+                "history with the user turn to be answered"),
+    (CHAT[:1], f"{_NAMED} holds only a system message; add the user turn to be answered"),
+    (CHAT[1:2] + CHAT[:1] + CHAT[1:2], f"{_NAMED}, message 2 is a system message; only the first message may "
+                                       "be one"),
+])
+def test_messages_field_errors_name_the_row_and_message(tmp_path, chat, error):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"id": "ok", "chat": CHAT}, {"id": "bad", "chat": chat}])
+    with pytest.raises(DataError) as ei:
+        load_prompts(DataConfig(path=str(path), messages_field="chat", reference_field=None))
+    assert str(ei.value) == f"{path}: line 2: {error}"
+
+
+def test_messages_field_missing_and_template_conflict(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "prompt": "hi"}])
+    with pytest.raises(DataError) as ei:
+        load_prompts(DataConfig(path=str(path), messages_field="chat", reference_field=None))
+    assert str(ei.value) == (f"{path}: line 1: field 'chat' (named by data.messages_field) is missing; "
+                             "row has ['id', 'prompt']")
+    from raydistill.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.messages_field \('chat'\) and data.prompt_template \('Q: \{q\}'\) "
+                                          r"are both set"):
+        load(None, ["data.messages_field=chat", "data.prompt_template=Q: {q}"])
+
+
+# --- task system prompts -------------------------------------------------------------------------
+
+def test_task_system_prompts_per_task_with_marker_and_budget(tmp_path):
+    from raydistill.config import TASK_SYSTEM_PROMPTS, TaskPromptsConfig
+
+    path = write_jsonl(tmp_path / "p.jsonl", ROWS + [{"id": "e5", "task": "conversation", "prompt": "Hi!",
+                                                      "reference": None}])
+    t = load_prompts(cfg_for(path), TaskPromptsConfig())
+    msgs = dict(zip(t.column("task").to_pylist(), t.column("messages").to_pylist()))
+    assert msgs["math"][0] == {"role": "system", "content": TASK_SYSTEM_PROMPTS["math"].replace("{marker}", "####")}
+    assert "'#### <number>'" in msgs["math"][0]["content"]
+    assert "'#### <answer>'" in msgs["qa"][0]["content"]
+    assert msgs["nli"][0] == {"role": "system", "content": TASK_SYSTEM_PROMPTS["nli"]}
+    assert msgs["summarization"][0]["content"] == "Summarize the text in at most 60 words."
+    assert msgs["conversation"] == [{"role": "user", "content": "Hi!"}]  # no default prompt for chat
+    for row, m in zip(ROWS, t.column("messages").to_pylist()):
+        assert m[1:] == [{"role": "user", "content": row["prompt"]}]
+    # Marker and budget come from the config; a task prompt can be replaced or switched off.
+    tp = TaskPromptsConfig(final_answer_marker="ANSWER:", summary_max_words=25, qa=None,
+                           conversation="Be kind; at most {max_words} words.")
+    msgs = dict(zip(*(load_prompts(cfg_for(path), tp).column(c).to_pylist() for c in ("task", "messages"))))
+    assert msgs["math"][0]["content"].endswith("as 'ANSWER: <number>'.")
+    assert msgs["summarization"][0]["content"] == "Summarize the text in at most 25 words."
+    assert msgs["qa"] == [{"role": "user", "content": "Capital of France?"}]
+    assert msgs["conversation"][0] == {"role": "system", "content": "Be kind; at most 25 words."}
+    # enabled: false turns them all off (data.system_prompt still applies).
+    off = load_prompts(cfg_for(path), TaskPromptsConfig(enabled=False)).column("messages").to_pylist()
+    assert all(len(m) == 1 and m[0]["role"] == "user" for m in off)
+    off = load_prompts(cfg_for(path, system_prompt="Terse."), TaskPromptsConfig(enabled=False))
+    assert all(m[0] == {"role": "system", "content": "Terse."} for m in off.column("messages").to_pylist())
+
+
+def test_data_system_prompt_replaces_task_prompts_and_a_history_keeps_its_own(tmp_path):
+    from raydistill.config import TaskPromptsConfig
+    from raydistill.data import make_prompts
+
+    t = load_prompts(cfg_for(write_jsonl(tmp_path / "p.jsonl", ROWS), system_prompt="You are terse."),
+                     TaskPromptsConfig())
+    for msgs, row in zip(t.column("messages").to_pylist(), ROWS):
+        assert msgs == [{"role": "system", "content": "You are terse."}, {"role": "user", "content": row["prompt"]}]
+    records = [{"id": "own", "chat": CHAT}, {"id": "none", "chat": CHAT[1:]}]
+    tp = TaskPromptsConfig(conversation="Default chat prompt.")
+    for system_prompt, added in ((None, "Default chat prompt."), ("Override.", "Override.")):
+        cfg = DataConfig(messages_field="chat", reference_field=None, system_prompt=system_prompt)
+        own, none = make_prompts(records, cfg, tp, "f").column("messages").to_pylist()
+        assert own == CHAT  # its own system message stays, nothing added
+        assert none == [{"role": "system", "content": added}] + CHAT[1:]
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("Answer, then {answer}.", "uses {answer}; only {marker} and {max_words} are filled in (write {{ and }} "
+                               "for literal braces)"),
+    ("Reply in JSON {\"a\": 1}", "uses {\"a\"}; only {marker} and {max_words} are filled in"),
+    ("Use {} here", "uses {}; only {marker} and {max_words} are filled in"),
+    ("End with {marker", "is not a valid template (expected '}' before end of string); write {{ and }} for "
+                         "literal braces"),
+    ("At most {max_words:q} words", "cannot be filled: Unknown format code 'q'"),
+])
+def test_task_prompt_with_unknown_placeholder_refused_at_config_load(tmp_path, text, problem):
+    from raydistill.config import ConfigError
+
+    with pytest.raises(ConfigError) as ei:
+        load(None, [f"task_prompts.summarization={text}"])
+    assert f"task_prompts.summarization ({text!r}) {problem}" in str(ei.value)
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml_dump({"task_prompts": {"math": text}}))
+    with pytest.raises(ConfigError, match=r"task_prompts\.math \("):
+        load(f)
+
+
+def test_task_prompt_literal_braces_and_null_are_fine():
+    cfg = load(None, ["task_prompts.nli=Answer as {{\"label\": ...}} within {max_words} words",
+                      "task_prompts.math=null"])
+    prompts = cfg.task_prompts.system_prompts()
+    assert prompts["nli"] == "Answer as {\"label\": ...} within 60 words"
+    assert "math" not in prompts and "conversation" not in prompts
+
+
+def yaml_dump(obj) -> str:
+    import yaml
+
+    return yaml.safe_dump(obj)

@@ -260,10 +260,9 @@ def test_hf_engine_sends_prompt_ids_stops_like_vllm_and_caps_at_max_model_len(st
 
 
 def test_run_generate_writes_the_split_and_its_provenance(tiny_model, tmp_path, ray_local):
-    """hf engine through the stage: prompts.parquet holds every prompt with its split, the manifest
+    """hf engine through the stage: prompts/ holds every prompt with its split, the manifest
     the teacher's tokenizer, stop ids, finish reasons and data settings; the corpus row of a prompt
     spelling <|im_end|> shows the whole prompt reached the teacher."""
-    import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
     from raydistill.chat import prompt_ids, stop_token_ids, tokenizer_fingerprint
@@ -283,13 +282,16 @@ def test_run_generate_writes_the_split_and_its_provenance(tiny_model, tmp_path, 
                  "split": {"validation": 0.2, "test": 0.3}},
         "teacher": {"model": str(tiny_model), "engine": "hf", "batch_size": 8, "max_model_len": 128},
         "generation": {"max_new_tokens": 8},
+        "filter": {"empty": False},  # a random model may answer with the stop token alone
     }))
     cfg = load(cfg_file)
     manifest = run_generate(cfg)
     corpus = Path(cfg.output_dir) / "corpus"
     table, on_disk = read_corpus(corpus)
     assert on_disk == manifest
-    prompts = pq.read_table(corpus / "prompts.parquet")
+    prompts = read_prompts(corpus)
+    assert sorted(p.name for p in corpus.iterdir()) == ["_runs", "_settings.json", "config.yaml", "data", "manifest.json",
+                                                        "prompts", "rejects"]
     want = {r["qid"]: split_of(r["qid"], 3, 0.2, 0.3) for r in rows}
     assert dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("split").to_pylist())) == want
     assert "test" in want.values()
@@ -301,7 +303,9 @@ def test_run_generate_writes_the_split_and_its_provenance(tiny_model, tmp_path, 
     assert manifest["stop_token_ids"] == sorted(stop_token_ids(tiny_model)) == [tok.eos_token_id]
     reasons = table.column("finish_reason").to_pylist()
     assert manifest["finish_reasons"] == {r: reasons.count(r) for r in ("stop", "length", "error")}
-    assert sum(manifest["finish_reasons"].values()) == table.num_rows == len(want) - len(test_ids)
+    assert sum(manifest["finish_reasons"].values()) == manifest["rows_generated"] == len(want) - len(test_ids)
+    assert table.num_rows == manifest["rows"] == manifest["rows_generated"] - sum(manifest["rejects"].values())
+    assert [r["rows_added"] for r in manifest["runs"]] == [manifest["rows_generated"]]
     d = manifest["data"]
     assert (d["path"], d["seed"], d["split"], d["id_field"], d["prompt_field"], d["prompt_template"], d["limit"]) == \
         (str(data), 3, {"validation": 0.2, "test": 0.3}, "qid", "question", None, None)

@@ -1,0 +1,205 @@
+"""The streaming generate stage end to end on a tiny model (hf engine): resume after SIGKILL
+exactly once, S3 in and out against a real S3 server, reruns, changed settings, error share."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from .conftest import make_bucket, write_jsonl
+
+
+def _prompts(n: int, start: int = 0) -> list[dict]:
+    return [{"qid": f"q{i:05d}", "question": f"Tell me fact number {i} about Paris."} for i in range(start, start + n)]
+
+
+def _config(tmp_path: Path, model: Path, data: str, output_dir: str, **extra) -> Path:
+    cfg = {
+        "output_dir": output_dir,
+        "data": {"path": data, "prompt_field": "question", "id_field": "qid", "split": {"validation": 0.1, "test": 0.2}},
+        "teacher": {"model": str(model), "engine": "hf", "batch_size": 4, "max_model_len": 128},
+        "generation": {"max_new_tokens": 8},
+        "filter": {"empty": False},  # a random model may answer with the stop token alone
+    }
+    for key, value in extra.items():
+        cfg.setdefault(key, {}).update(value) if isinstance(value, dict) else cfg.update({key: value})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _expected_ids(rows: list[dict], seed: int = 0) -> set[str]:
+    from raydistill.data import split_of
+
+    return {r["qid"] for r in rows if split_of(r["qid"], seed, 0.1, 0.2) != "test"}
+
+
+def _all_answer_ids(corpus) -> list[str]:
+    """Prompt ids of every answer in the finished corpus: kept rows and rejects."""
+    from raydistill.corpus import location, read_manifest
+
+    loc = location(corpus)
+    info = read_manifest(loc)
+    ids: list[str] = []
+    for shard in info["shards"] + info["reject_shards"]:
+        ids += pq.read_table((loc / shard).path, filesystem=loc.fs, columns=["prompt_id"]).column("prompt_id").to_pylist()
+    return ids
+
+
+def _committed(corpus: Path) -> int:
+    folder = corpus / "_checkpoint"
+    return len([p for p in folder.glob("*.parquet") if not p.name.endswith(".pending.parquet")]) if folder.is_dir() else 0
+
+
+@pytest.mark.slow
+def test_generation_killed_part_way_resumes_with_every_prompt_exactly_once(tiny_model, tmp_path, ray_local):
+    """SIGKILL of `raydistill generate` after some shards are committed; the rerun answers only
+    the rest: every train/validation prompt id appears exactly once, and the manifest says how
+    many rows each run added."""
+    from raydistill.config import load
+    from raydistill.generate import run_generate
+
+    rows = _prompts(400)
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    cfg_file = _config(tmp_path, tiny_model, str(data), str(tmp_path / "run"), generation={"max_new_tokens": 24})
+    corpus = tmp_path / "run" / "corpus"
+    env = dict(os.environ, RAY_ADDRESS="")  # its own private Ray, not the test session's
+    proc = subprocess.Popen([sys.executable, "-m", "raydistill.cli", "generate", str(cfg_file)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=(tmp_path / "run1.log").open("w"), start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while _committed(corpus) < 3:
+            assert proc.poll() is None, f"generate ended before it was killed:\n{(tmp_path / 'run1.log').read_text()[-3000:]}"
+            assert time.time() < deadline, "no shard committed within 300 s"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver, as a preempted node would lose it
+        proc.wait(timeout=60)
+    finally:
+        time.sleep(3)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # Ray processes the driver started, if any remain
+        except ProcessLookupError:
+            pass
+    assert not (corpus / "manifest.json").exists()
+    written_before = _committed(corpus)
+    assert written_before >= 3
+
+    manifest = run_generate(load(cfg_file))
+    ids = _all_answer_ids(corpus)
+    assert len(ids) == len(set(ids)), "a prompt was answered twice"
+    assert set(ids) == _expected_ids(rows), "a prompt was lost"
+    assert manifest["rows_generated"] == len(ids)
+    added = [r["rows_added"] for r in manifest["runs"]]
+    assert len(added) == 2 and added[0] > 0 and added[1] > 0 and sum(added) == len(ids)
+    assert not (corpus / "generated").exists() and not (corpus / "_checkpoint").exists()
+
+
+def test_rerun_keeps_a_finished_corpus_and_overwrite_starts_again(tiny_model, tmp_path, ray_local):
+    from raydistill.config import load
+    from raydistill.generate import run_generate
+    from raydistill.generate.stage import GenerationError
+
+    rows = _prompts(30)
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    cfg = load(_config(tmp_path, tiny_model, str(data), str(tmp_path / "run")))
+    first = run_generate(cfg)
+    assert set(_all_answer_ids(tmp_path / "run" / "corpus")) == _expected_ids(rows)
+    mtime = (tmp_path / "run" / "corpus" / "manifest.json").stat().st_mtime
+    assert run_generate(cfg) == first  # finished: nothing regenerated
+    assert (tmp_path / "run" / "corpus" / "manifest.json").stat().st_mtime == mtime
+    again = run_generate(cfg, overwrite=True)
+    assert [r["rows_added"] for r in again["runs"]] == [again["rows_generated"]]
+    assert again["runs"][0]["run"] != first["runs"][0]["run"]
+    # An unfinished corpus made with other settings is not continued with these.
+    corpus = tmp_path / "run" / "corpus"
+    (corpus / "manifest.json").unlink()
+    changed = load(_config(tmp_path, tiny_model, str(data), str(tmp_path / "run"), generation={"max_new_tokens": 5}))
+    with pytest.raises(GenerationError, match=r"other settings \(generation.max_new_tokens: 8 -> 5\).*--overwrite"):
+        run_generate(changed)
+
+
+def test_s3_in_and_out(tiny_model, tmp_path, s3_server, ray_local):
+    """Prompt shards in s3:// (a folder), corpus written to s3://, read back from the S3 server."""
+    from raydistill.config import load
+    from raydistill.corpus import read_corpus, read_prompts
+    from raydistill.generate import run_generate
+    from raydistill.storage import storage_path
+
+    bucket = make_bucket("gen-s3")
+    rows = _prompts(24)
+    for k in range(3):  # three jsonl shards under one prefix
+        shard = write_jsonl(tmp_path / f"part-{k}.jsonl", rows[k * 8:(k + 1) * 8])
+        (storage_path(f"{bucket}/prompts/{shard.name}")).write_text(shard.read_text())
+    cfg = load(_config(tmp_path, tiny_model, f"{bucket}/prompts", f"{bucket}/runs/a"))
+    manifest = run_generate(cfg)
+    corpus = storage_path(f"{bucket}/runs/a/corpus")
+    table, on_s3 = read_corpus(corpus)
+    assert on_s3 == manifest
+    assert sorted(_all_answer_ids(corpus)) == sorted(_expected_ids(rows))
+    assert table.num_rows == manifest["rows"]
+    assert read_prompts(corpus).num_rows == len(rows)
+    assert (corpus / "config.yaml").is_file() and not (tmp_path / "runs").exists()
+    # a glob over the same shards gives the same prompts
+    cfg2 = load(_config(tmp_path, tiny_model, f"{bucket}/prompts/part-[01].jsonl", f"{bucket}/runs/b"))
+    assert run_generate(cfg2)["prompts_by_split"] == {s: sum(1 for r in rows[:16] if _split(r["qid"]) == s)
+                                                       for s in ("train", "validation", "test")}
+
+
+def _split(qid: str) -> str:
+    from raydistill.data import split_of
+
+    return split_of(qid, 0, 0.1, 0.2)
+
+
+def test_error_share_stops_the_job_and_rows_below_it_are_rejects(tiny_model, tmp_path, ray_local):
+    """Prompts longer than max_model_len fail on their row; past generation.max_error_share the
+    job stops with the share and the first errors, below it they are counted as rejects."""
+    from raydistill.config import load
+    from raydistill.generate import run_generate
+    from raydistill.generate.stage import GenerationError
+
+    rows = _prompts(20)
+    long_ids = [r["qid"] for r in rows if _split(r["qid"]) != "test"][:4]
+    for r in rows:
+        if r["qid"] in long_ids:
+            r["question"] = "Paris " * 200  # far past max_model_len=128
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    answered = len(_expected_ids(rows))
+    cfg = load(_config(tmp_path, tiny_model, str(data), str(tmp_path / "run"), generation={"max_error_share": 0.1}))
+    with pytest.raises(GenerationError, match=rf"4 of {answered} answers failed \(.*%\), more than "
+                                              r"generation.max_error_share=10%; first errors: q\d+: prompt has"):
+        run_generate(cfg)
+    ok = load(_config(tmp_path, tiny_model, str(data), str(tmp_path / "run"), generation={"max_error_share": 0.5}))
+    manifest = run_generate(ok)  # continues the same corpus: nothing regenerated
+    assert manifest["rejects"]["error"] == 4 and manifest["finish_reasons"]["error"] == 4
+    assert [r["rows_added"] for r in manifest["runs"]] == [answered, 0]
+    rejects = pq.read_table(tmp_path / "run" / "corpus" / "rejects").to_pylist()
+    assert sorted(r["prompt_id"] for r in rejects if r["reject_reason"] == "error") == sorted(long_ids)
+
+
+def test_manifest_figures_and_cost(tiny_model, tmp_path, ray_local):
+    from raydistill.config import load
+    from raydistill.generate import run_generate
+
+    data = write_jsonl(tmp_path / "p.jsonl", _prompts(12))
+    cfg = load(_config(tmp_path, tiny_model, str(data), str(tmp_path / "run"),
+                       teacher={"price_per_mtok": {"input": 2.0, "output": 10.0}}))
+    m = run_generate(cfg)
+    table = pq.read_table(tmp_path / "run" / "corpus" / "data")
+    rejects = tmp_path / "run" / "corpus" / "rejects"
+    tables = [table] + ([pq.read_table(rejects)] if rejects.exists() else [])
+    prompt_tokens = sum(sum(t.column("prompt_tokens").to_pylist()) for t in tables)
+    response_tokens = sum(sum(t.column("response_tokens").to_pylist()) for t in tables)
+    assert (m["prompt_tokens"], m["response_tokens"]) == (prompt_tokens, response_tokens)
+    assert m["cost_usd"] == pytest.approx(prompt_tokens / 1e6 * 2.0 + response_tokens / 1e6 * 10.0, abs=1e-4)
+    assert m["tokens_per_s"] == pytest.approx(response_tokens / m["seconds"], rel=0.01)
+    assert m["prompts"] == m["rows_generated"] and json.loads(json.dumps(m)) == m
