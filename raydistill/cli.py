@@ -189,12 +189,24 @@ def preflight(cfg: Config, counts: dict[str, int]) -> list[str]:
 
 @app.command()
 def validate(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Check a config, its prompt file, model references and split sizes without running anything."""
+    """Check a config, its prompt file(s), model references and split sizes without running anything.
+
+    One local file is checked whole (line-exact errors, duplicate ids, split sizes); a folder of
+    shards, a glob or an s3:// path is checked on the first file's first rows (the same check
+    generate runs before its job), with split sizes estimated from them."""
     from .data import DataError, load_prompts
+    from .generate.stage import PRECHECK_ROWS, precheck_sample, prompt_files
 
     cfg = _load(config, set_)
+    sampled = ""
     try:
-        prompts = load_prompts(cfg.data, cfg.task_prompts)
+        files, _ = prompt_files(cfg)
+        if len(files) == 1 and not files[0].remote:
+            prompts = load_prompts(cfg.data, cfg.task_prompts)
+        else:
+            prompts = precheck_sample(cfg)
+            sampled = (f" (a sample: the first {prompts.num_rows} rows of {files[0]}, 1 of {len(files)} file(s); "
+                       f"up to {PRECHECK_ROWS} rows are checked)")
     except DataError as e:
         _fail(str(e))
         raise
@@ -202,7 +214,7 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     problems = preflight(cfg, counts)
     if problems:
         _fail("the config would fail later:\n  " + "\n  ".join(problems))
-    typer.echo(f"config OK: {prompts.num_rows} prompts ({', '.join(f'{k} {v}' for k, v in counts.items())}); "
+    typer.echo(f"config OK: {prompts.num_rows} prompts ({', '.join(f'{k} {v}' for k, v in counts.items())}){sampled}; "
                f"teacher {cfg.teacher.model} ({cfg.teacher.engine}); output_dir {cfg.output_dir}")
 
 

@@ -337,7 +337,8 @@ class FilterConfig(_Section):
     empty: bool = Field(True, description="Reject answers that are empty or whitespace.")
     truncated: bool = Field(False, description="Reject answers cut at max_new_tokens or max_model_len "
                             "(finish_reason 'length'); train.truncated_answers decides for those kept.")
-    no_final_answer: bool = Field(True, description="Reject math and QA answers without a parsable final answer.")
+    no_final_answer: bool = Field(True, description="Reject math and QA answers without a parsable final answer "
+                                  "(`#### 42`, \\boxed, \"the answer is\") and NLI answers that name no label.")
     match_reference: bool = Field(False, description="Reject answers whose final answer disagrees with the "
                                   "row's reference (rows without a reference are kept).")
     duplicates: bool = Field(True, description="Reject exact duplicates: the same messages and answer as a row "

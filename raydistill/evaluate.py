@@ -14,7 +14,8 @@ student and the student answer that part, one after another, then the next round
 load on the machine thus falls on all three models alike, and each round gives its own
 student/teacher ratios. Every model answers through ``generate.generate_table`` with engine
 ``eval.engine`` (the teacher with the ``teacher.*`` resources, the students with ``eval.*``), one
-engine batch at a time. Each call starts an engine (vLLM: 10–30 s), which is not in any latency:
+engine batch at a time; an API teacher (``teacher.engine: openai``) answers from its endpoint
+through the same ``openai`` engine as at generation, and has no memory probe (null figures, noted). Each call starts an engine (vLLM: 10–30 s), which is not in any latency:
 latency is per request. The answers of all rounds together give the quality figures.
 
 Written under ``output_dir/eval/``: ``answers.parquet`` (every answer: the generation columns of
@@ -502,7 +503,7 @@ def corpus_rejects(corpus) -> dict | None:
     if not isinstance(rejects, dict):
         return None
     counts = {str(k): int(v) for k, v in rejects.items()}
-    return {"rows_kept": manifest.get("rows_kept"), "rows_rejected": sum(counts.values()), "rejects": counts}
+    return {"rows_kept": manifest.get("rows"), "rows_rejected": sum(counts.values()), "rejects": counts}
 
 
 def _rejects_markdown(rejects: dict | None) -> list[str]:
@@ -795,7 +796,12 @@ def _engine_device(engine: EngineConfig) -> tuple[str, str]:
 
 
 def _model_info(path: str, engine: EngineConfig, probe_msgs: list, batch: int) -> dict:
-    """Probe and size figures of one model; a failed probe leaves its figures null, with a note."""
+    """Probe and size figures of one model; a failed probe leaves its figures null, with a note.
+    An API teacher (``engine`` ``openai``) is not probed: its figures are null, with a note."""
+    if engine.engine == "openai":
+        return {"path": path, "dtype": None, "device": None, "size_mb": None, "size_dtype": None,
+                "note": "memory and parameter figures are null: the teacher is an API endpoint "
+                        "(teacher.engine=openai), there is no local model to probe"}
     dtype, device = _engine_device(engine)
     info: dict = {"path": path, "dtype": dtype, "device": device}
     info["size_mb"], info["size_dtype"] = model_files(path)
@@ -823,7 +829,8 @@ def run_evaluate(cfg: Config) -> dict:
     from .models import resolve_model
     from .runtime import init_ray
 
-    paths = {"teacher": resolve_model(cfg.teacher.model),
+    api_teacher = cfg.teacher.engine == "openai"  # answers from the endpoint; teacher.model is its model name
+    paths = {"teacher": cfg.teacher.model if api_teacher else resolve_model(cfg.teacher.model),
              "baseline_student": (baseline_student_ref(cfg) if cfg.student.init == "prune"
                                   else resolve_model(baseline_student_ref(cfg))),
              "student": str(student_dir(cfg))}
@@ -838,7 +845,8 @@ def run_evaluate(cfg: Config) -> dict:
     # (tensor parallelism, dtype, max length), the students use eval.*.
     # Batches one at a time, so that per-batch timings add up to engine time (tokens/s).
     one = {"max_concurrent_batches": 1}
-    engines = {"teacher": cfg.teacher.model_copy(update={"engine": cfg.eval.engine, **one}),
+    engines = {"teacher": cfg.teacher.model_copy(update={"engine": "openai" if api_teacher else cfg.eval.engine,
+                                                          **one}),
                "baseline_student": cfg.eval.model_copy(update=one), "student": cfg.eval.model_copy(update=one)}
     parts = split_rounds(prompts, cfg.eval.rounds)
     if len(parts) < cfg.eval.rounds:

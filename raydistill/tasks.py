@@ -1,6 +1,6 @@
 """Per-task answer extraction and metrics.
 
-``score(task, predictions, references, label_map=None)`` returns ``(metrics, unscorable)``:
+``score(task, predictions, references, label_map=None, marker="####")`` returns ``(metrics, unscorable)``:
 ``metrics`` is ``{"accuracy": x}`` (0–1) for math and nli — an empty dict when no reference can be
 scored — and ``{"rougeL": x (0–1), "bleu": y (0–100)}`` for qa, summarization and conversation.
 Rows whose reference is None are skipped and not counted anywhere. ``unscorable`` counts the other
@@ -11,7 +11,8 @@ Text tasks have no unscorable references.
 math — final-answer accuracy: the number the answer states equals the reference's number (within
 1e-6; 1/3 and 0.333 differ). Answer and reference are read by the same rules (``extract_number``):
 
-- A stated final answer wins over every other number: ``#### N`` (GSM8K), ``\\boxed{...}``,
+- A stated final answer wins over every other number: ``#### N`` (GSM8K; also the configured
+  ``task_prompts.final_answer_marker``, the ``marker`` argument, when it is not ``####``), ``\\boxed{...}``,
   "the answer is ...", "final answer: ...", "answer: ..." (also "was", "would be", "=", bold
   ``**Answer:**``). The last such statement that holds a number counts, and its first number is
   the answer: for ``\\boxed`` the box's content, else up to the end of the statement's sentence or
@@ -49,7 +50,10 @@ binary ``entailment`` / ``not_entailment`` (RTE, QNLI; also written "not entailm
   it; references not in the map are read as they are. A map value that names no label is an error.
 
 qa, summarization, conversation — ROUGE-L F1 (rouge-score with the Unicode tokenizer below; 0–1)
-and corpus BLEU (sacrebleu, 0–100) against the reference.
+and corpus BLEU (sacrebleu, 0–100) against the reference. For qa, a text with a final-answer line
+(``#### Paris``: the marker, then the answer on its line, or alone on the next non-empty line) is
+scored by that final answer only, answer and reference alike (``final_answer``); a text without one
+is scored whole.
 
 - ROUGE-L tokens (``rouge_tokens``): text is NFC-normalised and lowercased; a word is a run of
   letters, digits and combining marks (Unicode Mn/Mc/Me: Thai vowel marks, Devanagari matras and
@@ -67,6 +71,19 @@ and corpus BLEU (sacrebleu, 0–100) against the reference.
   time); otherwise ``13a``.
 
 agreement (evaluate): mean ROUGE-L F1 between a model's answer and the teacher's answer (0–1).
+
+Final answers and the reference check (generate's filters, ``raydistill.generate.filters``), by the
+same rules as the scorers:
+
+- ``final_answer(task, text, marker)``: math — the number of the last stated final answer (the
+  marker, ``\\boxed``, "the answer is", ...; a bare last number is no final answer), as text
+  (``"72"``, ``"0.75"``); qa — the text after the last marker, else None; nli — the label
+  ``extract_nli_label`` reads; summarization and conversation — None (no final answer to check).
+- ``agrees_with_reference(task, answer, reference, marker)``: math — the numbers are equal (as
+  ``score``); nli — the label scores a hit; qa — the reference's words (``rouge_tokens`` of its final
+  answer, or of the whole reference) appear together and in order in the answer's final answer (or
+  whole answer without one); None when the reference is missing or unreadable, or the task has no
+  checkable answer.
 """
 
 from __future__ import annotations
@@ -176,21 +193,38 @@ def _stated(text: str, start: int) -> str:
     return rest[:m.start()] if (m := _SENTENCE_END.search(rest)) else rest
 
 
-def extract_number(text: str | None) -> float | None:
-    """The answer's number, or None when ``text`` holds none.
+@lru_cache(maxsize=16)
+def _answer_marks(marker: str) -> re.Pattern:
+    """``_ANSWER_MARK`` plus the configured final-answer marker (when it is not ``####``)."""
+    if marker == "####":
+        return _ANSWER_MARK
+    return re.compile(rf"(?:{re.escape(marker)})|{_ANSWER_MARK.pattern}", re.IGNORECASE)
 
-    A stated final answer (``#### N``, ``\\boxed{}``, "the answer is", "final answer:") wins: the
-    first number of the last statement that holds one. Otherwise the last number in the text.
-    Fractions, mixed numbers and ``\\frac{a}{b}`` read as their value; a minus sign counts only
-    where it is a sign (``5-7`` reads 7); ``$`` and ``%`` are ignored (``25%`` reads 25.0).
-    """
-    text = _normalise_math(text or "")
-    for mark in reversed(list(_ANSWER_MARK.finditer(text))):
+
+def _stated_number(text: str, marker: str) -> float | None:
+    """The first number of the last stated final answer that holds one (``text`` normalised)."""
+    for mark in reversed(list(_answer_marks(marker).finditer(text))):
         region = (_braced(text, mark.end()) if mark.group("box") is not None
                   else _stated(text, mark.end()))
         first = next(_numbers(region), None)
         if first is not None:
             return first
+    return None
+
+
+def extract_number(text: str | None, marker: str = "####") -> float | None:
+    """The answer's number, or None when ``text`` holds none.
+
+    A stated final answer (``#### N``, the configured ``marker``, ``\\boxed{}``, "the answer is",
+    "final answer:") wins: the first number of the last statement that holds one. Otherwise the
+    last number in the text. Fractions, mixed numbers and ``\\frac{a}{b}`` read as their value; a
+    minus sign counts only where it is a sign (``5-7`` reads 7); ``$`` and ``%`` are ignored
+    (``25%`` reads 25.0).
+    """
+    text = _normalise_math(text or "")
+    stated = _stated_number(text, marker)
+    if stated is not None:
+        return stated
     last = None
     for last in _numbers(text):
         pass
@@ -453,7 +487,7 @@ def bleu(predictions: list[str], references: list[str], tokenize: str | None = N
 # --- per task ------------------------------------------------------------------------------------
 
 def score(task: str, predictions: list[str], references: list[str | None],
-          label_map: dict[str, str] | None = None) -> tuple[dict[str, float], int]:
+          label_map: dict[str, str] | None = None, marker: str = "####") -> tuple[dict[str, float], int]:
     """Task metrics for one model on one task, and the number of unscorable references.
 
     Returns ``(metrics, unscorable)``: math/nli ``{"accuracy": 0–1}`` ({} when no reference can be
@@ -461,15 +495,17 @@ def score(task: str, predictions: list[str], references: list[str | None],
     Rows whose reference is None are skipped and not counted; ``unscorable`` counts the other
     references with no number (math) or no NLI label (nli, after ``label_map``), which are left
     out of the accuracy. ``label_map`` (``data.label_map``) maps NLI reference text, e.g.
-    ``{"0": "entailment"}``; a value that names no label raises ValueError.
+    ``{"0": "entailment"}``; a value that names no label raises ValueError. ``marker``
+    (``task_prompts.final_answer_marker``) precedes the final answer: math reads the number after it
+    (as after ``####``), qa scores the text after it (answer and reference) when there is one.
     """
     pairs = [(p, r) for p, r in zip(predictions, references, strict=True) if r is not None]
     if task == "math":
-        gold = [(want, p) for p, r in pairs if (want := extract_number(r)) is not None]
+        gold = [(want, p) for p, r in pairs if (want := extract_number(r, marker)) is not None]
         unscorable = len(pairs) - len(gold)
         if not gold:
             return {}, unscorable
-        hits = sum(_same_number(want, extract_number(p)) for want, p in gold)
+        hits = sum(_same_number(want, extract_number(p, marker)) for want, p in gold)
         return {"accuracy": hits / len(gold)}, unscorable
     if task == "nli":
         if label_map:
@@ -482,5 +518,92 @@ def score(task: str, predictions: list[str], references: list[str | None],
         return {"accuracy": hits / len(gold)}, unscorable
     if not pairs:
         return {}, 0
+    if task == "qa":
+        pairs = [(_qa_text(p, marker), _qa_text(r, marker)) for p, r in pairs]
     preds, refs = [p for p, _ in pairs], [r for _, r in pairs]
     return {"rougeL": rouge_l(preds, refs), "bleu": bleu(preds, refs)}, 0
+
+
+# --- final answers (generate's filters) ----------------------------------------------------------
+
+#: Tasks whose answers carry a final answer that ``final_answer`` reads.
+FINAL_ANSWER_TASKS = ("math", "qa", "nli")
+
+
+def _marked_text(text: str, marker: str) -> str | None:
+    """The text after the last ``marker`` that has some: the rest of its line, or the next non-empty
+    line when the line ends at the marker (``"####\\nParis"``); markdown emphasis and spaces stripped."""
+    for m in reversed(list(re.finditer(re.escape(marker), text, re.IGNORECASE))):
+        rest = text[m.end():]
+        line, _, after = rest.partition("\n")
+        if not line.strip():
+            line = next((ln for ln in after.split("\n") if ln.strip()), "")
+        answer = line.strip().strip("*_").strip()
+        if answer:
+            return answer
+    return None
+
+
+def _qa_text(text: str | None, marker: str) -> str:
+    """What qa scores: the final answer after ``marker`` when the text has one, else the whole text."""
+    text = text or ""
+    return _marked_text(text, marker) or text
+
+
+def _number_text(value: float) -> str:
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
+def final_answer(task: str, text: str | None, marker: str = "####") -> str | None:
+    """The final answer ``text`` states, or None when it states none.
+
+    math: the number of the last stated final answer (after ``marker``, ``####``, ``\\boxed{}``,
+    "the answer is", "final answer:"; ``extract_number``'s rules) as text (``"72"``, ``"-0.5"``); a
+    number that is merely the last in the text is no final answer. qa: the text after the last
+    ``marker`` on its line (or alone on the next non-empty line), emphasis stripped. nli: the label
+    ``extract_nli_label`` reads (``entailment``, ``neutral``, ``contradiction``, ``not_entailment``).
+    summarization, conversation: always None (their answers have no final answer).
+    Raises ValueError for an unknown task.
+    """
+    text = text or ""
+    if task == "math":
+        value = _stated_number(_normalise_math(text), marker)
+        return None if value is None else _number_text(value)
+    if task == "qa":
+        return _marked_text(text, marker)
+    if task == "nli":
+        return extract_nli_label(text)
+    if task in ("summarization", "conversation"):
+        return None
+    raise ValueError(f"unknown task {task!r}; expected one of math, nli, qa, summarization, conversation")
+
+
+def agrees_with_reference(task: str, answer_text: str | None, reference: str | None, marker: str = "####",
+                          *, label_map: dict[str, str] | None = None) -> bool | None:
+    """Whether the answer's final answer agrees with the reference, by the scorers' rules.
+
+    math: ``extract_number`` of both equal (within 1e-6), as ``score`` counts a hit. nli: the
+    answer's label is a hit for the reference's label (``label_map`` applied to the reference, a
+    ``not_entailment`` reference matched by neutral or contradiction too). qa: the reference's words
+    (``rouge_tokens`` of its final answer, or of all of it) appear together and in order in the
+    answer's final answer (or in the whole answer when it has none): ``Paris`` agrees with ``The
+    capital is Paris.``. Returns None (nothing to check) when the reference is None or unreadable
+    (no number, no label, no words) and for summarization and conversation.
+    """
+    if reference is None:
+        return None
+    if task == "math":
+        want = extract_number(reference, marker)
+        return None if want is None else _same_number(want, extract_number(answer_text, marker))
+    if task == "nli":
+        want = _nli_reference(reference, label_map)
+        return None if want is None else _nli_hit(want, extract_nli_label(answer_text))
+    if task == "qa":
+        want = rouge_tokens(_qa_text(reference, marker))
+        if not want:
+            return None
+        got = rouge_tokens(_qa_text(answer_text, marker))
+        return any(got[i:i + len(want)] == want for i in range(len(got) - len(want) + 1))
+    if task in ("summarization", "conversation"):
+        return None
+    raise ValueError(f"unknown task {task!r}; expected one of math, nli, qa, summarization, conversation")

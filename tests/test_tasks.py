@@ -430,3 +430,105 @@ def test_rouge_tokens_latin_and_composed_forms():
     # NFC: "e" + combining acute equals the precomposed "é".
     assert rouge_tokens("cafe\u0301") == ["café"]
     assert rouge_tokens("東京です abc") == ["東", "京", "で", "す", "abc"]
+
+
+# --- issue 6: final answers (generate's filters) and the configured marker ---------------------
+
+from raydistill.tasks import agrees_with_reference, final_answer  # noqa: E402
+
+GSM8K_ANSWER = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
+                "altogether in April and May.\n#### 72")
+
+
+@pytest.mark.parametrize("task, text, expected", [
+    ("math", GSM8K_ANSWER, "72"),
+    ("math", "Each pack has 4, so 3 packs hold 3 * 4 = 12.\n#### 12 pencils", "12"),
+    ("math", r"Adding the parts gives $\boxed{\frac{3}{4}}$.", "0.75"),
+    ("math", "The total is 1,250 + 250 = 1,500, so the answer is $1,500.", "1500"),
+    ("math", "**Final answer:** -2.5", "-2.5"),
+    ("math", "Final answer:\n\n17", "17"),
+    # No stated final answer: a last number in the working is not one.
+    ("math", "First 3 + 4 = 7, then 7 * 2 = 14", None),
+    ("math", "The answer is seven.", None),
+    ("math", "####", None),
+    ("math", "", None),
+    ("qa", "The Eiffel Tower stands in Paris.\n#### Paris", "Paris"),
+    ("qa", "Step 1: the tower is in France.\n####   **Paris, France**  \n", "Paris, France"),
+    ("qa", "The city is\n####\n\nParis\nThat is all.", "Paris"),       # alone on the next line
+    ("qa", "#### Lyon\nWait, no.\n#### Paris", "Paris"),                # the last one
+    ("qa", "#### Paris\n####", "Paris"),                               # the last one that has text
+    ("qa", "The capital of France is Paris.", None),
+    ("qa", "The answer is Paris.", None),                              # QA reads only the marker
+    ("nli", "The premise says a dog runs, so an animal moves. Answer: entailment", "entailment"),
+    ("nli", "Contradiction.", "contradiction"),
+    ("nli", "It is not entailed.", "not_entailment"),
+    ("nli", "entailment, neutral or contradiction?", None),            # the options, not an answer
+    ("nli", "I cannot tell.", None),
+    ("summarization", "Ann wants tea; Bob makes it.\n#### tea", None),
+    ("conversation", "The answer is 42.", None),
+])
+def test_final_answer(task, text, expected):
+    assert final_answer(task, text) == expected
+
+
+def test_final_answer_with_a_configured_marker():
+    assert final_answer("qa", "Reasoning.\nRESULT: Rome", "RESULT:") == "Rome"
+    assert final_answer("qa", "Reasoning.\n#### Rome", "RESULT:") is None
+    assert final_answer("math", "3 + 4 = 7\nRESULT: 7", "RESULT:") == "7"
+    assert final_answer("math", "3 + 4 = 7\n#### 7", "RESULT:") == "7"  # GSM8K's #### always counts
+    assert extract_number("RESULT: 5, not 6 or 7", "RESULT:") == 5.0
+    assert extract_number("RESULT: 5, not 6 or 7") == 7.0  # without the marker: the last number
+
+
+def test_final_answer_unknown_task():
+    with pytest.raises(ValueError, match="unknown task 'poetry'"):
+        final_answer("poetry", "x")
+
+
+@pytest.mark.parametrize("task, answer, reference, expected", [
+    ("math", GSM8K_ANSWER, "72", True),
+    ("math", GSM8K_ANSWER, "Natalia sold 48+24 = 72 clips.\n#### 72", True),
+    ("math", "#### 0.75", "3/4", True),
+    ("math", "#### 71", "72", False),
+    ("math", "I do not know", "72", False),
+    ("math", "#### 72", "seventy-two", None),                # unreadable reference
+    ("math", "#### 72", None, None),
+    ("nli", "Answer: contradiction", "contradiction", True),
+    ("nli", "neutral", "not_entailment", True),
+    ("nli", "entailment", "not_entailment", False),
+    ("nli", "neutral", "0", None),                           # integer label without data.label_map
+    ("qa", "It stands in Paris.\n#### Paris", "Paris", True),
+    ("qa", "#### The city of Paris, France", "paris", True),  # the reference's words, in the answer
+    ("qa", "#### Paris", "Paris, France", False),
+    ("qa", "#### Lyon", "Paris", False),
+    ("qa", "Paris is the capital.", "Paris", True),          # no final answer: the whole answer
+    ("qa", "#### Paris", "Reading the text...\n#### Paris", True),
+    ("qa", "#### Paris", "  ", None),
+    ("summarization", "Bob makes tea.", "Bob makes tea.", None),
+    ("conversation", "Hi", "Hello", None),
+])
+def test_agrees_with_reference(task, answer, reference, expected):
+    assert agrees_with_reference(task, answer, reference) is expected
+
+
+def test_agrees_with_reference_label_map():
+    lm = {"0": "entailment", "1": "neutral", "2": "contradiction"}
+    assert agrees_with_reference("nli", "entailment", "0", label_map=lm) is True
+    assert agrees_with_reference("nli", "neutral", "0", label_map=lm) is False
+
+
+def test_score_qa_reads_the_final_answer():
+    """Generation asks QA answers to end with '#### <answer>': evaluation scores that answer."""
+    preds = ["The tower is in the French capital.\n#### Paris", "#### Rome"]
+    refs = ["Paris", "Rome"]
+    assert score("qa", preds, refs)[0]["rougeL"] == pytest.approx(1.0)
+    # Without a marker the whole text is scored, as before.
+    assert score("qa", ["The tower is in Paris"], ["Paris"])[0]["rougeL"] < 1.0
+    # A configured marker.
+    assert score("qa", ["Think.\nRESULT: Rome"], ["Rome"], marker="RESULT:")[0]["rougeL"] == pytest.approx(1.0)
+
+
+def test_score_math_with_a_configured_marker():
+    preds = ["3 + 4 = 7\nRESULT: 7 apples, 2 left", "RESULT: 5, then 6"]
+    assert score("math", preds, ["7", "5"], marker="RESULT:") == ({"accuracy": 1.0}, 0)
+    assert score("math", preds, ["7", "5"]) == ({"accuracy": 0.0}, 0)

@@ -97,32 +97,32 @@ def prompt_files(cfg: Config) -> tuple[list[StoragePath], str]:
     return files, suffixes[0]
 
 
-def precheck(cfg: Config) -> None:
-    """Line-exact checks (``data.read_records`` + ``data.make_prompts``) on the first
-    ``PRECHECK_ROWS`` rows of the first prompt file, before any job starts; a file larger than
-    ``PRECHECK_MAX_BYTES`` is skipped (``raydistill validate`` checks whole local files).
-    Raises DataError naming the file, line and field."""
+def precheck_sample(cfg: Config) -> pa.Table:
+    """The first ``PRECHECK_ROWS`` rows of the first prompt file as prompt rows, with the
+    line-exact checks of ``data.read_records`` + ``data.make_prompts``; a first file larger than
+    ``PRECHECK_MAX_BYTES`` is not read (empty table). Raises DataError naming the file, line and field."""
     import tempfile
     from pathlib import Path
 
-    from ..data import make_prompts, read_records
+    from ..data import DataError, make_prompts, read_records
+    from ..schema import PROMPTS_SCHEMA
 
-    files, suffix = prompt_files(cfg)
+    files, _ = prompt_files(cfg)
     first = files[0]
     size = first.fs.get_file_info(first.path).size or 0
     if size > PRECHECK_MAX_BYTES:
         log.info("generate: %s is %.0f MB; its rows are checked as they stream", first, size / 2**20)
-        return
-    if first.remote:
-        with tempfile.TemporaryDirectory() as tmp:
+        return PROMPTS_SCHEMA.empty_table()
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(first.path)
+        if first.remote:
             local = Path(tmp) / first.name
             local.write_bytes(first.read_bytes())
+        try:
             records = read_records(local)[:PRECHECK_ROWS]
-            source = first.uri
-    else:
-        records = read_records(Path(first.path))[:PRECHECK_ROWS]
-        source = first.uri
-    make_prompts(records, cfg.data, cfg.task_prompts, source)
+        except DataError as e:  # name the file as the user gave it (s3://...), not the temporary copy
+            raise DataError(str(e).replace(str(local), first.uri)) from None
+    return make_prompts(records, cfg.data, cfg.task_prompts, first.uri)
 
 
 def _read_records(files: list[StoragePath], suffix: str):
@@ -202,9 +202,9 @@ def _write_prompts(cfg: Config, out: StoragePath) -> dict:
     if limit:
         from ..data import task_quotas
 
-        counts = {r["task"]: int(r["count()"]) for r in ds.groupby("task").count().take_all()}
+        counts = {r["task"]: int(r["count()"]) for r in ds.groupby("task", num_partitions=1).count().take_all()}
         quotas = task_quotas(counts, limit)
-        rows = (ds.select_columns(["task", "_rank"]).groupby("task")
+        rows = (ds.select_columns(["task", "_rank"]).groupby("task", num_partitions=1)
                 .map_groups(partial(_threshold, quotas=quotas), batch_format="pyarrow").take_all())
         thresholds = {r["task"]: int(r["threshold"]) for r in rows}
         log.info("generate: data.limit=%d keeps %s of %d prompts", limit,
@@ -217,7 +217,7 @@ def _write_prompts(cfg: Config, out: StoragePath) -> dict:
         folder.delete()
         raise DataError(f"{cfg.data.path}: duplicate prompt id(s) {[d['prompt_id'] for d in dupes]}; prompt ids must "
                         "be unique (without data.id_field they are hashed from the prompt text, so the text repeats)")
-    by_split = {r["split"]: int(r["count()"]) for r in written.groupby("split").count().take_all()}
+    by_split = {r["split"]: int(r["count()"]) for r in written.groupby("split", num_partitions=1).count().take_all()}
     if not by_split:
         raise DataError(f"{cfg.data.path}: the dataset is empty (no rows)")
     info = {"rows": sum(by_split.values()), "by_split": {s: by_split.get(s, 0) for s in ("train", "validation", "test")}}
@@ -283,12 +283,20 @@ def _committed_rows(out: StoragePath) -> int:
 
 # ----------------------------------------------------------------------------- stats and manifest
 
-def _stats(ds) -> list[dict]:
-    """Counts and token sums per (split, finish_reason): a few rows, whatever the corpus size."""
+def _stats(tagged) -> list[dict]:
+    """Rows and token sums per (split, finish_reason, reject reason or "kept"): a few rows, whatever
+    the corpus size (one small groupby in Ray Data)."""
     from ray.data.aggregate import Count, Sum
 
-    return ds.groupby(["split", "finish_reason"]).aggregate(
-        Count(), Sum("prompt_tokens"), Sum("response_tokens")).take_all()
+    def outcome(batch: pa.Table) -> pa.Table:
+        import pyarrow.compute as pc
+
+        return batch.select(["split", "finish_reason", "prompt_tokens", "response_tokens"]).append_column(
+            "outcome", pc.fill_null(batch.column("reject_reason"), "kept"))
+
+    return (tagged.map_batches(outcome, batch_format="pyarrow", batch_size=None)
+            .groupby(["split", "finish_reason", "outcome"], num_partitions=1)
+            .aggregate(Count(), Sum("prompt_tokens"), Sum("response_tokens")).take_all())
 
 
 def _check_errors(gen, stats: list[dict], max_share: float) -> None:
@@ -329,8 +337,8 @@ def _rejected(batch: pa.Table) -> pa.Table:
     return conform(batch.filter(pc.is_valid(batch.column("reject_reason"))), REJECTS_SCHEMA)
 
 
-def _filter(cfg: Config, out: StoragePath) -> tuple[dict, dict]:
-    """Step 4: ``data/`` and ``rejects/`` from ``generated/``; returns (kept per split, rejects per reason)."""
+def _tagged(cfg: Config, out: StoragePath):
+    """Every answer in ``generated/`` with ``reject_reason`` (null = kept; see ``filters``)."""
     import ray
 
     from .filters import duplicate_ids
@@ -338,21 +346,16 @@ def _filter(cfg: Config, out: StoragePath) -> tuple[dict, dict]:
     gen = out / GENERATED_DIR
     ds = ray.data.read_parquet(gen.uri, filesystem=gen.fs)
     dupes = frozenset(duplicate_ids(ds)) if cfg.filter.duplicates else frozenset()
-    tagged = ds.map_batches(_tag, batch_format="pyarrow", fn_kwargs=dict(cfg_json=cfg.model_dump_json(), duplicates=dupes))
+    return ds.map_batches(_tag, batch_format="pyarrow", fn_kwargs=dict(cfg_json=cfg.model_dump_json(), duplicates=dupes))
+
+
+def _write_filtered(tagged, out: StoragePath) -> None:
+    """Step 4: kept answers to ``data/``, rejected ones (with their reason) to ``rejects/``."""
     data, rejects = out / DATA_DIR, out / REJECTS_DIR
     data.delete()
     rejects.delete()
     tagged.map_batches(_kept, batch_format="pyarrow", batch_size=None).write_parquet(data.uri, filesystem=data.fs)
     tagged.map_batches(_rejected, batch_format="pyarrow", batch_size=None).write_parquet(rejects.uri, filesystem=rejects.fs)
-    kept: dict[str, int] = {}
-    if data.files(".parquet"):
-        kept = {r["split"]: int(r["count()"]) for r in
-                ray.data.read_parquet(data.uri, filesystem=data.fs).groupby("split").count().take_all()}
-    reasons: dict[str, int] = {}
-    if rejects.files(".parquet"):
-        reasons = {r["reject_reason"]: int(r["count()"]) for r in
-                   ray.data.read_parquet(rejects.uri, filesystem=rejects.fs).groupby("reject_reason").count().take_all()}
-    return kept, reasons
 
 
 def _settings(cfg: Config, teacher_tokenizer: str | None) -> dict:
@@ -411,12 +414,11 @@ def run_generate(cfg: Config, overwrite: bool = False) -> dict:
     Raises DataError (bad prompt files), GenerationError (too many failed answers, changed
     settings, duplicate ids), ModelError (teacher not found).
     """
-    import ray
-
     from ..chat import tokenizer_fingerprint
     from ..layout import corpus_location
     from ..runtime import init_ray, provenance
     from .common import _stop_ids
+    from .filters import REASONS
 
     out = corpus_location(cfg)
     if overwrite and out.exists():
@@ -428,7 +430,7 @@ def run_generate(cfg: Config, overwrite: bool = False) -> dict:
         log.info("generate: %s is complete (%d rows kept of %d); nothing to do (--overwrite starts again)",
                  out, manifest["rows"], manifest["rows_generated"])
         return manifest
-    precheck(cfg)
+    precheck_sample(cfg)  # line-exact errors before any job
     if cfg.teacher.engine == "openai":
         teacher_model = cfg.teacher.model
         tokenizer_ref = cfg.teacher.tokenizer
@@ -464,16 +466,21 @@ def run_generate(cfg: Config, overwrite: bool = False) -> dict:
     _generate(cfg, out, teacher_model, to_answer - rows_before)
     seconds = time.perf_counter() - t0
 
-    gen = out / GENERATED_DIR
-    gen_ds = ray.data.read_parquet(gen.uri, filesystem=gen.fs)
-    stats = _stats(gen_ds)
+    tagged = _tagged(cfg, out)
+    stats = _stats(tagged)
     rows_generated = sum(r["count()"] for r in stats)
     if rows_generated != to_answer:
         raise GenerationError(f"corpus/generated/ holds {rows_generated} answers for {to_answer} prompts; rerun to "
                               "continue, or --overwrite to start again")
-    _check_errors(gen_ds, stats, cfg.generation.max_error_share)
-    kept, rejects = _filter(cfg, out)
-
+    _check_errors(tagged, stats, cfg.generation.max_error_share)
+    _write_filtered(tagged, out)
+    kept: dict[str, int] = {}
+    rejects: dict[str, int] = {}
+    for r in stats:
+        if r["outcome"] == "kept":
+            kept[r["split"]] = kept.get(r["split"], 0) + r["count()"]
+        else:
+            rejects[r["outcome"]] = rejects.get(r["outcome"], 0) + r["count()"]
     finish = {r: sum(s["count()"] for s in stats if s["finish_reason"] == r) for r in ("stop", "length", "error")}
     prompt_tokens = sum(int(s["sum(prompt_tokens)"] or 0) for s in stats)
     response_tokens = sum(int(s["sum(response_tokens)"] or 0) for s in stats)
@@ -487,7 +494,7 @@ def run_generate(cfg: Config, overwrite: bool = False) -> dict:
         "rows": sum(kept.values()),
         "rows_generated": rows_generated,
         "rows_with_error": finish["error"],
-        "rejects": {r: rejects[r] for r in sorted(rejects)},
+        "rejects": {r: rejects.get(r, 0) for r in REASONS},
         "finish_reasons": finish,
         "splits": {s: kept.get(s, 0) for s in ("train", "validation")},
         "prompts_by_split": by_split,
@@ -516,6 +523,6 @@ def run_generate(cfg: Config, overwrite: bool = False) -> dict:
     _cleanup(out)
     log.info("generate: %d answers (%s); kept %d, rejected %d (%s); %d response tokens; this run added %d rows "
              "in %.1f s -> %s", rows_generated, ", ".join(f"{k} {v}" for k, v in finish.items()), manifest["rows"],
-             sum(rejects.values()), ", ".join(f"{k} {v}" for k, v in sorted(rejects.items())) or "none",
+             sum(rejects.values()), ", ".join(f"{k} {v}" for k, v in rejects.items() if v) or "none",
              response_tokens, runs[-1]["rows_added"] if runs else rows_generated, seconds, out)
     return manifest
