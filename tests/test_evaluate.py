@@ -16,7 +16,7 @@ import yaml
 from raydistill.config import load
 from raydistill.corpus import write_prompts
 from raydistill.data import load_prompts, select_split
-from raydistill.schema import CORPUS_SCHEMA, PROMPTS_SCHEMA, SchemaError, conform
+from raydistill.schema import CORPUS_SCHEMA, PROMPTS_SCHEMA, SCHEMA_VERSION, SchemaError, conform
 
 from .conftest import build_tiny_model, mixed_prompts, write_jsonl
 
@@ -37,7 +37,7 @@ def _config(tmp_path: Path, tiny_model: Path, rows: list[dict], extra: list[str]
 
 
 def write_corpus(cfg, prompts: pa.Table | None = None) -> pa.Table:
-    """A finished corpus as generate writes it: prompts.parquet (every split), the train and
+    """A finished corpus as generate writes it: prompts/ (every split), the train and
     validation rows with simple teacher answers, config.yaml (the settings that made it), manifest."""
     prompts = load_prompts(cfg.data) if prompts is None else prompts
     corpus = Path(cfg.output_dir) / "corpus"
@@ -48,7 +48,8 @@ def write_corpus(cfg, prompts: pa.Table | None = None) -> pa.Table:
             for p in select_split(prompts, ("train", "validation")).to_pylist()]
     pq.write_table(conform(pa.Table.from_pylist(rows), CORPUS_SCHEMA), corpus / "data" / "part-00000.parquet")
     (corpus / "config.yaml").write_text(cfg.dump())
-    (corpus / "manifest.json").write_text(json.dumps({"rows": len(rows), "shards": ["data/part-00000.parquet"]}))
+    (corpus / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "rows": len(rows),
+                                                      "shards": ["data/part-00000.parquet"]}))
     return prompts
 
 
@@ -79,7 +80,7 @@ def test_evaluated_prompt_that_is_a_train_row_of_the_corpus_fails(tmp_path, tiny
     cfg = load(cfg_file, sets)
     prompts = load_prompts(cfg.data)
     write_corpus(cfg, prompts)
-    # prompts.parquet rewritten (e.g. by another tool) so that two train rows of the corpus became test prompts
+    # prompts/ rewritten (e.g. by another tool) so that two train rows of the corpus became test prompts
     rows = prompts.to_pylist()
     moved = [r["prompt_id"] for r in rows if r["split"] == "train"][:2]
     for r in rows:

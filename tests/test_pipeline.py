@@ -35,7 +35,9 @@ def user_config(tmp_path: Path, tiny_model: Path, n_prompts: int, engine: str) -
     cfg_file.write_text(yaml.safe_dump({
         "output_dir": str(tmp_path / "run"),
         "teacher": {"model": str(tiny_model), "engine": engine, "batch_size": 16, "max_model_len": 160},
-        "generation": {"max_new_tokens": 12, "top_k_logprobs": 3},
+        "generation": {"max_new_tokens": 12, "top_k_logprobs": 3, "max_error_share": 0.2},
+        # A random-weight teacher gives no final answers: keep its answers to train on (filters: tests/test_filters.py).
+        "filter": {"empty": False, "no_final_answer": False},
         "student": {"init": "prune", "keep_layers": [0, 3]},
         "train": {"workers": 2, "epochs": 4, "batch_size": 4, "lr": 3e-3, "max_seq_len": 128},
         "eval": {"engine": engine, "batch_size": 32, "memory_probe_batch": 2, "rounds": 2},
@@ -54,30 +56,39 @@ def _cli(*args: str):
 def _check_corpus(out: Path, cfg) -> list[dict]:
     from raydistill.data import load_prompts
 
+    from raydistill.corpus import read_prompts
+
     manifest = json.loads((out / "corpus" / "manifest.json").read_text())
     table = pq.read_table(out / "corpus" / "data")
     validate(table, CORPUS_SCHEMA, "corpus")
     assert table.schema.metadata[b"raydistill.schema_version"] == str(SCHEMA_VERSION).encode()
-    prompts = load_prompts(cfg.data)
+    rejects = pq.read_table(out / "corpus" / "rejects").to_pylist()
+    prompts = load_prompts(cfg.data, cfg.task_prompts)
     expected = {r["prompt_id"] for r in prompts.to_pylist() if r["split"] in ("train", "validation")}
-    ids = table.column("prompt_id").to_pylist()
+    ids = table.column("prompt_id").to_pylist() + [r["prompt_id"] for r in rejects]
     assert sorted(ids) == sorted(expected)  # one row per prompt, none lost, none duplicated
     assert any(i.startswith("long") for i in expected)
-    assert manifest["rows"] == len(expected) and manifest["schema_version"] == SCHEMA_VERSION
-    assert manifest["response_tokens"] == sum(table.column("response_tokens").to_pylist()) > 0
+    assert manifest["rows_generated"] == len(expected) and manifest["schema_version"] == SCHEMA_VERSION
+    assert manifest["rows"] == table.num_rows and manifest["rejects"]["error"] == 1
+    assert manifest["response_tokens"] == sum(table.column("response_tokens").to_pylist()) + \
+        sum(r["response_tokens"] for r in rejects) > 0
     assert manifest["tokens_per_s"] > 0
-    # the split of the run is written once with the corpus, test prompts included
-    assert pq.read_table(out / "corpus" / "prompts.parquet").column("prompt_id").to_pylist() == \
-        prompts.column("prompt_id").to_pylist()
-    reasons = table.column("finish_reason").to_pylist()
+    # the split of the run is written once with the corpus, test prompts included, with the task prompts
+    written = read_prompts(out / "corpus")
+    assert sorted(written.column("prompt_id").to_pylist()) == sorted(prompts.column("prompt_id").to_pylist())
+    by_id = {r["prompt_id"]: r["messages"] for r in written.to_pylist()}
+    assert all(by_id[r["prompt_id"]] == r["messages"] for r in prompts.to_pylist())
+    math_row = next(r for r in prompts.to_pylist() if r["task"] == "math")
+    assert math_row["messages"][0]["role"] == "system" and "####" in math_row["messages"][0]["content"]
+    reasons = table.column("finish_reason").to_pylist() + [r["finish_reason"] for r in rejects]
     assert manifest["finish_reasons"] == {r: reasons.count(r) for r in ("stop", "length", "error")}
     assert manifest["stop_token_ids"] and manifest["teacher_tokenizer"] and manifest["data"]["path"] == cfg.data.path
-    rows = table.to_pylist()
-    failed = [r for r in rows if r["error"] is not None]
+    failed = [r for r in rejects if r["reject_reason"] == "error"]
     assert [r["prompt_id"] for r in failed] == [i for i in expected if i.startswith("long")]
     assert failed[0]["finish_reason"] == "error" and failed[0]["response_token_ids"] == []
     assert manifest["rows_with_error"] == 1
-    rows = [r for r in rows if r["error"] is None]
+    rows = table.to_pylist()
+    assert all(r["error"] is None for r in rows)
     for r in rows:
         assert 1 <= r["response_tokens"] <= 12 == cfg.generation.max_new_tokens
         assert len(r["response_token_ids"]) == r["response_tokens"]
@@ -200,7 +211,8 @@ def write_synthetic_corpus(cfg, n: int) -> None:
     corpus = Path(cfg.output_dir) / "corpus"
     (corpus / "data").mkdir(parents=True)
     pq.write_table(conform(pa.Table.from_pylist(rows), CORPUS_SCHEMA), corpus / "data" / "part-00000.parquet")
-    (corpus / "manifest.json").write_text(json.dumps({"rows": len(rows), "shards": ["data/part-00000.parquet"]}))
+    (corpus / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "rows": len(rows),
+                                                      "shards": ["data/part-00000.parquet"]}))
 
 
 def test_train_lora_merges_adapters_into_attention_only(tiny_model, tmp_path, ray_local):
