@@ -135,7 +135,7 @@ def evaluate(config: ConfigArg, set_: SetOpt = None) -> None:
     _run_stages(_load(config, set_), ("evaluate",))
 
 
-def preflight(cfg: Config, counts: dict[str, int]) -> list[str]:
+def preflight(cfg: Config, counts: dict[str, int] | None) -> list[str]:
     """Problems that would stop a stage later: model references, layer indices, an architecture
     init=prune cannot prune, LoRA target modules the student lacks (checked on the meta device
     when the model's config.json is at hand), split sizes."""
@@ -154,9 +154,16 @@ def preflight(cfg: Config, counts: dict[str, int]) -> list[str]:
             resolve_model(cfg.teacher.model)
         except ModelError as e:
             problems.append(f"teacher.model: {e}")
-    problem, teacher_layers = check_reference(cfg.teacher.model)
-    if problem:
-        problems.append(f"teacher.model: {problem}")
+    if cfg.teacher.engine == "openai":  # an API model name, not a local model; its tokenizer is
+        teacher_layers = None
+        if cfg.teacher.tokenizer:
+            problem, _ = check_reference(cfg.teacher.tokenizer)
+            if problem:
+                problems.append(f"teacher.tokenizer: {problem}")
+    else:
+        problem, teacher_layers = check_reference(cfg.teacher.model)
+        if problem:
+            problems.append(f"teacher.model: {problem}")
     if cfg.student.init == "pretrained":
         problem, _ = check_reference(cfg.student.model)
         if problem:
@@ -179,6 +186,8 @@ def preflight(cfg: Config, counts: dict[str, int]) -> list[str]:
             problem = str(e)
         if problem:
             problems.append(f"train.lora.target_modules: {problem}")
+    if counts is None:  # split sizes unknown (validate read a sample of the data)
+        return problems
     if counts["train"] < cfg.train.workers:
         problems.append(f"the train split has {counts['train']} prompt(s), fewer than train.workers="
                         f"{cfg.train.workers}")
@@ -193,7 +202,7 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
 
     One local file is checked whole (line-exact errors, duplicate ids, split sizes); a folder of
     shards, a glob or an s3:// path is checked on the first file's first rows (the same check
-    generate runs before its job), with split sizes estimated from them."""
+    generate runs before its job); split sizes are then not checked (they show the sample's)."""
     from .data import DataError, load_prompts
     from .generate.stage import PRECHECK_ROWS, precheck_sample, prompt_files
 
@@ -211,7 +220,7 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
         _fail(str(e))
         raise
     counts = {s: prompts.column("split").to_pylist().count(s) for s in ("train", "validation", "test")}
-    problems = preflight(cfg, counts)
+    problems = preflight(cfg, None if sampled else counts)  # a sample's split sizes say nothing of the whole
     if problems:
         _fail("the config would fail later:\n  " + "\n  ".join(problems))
     typer.echo(f"config OK: {prompts.num_rows} prompts ({', '.join(f'{k} {v}' for k, v in counts.items())}){sampled}; "

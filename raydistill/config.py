@@ -293,7 +293,7 @@ def task_prompt_problem(text: str, marker: str = "####", max_words: int = 60) ->
 
 class TaskPromptsConfig(_Section):
     """A system prompt per task type, the first message of every row of that task (generation writes the
-    messages to corpus/prompts.parquet; evaluation sends the same ones). ``{marker}`` and ``{max_words}`` are
+    messages to corpus/prompts/; evaluation sends the same ones). ``{marker}`` and ``{max_words}`` are
     filled in. ``data.system_prompt``, when set, replaces the task prompt for every row; a conversation
     (``data.messages_field``) whose history starts with its own system message keeps that one."""
     final_answer_marker: str = Field("####", min_length=1, description="Text that precedes the final answer "

@@ -105,7 +105,9 @@ def write_prompts(path: Where, prompts: pa.Table) -> None:
     validate(prompts, PROMPTS_SCHEMA, "prompts")
     loc.mkdir()
     pq.write_table(prompts.select(PROMPTS_SCHEMA.names), (loc / "part-00000.parquet").path, filesystem=loc.fs)
-    (loc / COMPLETE).write_text(json.dumps({"rows": prompts.num_rows}))
+    splits = prompts.column("split").to_pylist()
+    (loc / COMPLETE).write_text(json.dumps({"rows": prompts.num_rows,
+                                            "by_split": {s: splits.count(s) for s in ("train", "validation", "test")}}))
 
 
 def prompts_complete(path: Where) -> bool:

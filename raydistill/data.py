@@ -1,7 +1,8 @@
 """Read prompt files, build chat messages, and split prompts stably.
 
 Supported formats: ``.jsonl`` (one object per line), ``.json`` (a list of objects),
-``.parquet`` and ``.csv`` (header row). Every error names the file and the line/row and field.
+``.parquet`` and ``.csv`` (header row). Errors name the file, the line/row (the row's id when Ray Data
+streams parquet, which has no line) and the field.
 
 Cell values: a prompt must be text (a number, null, NaN or a list is an error naming the line and
 field; a list of chat messages points to ``data.messages_field``, which reads a chat history). A reference or id that
@@ -44,7 +45,8 @@ def resolve_data_path(path: str) -> Path:
     if path == DEMO_DATA:
         return Path(__file__).parent / "demo" / "prompts.jsonl"
     if REMOTE_PATH.match(path):  # before Path(), which would print s3://b/x as s3:/b/x
-        raise DataError(f"data.path {path}: remote prompt files are not supported yet; copy the file locally")
+        raise DataError(f"data.path {path}: an s3:// path is read by `raydistill generate` (Ray Data); "
+                        "this reads local files only")
     resolved = Path(path).expanduser()
     if not resolved.exists():
         if resolved.is_absolute():
@@ -75,31 +77,47 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     if suffix not in FORMATS:
         raise DataError(f"{path}: unsupported format {suffix!r}; use one of {', '.join(FORMATS)}")
     try:
-        return _read(path, suffix)
+        if suffix == ".parquet":
+            return _read_parquet(path)
+        with _open_text(path) as f:
+            return _parse(f, suffix, str(path))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start}); "
                         "re-save the file as UTF-8") from None
 
 
-def _read(path: Path, suffix: str) -> list[dict[str, Any]]:
+def parse_records(data: bytes, suffix: str, name: str) -> list[dict[str, Any]]:
+    """``read_records`` for the bytes of one .jsonl, .json or .csv file (Ray Data reads prompt
+    files as bytes on its workers and parses them here, so a streamed run and ``raydistill
+    validate`` read a file the same way). ``name`` is the file as errors show it."""
+    import io
+
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name}: not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start}); "
+                        "re-save the file as UTF-8") from None
+    return _parse(io.StringIO(text, newline="" if suffix == ".csv" else None), suffix, name)
+
+
+def _parse(f, suffix: str, path: str) -> list[dict[str, Any]]:
+    """Rows of an open .jsonl, .json or .csv text stream; ``path`` names the file in errors."""
     if suffix == ".jsonl":
         rows = []
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: malformed JSON line: {e.msg} (column {e.colno})") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-                obj["__where__"] = f"line {lineno}"
-                rows.append(obj)
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON line: {e.msg} (column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            obj["__where__"] = f"line {lineno}"
+            rows.append(obj)
         return rows
     if suffix == ".json":
-        with _open_text(path) as f:
-            text = f.read()
+        text = f.read()
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -111,55 +129,58 @@ def _read(path: Path, suffix: str) -> list[dict[str, Any]]:
                 raise DataError(f"{path}: item {i + 1}: expected a JSON object, got {type(obj).__name__}")
             obj["__where__"] = f"item {i + 1}"
         return data
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as e:  # pyarrow raises several types for corrupt files
-            raise DataError(f"{path}: cannot read parquet: {e}") from None
-        for i, row in enumerate(rows):
-            row["__where__"] = f"row {i + 1}"
-        return rows
-    return _read_csv(path)
+    if suffix == ".csv":
+        return _read_csv(f, path)
+    raise DataError(f"{path}: unsupported format {suffix!r}; use one of {', '.join(FORMATS)}")
 
 
-def _read_csv(path: Path) -> list[dict[str, Any]]:
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{path}: cannot read parquet: {e}") from None
+    for i, row in enumerate(rows):
+        row["__where__"] = f"row {i + 1}"
+    return rows
+
+
+def _read_csv(f, path: str) -> list[dict[str, Any]]:
     # csv.reader, not DictReader: DictReader files surplus cells under the key None and fills
     # missing ones with None, so an unquoted comma silently cut a prompt.
     csv.field_size_limit(2**31 - 1)  # long documents are legitimate prompts
     rows: list[dict[str, Any]] = []
     header: list[str] | None = None
-    with _open_text(path) as f:
-        reader = csv.reader(f)
-        end = 0  # the last file line read so far; a row starts on the line after it
-        while True:
-            try:
-                cells = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as e:
-                raise DataError(f"{path}: line {end + 1}: malformed CSV: {e}") from None
-            start, end = end + 1, reader.line_num
-            if not cells:  # a blank line
-                continue
-            if header is None:
-                header = cells
-                for i, name in enumerate(header):
-                    if name in header[:i]:
-                        raise DataError(f"{path}: line {start}: the header names column {name!r} twice "
-                                        f"(columns {header.index(name) + 1} and {i + 1}); column names must "
-                                        "be unique")
-                continue
-            if len(cells) != len(header):
-                hint = ("quote cells that contain commas" if len(cells) > len(header) else
-                        "every row needs a cell for each column (an empty cell is still a cell), and cells "
-                        "that contain commas or line breaks must be quoted")
-                raise DataError(f"{path}: line {start} has {len(cells)} cells, the header has {len(header)} "
-                                f"({_short(', '.join(header))}); {hint}")
-            row: dict[str, Any] = dict(zip(header, cells))
-            row["__where__"] = f"line {start}"
-            rows.append(row)
+    reader = csv.reader(f)
+    end = 0  # the last file line read so far; a row starts on the line after it
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise DataError(f"{path}: line {end + 1}: malformed CSV: {e}") from None
+        start, end = end + 1, reader.line_num
+        if not cells:  # a blank line
+            continue
+        if header is None:
+            header = cells
+            for i, name in enumerate(header):
+                if name in header[:i]:
+                    raise DataError(f"{path}: line {start}: the header names column {name!r} twice "
+                                    f"(columns {header.index(name) + 1} and {i + 1}); column names must "
+                                    "be unique")
+            continue
+        if len(cells) != len(header):
+            hint = ("quote cells that contain commas" if len(cells) > len(header) else
+                    "every row needs a cell for each column (an empty cell is still a cell), and cells "
+                    "that contain commas or line breaks must be quoted")
+            raise DataError(f"{path}: line {start} has {len(cells)} cells, the header has {len(header)} "
+                            f"({_short(', '.join(header))}); {hint}")
+        row: dict[str, Any] = dict(zip(header, cells))
+        row["__where__"] = f"line {start}"
+        rows.append(row)
     return rows
 
 

@@ -1,6 +1,6 @@
 """The evaluate stage: teacher, baseline student and distilled student on held-out prompts.
 
-Prompts: the ``eval.split`` rows of ``corpus/prompts.parquet``, the split written once by generate
+Prompts: the ``eval.split`` rows of ``corpus/prompts/``, the split written once by generate
 (``raydistill.corpus.read_prompts``), never ``data.path`` re-read with today's ``data.*``: a changed
 ``data.seed`` (or id field, path, template) would otherwise put training prompts into the test set.
 Evaluate fails when an evaluated prompt id is a train row of the corpus, and logs (and warns in the
@@ -28,7 +28,7 @@ cannot be computed (e.g. a model that answered no prompt), and the plots skip th
 
 ``report.json``, top level:
 - ``split``, ``prompts`` (evaluated), ``prompts_by_task``, ``limit`` (``eval.limit``),
-  ``prompt_source`` (the prompts.parquet read);
+  ``prompt_source`` (the prompts/ folder read);
 - ``data_changed_since_corpus``: ``data.<key>`` → ``{"corpus": …, "now": …}`` for every data setting
   that differs from ``corpus/config.yaml`` (the corpus's split was used regardless);
 - ``teacher``, ``engine`` (``eval.engine``: the engine that produced latency and tokens/s);
@@ -406,7 +406,7 @@ def build_warnings(report: dict, answers: dict[str, pa.Table], model_info: dict[
     m, th = report["models"], report["thresholds"]
     for key, change in (report.get("data_changed_since_corpus") or {}).items():
         out.append(f"{key} differs from the corpus's settings (corpus {change['corpus']!r}, now {change['now']!r}): "
-                   "the corpus's own split was evaluated (corpus/prompts.parquet), not today's data settings")
+                   "the corpus's own split was evaluated (corpus/prompts/), not today's data settings")
     for name in MODEL_NAMES:
         rep = m[name]
         total = rep["answers"] + rep["errors"]
@@ -756,9 +756,9 @@ def data_changes(corpus: Path, cfg: Config) -> dict[str, dict]:
 def load_eval_prompts(cfg: Config) -> tuple[pa.Table, dict[str, dict]]:
     """The prompts to evaluate and the data settings changed since the corpus.
 
-    Reads the ``eval.split`` rows of ``corpus/prompts.parquet`` (the split written by generate),
+    Reads the ``eval.split`` rows of ``corpus/prompts/`` (the split written by generate),
     keeps a sample of ``eval.limit`` spread over tasks (``data.sample_by_task``, seed ``data.seed``).
-    Raises FileNotFoundError without a finished corpus or prompts.parquet, SchemaError when an
+    Raises FileNotFoundError without a finished corpus or prompts/, SchemaError when an
     evaluated id is in two splits or is a train row of the corpus (the ids are listed), and
     ValueError when the split is empty.
     """
@@ -820,7 +820,7 @@ def run_evaluate(cfg: Config) -> dict:
     """Evaluate the three models on the held-out split and write ``eval/``. Returns the report.
 
     Raises FileNotFoundError when ``student/`` (or the pruned baseline) is missing (run train
-    first) or the corpus lacks ``prompts.parquet``; SchemaError when the evaluated prompts meet the
+    first) or the corpus lacks ``prompts/``; SchemaError when the evaluated prompts meet the
     train rows. Once the answers exist they are never lost: ``answers.parquet`` is written first
     and a later failure keeps ``eval.partial/`` (the log says so).
     """

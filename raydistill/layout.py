@@ -6,7 +6,8 @@ answer its prompts, not to find generate's outputs)::
 
     <output_dir>/
       config.yaml            resolved config of the last command
-      corpus/                generate: data/part-*.parquet, prompts.parquet (the split), manifest.json
+      corpus/                generate: prompts/ (the split), data/ and rejects/ (part-*.parquet), manifest.json
+                             (local or s3://; see raydistill.corpus)
       baseline_student/      train (student.init=prune): the student before training
       train/                 train: metrics.jsonl, summary.json, student_init.json, ray/ (checkpoints;
                              removed after a finished run unless train.delete_checkpoints=false)

@@ -62,6 +62,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         log.info("connected to the Ray cluster at RAY_ADDRESS=%s", os.environ["RAY_ADDRESS"])
+        _data_context()
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -72,10 +73,19 @@ def init_ray(num_cpus: int | None = None) -> None:
     # provided"). To use a running cluster, set RAY_ADDRESS.
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True,
              configure_logging=False)
+    _data_context()
+    log.info("started a private local Ray with %d logical CPUs (set RAY_ADDRESS to use a running cluster)", cpus)
+
+
+def _data_context() -> None:
+    import ray
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ctx.verbose_stats_logs = False
-    log.info("started a private local Ray with %d logical CPUs (set RAY_ADDRESS to use a running cluster)", cpus)
+    # A DataError raised in a Ray Data task (a bad prompt row) reaches the driver as itself, so
+    # the CLI prints its message (file, line, field) instead of a UserCodeException traceback.
+    ctx.raise_original_map_exception = True
 
 
 def provenance() -> dict:

@@ -15,6 +15,7 @@ when its upload completes, and locally the text goes to a temporary file renamed
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
 import uuid
 from dataclasses import dataclass
@@ -33,11 +34,21 @@ def is_remote(path: str | os.PathLike) -> bool:
     return str(path).startswith(S3)
 
 
-def _s3_filesystem(storage: StorageConfig | None) -> pafs.S3FileSystem:
+@functools.lru_cache(maxsize=64)
+def _bucket_region(bucket: str) -> str | None:
+    """The bucket's own region, asked from AWS once per process (no credentials needed)."""
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except OSError:
+        return None
+
+
+def _s3_filesystem(storage: StorageConfig | None, bucket: str) -> pafs.S3FileSystem:
     endpoint = (storage.endpoint_url if storage else None) or os.environ.get("AWS_ENDPOINT_URL")
-    region = ((storage.region if storage else None) or os.environ.get("AWS_REGION")
-              or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
-    kwargs: dict = {"region": region}
+    region = (storage.region if storage else None) or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if not region and not endpoint:
+        region = _bucket_region(bucket)
+    kwargs: dict = {"region": region or "us-east-1"}
     if endpoint:
         url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         kwargs.update(endpoint_override=url.netloc + url.path.rstrip("/"), scheme=url.scheme or "https")
@@ -157,6 +168,6 @@ def storage_path(path: str | os.PathLike, storage: StorageConfig | None = None) 
         key = text[len(S3):].rstrip("/")
         if not key or key.startswith("/"):
             raise ValueError(f"{text}: an S3 path needs a bucket (s3://bucket/prefix)")
-        return StoragePath(f"{S3}{key}", _s3_filesystem(storage), key)
+        return StoragePath(f"{S3}{key}", _s3_filesystem(storage, key.split("/", 1)[0]), key)
     local = os.path.abspath(os.path.expanduser(text))
     return StoragePath(local, pafs.LocalFileSystem(), local)

@@ -66,6 +66,7 @@ def _isolated_env(tmp_path_factory):
         "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
         "TOKENIZERS_PARALLELISM": "false", "VLLM_CACHE_ROOT": str(base / "vllm-cache"),
         "XDG_CACHE_HOME": str(base / "xdg-cache"),
+        "AWS_REGION": "us-east-1",  # offline: no asking AWS for a bucket's region
     })
     # The embedded teacher is converted once per machine; tests reuse the user's cache if present.
     os.environ.setdefault("RAYDISTILL_CACHE", str(Path.home() / ".cache" / "raydistill"))

@@ -491,7 +491,7 @@ def test_remote_and_folder_paths_are_clear_errors(tmp_path):
     from raydistill.config import DataConfig
     from raydistill.data import DataError, load_prompts
 
-    with pytest.raises(DataError, match="remote prompt files are not supported yet"):
+    with pytest.raises(DataError, match=r"an s3:// path is read by `raydistill generate`"):
         load_prompts(DataConfig(path="s3://bucket/p.jsonl"))
     with pytest.raises(DataError, match="is a folder"):
         load_prompts(DataConfig(path=str(tmp_path)))
@@ -679,7 +679,8 @@ def test_missing_relative_path_says_what_it_resolved_to(tmp_path, monkeypatch):
 def test_remote_path_printed_as_given(remote):
     with pytest.raises(DataError) as ei:
         load_prompts(DataConfig(path=remote))
-    assert str(ei.value) == f"data.path {remote}: remote prompt files are not supported yet; copy the file locally"
+    assert str(ei.value) == (f"data.path {remote}: an s3:// path is read by `raydistill generate` (Ray Data); "
+                             "this reads local files only")
 
 
 # --- sample_by_task ------------------------------------------------------------------------------

@@ -119,11 +119,15 @@ def test_rerun_keeps_a_finished_corpus_and_overwrite_starts_again(tiny_model, tm
     again = run_generate(cfg, overwrite=True)
     assert [r["rows_added"] for r in again["runs"]] == [again["rows_generated"]]
     assert again["runs"][0]["run"] != first["runs"][0]["run"]
-    # An unfinished corpus made with other settings is not continued with these.
+    # A finished corpus is not reused, nor an unfinished one continued, with other settings.
+    changed = load(_config(tmp_path, tiny_model, str(data), str(tmp_path / "run"), generation={"max_new_tokens": 5}))
+    with pytest.raises(GenerationError, match=r"is a finished corpus made with other settings "
+                                              r"\(generation.max_new_tokens: 8 -> 5\).*--overwrite"):
+        run_generate(changed)
     corpus = tmp_path / "run" / "corpus"
     (corpus / "manifest.json").unlink()
-    changed = load(_config(tmp_path, tiny_model, str(data), str(tmp_path / "run"), generation={"max_new_tokens": 5}))
-    with pytest.raises(GenerationError, match=r"other settings \(generation.max_new_tokens: 8 -> 5\).*--overwrite"):
+    with pytest.raises(GenerationError, match=r"unfinished generation made with other settings "
+                                              r"\(generation.max_new_tokens: 8 -> 5\).*--overwrite"):
         run_generate(changed)
 
 
@@ -203,3 +207,85 @@ def test_manifest_figures_and_cost(tiny_model, tmp_path, ray_local):
     assert m["cost_usd"] == pytest.approx(prompt_tokens / 1e6 * 2.0 + response_tokens / 1e6 * 10.0, abs=1e-4)
     assert m["tokens_per_s"] == pytest.approx(response_tokens / m["seconds"], rel=0.01)
     assert m["prompts"] == m["rows_generated"] and json.loads(json.dumps(m)) == m
+
+
+# ----------------------------------------------------------------------------- the prompts step alone
+
+def _prompts_step(tmp_path: Path, data: str, **data_settings):
+    from raydistill.config import Config
+    from raydistill.generate.stage import _write_prompts
+    from raydistill.storage import storage_path
+
+    cfg = Config.model_validate({"output_dir": str(tmp_path / "run"),
+                                 "data": {"path": data, "prompt_field": "question", "id_field": "qid",
+                                          "reference_field": "answer", **data_settings}})
+    out = storage_path(tmp_path / "run" / "corpus")
+    info = _write_prompts(cfg, out)
+    return cfg, info, pq.read_table(out.path + "/prompts")
+
+
+def test_prompt_shards_stream_like_validate_reads_them(tmp_path, ray_local):
+    """A folder of JSONL shards whose answer column mixes numbers and text (pyarrow's JSON reader
+    refuses that) reads as `raydistill validate` reads the same rows; data.limit keeps exactly
+    load_prompts' seeded per-task sample, also when a task keeps most of its rows."""
+    from raydistill.data import load_prompts
+
+    rows = [{"qid": f"q{i:03d}", "question": f"What is {i} plus 1?", "answer": i + 1 if i % 2 else f"{i + 1}",
+             "kind": "math" if i % 4 else "qa"} for i in range(120)]
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for k in range(3):
+        write_jsonl(folder / f"part-{k}.jsonl", rows[k * 40:(k + 1) * 40])
+    whole = write_jsonl(tmp_path / "whole.jsonl", rows)
+    for limit in (None, 100):  # 100 of 120: math keeps 75 of 90, qa 25 of 30 (ranks past 2**63 kept)
+        extra = {"task_field": "kind", "limit": limit}
+        cfg, info, table = _prompts_step(tmp_path / f"l{limit}", str(folder), **extra)
+        want = load_prompts(cfg.data.model_copy(update={"path": str(whole)}), cfg.task_prompts)
+        got = sorted(table.to_pylist(), key=lambda r: r["prompt_id"])
+        assert got == sorted(want.to_pylist(), key=lambda r: r["prompt_id"])
+        assert info["rows"] == (limit or 120) and info["inputs"]["files"] == 3
+        assert {r["reference"] for r in got if r["prompt_id"] == "q003"} == {"4"}  # a number read as text
+
+
+def test_csv_cells_with_line_breaks_and_leading_zeros(tmp_path, ray_local):
+    import csv
+
+    path = tmp_path / "p.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["qid", "question", "answer"])
+        for i in range(30):
+            w.writerow([f"00{i}", f"Summarize:\nline one {i}\nline two, with a comma", "007"])
+    _, info, table = _prompts_step(tmp_path, str(path))
+    rows = {r["prompt_id"]: r for r in table.to_pylist()}
+    assert info["rows"] == 30 and "005" in rows and rows["005"]["reference"] == "007"
+    assert rows["005"]["messages"][-1]["content"] == "Summarize:\nline one 5\nline two, with a comma"
+
+
+def test_bad_row_past_the_precheck_names_its_shard_and_line(tmp_path, ray_local):
+    from raydistill.data import DataError
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_jsonl(folder / "part-0.jsonl", _prompts(5))
+    bad = _prompts(5, start=5)
+    bad[3]["question"] = ""
+    write_jsonl(folder / "part-1.jsonl", bad)
+    with pytest.raises(DataError, match=r"part-1.jsonl: line 4: field 'question' \(named by data.prompt_field\) is empty"):
+        _prompts_step(tmp_path, str(folder))
+    assert not (tmp_path / "run" / "corpus" / "prompts" / "_COMPLETE").exists()
+
+
+def test_half_committed_s3_checkpoints_are_settled(tmp_path):
+    """A kill between the copy and the delete of an S3 rename leaves X.pending.parquet beside
+    X.parquet: that shard is committed, and the pending file goes (Ray's recovery would otherwise
+    delete the shard's data and keep its ids marked done)."""
+    from raydistill.generate.stage import _settle_checkpoints
+    from raydistill.storage import storage_path
+
+    out = storage_path(tmp_path / "corpus")
+    for name in ("a.parquet", "a.pending.parquet", "b.pending.parquet", "c.parquet"):
+        (out / "_checkpoint" / name).write_text("x")
+    _settle_checkpoints(out)
+    assert sorted(p.name for p in (tmp_path / "corpus" / "_checkpoint").iterdir()) == \
+        ["a.parquet", "b.pending.parquet", "c.parquet"]

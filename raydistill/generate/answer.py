@@ -17,6 +17,14 @@ from .hf_engine import HFGenerator
 from .vllm_engine import _vllm_dataset
 
 
+def _cluster_has_gpus() -> bool:
+    """True when the Ray cluster this process is connected to has GPUs (a CPU head node with GPU
+    workers included), so a vLLM teacher runs on them without gpus_per_replica being set."""
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
 def answer_dataset(ds, model: str, engine: EngineConfig, gen: GenerationConfig):
     """Prompt rows -> the same rows with the engine's answers; lazy, one stage for every engine.
 
@@ -39,7 +47,7 @@ def answer_dataset(ds, model: str, engine: EngineConfig, gen: GenerationConfig):
 
         out = openai_dataset(ds, engine, gen)
     elif kind == "vllm":
-        gpu = engine.gpus_per_replica > 0 or on_gpu_machine()
+        gpu = engine.gpus_per_replica > 0 or _cluster_has_gpus() or on_gpu_machine()
         out = _vllm_dataset(ds, model, engine, gen, gpu)
     else:
         gpu = engine.gpus_per_replica > 0

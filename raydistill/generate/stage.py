@@ -48,6 +48,7 @@ RUNS_DIR = "_runs"
 SETTINGS = "_settings.json"
 PRECHECK_ROWS = 1000  # rows of the first file checked line by line before the job
 PRECHECK_MAX_BYTES = 64 * 2**20  # a first file larger than this is not read on the driver
+SHARD_ROWS = 50_000  # rows per file of data/ and rejects/ (at least; the last may be smaller)
 
 
 class GenerationError(ValueError):
@@ -125,26 +126,34 @@ def precheck_sample(cfg: Config) -> pa.Table:
     return make_prompts(records, cfg.data, cfg.task_prompts, first.uri)
 
 
-def _read_records(files: list[StoragePath], suffix: str):
+def _shown(path: str, remote: bool) -> str:
+    """A path Ray Data reports (``bucket/key`` on S3) as the user wrote it (``s3://bucket/key``)."""
+    return f"s3://{path}" if remote and not path.startswith("s3://") else path
+
+
+def _prompt_dataset(files: list[StoragePath], suffix: str, cfg: Config, rank_seed: int | None):
+    """Prompt rows (``PROMPTS_SCHEMA``, plus ``_rank`` when sampling) from the prompt files, lazily.
+
+    .jsonl, .json and .csv files are read as bytes, one file per task, and parsed with
+    ``data.parse_records`` (what ``raydistill validate`` uses), so an error names the file and the
+    line; shard big inputs into several files. Parquet is read by Ray Data's reader in row groups;
+    its errors name the file and the row's id."""
     import ray
 
     uris = [f.uri for f in files]
     fs = files[0].fs
+    kwargs = dict(data=cfg.data.model_dump(), task_prompts=cfg.task_prompts.model_dump(), rank_seed=rank_seed,
+                  remote=files[0].remote, suffix=suffix, source=cfg.data.path)
     if suffix == ".parquet":
-        return ray.data.read_parquet(uris, filesystem=fs)
-    if suffix == ".csv":
-        # Every cell as text, as the csv module reads it ("007" stays "007"; no type guessing).
-        import csv
-        import io
+        import pyarrow.parquet as pq
 
-        import pyarrow.csv as pcsv
-
-        with fs.open_input_stream(files[0].path) as f:
-            head = f.read(1 << 16).decode("utf-8-sig", errors="replace")
-        header = next(csv.reader(io.StringIO(head)), [])
-        return ray.data.read_csv(uris, filesystem=fs, convert_options=pcsv.ConvertOptions(
-            column_types={name: pa.string() for name in header}, strings_can_be_null=False))
-    return ray.data.read_json(uris, filesystem=fs)  # newline-delimited JSON, or a JSON list per file
+        names = pq.read_schema(files[0].path, filesystem=fs).names
+        with_paths = "path" not in names  # Ray Data's include_paths writes a column named "path"
+        ds = ray.data.read_parquet(uris, filesystem=fs, include_paths=with_paths)
+        return ds.map_batches(_prompt_batch, batch_format="pyarrow", batch_size=1024,
+                              fn_kwargs=dict(kwargs, with_paths=with_paths))
+    ds = ray.data.read_binary_files(uris, filesystem=fs, include_paths=True)
+    return ds.map_batches(_prompt_batch, batch_format="pyarrow", batch_size=1, fn_kwargs=dict(kwargs, with_paths=True))
 
 
 def _sample_rank(pid: str, seed: int) -> int:
@@ -152,11 +161,26 @@ def _sample_rank(pid: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:sample:{pid}".encode()).digest()[:8], "big")
 
 
-def _prompt_batch(batch: pa.Table, data: dict, task_prompts: dict, source: str, rank_seed: int | None) -> pa.Table:
-    from ..data import make_prompts
+def _prompt_batch(batch: pa.Table, data: dict, task_prompts: dict, rank_seed: int | None, remote: bool,
+                  suffix: str, source: str, with_paths: bool) -> pa.Table:
+    """One Ray Data batch -> prompt rows: records of a parquet batch, or the parsed files of a
+    batch of (``bytes``, ``path``) rows."""
+    from ..data import make_prompts, parse_records
 
-    table = make_prompts(batch.to_pylist(), DataConfig.model_validate(data),
-                         TaskPromptsConfig.model_validate(task_prompts), source)
+    if suffix == ".parquet":
+        records = batch.to_pylist()
+        if with_paths:
+            for r in records:
+                r["__source__"] = _shown(r.pop("path"), remote)
+    else:
+        records = []
+        for path, blob in zip(batch.column("path").to_pylist(), batch.column("bytes").to_pylist()):
+            shown = _shown(path, remote)
+            rows = parse_records(blob, suffix, shown)
+            for r in rows:
+                r["__source__"] = shown
+            records += rows
+    table = make_prompts(records, DataConfig.model_validate(data), TaskPromptsConfig.model_validate(task_prompts), source)
     if rank_seed is not None:
         ranks = [_sample_rank(p, rank_seed) for p in table.column("prompt_id").to_pylist()]
         table = table.append_column("_rank", pa.array(ranks, pa.uint64()))
@@ -164,19 +188,20 @@ def _prompt_batch(batch: pa.Table, data: dict, task_prompts: dict, source: str, 
 
 
 def _threshold(group: pa.Table, quotas: dict[str, int]) -> pa.Table:
+    """Per task: the largest sample rank kept (uint64) and how many rows are kept."""
     import numpy as np
 
     task = group.column("task")[0].as_py()
     ranks = np.sort(group.column("_rank").to_numpy())
     keep = min(quotas.get(task, 0), len(ranks))
-    return pa.table({"task": [task], "threshold": pa.array([int(ranks[keep - 1]) if keep else -1], pa.int64()),
+    return pa.table({"task": [task], "threshold": pa.array([int(ranks[keep - 1]) if keep else 0], pa.uint64()),
                      "keep": [keep]})
 
 
-def _below(batch: pa.Table, thresholds: dict[str, int]) -> pa.Table:
+def _below(batch: pa.Table, thresholds: dict[str, tuple[int, int]]) -> pa.Table:
     ranks = batch.column("_rank").to_pylist()
     tasks = batch.column("task").to_pylist()
-    mask = [t in thresholds and thresholds[t] >= 0 and r <= thresholds[t] for t, r in zip(tasks, ranks)]
+    mask = [t in thresholds and thresholds[t][1] > 0 and r <= thresholds[t][0] for t, r in zip(tasks, ranks)]
     return batch.filter(pa.array(mask, pa.bool_())).drop_columns(["_rank"])
 
 
@@ -195,10 +220,7 @@ def _write_prompts(cfg: Config, out: StoragePath) -> dict:
     files, suffix = prompt_files(cfg)
     log.info("generate: reading %d prompt file(s) (%s) from %s", len(files), suffix, cfg.data.path)
     limit = cfg.data.limit
-    ds = _read_records(files, suffix).map_batches(
-        _prompt_batch, batch_format="pyarrow", batch_size=1024,
-        fn_kwargs=dict(data=cfg.data.model_dump(), task_prompts=cfg.task_prompts.model_dump(),
-                       source=cfg.data.path, rank_seed=cfg.data.seed if limit else None))
+    ds = _prompt_dataset(files, suffix, cfg, rank_seed=cfg.data.seed if limit else None)
     if limit:
         from ..data import task_quotas
 
@@ -206,7 +228,7 @@ def _write_prompts(cfg: Config, out: StoragePath) -> dict:
         quotas = task_quotas(counts, limit)
         rows = (ds.select_columns(["task", "_rank"]).groupby("task", num_partitions=1)
                 .map_groups(partial(_threshold, quotas=quotas), batch_format="pyarrow").take_all())
-        thresholds = {r["task"]: int(r["threshold"]) for r in rows}
+        thresholds = {r["task"]: (int(r["threshold"]), int(r["keep"])) for r in rows}
         log.info("generate: data.limit=%d keeps %s of %d prompts", limit,
                  ", ".join(f"{t} {q}/{counts[t]}" for t, q in sorted(quotas.items())), sum(counts.values()))
         ds = ds.map_batches(_below, batch_format="pyarrow", fn_kwargs=dict(thresholds=thresholds))
@@ -220,7 +242,8 @@ def _write_prompts(cfg: Config, out: StoragePath) -> dict:
     by_split = {r["split"]: int(r["count()"]) for r in written.groupby("split", num_partitions=1).count().take_all()}
     if not by_split:
         raise DataError(f"{cfg.data.path}: the dataset is empty (no rows)")
-    info = {"rows": sum(by_split.values()), "by_split": {s: by_split.get(s, 0) for s in ("train", "validation", "test")}}
+    info = {"rows": sum(by_split.values()), "by_split": {s: by_split.get(s, 0) for s in ("train", "validation", "test")},
+            "inputs": {"files": len(files), "format": suffix, "first": files[0].uri, "last": files[-1].uri}}
     (folder / COMPLETE).write_text(json.dumps(info))
     return info
 
@@ -270,15 +293,25 @@ def _generate(cfg: Config, out: StoragePath, teacher_model: str, to_answer: int)
         ctx.checkpoint_config = None
 
 
-def _committed_rows(out: StoragePath) -> int:
-    """Rows whose shard is committed (Ray Data's checkpoint files, pending ones left out)."""
-    import pyarrow.parquet as pq
+def _settle_checkpoints(out: StoragePath) -> None:
+    """Finish commits a kill interrupted. Ray Data commits a shard by renaming its checkpoint file
+    from ``X.pending.parquet`` to ``X.parquet``; on S3 a rename is copy + delete, so a kill between
+    the two leaves both, and Ray's recovery would then delete the shard's data while its ids stay
+    marked done. Both present = committed: drop the pending file, as the commit would have."""
+    folder = out / CHECKPOINT_DIR
+    names = {f.name for f in folder.files(".parquet")}
+    for f in folder.files(".pending.parquet"):
+        if f.name.replace(".pending.parquet", ".parquet") in names:
+            f.delete()
 
-    total = 0
-    for f in (out / CHECKPOINT_DIR).files(".parquet"):
-        if not f.name.endswith(".pending.parquet"):
-            total += pq.ParquetFile(f.fs.open_input_file(f.path)).metadata.num_rows
-    return total
+
+def _committed_rows(out: StoragePath) -> int:
+    """Rows whose shard is committed (Ray Data's checkpoint files, pending ones left out),
+    counted by Ray Data from the parquet footers."""
+    import ray
+
+    files = [f.uri for f in (out / CHECKPOINT_DIR).files(".parquet") if not f.name.endswith(".pending.parquet")]
+    return ray.data.read_parquet(files, filesystem=out.fs).count() if files else 0
 
 
 # ----------------------------------------------------------------------------- stats and manifest
@@ -337,15 +370,32 @@ def _rejected(batch: pa.Table) -> pa.Table:
     return conform(batch.filter(pc.is_valid(batch.column("reject_reason"))), REJECTS_SCHEMA)
 
 
+def _filter_config(cfg: Config) -> Config:
+    """``cfg`` with ``filter.no_final_answer`` off when no task prompt asks for a final answer
+    (``data.system_prompt`` replaces them, or ``task_prompts.enabled`` is false)."""
+    if cfg.filter.no_final_answer and (cfg.data.system_prompt or not cfg.task_prompts.enabled):
+        log.info("generate: filter.no_final_answer is skipped: the prompts carry no task prompt asking for a "
+                 "final answer (data.system_prompt is set or task_prompts.enabled is false)")
+        return cfg.model_copy(update={"filter": cfg.filter.model_copy(update={"no_final_answer": False})})
+    return cfg
+
+
 def _tagged(cfg: Config, out: StoragePath):
-    """Every answer in ``generated/`` with ``reject_reason`` (null = kept; see ``filters``)."""
+    """Every answer in ``generated/`` with ``reject_reason`` (null = kept; see ``filters``).
+    Duplicates are looked for among the answers the other reasons keep, so an answer is never
+    rejected as the duplicate of a rejected one."""
     import ray
 
     from .filters import duplicate_ids
 
+    cfg = _filter_config(cfg)
     gen = out / GENERATED_DIR
     ds = ray.data.read_parquet(gen.uri, filesystem=gen.fs)
-    dupes = frozenset(duplicate_ids(ds)) if cfg.filter.duplicates else frozenset()
+    dupes: frozenset[str] = frozenset()
+    if cfg.filter.duplicates:
+        first = ds.map_batches(_tag, batch_format="pyarrow",
+                               fn_kwargs=dict(cfg_json=cfg.model_dump_json(), duplicates=frozenset()))
+        dupes = frozenset(duplicate_ids(first.map_batches(_kept, batch_format="pyarrow", batch_size=None)))
     return ds.map_batches(_tag, batch_format="pyarrow", fn_kwargs=dict(cfg_json=cfg.model_dump_json(), duplicates=dupes))
 
 
@@ -354,8 +404,11 @@ def _write_filtered(tagged, out: StoragePath) -> None:
     data, rejects = out / DATA_DIR, out / REJECTS_DIR
     data.delete()
     rejects.delete()
-    tagged.map_batches(_kept, batch_format="pyarrow", batch_size=None).write_parquet(data.uri, filesystem=data.fs)
-    tagged.map_batches(_rejected, batch_format="pyarrow", batch_size=None).write_parquet(rejects.uri, filesystem=rejects.fs)
+    # Few large shards for the stages that read them (generated/ holds one shard per engine batch).
+    tagged.map_batches(_kept, batch_format="pyarrow", batch_size=None).write_parquet(
+        data.uri, filesystem=data.fs, min_rows_per_file=SHARD_ROWS)
+    tagged.map_batches(_rejected, batch_format="pyarrow", batch_size=None).write_parquet(
+        rejects.uri, filesystem=rejects.fs, min_rows_per_file=SHARD_ROWS)
 
 
 def _settings(cfg: Config, teacher_tokenizer: str | None) -> dict:
@@ -365,10 +418,12 @@ def _settings(cfg: Config, teacher_tokenizer: str | None) -> dict:
             "data": cfg.data.model_dump(mode="json"), "task_prompts": cfg.task_prompts.model_dump(mode="json")}
 
 
-def _check_settings(out: StoragePath, settings: dict) -> None:
+def _check_settings(out: StoragePath, settings: dict, finished: bool = False) -> None:
+    """Refuse to continue (or to reuse, when ``finished``) a corpus made with other settings."""
     file = out / SETTINGS
     if not file.is_file():
-        file.write_text(json.dumps(settings, indent=2, sort_keys=True))
+        if not finished:
+            file.write_text(json.dumps(settings, indent=2, sort_keys=True))
         return
     before = json.loads(file.read_text())
     changed = []
@@ -378,6 +433,9 @@ def _check_settings(out: StoragePath, settings: dict) -> None:
             changed += [f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         elif a != b:
             changed.append(f"{section}: {a!r} -> {b!r}")
+    if changed and finished:
+        raise GenerationError(f"{out} is a finished corpus made with other settings ({'; '.join(changed[:8])}); "
+                              "rerun with --overwrite to generate it again with these, or restore them to use it")
     if changed:
         raise GenerationError(f"{out} holds an unfinished generation made with other settings ({'; '.join(changed[:8])}); "
                               "rerun with those settings to continue it, or with --overwrite to start again")
@@ -404,8 +462,9 @@ def run_generate(cfg: Config, overwrite: bool = False) -> dict:
 
     Returns the manifest: ``rows`` (kept), ``rows_generated``, ``rejects`` (reason → rows),
     ``finish_reasons``, ``splits`` (kept rows per split), ``prompts_by_split``, ``prompts``
-    (answered), ``prompt_tokens`` / ``response_tokens`` (all answers), ``seconds`` (this run's
-    generation wall time, engine start-up included), ``tokens_per_s`` (response tokens / seconds,
+    (answered), ``prompt_tokens`` / ``response_tokens`` (all answers), ``seconds`` (generation wall time,
+    engine start-up included, summed over the runs that finished that step; a killed run did
+    not), ``tokens_per_s`` (response tokens / seconds,
     null unless this run generated every row), ``cost_usd`` (with ``teacher.price_per_mtok``),
     ``runs`` (each run's start and ``rows_added``), ``teacher``, ``teacher_tokenizer``,
     ``stop_token_ids``, ``engine``, ``generation_params``, ``data``, ``shards`` /
@@ -424,14 +483,10 @@ def run_generate(cfg: Config, overwrite: bool = False) -> dict:
     if overwrite and out.exists():
         log.info("generate: --overwrite: deleting %s", out)
         out.delete()
-    if (out / MANIFEST).is_file():
-        manifest = read_manifest(out)
-        _cleanup(out)
-        log.info("generate: %s is complete (%d rows kept of %d); nothing to do (--overwrite starts again)",
-                 out, manifest["rows"], manifest["rows_generated"])
-        return manifest
-    precheck_sample(cfg)  # line-exact errors before any job
     if cfg.teacher.engine == "openai":
+        from .openai_engine import api_key
+
+        api_key(cfg.teacher)  # a missing key fails now, before any prompt is read
         teacher_model = cfg.teacher.model
         tokenizer_ref = cfg.teacher.tokenizer
         stop_ids: list[int] = []
@@ -447,13 +502,24 @@ def run_generate(cfg: Config, overwrite: bool = False) -> dict:
         from ..models import resolve_model
 
         teacher_tokenizer = tokenizer_fingerprint(AutoTokenizer.from_pretrained(resolve_model(tokenizer_ref)))
-    _check_settings(out, _settings(cfg, teacher_tokenizer))
+    settings = _settings(cfg, teacher_tokenizer)
+    if (out / MANIFEST).is_file():
+        manifest = read_manifest(out)
+        _check_settings(out, settings, finished=True)
+        _cleanup(out)
+        log.info("generate: %s is complete (%d rows kept of %d); nothing to do (--overwrite starts again)",
+                 out, manifest["rows"], manifest["rows_generated"])
+        return manifest
+    if not (out / PROMPTS_DIR / COMPLETE).is_file():
+        precheck_sample(cfg)  # line-exact errors before any job (and before anything is written)
+    _check_settings(out, settings)
     init_ray()
+    _settle_checkpoints(out)
     run_id = f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     rows_before = _committed_rows(out)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    (out / RUNS_DIR / f"{run_id}.json").write_text(json.dumps({"run": run_id, "started": started,
-                                                               "rows_before": rows_before}))
+    run_file = out / RUNS_DIR / f"{run_id}.json"
+    run_file.write_text(json.dumps({"run": run_id, "started": started, "rows_before": rows_before}))
     if rows_before:
         log.info("generate: continuing %s: %d answers already written are kept", out, rows_before)
 
@@ -463,8 +529,11 @@ def run_generate(cfg: Config, overwrite: bool = False) -> dict:
     if to_answer == 0:
         raise GenerationError("no prompts in the train/validation splits; lower data.split.test or add data")
     t0 = time.perf_counter()
-    _generate(cfg, out, teacher_model, to_answer - rows_before)
+    if rows_before < to_answer:  # else every answer is written: no engine to start
+        _generate(cfg, out, teacher_model, to_answer - rows_before)
     seconds = time.perf_counter() - t0
+    run_file.write_text(json.dumps({"run": run_id, "started": started, "rows_before": rows_before,
+                                    "seconds": round(seconds, 2)}))
 
     tagged = _tagged(cfg, out)
     stats = _stats(tagged)
@@ -488,7 +557,7 @@ def run_generate(cfg: Config, overwrite: bool = False) -> dict:
     this_run_all = rows_before == 0
     price = cfg.teacher.price_per_mtok
     data_settings = cfg.data.model_dump(mode="json")
-    data_settings["resolved_path"] = str(prompt_files(cfg)[0][0].uri if cfg.data.path != "builtin:demo" else "builtin:demo")
+    data_settings["inputs"] = prompts_info.get("inputs")  # the files read (count, format, first and last)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "rows": sum(kept.values()),
@@ -501,7 +570,8 @@ def run_generate(cfg: Config, overwrite: bool = False) -> dict:
         "prompts": to_answer,
         "prompt_tokens": prompt_tokens,
         "response_tokens": response_tokens,
-        "seconds": round(seconds, 2),
+        # generation wall time over the runs that recorded it (a killed run did not), engine start-up included
+        "seconds": round(sum(r.get("seconds") or 0 for r in runs), 2),
         "tokens_per_s": round(response_tokens / seconds, 2) if this_run_all and seconds > 0 else None,
         "cost_usd": (round(prompt_tokens / 1e6 * price.input + response_tokens / 1e6 * price.output, 4)
                      if price else None),
