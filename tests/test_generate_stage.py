@@ -271,8 +271,10 @@ def test_bad_row_past_the_precheck_names_its_shard_and_line(tmp_path, ray_local)
     bad = _prompts(5, start=5)
     bad[3]["question"] = ""
     write_jsonl(folder / "part-1.jsonl", bad)
-    with pytest.raises(DataError, match=r"part-1.jsonl: line 4: field 'question' \(named by data.prompt_field\) is empty"):
-        _prompts_step(tmp_path, str(folder))
+    with pytest.raises(DataError) as err:
+        _prompts_step(tmp_path, str(folder), reference_field=None)
+    assert str(err.value) == (f"{folder / 'part-1.jsonl'}: line 4: field 'question' (named by data.prompt_field) is "
+                              "empty (''); every row needs a prompt")
     assert not (tmp_path / "run" / "corpus" / "prompts" / "_COMPLETE").exists()
 
 

@@ -232,7 +232,14 @@ def _write_prompts(cfg: Config, out: StoragePath) -> dict:
         log.info("generate: data.limit=%d keeps %s of %d prompts", limit,
                  ", ".join(f"{t} {q}/{counts[t]}" for t, q in sorted(quotas.items())), sum(counts.values()))
         ds = ds.map_batches(_below, batch_format="pyarrow", fn_kwargs=dict(thresholds=thresholds))
-    ds.write_parquet(folder.uri, filesystem=folder.fs)
+    try:
+        ds.write_parquet(folder.uri, filesystem=folder.fs)
+    except DataError as e:
+        # A bad row found on a worker: Ray raises it as a RayTaskError that is also a DataError,
+        # whose text is the worker's traceback; the message users need is the original's.
+        cause = getattr(e, "cause", None)
+        text = str(cause if isinstance(cause, DataError) else e)
+        raise DataError(text.split("\nFailed to apply UDF transform")[0]) from None  # Ray appends retry advice
     written = ray.data.read_parquet(folder.uri, filesystem=folder.fs)
     dupes = written.groupby("prompt_id").count().filter(lambda r: r["count()"] > 1).take(10)
     if dupes:
