@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "generate_throughput.py"
 
 
+@pytest.mark.bench
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_generate_throughput_quick(tmp_path):
