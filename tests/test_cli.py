@@ -134,7 +134,7 @@ def test_validate_checks_layers_and_lora_against_an_unconverted_embedded_teacher
     assert (tmp_path / "empty-cache" / "models" / "SmolLM2-135M-Instruct" / "config.json").is_file()
 
 
-def test_validate_an_api_teacher_and_a_folder_of_shards(tmp_path, cfg_file, tiny_model):
+def test_validate_an_api_teacher_and_a_folder_of_shards(tmp_path, cfg_file, tiny_model, monkeypatch):
     """An API teacher's model is a name the endpoint serves, not a local model: validate checks
     its tokenizer instead. A folder of shards is checked on a sample: its split sizes are the
     sample's and are not held against train.workers."""
@@ -142,6 +142,7 @@ def test_validate_an_api_teacher_and_a_folder_of_shards(tmp_path, cfg_file, tiny
     folder.mkdir()
     write_jsonl(folder / "a.jsonl", mixed_prompts(3))
     write_jsonl(folder / "b.jsonl", mixed_prompts(40)[3:])
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     api = ["--set", "teacher.engine=openai", "--set", "teacher.base_url=http://127.0.0.1:9/v1",
            "--set", "teacher.model=deepseek-chat", "--set", "student.init=pretrained",
            "--set", f"student.model={tiny_model}", "--set", "train.workers=8"]
@@ -150,3 +151,6 @@ def test_validate_an_api_teacher_and_a_folder_of_shards(tmp_path, cfg_file, tiny
     assert "config OK: 3 prompts" in r.output and "a sample: the first 3 rows of" in r.output and "1 of 2 file(s)" in r.output
     r = invoke("validate", str(cfg_file), *user_sets(folder), *api, "--set", f"teacher.tokenizer={tmp_path / 'none'}")
     assert r.exit_code == 2 and "teacher.tokenizer:" in r.output
+    monkeypatch.delenv("OPENAI_API_KEY")
+    r = invoke("validate", str(cfg_file), *user_sets(folder), *api)
+    assert r.exit_code == 2 and "teacher.api_key_env: environment variable OPENAI_API_KEY is not set" in r.output

@@ -291,3 +291,24 @@ def test_half_committed_s3_checkpoints_are_settled(tmp_path):
     _settle_checkpoints(out)
     assert sorted(p.name for p in (tmp_path / "corpus" / "_checkpoint").iterdir()) == \
         ["a.parquet", "b.pending.parquet", "c.parquet"]
+
+
+def test_settings_a_corpus_must_share(tmp_path):
+    """A filter change re-filters an unfinished corpus but cannot change a finished one (its raw
+    answers are gone): refused there. data.label_map only affects scoring: never a change."""
+    from raydistill.config import Config
+    from raydistill.generate.stage import GenerationError, _check_settings, _settings
+    from raydistill.storage import storage_path
+
+    out = storage_path(tmp_path / "corpus")
+    base = Config()
+    _check_settings(out, _settings(base, "tok"))  # first run: recorded
+    refilter = base.model_copy(update={"filter": base.filter.model_copy(update={"truncated": True})})
+    _check_settings(out, _settings(refilter, "tok"))  # unfinished: the filter pass runs again anyway
+    with pytest.raises(GenerationError, match=r"finished corpus made with other settings \(filter.truncated: "
+                                              r"False -> True\)"):
+        _check_settings(out, _settings(refilter, "tok"), finished=True)
+    relabel = base.model_copy(update={"data": base.data.model_copy(update={"label_map": {"0": "entailment"}})})
+    _check_settings(out, _settings(relabel, "tok"), finished=True)
+    with pytest.raises(GenerationError, match=r"teacher_tokenizer: 'tok' -> 'other'"):
+        _check_settings(out, _settings(base, "other"))

@@ -419,10 +419,12 @@ def _write_filtered(tagged, out: StoragePath) -> None:
 
 
 def _settings(cfg: Config, teacher_tokenizer: str | None) -> dict:
-    """What every run adding rows to one corpus must share."""
+    """What every run adding rows to one corpus must share (``data.label_map`` only affects
+    scoring; ``filter`` is compared for a finished corpus only: an unfinished one filters again)."""
     return {"teacher": cfg.teacher.model, "engine": cfg.teacher.engine, "teacher_tokenizer": teacher_tokenizer,
             "generation": cfg.generation.model_dump(exclude={"max_error_share"}),
-            "data": cfg.data.model_dump(mode="json"), "task_prompts": cfg.task_prompts.model_dump(mode="json")}
+            "data": cfg.data.model_dump(mode="json", exclude={"label_map"}),
+            "task_prompts": cfg.task_prompts.model_dump(mode="json"), "filter": cfg.filter.model_dump()}
 
 
 def _check_settings(out: StoragePath, settings: dict, finished: bool = False) -> None:
@@ -433,6 +435,11 @@ def _check_settings(out: StoragePath, settings: dict, finished: bool = False) ->
             file.write_text(json.dumps(settings, indent=2, sort_keys=True))
         return
     before = json.loads(file.read_text())
+    if not finished:
+        before.pop("filter", None)
+        settings = {k: v for k, v in settings.items() if k != "filter"}
+    elif "filter" not in before:
+        before["filter"] = settings["filter"]
     changed = []
     for section in sorted(set(before) | set(settings)):
         a, b = before.get(section), settings.get(section)
@@ -596,6 +603,8 @@ def run_generate(cfg: Config, overwrite: bool = False) -> dict:
         "provenance": provenance(),
     }
     (out / "config.yaml").write_text(cfg.dump())
+    recorded = json.loads((out / SETTINGS).read_text())
+    (out / SETTINGS).write_text(json.dumps(dict(recorded, filter=cfg.filter.model_dump()), indent=2, sort_keys=True))
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: marks the corpus complete
     _cleanup(out)
     log.info("generate: %d answers (%s); kept %d, rejected %d (%s); %d response tokens; this run added %d rows "
