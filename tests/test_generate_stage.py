@@ -200,7 +200,7 @@ def test_manifest_figures_and_cost(tiny_model, tmp_path, ray_local):
     m = run_generate(cfg)
     table = pq.read_table(tmp_path / "run" / "corpus" / "data")
     rejects = tmp_path / "run" / "corpus" / "rejects"
-    tables = [table] + ([pq.read_table(rejects)] if rejects.exists() else [])
+    tables = [table] + ([pq.read_table(rejects)] if list(rejects.glob("*.parquet")) else [])
     prompt_tokens = sum(sum(t.column("prompt_tokens").to_pylist()) for t in tables)
     response_tokens = sum(sum(t.column("response_tokens").to_pylist()) for t in tables)
     assert (m["prompt_tokens"], m["response_tokens"]) == (prompt_tokens, response_tokens)

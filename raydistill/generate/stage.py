@@ -416,6 +416,8 @@ def _write_filtered(tagged, out: StoragePath) -> None:
         data.uri, filesystem=data.fs, min_rows_per_file=SHARD_ROWS)
     tagged.map_batches(_rejected, batch_format="pyarrow", batch_size=None).write_parquet(
         rejects.uri, filesystem=rejects.fs, min_rows_per_file=SHARD_ROWS)
+    for folder in (data, rejects):  # Ray writes nothing for no rows: the layout stays the same
+        folder.mkdir()
 
 
 def _settings(cfg: Config, teacher_tokenizer: str | None) -> dict:
