@@ -192,7 +192,7 @@ def test_later_stage_refuses_missing_or_unfinished_output(tiny_model, tmp_path):
     (corpus / "data").mkdir(parents=True)
     pq.write_table(CORPUS_SCHEMA.empty_table(), corpus / "data" / "part-00000.parquet")
     result = CliRunner().invoke(app, ["train", str(cfg_file), *args])
-    assert result.exit_code == 2 and "run `raydistill generate` first" in result.output
+    assert result.exit_code == 2 and "no finished corpus" in result.output and "run `raydistill generate`" in result.output
     result = CliRunner().invoke(app, ["evaluate", str(cfg_file), *args])
     assert result.exit_code == 2 and "run `raydistill train` first" in result.output
 
