@@ -110,6 +110,22 @@ def mixed_prompts(n: int) -> list[dict]:
     return rows
 
 
+def wait_for_http(url: str, proc, timeout_s: float, interval_s: float) -> bool:
+    """Poll ``url`` until it answers; False if ``proc`` (the server) exits or ``timeout_s`` passes."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return True
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                return False
+            time.sleep(interval_s)
+
+
 def _free_port() -> int:
     import socket
 
@@ -128,8 +144,6 @@ def s3_server(tmp_path_factory):
     import shutil
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     port = _free_port()
     exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
@@ -137,16 +151,9 @@ def s3_server(tmp_path_factory):
     log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=2)
-            break
-        except Exception:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"moto_server did not start on {endpoint} (see {log.name})")
-            time.sleep(0.3)
+    if not wait_for_http(endpoint + "/moto-api/", proc, timeout_s=60, interval_s=0.3):
+        proc.kill()
+        raise RuntimeError(f"moto_server did not start on {endpoint} (see {log.name})")
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                             "AWS_REGION", "AWS_DEFAULT_REGION")}
     os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
@@ -194,7 +201,6 @@ def vllm_server(tiny_model, tmp_path_factory):
     import signal
     import subprocess
     import sys
-    import time
     import urllib.request
 
     from raydistill.runtime import vllm_env
@@ -209,17 +215,10 @@ def vllm_server(tiny_model, tmp_path_factory):
          "--max-model-len", "256", "--max-logprobs", "20", "--disable-log-stats"],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder, start_new_session=True)
     root = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        try:
-            urllib.request.urlopen(root + "/health", timeout=2)
-            break
-        except Exception:
-            if proc.poll() is not None or time.time() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
-                tail = (folder / "server.log").read_text()[-3000:]
-                raise RuntimeError(f"vLLM server did not start on {root}:\n{tail}")
-            time.sleep(1)
+    if not wait_for_http(root + "/health", proc, timeout_s=300, interval_s=1):
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+        tail = (folder / "server.log").read_text()[-3000:]
+        raise RuntimeError(f"vLLM server did not start on {root}:\n{tail}")
     # One answer before the tests: the first request of a fresh engine is the slow one.
     warm = json.dumps({"model": str(tiny_model), "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
     urllib.request.urlopen(urllib.request.Request(root + "/v1/chat/completions", data=warm.encode(),
