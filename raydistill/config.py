@@ -207,34 +207,90 @@ class LoraConfig(_Section):
                                       description="Module names that get adapters.")
 
 
+class KDConfig(_Section):
+    """Logit KD settings (``train.loss: logit_kd``); see ``raydistill.train.losses``."""
+    teacher: Literal["corpus", "online"] = Field(
+        "corpus", description="Where the teacher's distribution comes from: 'corpus' = the top-k logprobs stored "
+        "by generation (generation.top_k_logprobs > 0); 'online' = the teacher (teacher.model) runs forward "
+        "in every training worker beside the student and gives full-vocabulary logits (no top-k cut).")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature T of both distributions; the "
+                               "divergence is scaled by T² (Hinton et al. 2015).")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the KD term: loss = alpha · KD + "
+                         "(1 − alpha) · cross-entropy on the teacher's tokens.")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="forward_kl = KL(teacher‖student) (mass-covering); reverse_kl = "
+        "KL(student‖teacher) (mode-seeking, MiniLLM); jsd = generalized Jensen-Shannon with kd.beta (GKD).")
+    beta: float = Field(0.5, gt=0.0, lt=1.0, description="jsd only: the mixture is beta·teacher + "
+                        "(1 − beta)·student, and JSD = beta·KL(teacher‖m) + (1 − beta)·KL(student‖m).")
+    chunk_size: int = Field(256, gt=0, description="Sequence positions per chunk of the KD computation "
+                            "(bounds the extra memory: no (batch, seq, vocab) float32 copy is made).")
+
+
+class MlflowConfig(_Section):
+    enabled: bool = Field(False, description="Log params and per-step metrics to MLflow from rank 0 "
+                          "(needs `pip install mlflow`).")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI: a server (http://...) on a cluster, "
+                                     "or sqlite:////abs/path/mlflow.db; null = MLFLOW_TRACKING_URI, else "
+                                     "sqlite:///<output_dir>/train/mlflow.db for a local output_dir.")
+    experiment: str = Field("raydistill", min_length=1, description="MLflow experiment name.")
+
+
 class TrainConfig(_Section):
     workers: int = Field(2, gt=0, description="Ray Train workers (data-parallel ranks).")
     cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs per worker; also its torch threads.")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend; otherwise gloo on CPU.")
-    strategy: Literal["ddp"] = Field("ddp", description="Parallelism across workers: 'ddp' (DistributedDataParallel).")
-    loss: Literal["sequence_kd"] = Field("sequence_kd", description="'sequence_kd' = cross-entropy on the "
-                                         "teacher's response tokens (Kim & Rush 2016).")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Parallelism across workers: 'ddp' (DistributedDataParallel: a full copy of the "
+        "student per worker) or 'fsdp' (FullyShardedDataParallel: parameters, gradients and optimizer state "
+        "sharded over workers, for students that do not fit one GPU; the full state dict is gathered on "
+        "rank 0 for checkpoints and export).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="'auto' = bf16 autocast on GPU, fp32 on CPU; 'bf16' = bf16 autocast (weights and "
+        "optimizer stay fp32); 'fp32' = no autocast.")
+    loss: Literal["sequence_kd", "logit_kd"] = Field(
+        "sequence_kd", description="'sequence_kd' = cross-entropy on the teacher's response tokens (Kim & Rush "
+        "2016); 'logit_kd' = a divergence to the teacher's token distribution at every answer position, mixed "
+        "with that cross-entropy (train.kd).")
+    kd: KDConfig = Field(default_factory=KDConfig)
     epochs: int = Field(3, gt=0, description="Passes over the train split.")
     max_steps: int | None = Field(None, gt=0, description="Stop after at most this many optimizer steps "
                                   "(a cap on epochs × steps per epoch).")
-    batch_size: int = Field(8, gt=0, description="Sequences per worker per optimizer step.")
+    batch_size: int = Field(8, gt=0, description="Sequences per worker per forward pass (micro-batch).")
+    grad_accum_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step: the effective batch "
+                                  "is batch_size × grad_accum_steps × workers sequences; the loss is the token "
+                                  "mean over the whole step, so batch 1 × 8 equals batch 8 × 1.")
     max_seq_len: int = Field(256, gt=8, description="Prompt + response tokens kept per example (tokens); "
                              "longer examples are cut from the right.")
+    packing: bool = Field(False, description="Pack several short examples into one row of up to max_seq_len "
+                          "tokens (each keeps its own positions and attends only to itself).")
+    shuffle_buffer_rows: int = Field(1024, gt=0, description="Rows in each worker's local shuffle buffer; the "
+                                     "order is reseeded every epoch (train.seed, epoch).")
     lr: float = Field(5e-4, gt=0, le=1.0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Share of steps with linear warmup.")
     grad_clip: float = Field(1.0, gt=0, description="Max global gradient L2 norm.")
     seed: int = Field(0, description="Seed of init, shuffling and dropout.")
-    checkpoint_every_steps: int = Field(0, ge=0, description="Report a checkpoint every N steps (0 = at each epoch end).")
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in train/ray/ while training "
-                                  "(older ones are deleted).")
+    checkpoint_every_steps: int = Field(0, ge=0, description="Report a checkpoint every N optimizer steps "
+                                        "(0 = at each epoch end).")
+    keep_checkpoints: int = Field(2, ge=1, description="The latest checkpoints kept in train/ray/ while "
+                                  "training (older ones are deleted; the best by validation loss is kept too).")
     delete_checkpoints: bool = Field(True, description="Delete train/ray/ checkpoints once the student is "
                                      "exported (a finished run does not resume; set false to keep them).")
+    max_failures: int = Field(2, ge=0, description="Times Ray Train restarts the workers from the latest "
+                              "checkpoint after a worker dies (a lost node, an OOM kill).")
     truncated_answers: Literal["keep", "drop"] = Field(
         "keep", description="Teacher answers cut at max_new_tokens or max_model_len (finish_reason 'length'): "
         "'keep' trains on them with no end-of-turn label after the cut; 'drop' leaves them out. "
         "train/summary.json counts them either way.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    @model_validator(mode="after")
+    def _kd_consistent(self) -> "TrainConfig":
+        if self.strategy == "fsdp" and self.lora.enabled:
+            raise ValueError("train.strategy=fsdp with train.lora.enabled: LoRA trains few weights, use "
+                             "strategy=ddp (FSDP is for students whose full weights do not fit one device)")
+        return self
 
 
 class EvalConfig(EngineConfig):

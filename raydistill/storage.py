@@ -110,7 +110,10 @@ class StoragePath:
 
     def write_text(self, text: str) -> None:
         """Write ``text`` (UTF-8) atomically: readers see the old file or the whole new one."""
-        data = text.encode("utf-8")
+        self.write_bytes(text.encode("utf-8"))
+
+    def write_bytes(self, data: bytes) -> None:
+        """Write ``data`` atomically: readers see the old file or the whole new one."""
         if self.remote:
             with self.fs.open_output_stream(self.path) as f:  # visible only once complete
                 f.write(data)
@@ -171,3 +174,45 @@ def storage_path(path: str | os.PathLike, storage: StorageConfig | None = None) 
         return StoragePath(f"{S3}{key}", _s3_filesystem(storage, key.split("/", 1)[0]), key)
     local = os.path.abspath(os.path.expanduser(text))
     return StoragePath(local, pafs.LocalFileSystem(), local)
+
+
+def upload_dir(local: str | os.PathLike, dest: StoragePath) -> None:
+    """Copy the local folder ``local`` to ``dest`` (replaced); a local ``dest`` gets a plain copy."""
+    import shutil
+
+    dest.delete()
+    if not dest.remote:
+        shutil.copytree(local, dest.local())
+        return
+    pafs.copy_files(str(local), dest.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dest.fs)
+
+
+def local_copy(ref: str, storage: StorageConfig | None = None) -> str:
+    """``ref`` unchanged unless it is an ``s3://`` folder (a student or checkpoint written to S3):
+    then a local copy under the raydistill cache, refreshed when the file list or sizes changed.
+    Returns a path ``from_pretrained`` can read."""
+    if not is_remote(ref):
+        return ref
+    import hashlib
+    import json
+    import shutil
+
+    from .models import cache_dir
+
+    src = storage_path(ref, storage)
+    listing = {f.path[len(src.path):].lstrip("/"): f.fs.get_file_info(f.path).size for f in src.files()}
+    if not listing:
+        raise FileNotFoundError(f"{ref}: no files there")
+    dest = cache_dir() / "s3" / hashlib.sha256(src.uri.encode()).hexdigest()[:16]
+    stamp = dest / ".raydistill-listing.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == listing:
+        return str(dest)
+    tmp = dest.with_name(dest.name + f".{uuid.uuid4().hex}.partial")
+    pafs.copy_files(src.path, str(tmp), source_filesystem=src.fs, destination_filesystem=pafs.LocalFileSystem())
+    (tmp / stamp.name).write_text(json.dumps(listing))
+    shutil.rmtree(dest, ignore_errors=True)
+    try:
+        os.replace(tmp, dest)
+    except OSError:  # another process on this node won the race: its copy is the same
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(dest)

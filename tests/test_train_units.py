@@ -1,4 +1,5 @@
-"""Example building, padding, the LR schedule, the epoch order and checkpoint choice of the train stage."""
+"""Example building (labels, teacher top-k alignment, packing), padding, the LR schedule, the step plan
+and checkpoint choice of the train stage."""
 
 import json
 import math
@@ -10,9 +11,10 @@ from transformers import AutoTokenizer
 from raydistill.chat import end_of_turn_ids, prompt_ids, text_ids, tokenizer_fingerprint
 from raydistill.config import load
 from raydistill.train.losses import IGNORE_INDEX
-from raydistill.train.trainer import (META_FILE, RETOKENIZED, TEACHER_IDS, _examples, build_example,
-                                      choose_label_source, collate, epoch_order, latest_checkpoint, lr_lambda,
-                                      rank_batches, warmup_steps)
+from raydistill.train.checkpoints import META_FILE, latest_checkpoint, prune
+from raydistill.train.examples import (RETOKENIZED, TEACHER_IDS, build_example, choose_label_source, collate, pack,
+                                       tokenize_batch)
+from raydistill.train.trainer import lr_lambda, plan_steps, warmup_steps
 
 USER = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -79,32 +81,91 @@ def test_truncation_and_too_long_prompt(tok):
     assert len(ex["input_ids"]) == len(ex["labels"]) == 24
 
 
-def _row(split, response, finish="stop", ids=(), error=None):
-    return {"split": split, "messages": USER, "response": response, "response_token_ids": list(ids),
-            "finish_reason": "error" if error else finish, "error": error, "teacher": "t"}
+def _row(split, response, finish="stop", ids=(), error=None, messages=USER):
+    return {"prompt_id": f"p{len(response)}", "split": split, "messages": messages, "response": response,
+            "response_token_ids": list(ids), "finish_reason": "error" if error else finish, "error": error,
+            "top_logprobs_ids": None, "top_logprobs": None}
+
+
+def _tokenize(tok, tmp_path, rows, *sets, source=RETOKENIZED, with_topk=False, packing=False, stop_ids=()):
+    import pyarrow as pa
+
+    cfg = load(None, [f"output_dir={tmp_path}", *sets])
+    table = tokenize_batch(pa.Table.from_pylist(rows), tokenizer_dir=tok.name_or_path, max_len=cfg.train.max_seq_len,
+                           source=source, stop_ids=list(stop_ids), truncated_answers=cfg.train.truncated_answers,
+                           with_topk=with_topk, packing=packing)
+    return table.to_pylist()
 
 
 def test_rows_left_out_are_counted_per_reason(tok, tmp_path, tiny_model):
     rows = [_row("train", "Paris."), _row("train", "The capital", "length"), _row("train", "", error="too long"),
-            dict(_row("train", "x"), messages=[{"role": "user", "content": "Paris " * 300}])]
-    keep = load(None, [f"output_dir={tmp_path}", "train.max_seq_len=64"])
-    ex, dropped = _examples(rows, tok, keep, RETOKENIZED, set())
-    assert dropped == {"error": 1, "truncated": 0, "too_long": 1} and len(ex) == 2
-    assert tok.eos_token_id not in ex[1]["labels"] and ex[0]["labels"][-2] == tok.eos_token_id
-    drop = load(None, [f"output_dir={tmp_path}", "train.max_seq_len=64", "train.truncated_answers=drop"])
-    ex, dropped = _examples(rows, tok, drop, RETOKENIZED, set())
-    assert dropped == {"error": 1, "truncated": 1, "too_long": 1} and len(ex) == 1
-    assert [e["idx"] for e in ex] == [0]
+            _row("train", "x", messages=[{"role": "user", "content": "Paris " * 300}])]
+    out = _tokenize(tok, tmp_path, rows, "train.max_seq_len=64")
+    assert [r["drop_reason"] for r in out] == [None, None, "error", "too_long"]
+    assert [r["truncated"] for r in out] == [False, True, False, False]
+    kept = [r for r in out if r["drop_reason"] is None]
+    assert tok.eos_token_id not in kept[1]["labels"] and kept[0]["labels"][-2] == tok.eos_token_id
+    assert [r["n_labels"] for r in kept] == [sum(x != IGNORE_INDEX for x in r["labels"]) for r in kept]
+    out = _tokenize(tok, tmp_path, rows, "train.max_seq_len=64", "train.truncated_answers=drop")
+    assert [r["drop_reason"] for r in out] == [None, "truncated", "error", "too_long"]
+
+
+def test_teacher_topk_is_aligned_with_the_answer_labels(tok):
+    """Entry j of the stored top-k belongs to generated token j; the stop token's distribution moves
+    to the first end-of-turn id (the same token), the template's extra newline has none."""
+    eot = end_of_turn_ids(tok, USER)
+    spelled = [i for ch in "Paris" for i in text_ids(tok, ch)]
+    stored = spelled + [tok.eos_token_id]
+    top_ids = [[t, t + 1] for t in stored]
+    top_lps = [[-0.1 * (j + 1), -3.0] for j in range(len(stored))]
+    ex = build_example(tok, USER, "Paris", "stop", stored, 256, eot_ids=eot, stop_ids={tok.eos_token_id},
+                       topk_ids=top_ids, topk_logprobs=top_lps)
+    prompt = len(prompt_ids(tok, USER))
+    assert ex["kd_positions"] == list(range(prompt, prompt + len(stored)))
+    for j, pos in enumerate(ex["kd_positions"]):
+        assert ex["labels"][pos] == stored[j] == ex["topk_ids"][j][0]  # the label is the teacher's top-1 here
+    assert ex["topk_logprobs"] == top_lps
+    assert len(ex["labels"]) == prompt + len(spelled) + len(eot)  # <|im_end|>\n: only <|im_end|> has a distribution
+    cut = build_example(tok, USER, "Paris", "stop", stored, prompt + 2, eot_ids=eot, stop_ids={tok.eos_token_id},
+                        topk_ids=top_ids, topk_logprobs=top_lps)
+    assert cut["kd_positions"] == [prompt, prompt + 1] and len(cut["topk_ids"]) == 2  # cut with the sequence
+
+
+def test_packing_keeps_each_example_apart(tok):
+    eot = end_of_turn_ids(tok, USER)
+    exs = [dict(build_example(tok, USER, w, "stop", None, 256, eot_ids=eot), prompt_id=w, truncated=False)
+           for w in ("Paris.", "Lyon.", "A much longer answer about the river Seine and its bridges.")]
+    lens = [len(e["input_ids"]) for e in exs]
+    rows = pack(exs, max_len=lens[0] + lens[1])
+    assert len(rows) == 2 and rows[0]["prompt_id"] == "Paris.,Lyon."
+    assert rows[0]["input_ids"] == exs[0]["input_ids"] + exs[1]["input_ids"]
+    assert rows[0]["position_ids"] == list(range(lens[0])) + list(range(lens[1]))
+    batch = collate({k: [r[k] for r in rows] for k in ("input_ids", "labels", "position_ids")}, pad_id=0, packing=True)
+    assert batch["attention_mask"] is None  # transformers tells packed examples apart by their positions
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    seq = find_packed_sequence_indices(batch["position_ids"])
+    assert seq[0, lens[0] - 1] != seq[0, lens[0]]  # a new block where the second example starts
+
+
+def test_collate_builds_the_teacher_tensors(tok):
+    rows = {"input_ids": [[5, 6, 7], [8, 9]], "labels": [[-100, 6, 7], [-100, 9]], "position_ids": [[0, 1, 2], [0, 1]],
+            "kd_positions": [[1, 2], []], "topk_ids": [[[6, 3], [7]], []], "topk_logprobs": [[[-0.1, -2.0], [-0.2]], []]}
+    out = collate(rows, pad_id=0)
+    assert out["topk_ids"].shape == out["topk_logprobs"].shape == (2, 3, 2)
+    assert out["kd_mask"].tolist() == [[False, True, True], [False, False, False]]
+    assert out["topk_ids"][0, 1].tolist() == [6, 3] and out["topk_logprobs"][0, 2, 1] == float("-inf")
+    assert out["position_ids"][1].tolist() == [0, 1, 0]  # padding: a block of its own
 
 
 def test_label_source_follows_the_tokenizer_fingerprint(tok, tmp_path, tiny_model):
     cfg = load(None, [f"output_dir={tmp_path}", f"teacher.model={tiny_model}"])
     fp = tokenizer_fingerprint(tok)
-    assert choose_label_source(tok, {"teacher_tokenizer": fp}, {"x"}, cfg)[0] == TEACHER_IDS
-    assert choose_label_source(tok, {"teacher_tokenizer": "0" * 16}, {"x"}, cfg)[0] == RETOKENIZED
+    assert choose_label_source(tok, {"teacher_tokenizer": fp}, cfg)[0] == TEACHER_IDS
+    assert choose_label_source(tok, {"teacher_tokenizer": "0" * 16}, cfg)[0] == RETOKENIZED
     # an older corpus without the record: teacher.model made it and is local -> its tokenizer decides
-    assert choose_label_source(tok, {}, {str(tiny_model)}, cfg)[0] == TEACHER_IDS
-    assert choose_label_source(tok, {}, {"another-teacher"}, cfg) == (
+    assert choose_label_source(tok, {"teacher": str(tiny_model)}, cfg)[0] == TEACHER_IDS
+    assert choose_label_source(tok, {"teacher": "another-teacher"}, cfg) == (
         RETOKENIZED, "the corpus does not record the teacher's tokenizer")
 
 
@@ -116,7 +177,7 @@ def test_collate_masks_padding_by_position_not_token_id(tok):
     assert out["labels"][0].tolist() == [-100, 6, eos, -100, -100]
     assert out["labels"][1].tolist() == [-100, eos, 8, 9, eos]  # an EOS label mid-sequence survives
     assert out["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
-    assert out["input_ids"].dtype == torch.long
+    assert out["input_ids"].dtype == torch.long and "kd_mask" not in out
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -132,20 +193,11 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_lambda(19, 30, warmup_steps(30, 0.1)) == pytest.approx(0.357, abs=1e-3)
 
 
-def test_epoch_order_reshuffles_every_epoch_and_repeats_on_resume():
-    e0, e1 = epoch_order(50, 0, 0), epoch_order(50, 0, 1)
-    assert sorted(e0) == sorted(e1) == list(range(50))
-    assert e0 != e1 and e0 != list(range(50))
-    assert epoch_order(50, 0, 1) == e1  # a resumed run computes the same order
-    assert epoch_order(50, 1, 0) != e0  # train.seed changes it
-    world, bs = 2, 4
-    parts = [rank_batches(e0, world, r, bs) for r in range(world)]
-    assert [len(p) for p in parts] == [7, 7]  # 25 rows per rank: 6 batches of 4 and one of 1
-    seen = [i for p in parts for b in p for i in b]
-    assert len(seen) == len(set(seen)) == 50
-    odd = [rank_batches(epoch_order(51, 0, e), world, 0, bs) for e in (0, 1)]
-    assert sum(map(len, odd[0])) == 25  # 51 rows over 2 ranks: one left out this epoch
-    assert odd[0] != odd[1]
+def test_step_plan_gives_every_rank_the_same_steps():
+    assert plan_steps(50, 2, 4, 1) == (25, 7, 7)  # 25 rows per rank: 6 micro-batches of 4 and one of 1
+    assert plan_steps(51, 2, 4, 1) == (25, 7, 7)  # one row left out of each epoch
+    assert plan_steps(50, 2, 4, 3) == (25, 7, 3)  # 3 + 3 + 1 micro-batches per optimizer step
+    assert plan_steps(1, 2, 4, 1)[0] == 0
 
 
 def _checkpoint(root, name, step, final=False, broken=False):
@@ -163,6 +215,17 @@ def test_latest_checkpoint_is_the_highest_complete_step(tmp_path):
     best = _checkpoint(tmp_path, "checkpoint_2026-01-01_00-00-01", 4)  # names do not order steps
     _checkpoint(tmp_path, "checkpoint_2026-01-01_00-00-09", 5, broken=True)  # upload cut short
     (tmp_path / "checkpoint_2026-01-01_00-00-10").mkdir()  # no meta file yet
-    assert latest_checkpoint(tmp_path)[0] == best
+    assert latest_checkpoint(tmp_path)[0].path == str(best)
     final = _checkpoint(tmp_path, "checkpoint_2026-01-01_00-00-00", 4, final=True)
-    assert latest_checkpoint(tmp_path) == (final, {"step": 4, "final": True, "files": {"state.pt": 10}})
+    found = latest_checkpoint(tmp_path)
+    assert found[0].path == str(final) and found[1] == {"step": 4, "final": True, "files": {"state.pt": 10}}
+
+
+def test_prune_keeps_the_latest_and_the_best(tmp_path):
+    for step, val in [(1, 2.0), (2, 1.0), (3, 1.5), (4, 1.7), (5, None)]:
+        d = _checkpoint(tmp_path, f"checkpoint_{step}", step)
+        meta = json.loads((d / META_FILE).read_text())
+        (d / META_FILE).write_text(json.dumps(dict(meta, val_loss=val)))
+    (tmp_path / "checkpoint_6").mkdir()  # being written: left alone
+    assert sorted(prune(tmp_path, keep=2)) == ["checkpoint_1", "checkpoint_3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_2", "checkpoint_4", "checkpoint_5", "checkpoint_6"]

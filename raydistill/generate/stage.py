@@ -512,12 +512,14 @@ def run_generate(cfg: Config, overwrite: bool = False) -> dict:
         teacher_model = tokenizer_ref = resolve_model(cfg.teacher.model)
         stop_ids = sorted(_stop_ids(teacher_model))
     teacher_tokenizer = None
+    teacher_vocab_size = None
     if tokenizer_ref:
         from transformers import AutoTokenizer
 
         from ..models import resolve_model
 
-        teacher_tokenizer = tokenizer_fingerprint(AutoTokenizer.from_pretrained(resolve_model(tokenizer_ref)))
+        tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer_ref))
+        teacher_tokenizer, teacher_vocab_size = tokenizer_fingerprint(tok), len(tok)
     settings = _settings(cfg, teacher_tokenizer)
     if (out / MANIFEST).is_file():
         manifest = read_manifest(out)
@@ -594,6 +596,7 @@ def run_generate(cfg: Config, overwrite: bool = False) -> dict:
         "runs": runs,
         "teacher": cfg.teacher.model,
         "teacher_tokenizer": teacher_tokenizer,
+        "teacher_vocab_size": teacher_vocab_size,  # tokens of the teacher's tokenizer (logit KD checks)
         "stop_token_ids": stop_ids,
         "engine": cfg.teacher.engine,
         "generation_params": cfg.generation.model_dump(),

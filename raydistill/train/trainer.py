@@ -1,25 +1,43 @@
 """The train stage: Ray Train ``TorchTrainer`` fine-tunes the student on the teacher corpus.
 
-Layout under ``output_dir``:
+Data path: the corpus is read with ``ray.data.read_parquet`` (local or ``s3://``), tokenized with
+the student's tokenizer and chat template in Ray Data (``train.examples``) into
+``train/examples/<split>/``, and each worker reads its own shard with
+``ray.train.get_dataset_shard``: the driver holds counts, never examples. Every rank gets the same
+number of rows (Ray's equal streaming split, in a fixed order), so every rank runs the same number
+of steps; each worker reshuffles its rows every epoch with a local buffer seeded by
+(``train.seed``, epoch), so a resumed run sees the batches an uninterrupted one would.
+
+Losses (``train.loss``, ``train.losses``): ``sequence_kd`` (cross-entropy on the teacher's tokens)
+or ``logit_kd`` (a divergence to the teacher's distribution, from the corpus's top-k logprobs or
+an online teacher in every worker, mixed with that cross-entropy by ``train.kd.alpha``). The loss
+of an optimizer step is the token mean over all its micro-batches (``train.grad_accum_steps``) and
+all ranks.
+
+Layout under ``output_dir`` (local or ``s3://``, see ``raydistill.layout``):
 - ``baseline_student/``: the student before training (init=prune writes it, with
   ``raydistill_student_init.json``: the teacher and layers it was made from; it is rebuilt when
   they change; init=pretrained records the model reference in ``train/student_init.json`` instead);
-- ``train/ray/``: Ray Train's run folder with its checkpoints (``train.keep_checkpoints`` kept while
-  training; all deleted once the student is exported unless ``train.delete_checkpoints`` is false).
-  ``raydistill train`` after an interrupted run with unchanged settings (``train/resume_key.json``)
-  resumes from the latest complete checkpoint written there; after a finished run, or with other
-  settings or another corpus, it starts afresh;
-- ``train/metrics.jsonl``: one JSON object per optimizer step (loss, lr, grad_norm, tokens,
-  seconds; ``val_loss`` on the last step of each epoch when the corpus has validation rows);
+- ``train/examples/``: the tokenized examples (rebuilt by every run that does not resume);
+- ``train/ray/``: Ray Train's run folder with its checkpoints (every ``train.checkpoint_every_steps``
+  or epoch; the latest ``train.keep_checkpoints`` and the best by validation loss are kept while
+  training; all deleted once the student is exported unless ``train.delete_checkpoints`` is
+  false). ``raydistill train`` after an interrupted run with unchanged settings
+  (``train/resume_key.json``) resumes from the latest complete checkpoint (model, optimizer, step,
+  data position); a worker that dies is restarted by Ray Train (``train.max_failures``) from there;
+- ``train/metrics.jsonl``: one JSON object per optimizer step (loss, ce, kd, lr, grad_norm, tokens,
+  tokens_per_s, seconds; ``val_loss`` at the end of each epoch when the corpus has validation rows);
+- ``train/loss.png``: the loss curves (train, its parts, validation);
 - ``train/summary.json``: steps, losses, which labels were trained (``label_source``), truncated
   answers and every row left out, per reason (``dropped``);
 - ``student/``: the final student, ``save_pretrained`` format (LoRA merged), with tokenizer.
 
 What the student learns is what the teacher said: when the student's tokenizer has the teacher's
 token-id space, the labels are the teacher's own ``response_token_ids``; otherwise the answer
-text is tokenized again. A finished answer ends with the chat template's end of turn (e.g.
-``<|im_end|>\\n``); an answer cut at the token limit (finish_reason ``length``) gets no end of
-turn (``train.truncated_answers: keep``) or is left out (``drop``).
+text is tokenized again (and logit KD is refused: the distributions would not line up). A
+finished answer ends with the chat template's end of turn (e.g. ``<|im_end|>\\n``); an answer cut
+at the token limit (finish_reason ``length``) gets no end of turn (``train.truncated_answers:
+keep``) or is left out (``drop``).
 """
 
 from __future__ import annotations
@@ -35,76 +53,20 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from .losses import IGNORE_INDEX, sequence_kd_loss
+from .checkpoints import (HF_SUBDIR, META_FILE, STATE_FILE, checkpoint_dirs, checkpoint_step,  # noqa: F401
+                          latest_checkpoint, load_state, prune, write_meta)
+from .examples import (RETOKENIZED, TEACHER_IDS, build_example, choose_label_source, collate,  # noqa: F401
+                       local_teacher_tokenizer, trained_rows, write_examples)
+from .losses import IGNORE_INDEX  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
-HF_SUBDIR = "hf"
-META_FILE = "raydistill_checkpoint.json"  # written last into a checkpoint: step and file sizes
 BASELINE_RECIPE = "raydistill_student_init.json"  # in baseline_student/: what it was made from
 WORKER_ERROR_FILE = "worker_config_error.json"
-TEACHER_IDS, RETOKENIZED = "teacher_token_ids", "retokenized_text"
 
 
-def build_example(tokenizer, messages: list[dict], response: str, finish_reason: str,
-                  response_ids: list[int] | None, max_len: int, *, eot_ids: list[int],
-                  stop_ids: set[int] = frozenset()) -> dict[str, list[int]] | None:
-    """Chat-format one (prompt, teacher answer) pair for sequence KD.
-
-    Args:
-        tokenizer: the student's tokenizer (with a chat template).
-        messages: the prompt's chat messages.
-        response: the teacher's answer text; used when ``response_ids`` is None.
-        finish_reason: ``stop`` (the answer ended by itself) or ``length`` (cut at the token limit).
-        response_ids: the teacher's own generated ids (same token-id space as ``tokenizer``), or
-            None to tokenize ``response`` again (``chat.text_ids``: special-token spellings stay text).
-        max_len: tokens kept (prompt + answer), cut from the right.
-        eot_ids: what the template writes after an answer (``chat.end_of_turn_ids``).
-        stop_ids: ids that ended generation; a trailing one in ``response_ids`` is replaced by ``eot_ids``.
-    Returns:
-        ``input_ids`` and ``labels`` (same length ≤ max_len): prompt ids (``chat.prompt_ids``) carry
-        -100, answer ids carry their ids. A ``stop`` answer ends with ``eot_ids``; a ``length``
-        answer ends with its last token (no end of turn: the student must not learn to stop
-        there). None when the prompt alone fills ``max_len`` (nothing to learn).
-    """
-    from ..chat import prompt_ids, text_ids
-
-    prompt = prompt_ids(tokenizer, messages)
-    if len(prompt) >= max_len - 1:
-        return None
-    if response_ids is not None:
-        answer = list(response_ids)
-        if finish_reason == "stop" and answer and answer[-1] in stop_ids:
-            answer = answer[:-1]
-    else:
-        answer = text_ids(tokenizer, response)
-    if finish_reason == "stop":
-        answer += list(eot_ids)
-    ids = (prompt + answer)[:max_len]
-    labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_len]
-    return {"input_ids": ids, "labels": labels}
-
-
-def collate(batch: dict[str, Any], pad_id: int) -> dict[str, Any]:
-    """Right-pad ragged ``input_ids``/``labels`` into (batch, seq) tensors.
-
-    Padding gets ``pad_id`` in input_ids, -100 in labels and 0 in attention_mask — masked by
-    position, never by token id, so an EOS equal to the pad token stays in the labels.
-    """
-    import torch
-
-    seqs = [list(x) for x in batch["input_ids"]]
-    labs = [list(x) for x in batch["labels"]]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (s, l) in enumerate(zip(seqs, labs)):
-        ids[i, : len(s)] = torch.tensor(s)
-        labels[i, : len(l)] = torch.tensor(l)
-        mask[i, : len(s)] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+class VocabularyMismatch(ValueError):
+    """Logit KD asked for with a teacher and student that do not share one token-id space."""
 
 
 def lr_lambda(step: int, total: int, warmup: int) -> float:
@@ -122,72 +84,22 @@ def warmup_steps(total: int, warmup_ratio: float) -> int:
     return int(warmup_ratio * total)
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """A permutation of ``range(n)`` that depends only on (seed, epoch): a new order every epoch,
-    the same order for a resumed run as for an uninterrupted one."""
-    import numpy as np
-
-    return np.random.default_rng([seed % 2**63, epoch]).permutation(n).tolist()
-
-
-def rank_batches(order: list[int], world: int, rank: int, batch_size: int) -> list[list[int]]:
-    """Rank ``rank``'s batches (example indices) for one epoch: ``order`` is cut into ``world``
-    equal parts (the last ``len(order) % world`` indices are left out this epoch, so every rank
-    takes the same number of steps), and the rank's part into batches of ``batch_size``."""
-    per = len(order) // world
-    mine = order[rank * per:(rank + 1) * per]
-    return [mine[i:i + batch_size] for i in range(0, per, batch_size)]
-
-
-def latest_checkpoint(ray_dir: Path) -> tuple[Path, dict] | None:
-    """The complete checkpoint with the highest step under ``ray_dir`` (Ray Train's run folder),
-    as (folder, its ``META_FILE`` contents), or None.
-
-    A checkpoint is complete when its meta file is there and every file it lists has the listed
-    size. The folder is scanned rather than Ray's own record: Ray registers a checkpoint only when
-    its controller next polls the workers, so a run interrupted between the upload and that poll
-    would otherwise resume one checkpoint early and redo a step.
-    """
-    best: tuple[tuple, Path, dict] | None = None
-    for d in checkpoint_dirs(ray_dir):
-        meta_file = d / META_FILE
-        try:
-            meta = json.loads(meta_file.read_text())
-            complete = all((d / rel).is_file() and (d / rel).stat().st_size == size
-                           for rel, size in meta["files"].items())
-        except (OSError, ValueError, KeyError):
-            continue
-        if complete:
-            key = (meta["step"], bool(meta.get("final")), d.name)
-            if best is None or key > best[0]:
-                best = (key, d, meta)
-    return (best[1], best[2]) if best else None
-
-
-def checkpoint_dirs(ray_dir: Path) -> list[Path]:
-    """The checkpoint folders in Ray Train's run folder (not its checkpoint_manager_snapshot.json)."""
-    return [d for d in Path(ray_dir).glob("checkpoint_*") if d.is_dir()]
-
-
-def checkpoint_step(folder: Path) -> int:
-    """The step recorded in one checkpoint folder (-1 when it has no readable record)."""
-    try:
-        return int(json.loads((Path(folder) / META_FILE).read_text())["step"])
-    except (OSError, ValueError, KeyError):
-        return -1
-
-
-def _write_meta(folder: Path, step: int, final: bool) -> None:
-    files = {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
-    (folder / META_FILE).write_text(json.dumps({"step": step, "final": final, "files": files}))
+def plan_steps(rows: int, workers: int, batch_size: int, grad_accum_steps: int) -> tuple[int, int, int]:
+    """(rows per rank, micro-batches per rank per epoch, optimizer steps per epoch) for ``rows``
+    train examples: Ray's equal split gives every rank ``rows // workers`` rows (the remainder is
+    left out of each epoch), cut into micro-batches of ``batch_size``, ``grad_accum_steps`` of them
+    per optimizer step (the last step of an epoch may have fewer)."""
+    per_rank = rows // workers
+    micro = math.ceil(per_rank / batch_size)
+    return per_rank, micro, math.ceil(micro / grad_accum_steps)
 
 
 def resume_key(cfg: Config, manifest: dict) -> dict:
     """What must be unchanged for an interrupted run to resume: the train settings except its
-    length and checkpoint keeping, the student, the teacher and the corpus (rows, tokens,
-    generation settings, tokenizer)."""
+    length, checkpoint keeping and logging, the student, the teacher and the corpus (rows,
+    tokens, generation settings, tokenizer)."""
     train = cfg.train.model_dump(exclude={"epochs", "max_steps", "checkpoint_every_steps", "keep_checkpoints",
-                                          "delete_checkpoints"})
+                                          "delete_checkpoints", "max_failures", "mlflow"})
     corpus = {k: manifest.get(k) for k in ("rows", "response_tokens", "teacher", "generation_params",
                                            "teacher_tokenizer")}
     return {"train": train, "student": cfg.student.model_dump(), "teacher": cfg.teacher.model, "corpus": corpus}
@@ -205,12 +117,27 @@ def baseline_recipe(teacher_ref: str, teacher_dir: str, keep_layers: list[int] |
     return {"teacher": teacher_ref, "teacher_weights": files, "keep_layers": keep_layers}
 
 
-def _ensure_baseline(cfg: Config, out: Path) -> Path:
-    """``baseline_student/`` for init=prune, (re)built when what made it differs from now."""
+def _local_baseline_dir(cfg: Config) -> Path:
+    """Where the pruned baseline is built on this machine: ``output_dir/baseline_student`` for a
+    local run; for an ``s3://`` run a folder of the local cache (it is then uploaded)."""
+    import hashlib
+
     from ..layout import pruned_baseline_dir
+    from ..models import cache_dir
+    from ..storage import is_remote
+
+    if not is_remote(cfg.output_dir):
+        return pruned_baseline_dir(cfg)
+    return cache_dir() / "runs" / hashlib.sha256(str(cfg.output_dir).encode()).hexdigest()[:16] / "baseline_student"
+
+
+def _ensure_baseline(cfg: Config, out: Path | None = None) -> Path:
+    """The local ``baseline_student/`` for init=prune, (re)built when what made it differs from now.
+    For an ``s3://`` run it is also uploaded to ``output_dir/baseline_student`` (see
+    ``baseline_student_uri``)."""
     from ..models import prune_student, resolve_model
 
-    student_dir = pruned_baseline_dir(cfg)
+    student_dir = _local_baseline_dir(cfg)
     teacher_dir = resolve_model(cfg.teacher.model)
     recipe = baseline_recipe(cfg.teacher.model, teacher_dir, cfg.student.keep_layers)
     recipe_file = student_dir / BASELINE_RECIPE
@@ -222,7 +149,7 @@ def _ensure_baseline(cfg: Config, out: Path) -> Path:
         changed = [k for k in recipe if previous is None or previous.get(k) != recipe[k]]
         log.warning("train: rebuilding %s: it was made from another %s", student_dir,
                     " and ".join(changed) if previous else "recipe (no record of what made it)")
-    tmp = out / "baseline_student.partial"
+    tmp = student_dir.with_name("baseline_student.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     keep = prune_student(teacher_dir, cfg.student.keep_layers, tmp)
     (tmp / BASELINE_RECIPE).write_text(json.dumps(dict(recipe, kept=keep), indent=2))
@@ -244,54 +171,101 @@ def check_lora_targets(cfg: Config, student_dir: Path) -> None:
         raise ModelError(f"train.lora.target_modules: {problem}")
 
 
-def choose_label_source(student_tokenizer, manifest: dict, corpus_teachers: set[str], cfg: Config) -> tuple[str, str]:
-    """(``teacher_token_ids`` or ``retokenized_text``, why): the teacher's own ids are trained when
-    the student's tokenizer has the teacher's token-id space (``chat.tokenizer_fingerprint``
-    equal to the corpus manifest's ``teacher_tokenizer``). A corpus without that record is checked
-    against ``teacher.model``'s tokenizer when it made the corpus and is at hand locally."""
+def _embedding_rows(model_dir: str | Path) -> int | None:
+    f = Path(model_dir) / "config.json"
+    if not f.is_file():
+        return None
+    cfg = json.loads(f.read_text())
+    return cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+
+
+def check_logit_kd(cfg: Config, manifest: dict, student_tokenizer, student_dir: Path, label_source: str) -> None:
+    """Refuse ``train.loss=logit_kd`` that cannot work, before any training.
+
+    Raises ValueError when the corpus has no top-k logprobs (``train.kd.teacher=corpus``), and
+    ``VocabularyMismatch`` when the teacher and the student do not share one token-id space: their
+    tokenizers differ (``chat.tokenizer_fingerprint``), or a teacher id would fall outside the
+    student's embedding matrix. An embedding matrix larger than the tokenizer is fine: the ids the
+    tokenizers share map to the same rows. The message names both sizes and suggests sequence_kd.
+    """
     from ..chat import tokenizer_fingerprint
-    from ..models import config_json
 
-    student_fp = tokenizer_fingerprint(student_tokenizer)
-    teacher_fp = manifest.get("teacher_tokenizer")
-    if teacher_fp is None and corpus_teachers == {cfg.teacher.model}:
-        cfg_file = config_json(cfg.teacher.model)
-        if cfg_file is not None and cfg_file.parent.joinpath("tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
+    t = cfg.train
+    if t.loss != "logit_kd":
+        return
+    student_size = len(student_tokenizer)
+    rows = _embedding_rows(student_dir)
+    if t.kd.teacher == "corpus":
+        k = (manifest.get("generation_params") or {}).get("top_k_logprobs") or 0
+        if not k:
+            raise ValueError("train.loss=logit_kd with train.kd.teacher=corpus needs the teacher's top-k logprobs, "
+                             f"and the corpus at {cfg.output_dir}/corpus has none (generation.top_k_logprobs was 0): "
+                             "regenerate with `raydistill generate CONFIG --overwrite --set "
+                             "generation.top_k_logprobs=20`, or use train.kd.teacher=online or "
+                             "train.loss=sequence_kd")
+        if label_source == TEACHER_IDS:
+            teacher_rows = manifest.get("teacher_vocab_size")
+            if rows is not None and teacher_rows is not None and teacher_rows > rows:
+                raise VocabularyMismatch(
+                    f"train.loss=logit_kd: the teacher's tokenizer has {teacher_rows} tokens but the student's "
+                    f"embedding matrix only {rows} rows: teacher ids past {rows - 1} have no student logit; "
+                    "use train.loss=sequence_kd")
+            return
+        tok = local_teacher_tokenizer(cfg.teacher.model)
+        teacher_size = manifest.get("teacher_vocab_size") or (len(tok) if tok is not None else "an unknown number of")
+    else:
+        tok = local_teacher_tokenizer(cfg.teacher.model)
+        if tok is None:
+            raise ValueError(f"train.kd.teacher=online needs teacher.model ({cfg.teacher.model}) on this machine "
+                             "(a local folder, an embedded model or a hub id in the local cache)")
+        teacher_rows = _embedding_rows(Path(str(_resolved(cfg.teacher.model))))
+        if tokenizer_fingerprint(tok) == tokenizer_fingerprint(student_tokenizer) and \
+                (teacher_rows is None or rows is None or min(teacher_rows, rows) >= student_size):
+            return
+        teacher_size = len(tok)
+    raise VocabularyMismatch(
+        f"train.loss=logit_kd needs the teacher and the student to share one token-id space, and they do not: "
+        f"the teacher's tokenizer ({cfg.teacher.model}) has {teacher_size} tokens, the student's has "
+        f"{student_size} (embedding matrix: {rows} rows) and their vocabularies differ, so the teacher's "
+        "distribution over its ids says nothing about the student's; use train.loss=sequence_kd (it trains "
+        "on the teacher's text, tokenized again by the student)")
 
-            teacher_fp = tokenizer_fingerprint(AutoTokenizer.from_pretrained(cfg_file.parent))
-    if teacher_fp is None:
-        return RETOKENIZED, "the corpus does not record the teacher's tokenizer"
-    if teacher_fp != student_fp:
-        return RETOKENIZED, "the student's tokenizer differs from the teacher's"
-    return TEACHER_IDS, "the student shares the teacher's tokenizer"
+
+def _resolved(ref: str) -> str:
+    from ..models import resolve_model
+
+    return resolve_model(ref)
 
 
-def _examples(rows: list[dict], tokenizer, cfg: Config, source: str, stop_ids: set[int]) -> tuple[list[dict], dict]:
-    """Build the examples of ``rows`` (one split); returns (examples, rows left out per reason)."""
-    from ..chat import end_of_turn_ids
+def _step_loss(model, teacher, batch: dict, t, kd_on: bool, vocab: int | None):
+    """Forward one micro-batch; returns the loss sums (``losses.LossSums``) of it."""
+    import torch
 
-    dropped = {"error": 0, "truncated": 0, "too_long": 0}
-    examples = []
-    for r in rows:
-        if r["error"] or r["finish_reason"] == "error":
-            dropped["error"] += 1
-            continue
-        truncated = r["finish_reason"] == "length"
-        if truncated and cfg.train.truncated_answers == "drop":
-            dropped["truncated"] += 1
-            continue
-        ids = r["response_token_ids"]
-        # A row whose ids were not kept (an empty list for a non-empty answer) is tokenized from text.
-        use_ids = source == TEACHER_IDS and (ids or not r["response"])
-        ex = build_example(tokenizer, r["messages"], r["response"], "length" if truncated else "stop",
-                           list(ids or []) if use_ids else None, cfg.train.max_seq_len,
-                           eot_ids=end_of_turn_ids(tokenizer, r["messages"]), stop_ids=stop_ids)
-        if ex is None:
-            dropped["too_long"] += 1
-            continue
-        examples.append(dict(ex, idx=len(examples)))
-    return examples, dropped
+    from .losses import distill_loss_sums
+
+    kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    if batch["attention_mask"] is not None:
+        kwargs["attention_mask"] = batch["attention_mask"]
+    logits = model(**kwargs).logits
+    kd = t.kd
+    if not kd_on:
+        return distill_loss_sums(logits, batch["labels"], chunk_size=kd.chunk_size)
+    if teacher is None:
+        return distill_loss_sums(logits, batch["labels"], kd_mask=batch.get("kd_mask"),
+                                 teacher_topk_ids=batch.get("topk_ids"), teacher_topk_logprobs=batch.get("topk_logprobs"),
+                                 temperature=kd.temperature, divergence=kd.divergence, beta=kd.beta,
+                                 chunk_size=kd.chunk_size)
+    with torch.no_grad():
+        hidden = teacher.base_model(**kwargs).last_hidden_state
+    head = teacher.get_output_embeddings()
+
+    def teacher_logits(start: int, end: int):
+        with torch.no_grad():
+            return head(hidden[:, start:end])[..., :vocab]
+
+    return distill_loss_sums(logits[..., :vocab], batch["labels"], teacher_logits=teacher_logits,
+                             temperature=kd.temperature, divergence=kd.divergence, beta=kd.beta,
+                             chunk_size=kd.chunk_size)
 
 
 def train_loop_per_worker(c: dict[str, Any]) -> None:
@@ -303,132 +277,192 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..config import TrainConfig
+    from ..config import StorageConfig, TrainConfig
     from ..models import ModelError
+    from ..storage import local_copy, storage_path
+    from . import parallel
+    from .losses import combine
 
     t: TrainConfig = TrainConfig.model_validate(c["train"])
+    storage = StorageConfig.model_validate(c["storage"])
     torch.set_num_threads(max(1, math.ceil(t.cpus_per_worker)))  # Ray leaves a worker 1 thread
     torch.manual_seed(t.seed)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    ray_dir = storage_path(c["ray_dir"], storage)
+    kd_on = t.loss == "logit_kd"
+    device = ray.train.torch.get_device()
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(c["student_dir"], dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(local_copy(c["student"], storage), dtype=torch.float32)
         if t.lora.enabled:
             from peft import LoraConfig, get_peft_model
 
             model = get_peft_model(model, LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
                                                      target_modules=t.lora.target_modules, task_type="CAUSAL_LM"))
+        teacher = None
+        if kd_on and t.kd.teacher == "online":
+            teacher = AutoModelForCausalLM.from_pretrained(local_copy(c["teacher"], storage), dtype=torch.float32)
+            teacher.eval().requires_grad_(False).to(device)
     except (ValueError, ModelError) as e:
         # A config error repeats on every retry: report it to the driver through a file and end
         # normally, so that Ray Train's failure policy (which retries every worker error) does not.
         if rank == 0:
-            Path(c["error_file"]).write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+            storage_path(c["error_file"], storage).write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}))
         return
-    model = ray.train.torch.prepare_model(model, parallel_strategy=t.strategy)
-    unwrapped = model.module if hasattr(model, "module") else model
+    model = parallel.wrap_model(model, t.strategy, t.use_gpu)
+    unwrapped = parallel.unwrap(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     total, warmup = c["total_steps"], c["warmup_steps"]
 
     step, history = 0, []
-    found = latest_checkpoint(Path(c["ray_dir"]))
+    found = latest_checkpoint(ray_dir)
     if found is not None:
-        state = torch.load(found[0] / STATE_FILE, map_location="cpu", weights_only=False)
-        unwrapped.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        state = load_state(found[0])
+        parallel.load_full_state_dict(model, state["model"])
+        parallel.load_optimizer_state(model, opt, state["optimizer"])
         step, history = state["step"], state["history"]
         if rank == 0:
             print(f"[raydistill] resumed from checkpoint at step {step} ({found[0].name})", flush=True)
 
-    def save_state(final: bool) -> None:
+    def save_state(final: bool, val_loss: float | None) -> None:
         metrics = history[-1] if history else {"step": step}
+        model_state = parallel.full_state_dict(model)  # collectives: every rank takes part
+        opt_state = parallel.optimizer_state(model, opt)
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                torch.save({"model": unwrapped.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                            "history": history}, Path(d) / STATE_FILE)
+                torch.save({"model": model_state, "optimizer": opt_state, "step": step, "history": history},
+                           Path(d) / STATE_FILE)
                 if final:
-                    export = unwrapped.merge_and_unload() if t.lora.enabled else unwrapped
-                    export.save_pretrained(Path(d) / HF_SUBDIR)
-                _write_meta(Path(d), step, final)
+                    if t.lora.enabled:
+                        unwrapped.merge_and_unload().save_pretrained(Path(d) / HF_SUBDIR)
+                    else:
+                        parallel.save_hf(unwrapped, model_state, Path(d) / HF_SUBDIR)
+                write_meta(Path(d), step, final, val_loss)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report({**metrics, "final": final}, checkpoint=checkpoint)
+            if rank == 0 and not final:
+                prune(ray_dir, t.keep_checkpoints)
 
-    def load_rows(name: str) -> list[dict]:
-        """Every row of a dataset (each worker reads all of it), in the driver's order."""
-        rows = [{"idx": int(r["idx"]), "input_ids": list(r["input_ids"]), "labels": list(r["labels"])}
-                for r in ray.train.get_dataset_shard(name).iter_rows()]
-        return sorted(rows, key=lambda r: r["idx"])
+    def batches(name: str, epoch: int):
+        it = ray.train.get_dataset_shard(name)
+        shuffle = {"local_shuffle_buffer_size": t.shuffle_buffer_rows, "local_shuffle_seed": t.seed * 100003 + epoch} \
+            if name == "train" else {}
+        for b in it.iter_batches(batch_size=t.batch_size, batch_format="numpy", **shuffle):
+            yield collate(b, c["pad_id"], packing=t.packing)
 
-    def as_batch(rows: list[dict]) -> dict[str, Any]:
-        return collate({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]},
-                       c["pad_id"])
+    def to_device(batch: dict) -> dict:
+        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
-    train_rows = load_rows("train")
-    val_rows = load_rows("validation")[rank::world] if c["has_validation"] else []
+    def autocast():
+        return parallel.autocast(t.use_gpu, t.precision)
 
     def validation_loss() -> float:
-        """Token-mean sequence-KD loss over every validation row (each rank scores every
-        world-th row; none is left out), teacher answers to prompts never trained on."""
+        """Token-mean loss (the training objective) over every validation row: under DDP rank r
+        scores the micro-batches r, r + world, ... of the whole validation set; none is left out."""
         model.eval()
-        stats = torch.zeros(2)
+        sums = torch.zeros(4, dtype=torch.float64)
+        sharded = t.strategy == "fsdp"  # every rank must run every forward: each scores all rows
         with torch.no_grad():
-            for i in range(0, len(val_rows), t.batch_size):
-                vb = as_batch(val_rows[i:i + t.batch_size])
-                # the unwrapped module: ranks may score different numbers of batches (no DDP collective)
-                out = unwrapped(input_ids=vb["input_ids"], attention_mask=vb["attention_mask"]).logits
-                loss, n = sequence_kd_loss(out, vb["labels"])
-                stats += torch.stack([loss.float() * n, n.float()])
-        if world > 1:
-            torch.distributed.all_reduce(stats)
+            for i, vb in enumerate(batches("validation", 0)):
+                if i % world != rank and not sharded:
+                    continue
+                with autocast():
+                    # DDP: the unwrapped module, ranks score different numbers of batches (no collective)
+                    s = _step_loss(model if sharded else unwrapped, teacher, to_device(vb), t, kd_on, c["vocab"])
+                sums += torch.tensor([float(s.ce_sum), float(s.ce_tokens), float(s.kd_sum), float(s.kd_tokens)],
+                                     dtype=torch.float64)
+        if world > 1 and not sharded:
+            torch.distributed.all_reduce(sums)
         model.train()
-        return round(float(stats[0] / stats[1].clamp(min=1)), 6)
+        alpha = t.kd.alpha if kd_on else 0.0
+        ce = float(sums[0] / sums[1].clamp(min=1))
+        kd = float(sums[2] / sums[3].clamp(min=1))
+        return round(alpha * kd + (1 - alpha) * ce, 6)
 
-    steps_per_epoch = c["steps_per_epoch"]
+    steps_per_epoch, accum = c["steps_per_epoch"], t.grad_accum_steps
     every = t.checkpoint_every_steps
+    from .observe import MlflowLogger
+
+    tracker = MlflowLogger(t.mlflow, run_name=c["run_name"], params=c["params"])  # rank 0 logs; a no-op if off
     model.train()
     t_start = time.perf_counter()
     while step < total:
         epoch = step // steps_per_epoch
-        skip = step - epoch * steps_per_epoch  # batches of this epoch already trained before a resume
-        batches = rank_batches(epoch_order(len(train_rows), t.seed, epoch), world, rank, t.batch_size)
-        for i in range(skip, len(batches)):
-            batch = as_batch([train_rows[j] for j in batches[i]])
+        skip = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch trained before a resume
+        group: list[dict] = []
+        stream = batches("train", epoch)
+        for i, micro in enumerate(stream):
+            if i < skip:
+                continue
+            group.append(micro)
+            last_of_epoch = i + 1 >= c["micro_per_epoch"]
+            if len(group) < accum and not last_of_epoch:
+                continue
             t0 = time.perf_counter()
             lr = t.lr * lr_lambda(step, total, warmup)  # the rate of this step, never a restored state
-            for group in opt.param_groups:
-                group["lr"] = lr
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss, n_tok = sequence_kd_loss(logits, batch["labels"])
+            for g in opt.param_groups:
+                g["lr"] = lr
+            # The step's loss is the token mean over all its micro-batches and ranks: normalize by the
+            # global counts (times world: gradient averaging over ranks divides by it again).
+            counts = torch.tensor([sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in group),
+                                   sum(int(m["kd_mask"][:, 1:].sum()) if "kd_mask" in m else
+                                       int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in group),
+                                   sum(int(m["input_ids"].numel() if m["attention_mask"] is None
+                                           else m["attention_mask"].sum()) for m in group)],
+                                  dtype=torch.float64)
+            if world > 1:
+                torch.distributed.all_reduce(counts)
+            alpha = t.kd.alpha if kd_on else 0.0
+            sums = torch.zeros(4, dtype=torch.float64)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+            for j, m in enumerate(group):
+                with parallel.no_grad_sync(model, skip=j < len(group) - 1):
+                    with autocast():
+                        s = _step_loss(model, teacher, to_device(m), t, kd_on, c["vocab"])
+                    (combine(s, alpha, counts[0], counts[1]) * world).backward()
+                sums += torch.tensor([float(s.ce_sum), float(s.ce_tokens), float(s.kd_sum), float(s.kd_tokens)],
+                                     dtype=torch.float64)
+            grad_norm = parallel.clip_grad_norm(model, t.grad_clip)
             opt.step()
             step += 1
-            stats = torch.tensor([loss.detach().float() * n_tok, n_tok.float()])
+            group = []
             if world > 1:
-                torch.distributed.all_reduce(stats)
-            rec = {"step": step, "epoch": epoch, "loss": round(float(stats[0] / stats[1].clamp(min=1)), 6),
-                   "lr": lr, "grad_norm": round(float(grad_norm), 4),
-                   "tokens": int(stats[1]), "seconds": round(time.perf_counter() - t0, 3)}
+                torch.distributed.all_reduce(sums)
+            ce = float(sums[0] / sums[1].clamp(min=1))
+            kd = float(sums[2] / sums[3].clamp(min=1)) if kd_on else None
+            seconds = time.perf_counter() - t0
+            rec = {"step": step, "epoch": epoch, "loss": round(alpha * (kd or 0.0) + (1 - alpha) * ce, 6),
+                   "ce": round(ce, 6), "kd": None if kd is None else round(kd, 6), "lr": lr,
+                   "grad_norm": round(float(grad_norm), 4), "tokens": int(sums[1]),
+                   "tokens_per_s": round(float(counts[2]) / seconds, 1), "seconds": round(seconds, 3)}
             history.append(rec)
+            tracker.log_step(rec)
             if rank == 0:
                 eta = (time.perf_counter() - t_start) / max(1, len(history)) * (total - step)
                 print(f"[raydistill] step {step}/{total} epoch {epoch} loss {rec['loss']:.4f} "
                       f"lr {rec['lr']:.2e} {rec['seconds']:.1f}s/step eta {eta:.0f}s", flush=True)
             end_of_epoch = step >= total or step % steps_per_epoch == 0
+            val = None
             if end_of_epoch and c["has_validation"]:
-                rec["val_loss"] = validation_loss()
+                val = rec["val_loss"] = validation_loss()
+                tracker.log_step({"step": step, "val_loss": val})
                 if rank == 0:
-                    print(f"[raydistill] epoch {epoch} validation loss {rec['val_loss']:.4f}", flush=True)
-            if step >= total:
+                    print(f"[raydistill] epoch {epoch} validation loss {val:.4f}", flush=True)
+            if step >= total or end_of_epoch:
                 break
             if every and step % every == 0:
-                save_state(final=False)
-        if not every and step < total:
-            save_state(final=False)  # epoch boundary
-    save_state(final=True)
+                save_state(final=False, val_loss=val)
+        else:  # the shard ended before the planned steps: continuing would loop or hang the other ranks
+            raise RuntimeError(f"rank {rank} got fewer than the {c['micro_per_epoch']} micro-batches planned for "
+                               f"epoch {epoch} (step {step} of {total})")
+        if step < total:
+            if not every or step % every == 0:
+                save_state(final=False, val_loss=history[-1].get("val_loss") if history else None)
+    save_state(final=True, val_loss=history[-1].get("val_loss") if history else None)
+    tracker.close()
 
 
 def _trainer_class():
@@ -460,47 +494,52 @@ def _trainer_class():
 
 
 def _log_dropped(split: str, dropped: dict, cfg: Config) -> None:
-    why = {"error": "failed in generation (error rows)",
+    why = {"error": "failed answers (error rows; generate keeps them in corpus/rejects/)",
            "truncated": "truncated answers (train.truncated_answers=drop)",
            "too_long": f"prompt longer than train.max_seq_len={cfg.train.max_seq_len} tokens",
-           "uneven_split": f"left out each epoch by the equal split over train.workers={cfg.train.workers} "
-                           "(other rows each epoch: the order is reshuffled)"}
+           "uneven_split": f"left out each epoch by the equal split over train.workers={cfg.train.workers}"}
     for reason, n in dropped.items():
         if n:
             log.warning("train: %d %s row(s) left out: %s", n, split, why[reason])
+
+
+def _examples_dataset(folder):
+    import ray
+
+    files = folder.files(".parquet")
+    return ray.data.read_parquet([f.path for f in files], filesystem=folder.fs).map_batches(
+        trained_rows, batch_format="pyarrow", batch_size=None)
 
 
 def run_train(cfg: Config) -> dict:
     """Train the student on ``corpus/`` (split=train) and write ``student/`` + ``train/``.
 
     Raises FileNotFoundError without a finished corpus, ModelError for a student that cannot be
-    built or LoRA targets it lacks (checked before Ray starts), ValueError when no example fits
-    ``train.max_seq_len`` or a config error surfaces on the workers (never retried), and
-    KeyboardInterrupt on Ctrl-C (checkpoints kept: the next run resumes). Returns the summary
-    written to ``train/summary.json``.
+    built or LoRA targets it lacks, ValueError (``VocabularyMismatch``) for logit KD that cannot
+    work, or when no example fits ``train.max_seq_len`` (all checked before Ray Train starts), or
+    a config error surfaces on the workers (never retried), and KeyboardInterrupt on Ctrl-C
+    (checkpoints kept: the next run resumes). Returns the summary written to ``train/summary.json``.
     """
     import ray
     import ray.train
-    import torch
+    from ray.data import ExecutionOptions
     from transformers import AutoTokenizer
 
     from ..chat import stop_token_ids
-    from ..corpus import read_corpus
-    from ..layout import corpus_dir, student_dir as student_out_dir, train_dir as train_out_dir
+    from ..corpus import read_manifest
+    from ..layout import corpus_location
     from ..models import require_chat_template, resolve_model
     from ..runtime import init_ray, provenance
+    from ..storage import storage_path, upload_dir
+    from .observe import plot_losses
 
-    out = Path(cfg.output_dir).resolve()
-    corpus, manifest = read_corpus(corpus_dir(cfg))
-    cols = ["split", "messages", "response", "response_token_ids", "finish_reason", "error", "teacher"]
-    table_rows = corpus.select(cols).to_pylist()
-    rows = {s: [r for r in table_rows if r["split"] == s] for s in ("train", "validation")}
-    if not any(not r["error"] for r in rows["train"]):
-        raise ValueError(f"the corpus at {corpus_dir(cfg)} has no usable train rows")
-
-    train_dir = train_out_dir(cfg).resolve()  # absolute: Ray Train workers run elsewhere
+    out = storage_path(cfg.output_dir, cfg.storage)
+    corpus = corpus_location(cfg)
+    manifest = read_manifest(corpus)
+    t = cfg.train
+    train_dir = out / "train"
     ray_dir = train_dir / "ray"
-    train_dir.mkdir(parents=True, exist_ok=True)
+    train_dir.mkdir()
     # An interrupted run (no summary.json yet) with the same settings resumes from its latest
     # checkpoint; a finished run, or one whose settings or corpus changed, starts afresh. Only
     # the training length (epochs, max_steps) and checkpoint keeping may change on resume.
@@ -508,97 +547,123 @@ def run_train(cfg: Config) -> dict:
     key_file = train_dir / "resume_key.json"
     found = latest_checkpoint(ray_dir)
     previous_key = json.loads(key_file.read_text()) if key_file.is_file() else None
+    finished = (train_dir / "summary.json").is_file()
     resumed_from = None
-    if found and not (train_dir / "summary.json").is_file() and previous_key == key:
+    if found and not finished and previous_key == key:
         resumed_from = found[1]["step"]
-        log.info("train: resuming an interrupted run from its latest checkpoint (step %d, %s)",
-                 found[1]["step"], found[0])
+        log.info("train: resuming an interrupted run from its latest checkpoint (step %d, %s)", resumed_from, found[0])
         # Ray's own record of the run may lag the folder (see latest_checkpoint) or name
         # checkpoints that were removed; the workers resume from the folder, Ray starts a new record.
-        (ray_dir / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
+        (ray_dir / "checkpoint_manager_snapshot.json").delete()
         for d in checkpoint_dirs(ray_dir):
-            if d != found[0]:
-                shutil.rmtree(d, ignore_errors=True)
+            if d.path != found[0].path:
+                d.delete()
     else:
-        if found and not (train_dir / "summary.json").is_file():
+        if found and not finished:
             log.warning("train: settings or corpus changed since the interrupted run; starting afresh")
-        shutil.rmtree(ray_dir, ignore_errors=True)
-        for stale in ("summary.json", "metrics.jsonl"):
-            (train_dir / stale).unlink(missing_ok=True)
+        ray_dir.delete()
+        for stale in ("summary.json", "metrics.jsonl", "loss.png"):
+            (train_dir / stale).delete()
     key_file.write_text(json.dumps(key, indent=2))
     # The previous student no longer describes this training: never leave it for evaluate.
-    shutil.rmtree(student_out_dir(cfg), ignore_errors=True)
+    (out / "student").delete()
     if cfg.student.init == "prune":
-        student_dir = _ensure_baseline(cfg, out)
+        student_dir = _ensure_baseline(cfg).resolve()  # absolute: Ray tasks and workers run elsewhere
+        student_ref = str(student_dir)
+        if out.remote:  # workers on other nodes read it from the run's storage
+            student_ref = (out / "baseline_student").uri
+            upload_dir(student_dir, out / "baseline_student")
     else:
-        student_dir = Path(resolve_model(cfg.student.model))
-    if student_dir.exists():
-        # Ray Train workers do not run in the driver's working directory: hand them absolute paths.
-        student_dir = student_dir.resolve()
+        student_ref = resolve_model(cfg.student.model)
+        student_dir = Path(student_ref)
+        if student_dir.exists():
+            # Ray Train workers do not run in the driver's working directory: hand them absolute paths.
+            student_dir = student_dir.resolve()
+            student_ref = str(student_dir)
     (train_dir / "student_init.json").write_text(json.dumps(
-        {"init": cfg.student.init, "baseline_student": str(student_dir), "teacher": cfg.teacher.model,
+        {"init": cfg.student.init, "baseline_student": student_ref, "teacher": cfg.teacher.model,
          "keep_layers": cfg.student.keep_layers}, indent=2))
     check_lora_targets(cfg, student_dir)
 
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     require_chat_template(tokenizer, str(student_dir))
-    source, why = choose_label_source(tokenizer, manifest, {r["teacher"] for r in table_rows}, cfg)
+    source, why = choose_label_source(tokenizer, manifest, cfg)
     log.info("train: labels are %s (%s)", source.replace("_", " "), why)
+    check_logit_kd(cfg, manifest, tokenizer, student_dir, source)
     stop_ids = set(manifest.get("stop_token_ids") or []) | stop_token_ids(student_dir)
     if tokenizer.eos_token_id is not None:
         stop_ids.add(tokenizer.eos_token_id)
-    examples, dropped = _examples(rows["train"], tokenizer, cfg, source, stop_ids)
-    val_examples, val_dropped = _examples(rows["validation"], tokenizer, cfg, source, stop_ids)
-    if not examples:
-        raise ValueError(f"no train example fits train.max_seq_len={cfg.train.max_seq_len} tokens "
-                         f"(rows left out: {dropped})")
-    t = cfg.train
-    per_worker = len(examples) // t.workers
-    if per_worker == 0:
-        raise ValueError(f"{len(examples)} train examples cannot feed {t.workers} workers")
-    dropped["uneven_split"] = len(examples) % t.workers
-    truncated = sum(1 for r in rows["train"] if not r["error"] and r["finish_reason"] == "length")
+
+    init_ray()
+    with_topk = t.loss == "logit_kd" and t.kd.teacher == "corpus"
+    data_files = [(corpus / f).path for f in manifest.get("shards", [])]
+    counts = {}
+    for split in ("train", "validation"):
+        counts[split] = write_examples(data_files, corpus.fs, split, train_dir / "examples" / split,
+                                       tokenizer_dir=str(student_dir), cfg=cfg, source=source, stop_ids=stop_ids,
+                                       with_topk=with_topk)
+    n_train, n_val = counts["train"]["rows"], counts["validation"]["rows"]
+    dropped = dict(counts["train"]["dropped"])
+    if not n_train and not any(dropped.values()):
+        raise ValueError(f"the corpus at {corpus} has no usable train rows")
+    if not n_train:
+        raise ValueError(f"no train example fits train.max_seq_len={t.max_seq_len} tokens (rows left out: {dropped})")
+    per_rank, micro_per_epoch, steps_per_epoch = plan_steps(n_train, t.workers, t.batch_size, t.grad_accum_steps)
+    if per_rank == 0:
+        raise ValueError(f"{n_train} train examples cannot feed {t.workers} workers")
+    dropped["uneven_split"] = n_train % t.workers
+    truncated = counts["train"]["truncated"]
     _log_dropped("train", dropped, cfg)
-    _log_dropped("validation", val_dropped, cfg)
-    if truncated:
-        log.info("train: %d train answer(s) were cut at the token limit: %s", truncated,
-                 "left out" if t.truncated_answers == "drop" else "trained without an end-of-turn label")
-    steps_per_epoch = math.ceil(per_worker / t.batch_size)
+    _log_dropped("validation", counts["validation"]["dropped"], cfg)
     total = min(t.max_steps or 10**12, steps_per_epoch * t.epochs)
     if resumed_from is not None and resumed_from > total:
         raise ValueError(f"the interrupted run already trained {resumed_from} steps, past this run's length of "
                          f"{total} steps (train.epochs={t.epochs}, train.max_steps={t.max_steps}): raise them to "
                          f"continue it, or delete {ray_dir} to start afresh")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if t.mlflow.enabled:
+        from .observe import require_mlflow
 
-    init_ray()
-    datasets = {"train": ray.data.from_items(examples)}
-    has_validation = bool(val_examples)
+        require_mlflow()
+
+    datasets = {"train": _examples_dataset(train_dir / "examples" / "train")}
+    has_validation = bool(n_val)
     if has_validation:
-        datasets["validation"] = ray.data.from_items(val_examples)
+        datasets["validation"] = _examples_dataset(train_dir / "examples" / "validation")
     error_file = train_dir / WORKER_ERROR_FILE
-    error_file.unlink(missing_ok=True)
-    loop_cfg = {"train": t.model_dump(), "student_dir": str(student_dir), "total_steps": total,
+    error_file.delete()
+    teacher_ref = str(_resolved(cfg.teacher.model)) if t.loss == "logit_kd" and t.kd.teacher == "online" else None
+    loop_cfg = {"train": t.model_dump(), "storage": cfg.storage.model_dump(), "student": student_ref,
+                "teacher": teacher_ref, "vocab": len(tokenizer), "total_steps": total,
                 "warmup_steps": warmup_steps(total, t.warmup_ratio), "steps_per_epoch": steps_per_epoch,
-                "pad_id": pad_id, "has_validation": has_validation, "ray_dir": str(ray_dir),
-                "error_file": str(error_file)}
-    log.info("train: %d examples, %d workers x batch %d, %d steps (%d/epoch)", len(examples), t.workers,
-             t.batch_size, total, steps_per_epoch)
+                "micro_per_epoch": micro_per_epoch, "pad_id": pad_id, "has_validation": has_validation,
+                "ray_dir": ray_dir.uri, "error_file": error_file.uri,
+                "run_name": f"raydistill {t.loss} {out.uri}", "params": cfg.model_dump(mode="json")}
+    log.info("train: %d examples, %d workers x batch %d x %d accumulation, %d steps (%d/epoch), loss %s%s",
+             n_train, t.workers, t.batch_size, t.grad_accum_steps, total, steps_per_epoch, t.loss,
+             f" ({t.kd.divergence}, T={t.kd.temperature}, alpha={t.kd.alpha}, teacher {t.kd.teacher})"
+             if t.loss == "logit_kd" else "")
+    run_kwargs = {"storage_path": train_dir.path if train_dir.remote else str(train_dir.local())}
+    if train_dir.remote:
+        run_kwargs["storage_filesystem"] = train_dir.fs
     trainer = _trainer_class()(
         train_loop_per_worker,
         train_loop_config=loop_cfg,
         scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name="ray", storage_path=str(train_dir),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            name="ray", **run_kwargs,
+            # Checkpoints are kept by raydistill (the latest train.keep_checkpoints and the best by
+            # validation loss, checkpoints.prune), not by Ray's single ordering.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
             # Worker crashes are retried from the latest checkpoint; config errors never reach
             # this point (checked above, or reported by the workers through error_file).
-            failure_config=ray.train.FailureConfig(max_failures=2)),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
         datasets=datasets,
-        # Every worker reads the whole (small, tokenized) dataset and takes its own part of a
-        # seeded per-epoch order: the same batches on resume, new batches every epoch.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        # Every rank gets its own equal part of the train rows, in a fixed order (so a resumed run
+        # skips exactly the micro-batches already trained); validation is read whole by each rank.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"],
+                                            execution_options=ExecutionOptions(preserve_order=True)),
     )
     previous_handler = signal.getsignal(signal.SIGINT)
     t0 = time.perf_counter()
@@ -610,44 +675,56 @@ def run_train(cfg: Config) -> dict:
     seconds = time.perf_counter() - t0
     if error_file.is_file():
         msg = json.loads(error_file.read_text())["error"]
-        error_file.unlink()
-        raise ValueError(f"the workers could not set up the student from {student_dir} (a config error; "
+        error_file.delete()
+        raise ValueError(f"the workers could not set up the student from {student_ref} (a config error; "
                          f"not retried): {msg}")
     final = latest_checkpoint(ray_dir)
     if final is None or not final[1].get("final") or final[1]["step"] != total:
         raise RuntimeError(f"training ended without a final checkpoint in {ray_dir} (latest: "
                            f"{final[1] if final else None})")
     final_dir = final[0]
-    history = torch.load(final_dir / STATE_FILE, map_location="cpu", weights_only=False)["history"]
-    with (train_dir / "metrics.jsonl").open("w") as f:
-        for rec in history:
-            f.write(json.dumps(rec) + "\n")
-    student_out = student_out_dir(cfg).resolve()
-    tmp = student_out.with_name("student.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(final_dir / HF_SUBDIR, tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "raydistill_config.yaml").write_text(cfg.dump())
-    shutil.rmtree(student_out, ignore_errors=True)
-    tmp.rename(student_out)
-    summary = {"steps": len(history), "examples": len(examples), "validation_examples": len(val_examples),
+    history = load_state(final_dir)["history"]
+    (train_dir / "metrics.jsonl").write_text("".join(json.dumps(rec) + "\n" for rec in history))
+    plot_losses(history, train_dir / "loss.png", title=f"{t.loss} · {cfg.output_dir}")
+    student_out = out / "student"
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d) / "student"
+        if final_dir.remote:
+            from .checkpoints import download
+
+            download(final_dir / HF_SUBDIR, tmp)
+        else:
+            shutil.copytree(final_dir.local() / HF_SUBDIR, tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "raydistill_config.yaml").write_text(cfg.dump())
+        if student_out.remote:
+            upload_dir(tmp, student_out)
+        else:
+            partial = student_out.local().with_name("student.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(tmp, partial)
+            shutil.rmtree(student_out.local(), ignore_errors=True)
+            partial.rename(student_out.local())
+    summary = {"steps": len(history), "examples": n_train, "validation_examples": n_val,
+               "loss": t.loss, "kd": t.kd.model_dump() if t.loss == "logit_kd" else None,
                "label_source": source, "label_source_reason": why,
                "truncated_rows": truncated, "truncated_answers": t.truncated_answers,
                "truncated_action": "dropped" if t.truncated_answers == "drop" else
                "trained without an end-of-turn label",
-               "dropped": dropped, "dropped_validation": val_dropped,
+               "dropped": dropped, "dropped_validation": counts["validation"]["dropped"],
                "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
                "val_loss": [r["val_loss"] for r in history if r.get("val_loss") is not None],
-               "resumed_from_step": resumed_from, "seconds": round(seconds, 1), "student": str(student_out),
-               "baseline_student": str(student_dir), "provenance": provenance()}
+               "resumed_from_step": resumed_from, "seconds": round(seconds, 1), "student": student_out.uri,
+               "baseline_student": student_ref, "provenance": provenance()}
+    (train_dir / "config.yaml").write_text(cfg.dump())
     (train_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if t.delete_checkpoints:
-        shutil.rmtree(ray_dir, ignore_errors=True)
+        ray_dir.delete()
         log.info("train: deleted the training checkpoints in %s (train.delete_checkpoints)", ray_dir)
-    else:  # Ray keeps train.keep_checkpoints of its own; the one a resume started from is not among them
-        kept = sorted(checkpoint_dirs(ray_dir), key=lambda d: (checkpoint_step(d), d.name))
-        for d in kept[:-t.keep_checkpoints]:
-            shutil.rmtree(d, ignore_errors=True)
+    else:
+        prune(ray_dir, t.keep_checkpoints)
     log.info("train: loss %.4f -> %.4f over %d steps in %.0f s -> %s", summary["first_loss"],
              summary["last_loss"], len(history), seconds, student_out)
     return summary

@@ -1,0 +1,344 @@
+"""Train examples: the corpus tokenized with the student's tokenizer and chat template, in Ray Data.
+
+``write_examples`` reads ``corpus/data/`` with ``ray.data.read_parquet`` (local or ``s3://``),
+tokenizes it in Ray Data tasks (``map_batches``), optionally packs short examples together, and
+writes one parquet folder per split under ``train/examples/<split>/`` (``EXAMPLE_SCHEMA``). The
+driver receives only counts (``example_counts``); Ray Train workers read their own shard of
+``train/examples/train/`` through ``ray.train.get_dataset_shard``.
+
+One example row (all lists of the same row have matching lengths)::
+
+    input_ids      (seq,) int32       prompt ids (chat template) then answer ids
+    labels         (seq,) int32       -100 on prompt and padding positions, the answer ids elsewhere
+    position_ids   (seq,) int32       0, 1, ... per packed example (restarts where the next one begins)
+    kd_positions   (n_kd,) int32      sequence indices whose label has a teacher distribution
+    topk_ids       (n_kd, k) int32    the teacher's top-k token ids at those positions (logit KD only)
+    topk_logprobs  (n_kd, k) float32  their natural-log probabilities (temperature 1)
+    n_labels       int32              label positions (labels != -100)
+    drop_reason    string             null = trained; error | truncated | too_long (the row is left out)
+
+Alignment: ``topk_ids[j]`` is the teacher's distribution over the token at sequence position
+``kd_positions[j]``, i.e. what the student predicts from its logits at ``kd_positions[j] - 1``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pyarrow as pa
+
+from ..config import Config
+from .losses import IGNORE_INDEX
+
+TEACHER_IDS, RETOKENIZED = "teacher_token_ids", "retokenized_text"
+DROP_REASONS = ("error", "truncated", "too_long")
+
+EXAMPLE_SCHEMA = pa.schema([
+    pa.field("prompt_id", pa.string()),
+    pa.field("input_ids", pa.list_(pa.int32())),
+    pa.field("labels", pa.list_(pa.int32())),
+    pa.field("position_ids", pa.list_(pa.int32())),
+    pa.field("kd_positions", pa.list_(pa.int32())),
+    pa.field("topk_ids", pa.list_(pa.list_(pa.int32()))),
+    pa.field("topk_logprobs", pa.list_(pa.list_(pa.float32()))),
+    pa.field("n_labels", pa.int32()),
+    pa.field("truncated", pa.bool_()),  # the teacher's answer was cut at its token limit (finish_reason length)
+    pa.field("drop_reason", pa.string()),
+])
+
+CORPUS_COLUMNS = ["prompt_id", "split", "messages", "response", "response_token_ids", "finish_reason", "error",
+                  "top_logprobs_ids", "top_logprobs"]
+
+
+def build_example(tokenizer, messages: list[dict], response: str, finish_reason: str,
+                  response_ids: list[int] | None, max_len: int, *, eot_ids: list[int],
+                  stop_ids: set[int] = frozenset(), topk_ids: list[list[int]] | None = None,
+                  topk_logprobs: list[list[float]] | None = None) -> dict[str, list] | None:
+    """Chat-format one (prompt, teacher answer) pair.
+
+    Args:
+        tokenizer: the student's tokenizer (with a chat template).
+        messages: the prompt's chat messages.
+        response: the teacher's answer text; used when ``response_ids`` is None.
+        finish_reason: ``stop`` (the answer ended by itself) or ``length`` (cut at the token limit).
+        response_ids: the teacher's own generated ids (same token-id space as ``tokenizer``), or
+            None to tokenize ``response`` again (``chat.text_ids``: special-token spellings stay text).
+        max_len: tokens kept (prompt + answer), cut from the right.
+        eot_ids: what the template writes after an answer (``chat.end_of_turn_ids``).
+        stop_ids: ids that ended generation; a trailing one in ``response_ids`` is replaced by ``eot_ids``.
+        topk_ids, topk_logprobs: the teacher's top-k per generated token, (len(response_ids), k)
+            (the corpus columns ``top_logprobs_ids`` / ``top_logprobs``); only with ``response_ids``.
+    Returns:
+        ``input_ids`` and ``labels`` (same length ≤ max_len): prompt ids (``chat.prompt_ids``) carry
+        -100, answer ids carry their ids. A ``stop`` answer ends with ``eot_ids``; a ``length``
+        answer ends with its last token (no end of turn: the student must not learn to stop
+        there). ``kd_positions`` / ``topk_ids`` / ``topk_logprobs``: the answer positions that have
+        a teacher distribution (every generated token kept; where a stop token is replaced by
+        ``eot_ids``, the first end-of-turn id keeps the stop token's distribution when it is that
+        token, and the template's extra ids have none). None when the prompt alone fills
+        ``max_len`` (nothing to learn).
+    """
+    from ..chat import prompt_ids, text_ids
+
+    prompt = prompt_ids(tokenizer, messages)
+    if len(prompt) >= max_len - 1:
+        return None
+    kd_ids: list[list[int]] = []
+    kd_lps: list[list[float]] = []
+    if response_ids is not None:
+        answer = list(response_ids)
+        n_dist = len(answer)  # generated tokens with a teacher distribution
+        if finish_reason == "stop" and answer and answer[-1] in stop_ids:
+            stop = answer.pop()
+            # the stop token's distribution stays only where the template writes that same token
+            n_dist = len(answer) + (1 if eot_ids and eot_ids[0] == stop else 0)
+        if topk_ids is not None and topk_logprobs is not None:
+            kd_ids = [list(x) for x in topk_ids[:n_dist]]
+            kd_lps = [list(x) for x in topk_logprobs[:n_dist]]
+    else:
+        answer = text_ids(tokenizer, response)
+    if finish_reason == "stop":
+        answer += list(eot_ids)
+    ids = (prompt + answer)[:max_len]
+    labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_len]
+    n_kd = min(len(kd_ids), len(ids) - len(prompt))
+    return {"input_ids": ids, "labels": labels, "position_ids": list(range(len(ids))),
+            "kd_positions": list(range(len(prompt), len(prompt) + n_kd)),
+            "topk_ids": kd_ids[:n_kd], "topk_logprobs": kd_lps[:n_kd]}
+
+
+def pack(examples: list[dict[str, list]], max_len: int) -> list[dict[str, list]]:
+    """Greedy first-fit packing of examples (in order) into rows of at most ``max_len`` tokens.
+
+    Each example keeps its own ``position_ids`` (restarting at 0): transformers reads packed
+    sequences from the position ids when no attention mask is given and lets each example attend
+    only to itself (``masking_utils.find_packed_sequence_indices``). ``kd_positions`` are shifted
+    to the row. Returns the packed rows (fewer or equal in number)."""
+    rows: list[dict[str, list]] = []
+    for ex in examples:
+        n = len(ex["input_ids"])
+        target = next((r for r in rows if len(r["input_ids"]) + n <= max_len), None)
+        if target is None:
+            rows.append({k: list(v) if isinstance(v, list) else v for k, v in ex.items()})
+            continue
+        offset = len(target["input_ids"])
+        for key in ("input_ids", "labels", "position_ids", "topk_ids", "topk_logprobs"):
+            target[key] += ex[key]
+        target["kd_positions"] += [p + offset for p in ex["kd_positions"]]
+        if "prompt_id" in target:
+            target["prompt_id"] = f"{target['prompt_id']},{ex['prompt_id']}"
+        if "truncated" in target:
+            target["truncated"] = bool(target["truncated"] or ex["truncated"])
+    return rows
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def tokenize_batch(batch: pa.Table, *, tokenizer_dir: str, max_len: int, source: str, stop_ids: list[int],
+                   truncated_answers: str, with_topk: bool, packing: bool) -> pa.Table:
+    """Ray Data ``map_batches`` function: corpus rows (``CORPUS_COLUMNS``) → ``EXAMPLE_SCHEMA`` rows.
+
+    Rows left out keep a row with ``drop_reason`` set (``error``: a failed answer, which generate
+    keeps out of ``data/``; ``truncated``: an answer cut at the token limit with
+    ``train.truncated_answers=drop``; ``too_long``: the prompt alone fills ``max_len``),
+    so that the driver can count them without reading the data."""
+    from ..chat import end_of_turn_ids
+
+    tok = _tokenizer(tokenizer_dir)
+    stops = set(stop_ids)
+    kept: list[dict] = []
+    dropped: list[dict] = []
+    for r in batch.to_pylist():
+        truncated = r["finish_reason"] == "length"
+        reason = None
+        ex = None
+        if r["error"] or r["finish_reason"] == "error":  # generate keeps these in rejects/; never trained
+            reason = "error"
+        elif truncated and truncated_answers == "drop":
+            reason = "truncated"
+        else:
+            ids = r["response_token_ids"]
+            # A row whose ids were not kept (an empty list for a non-empty answer) is tokenized from text.
+            use_ids = source == TEACHER_IDS and bool(ids or not r["response"])
+            ex = build_example(tok, r["messages"], r["response"] or "", "length" if truncated else "stop",
+                               list(ids or []) if use_ids else None, max_len,
+                               eot_ids=end_of_turn_ids(tok, r["messages"]), stop_ids=stops,
+                               topk_ids=r["top_logprobs_ids"] if with_topk and use_ids else None,
+                               topk_logprobs=r["top_logprobs"] if with_topk and use_ids else None)
+            if ex is None:
+                reason = "too_long"
+        if reason is not None:
+            dropped.append({"prompt_id": r["prompt_id"], "input_ids": [], "labels": [], "position_ids": [],
+                            "kd_positions": [], "topk_ids": [], "topk_logprobs": [], "truncated": truncated,
+                            "drop_reason": reason})
+        else:
+            kept.append(dict(ex, prompt_id=r["prompt_id"], truncated=truncated, drop_reason=None))
+    if packing and kept:  # the prompt ids of a packed row are joined with ","
+        kept = pack(kept, max_len)
+    rows = kept + dropped
+    for r in rows:
+        r["n_labels"] = sum(1 for x in r["labels"] if x != IGNORE_INDEX)
+    return pa.Table.from_pylist(rows, schema=EXAMPLE_SCHEMA)
+
+
+def choose_label_source(student_tokenizer, manifest: dict, cfg: Config) -> tuple[str, str]:
+    """(``teacher_token_ids`` or ``retokenized_text``, why): the teacher's own ids are trained when
+    the student's tokenizer has the teacher's token-id space (``chat.tokenizer_fingerprint``
+    equal to the corpus manifest's ``teacher_tokenizer``). A corpus without that record is checked
+    against ``teacher.model``'s tokenizer when it made the corpus and is at hand locally."""
+    from ..chat import tokenizer_fingerprint
+
+    student_fp = tokenizer_fingerprint(student_tokenizer)
+    teacher_fp = manifest.get("teacher_tokenizer")
+    if teacher_fp is None and manifest.get("teacher") == cfg.teacher.model:
+        tok = local_teacher_tokenizer(cfg.teacher.model)
+        teacher_fp = tokenizer_fingerprint(tok) if tok is not None else None
+    if teacher_fp is None:
+        return RETOKENIZED, "the corpus does not record the teacher's tokenizer"
+    if teacher_fp != student_fp:
+        return RETOKENIZED, "the student's tokenizer differs from the teacher's"
+    return TEACHER_IDS, "the student shares the teacher's tokenizer"
+
+
+def local_teacher_tokenizer(ref: str):
+    """The tokenizer of model ``ref`` when its files are on this machine (None otherwise)."""
+    from ..models import config_json
+
+    cfg_file = config_json(ref)
+    if cfg_file is None or not cfg_file.parent.joinpath("tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(cfg_file.parent)
+
+
+def example_counts(folder) -> dict[str, Any]:
+    """Counts of an examples folder (a ``StoragePath``) read in Ray Data, never the rows: ``rows``
+    (trained), ``labels`` (label tokens of those), ``truncated`` (answers cut at the teacher's token
+    limit, trained or not), and ``dropped`` per reason."""
+    import ray
+
+    def per_block(batch: pa.Table) -> pa.Table:
+        import pyarrow.compute as pc
+
+        reasons = batch.column("drop_reason")
+        kept = pc.is_null(reasons)
+        out = {"rows": [pc.sum(pc.cast(kept, pa.int64())).as_py() or 0],
+               "truncated": [pc.sum(pc.cast(batch.column("truncated"), pa.int64())).as_py() or 0],
+               "labels": [pc.sum(pc.if_else(kept, batch.column("n_labels"), 0)).as_py() or 0]}
+        for reason in DROP_REASONS:
+            out[reason] = [pc.sum(pc.cast(pc.equal(pc.fill_null(reasons, ""), reason), pa.int64())).as_py() or 0]
+        return pa.table(out)
+
+    files = folder.files(".parquet")
+    totals = {"rows": 0, "labels": 0, "truncated": 0, "dropped": {r: 0 for r in DROP_REASONS}}
+    if not files:
+        return totals
+    ds = ray.data.read_parquet([f.path for f in files], filesystem=folder.fs,
+                              columns=["drop_reason", "n_labels", "truncated"])
+    for rec in ds.map_batches(per_block, batch_format="pyarrow", batch_size=None).take_all():
+        totals["rows"] += rec["rows"]
+        totals["truncated"] += rec["truncated"]
+        totals["labels"] += rec["labels"]
+        for reason in DROP_REASONS:
+            totals["dropped"][reason] += rec[reason]
+    return totals
+
+
+def write_examples(corpus_files: list, corpus_fs, split: str, out, *, tokenizer_dir: str, cfg: Config, source: str,
+                   stop_ids: set[int], with_topk: bool) -> dict[str, Any]:
+    """Tokenize the corpus rows of ``split`` into ``out`` (a ``StoragePath`` folder, replaced) and
+    return their ``example_counts``. ``corpus_files``: the corpus's data shards (paths in
+    ``corpus_fs``)."""
+    import ray
+
+    def of_split(batch: pa.Table) -> pa.Table:
+        import pyarrow.compute as pc
+
+        return batch.filter(pc.equal(batch.column("split"), split))
+
+    out.delete()
+    if corpus_files:
+        t = cfg.train
+        columns = CORPUS_COLUMNS if with_topk else [c for c in CORPUS_COLUMNS if not c.startswith("top_")]
+        ds = ray.data.read_parquet(corpus_files, filesystem=corpus_fs, columns=columns)
+        if not with_topk:
+            ds = ds.map_batches(_no_topk, batch_format="pyarrow", batch_size=None)
+        (ds.map_batches(of_split, batch_format="pyarrow", batch_size=None)
+         .map_batches(tokenize_batch, batch_format="pyarrow", batch_size=256,
+                      fn_kwargs={"tokenizer_dir": tokenizer_dir, "max_len": t.max_seq_len, "source": source,
+                                 "stop_ids": sorted(stop_ids), "truncated_answers": t.truncated_answers,
+                                 "with_topk": with_topk, "packing": t.packing})
+         .write_parquet(out.uri if out.remote else out.path, filesystem=out.fs))
+    out.mkdir()
+    return example_counts(out)
+
+
+def _no_topk(batch: pa.Table) -> pa.Table:
+    n = batch.num_rows
+    return (batch.append_column("top_logprobs_ids", pa.nulls(n, pa.list_(pa.list_(pa.int32()))))
+            .append_column("top_logprobs", pa.nulls(n, pa.list_(pa.list_(pa.float32())))))
+
+
+def trained_rows(batch: pa.Table) -> pa.Table:
+    """Ray Data filter: the rows that are trained (``drop_reason`` null), without the count columns."""
+    import pyarrow.compute as pc
+
+    kept = batch.filter(pc.is_null(batch.column("drop_reason")))
+    return kept.drop_columns(["drop_reason", "n_labels", "truncated"])
+
+
+def collate(rows: dict[str, Any], pad_id: int, packing: bool = False) -> dict[str, Any]:
+    """Right-pad a micro-batch (columns of ``EXAMPLE_SCHEMA``, as lists or numpy object arrays)
+    into tensors.
+
+    Returns ``input_ids`` (batch, seq) long, ``labels`` (batch, seq) long with -100 on padding,
+    ``attention_mask`` (batch, seq) long (1 = token; None when ``packing``: the packed
+    ``position_ids`` (batch, seq) then tell each example apart, and padding gets its own
+    positions), and, when the rows carry a teacher distribution, ``kd_mask`` (batch, seq) bool,
+    ``topk_ids`` (batch, seq, k) long and ``topk_logprobs`` (batch, seq, k) float32 (-inf where
+    absent), aligned with ``labels``. Padding is masked by position, never by token id, so an EOS
+    equal to the pad token stays in the labels.
+    """
+    import torch
+
+    seqs = [list(x) for x in rows["input_ids"]]
+    labs = [list(x) for x in rows["labels"]]
+    b, width = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    pos = torch.zeros((b, width), dtype=torch.long)
+    for i, (s, l) in enumerate(zip(seqs, labs)):
+        ids[i, : len(s)] = torch.tensor(s)
+        labels[i, : len(l)] = torch.tensor(l)
+        mask[i, : len(s)] = 1
+        p = list(rows["position_ids"][i]) if "position_ids" in rows else list(range(len(s)))
+        pos[i, : len(s)] = torch.tensor(p, dtype=torch.long)
+        pos[i, len(s):] = torch.arange(width - len(s))  # padding: a block of its own
+    out: dict[str, Any] = {"input_ids": ids, "labels": labels, "position_ids": pos,
+                           "attention_mask": None if packing else mask}
+    kd_rows = rows.get("topk_ids")
+    if kd_rows is not None:  # a logit-KD batch: the arrays are there even when no row has a distribution
+        k = max([len(v) for x in kd_rows for v in x] or [1])
+        top_ids = torch.zeros((b, width, k), dtype=torch.long)
+        top_lps = torch.full((b, width, k), float("-inf"), dtype=torch.float32)
+        kd_mask = torch.zeros((b, width), dtype=torch.bool)
+        for i in range(b):
+            positions = list(rows["kd_positions"][i])
+            for j, p in enumerate(positions):
+                row_ids = list(rows["topk_ids"][i][j])
+                row_lps = list(rows["topk_logprobs"][i][j])
+                if not row_ids:
+                    continue
+                top_ids[i, p, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
+                top_lps[i, p, : len(row_lps)] = torch.tensor(row_lps, dtype=torch.float32)
+                kd_mask[i, p] = True
+        out.update(kd_mask=kd_mask, topk_ids=top_ids, topk_logprobs=top_lps)
+    return out
