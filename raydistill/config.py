@@ -285,13 +285,6 @@ class TrainConfig(_Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
-    @model_validator(mode="after")
-    def _kd_consistent(self) -> "TrainConfig":
-        if self.strategy == "fsdp" and self.lora.enabled:
-            raise ValueError("train.strategy=fsdp with train.lora.enabled: LoRA trains few weights, use "
-                             "strategy=ddp (FSDP is for students whose full weights do not fit one device)")
-        return self
-
 
 class EvalConfig(EngineConfig):
     split: Literal["test", "validation"] = Field("test", description="Held-out split evaluated.")

@@ -205,7 +205,8 @@ def write_synthetic_corpus(cfg, n: int) -> None:
     from raydistill.schema import conform
 
     prompts = load_prompts(cfg.data).to_pylist()[:n]
-    rows = [dict(p, response=f"The answer is {i % 7}.", response_token_ids=[], finish_reason="stop",
+    # answers of different lengths, so that the tokens of a batch tell which rows it held
+    rows = [dict(p, response="The answer is " + "very " * (i % 5) + f"{i % 7}.", response_token_ids=[], finish_reason="stop",
                  prompt_tokens=1, response_tokens=1, latency_s=0.1, batch_id="b", error=None,
                  teacher="t", generation_params="{}") for i, p in enumerate(prompts)]
     corpus = Path(cfg.output_dir) / "corpus"

@@ -152,13 +152,16 @@ def test_shuffle_resume_schedule_and_checkpoints(tiny_model, tmp_path, ray_local
     (out / "train" / "summary.json").unlink()
     for d in checkpoint_dirs(out / "train" / "ray"):
         if checkpoint_step(d) > 4:
-            shutil.rmtree(d)
+            d.delete()
     resumed = run_train(load(cfg_file, sets + ["train.epochs=3", "train.keep_checkpoints=2"]))
     b = _metrics(out)
     total = 3 * per_epoch
     assert resumed["resumed_from_step"] == 4 and resumed["steps"] == total
     assert b[:4] == a[:4]  # steps 1-4 come from the checkpoint, not redone
     assert [m["tokens"] for m in b[4:2 * per_epoch]] == tokens[4:]  # the same batches as uninterrupted
+    # ... from the same weights: step 5's loss (measured before its update, whose rate follows the new
+    # length) is the uninterrupted run's
+    assert b[4]["loss"] == pytest.approx(a[4]["loss"], rel=1e-5)
     assert [m["tokens"] for m in b[2 * per_epoch:]] != tokens[:per_epoch]
     # after the resume, the schedule of the new length: what an uninterrupted 3-epoch run uses
     peak, warmup = cfg.train.lr, warmup_steps(total, cfg.train.warmup_ratio)

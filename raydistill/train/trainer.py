@@ -320,8 +320,9 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
     found = latest_checkpoint(ray_dir)
     if found is not None:
         state = load_state(found[0])
-        parallel.load_full_state_dict(model, state["model"])
-        parallel.load_optimizer_state(model, opt, state["optimizer"])
+        # rank 0's copy is broadcast (a collective: every rank calls it)
+        parallel.load_full_state_dict(model, state["model"] if rank == 0 else None)
+        parallel.load_optimizer_state(model, opt, state["optimizer"] if rank == 0 else None)
         step, history = state["step"], state["history"]
         if rank == 0:
             print(f"[raydistill] resumed from checkpoint at step {step} ({found[0].name})", flush=True)
@@ -335,11 +336,8 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
             if rank == 0:
                 torch.save({"model": model_state, "optimizer": opt_state, "step": step, "history": history},
                            Path(d) / STATE_FILE)
-                if final:
-                    if t.lora.enabled:
-                        unwrapped.merge_and_unload().save_pretrained(Path(d) / HF_SUBDIR)
-                    else:
-                        parallel.save_hf(unwrapped, model_state, Path(d) / HF_SUBDIR)
+                if final:  # the student as save_pretrained writes it (LoRA merged)
+                    parallel.save_hf(unwrapped, model_state, Path(d) / HF_SUBDIR)
                 write_meta(Path(d), step, final, val_loss)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report({**metrics, "final": final}, checkpoint=checkpoint)
