@@ -61,9 +61,10 @@ def _load(config: Path | None, overrides: list[str] | None) -> Config:
 def _prepare(cfg: Config, stages: tuple[str, ...]) -> None:
     from .storage import is_remote, storage_path
 
-    if is_remote(cfg.output_dir) and set(stages) & {"train", "evaluate"}:
-        _fail(f"output_dir {cfg.output_dir} is on S3: generate reads and writes S3, but train and evaluate still "
-              "need a local output_dir; run `raydistill generate` alone, or use a local output_dir")
+    if is_remote(cfg.output_dir) and "evaluate" in stages:
+        _fail(f"output_dir {cfg.output_dir} is on S3: generate and train read and write S3, but evaluate still "
+              "needs a local output_dir; run `raydistill generate` and `raydistill train` alone, or use a local "
+              "output_dir")
     (storage_path(cfg.output_dir, cfg.storage) / "config.yaml").write_text(cfg.dump())
 
 

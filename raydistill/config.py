@@ -431,6 +431,18 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
+    def _logit_kd_has_a_teacher_signal(self) -> "Config":
+        kd = self.train.kd
+        if self.train.loss == "logit_kd" and kd.teacher == "corpus" and not self.generation.top_k_logprobs:
+            raise ValueError("train.loss is 'logit_kd' with train.kd.teacher 'corpus', but generation.top_k_logprobs "
+                             "is 0: the corpus would hold no teacher distribution to learn from; set "
+                             "generation.top_k_logprobs (e.g. 20) and generate again, or use train.kd.teacher=online")
+        if self.train.loss == "logit_kd" and kd.teacher == "online" and self.teacher.engine == "openai":
+            raise ValueError("train.kd.teacher is 'online' but teacher.engine is 'openai': an API teacher cannot run "
+                             "beside the student; use train.kd.teacher=corpus with generation.top_k_logprobs")
+        return self
+
+    @model_validator(mode="after")
     def _lengths_fit(self) -> "Config":
         # An API teacher's length limit is the endpoint's own; evaluation's engine serves the students.
         for name in (("eval",) if self.teacher.engine == "openai" else ("teacher", "eval")):

@@ -9,9 +9,10 @@ answer its prompts, not to find generate's outputs)::
       corpus/                generate: prompts/ (the split), data/ and rejects/ (part-*.parquet), manifest.json
                              (local or s3://; see raydistill.corpus)
       baseline_student/      train (student.init=prune): the student before training
-      train/                 train: metrics.jsonl, summary.json, student_init.json, ray/ (checkpoints;
-                             removed after a finished run unless train.delete_checkpoints=false)
-      student/               train: the distilled student (HF folder)
+      train/                 train: metrics.jsonl, loss.png, summary.json, student_init.json, examples/
+                             (tokenized, per split), ray/ (checkpoints; removed after a finished run
+                             unless train.delete_checkpoints=false); local or s3://
+      student/               train: the distilled student (HF folder; local or s3://)
       eval/                  evaluate: report.{json,md}, answers.parquet, *.png
 """
 

@@ -208,6 +208,7 @@ def local_copy(ref: str, storage: StorageConfig | None = None) -> str:
     if stamp.is_file() and json.loads(stamp.read_text()) == listing:
         return str(dest)
     tmp = dest.with_name(dest.name + f".{uuid.uuid4().hex}.partial")
+    tmp.mkdir(parents=True)  # copy_files makes only the subfolders it lists, not the destination itself
     pafs.copy_files(src.path, str(tmp), source_filesystem=src.fs, destination_filesystem=pafs.LocalFileSystem())
     (tmp / stamp.name).write_text(json.dumps(listing))
     shutil.rmtree(dest, ignore_errors=True)

@@ -24,9 +24,10 @@ CORPUS_TEXT = [
 ]
 
 
-def build_tiny_model(folder: Path, num_layers: int = 4, seed: int = 0) -> Path:
-    """A random-weight Llama (hidden 128, 2 heads of 64) with a byte-level BPE tokenizer trained
-    here on a few sentences and a ChatML chat template; pad == eos == <|im_end|> like SmolLM2."""
+def build_tiny_model(folder: Path, num_layers: int = 4, seed: int = 0, vocab_size: int = 400) -> Path:
+    """A random-weight Llama (hidden 128, 2 heads of 64) with a byte-level BPE tokenizer of
+    ``vocab_size`` tokens trained here on a few sentences and a ChatML chat template; pad == eos ==
+    <|im_end|> like SmolLM2. Another ``vocab_size`` gives another token-id space."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -35,7 +36,7 @@ def build_tiny_model(folder: Path, num_layers: int = 4, seed: int = 0) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS_TEXT * 5, trainer)
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
