@@ -33,6 +33,7 @@ from .losses import IGNORE_INDEX
 
 TEACHER_IDS, RETOKENIZED = "teacher_token_ids", "retokenized_text"
 DROP_REASONS = ("error", "truncated", "too_long")
+COMPLETE = "_COMPLETE"  # written into an examples folder once all its files are
 
 EXAMPLE_SCHEMA = pa.schema([
     pa.field("prompt_id", pa.string()),
@@ -253,9 +254,9 @@ def example_counts(folder) -> dict[str, Any]:
 
 def write_examples(corpus_files: list, corpus_fs, split: str, out, *, tokenizer_dir: str, cfg: Config, source: str,
                    stop_ids: set[int], with_topk: bool) -> dict[str, Any]:
-    """Tokenize the corpus rows of ``split`` into ``out`` (a ``StoragePath`` folder, replaced) and
-    return their ``example_counts``. ``corpus_files``: the corpus's data shards (paths in
-    ``corpus_fs``)."""
+    """Tokenize the corpus rows of ``split`` into ``out`` (a ``StoragePath`` folder, replaced; its
+    ``_COMPLETE`` marker written last) and return their ``example_counts``. ``corpus_files``: the
+    corpus's data shards (paths in ``corpus_fs``)."""
     import ray
 
     def of_split(batch: pa.Table) -> pa.Table:
@@ -277,6 +278,7 @@ def write_examples(corpus_files: list, corpus_fs, split: str, out, *, tokenizer_
                                  "with_topk": with_topk, "packing": t.packing})
          .write_parquet(out.uri if out.remote else out.path, filesystem=out.fs))
     out.mkdir()
+    (out / COMPLETE).write_text("")
     return example_counts(out)
 
 

@@ -26,7 +26,8 @@ Layout under ``output_dir`` (local or ``s3://``, see ``raydistill.layout``):
   (``train/resume_key.json``) resumes from the latest complete checkpoint (model, optimizer, step,
   data position); a worker that dies is restarted by Ray Train (``train.max_failures``) from there;
 - ``train/metrics.jsonl``: one JSON object per optimizer step (loss, ce, kd, lr, grad_norm, tokens,
-  tokens_per_s, seconds; ``val_loss`` at the end of each epoch when the corpus has validation rows);
+  tokens_per_s, seconds; ``val_loss`` with its ``val_ce`` / ``val_kd`` parts at the end of each epoch
+  when the corpus has validation rows);
 - ``train/loss.png``: the loss curves (train, its parts, validation);
 - ``train/summary.json``: steps, losses, which labels were trained (``label_source``), truncated
   answers and every row left out, per reason (``dropped``);
@@ -55,8 +56,8 @@ from typing import Any
 from ..config import Config
 from .checkpoints import (HF_SUBDIR, META_FILE, STATE_FILE, checkpoint_dirs, checkpoint_step,  # noqa: F401
                           latest_checkpoint, load_state, prune, write_meta)
-from .examples import (RETOKENIZED, TEACHER_IDS, build_example, choose_label_source, collate,  # noqa: F401
-                       local_teacher_tokenizer, trained_rows, write_examples)
+from .examples import (COMPLETE, RETOKENIZED, TEACHER_IDS, build_example, choose_label_source,  # noqa: F401
+                       collate, example_counts, local_teacher_tokenizer, trained_rows, write_examples)
 from .losses import IGNORE_INDEX  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -357,9 +358,10 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
     def autocast():
         return parallel.autocast(t.use_gpu, t.precision)
 
-    def validation_loss() -> float:
-        """Token-mean loss (the training objective) over every validation row: under DDP rank r
-        scores the micro-batches r, r + world, ... of the whole validation set; none is left out."""
+    def validation_loss() -> tuple[float, float, float | None]:
+        """(loss, ce, kd): token means of the training objective and its parts over every validation
+        row (kd None for sequence_kd); under DDP rank r scores the micro-batches r, r + world, ... of
+        the whole validation set; none is left out."""
         model.eval()
         sums = torch.zeros(4, dtype=torch.float64)
         sharded = t.strategy == "fsdp"  # every rank must run every forward: each scores all rows
@@ -378,7 +380,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
         alpha = t.kd.alpha if kd_on else 0.0
         ce = float(sums[0] / sums[1].clamp(min=1))
         kd = float(sums[2] / sums[3].clamp(min=1))
-        return round(alpha * kd + (1 - alpha) * ce, 6)
+        return round(alpha * kd + (1 - alpha) * ce, 6), round(ce, 6), round(kd, 6) if kd_on else None
 
     steps_per_epoch, accum = c["steps_per_epoch"], t.grad_accum_steps
     every = t.checkpoint_every_steps
@@ -445,8 +447,9 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
             end_of_epoch = step >= total or step % steps_per_epoch == 0
             val = None
             if end_of_epoch and c["has_validation"]:
-                val = rec["val_loss"] = validation_loss()
-                tracker.log_step({"step": step, "val_loss": val})
+                val, rec["val_ce"], rec["val_kd"] = validation_loss()
+                rec["val_loss"] = val
+                tracker.log_step({"step": step, "val_loss": val, "val_ce": rec["val_ce"], "val_kd": rec["val_kd"]})
                 if rank == 0:
                     print(f"[raydistill] epoch {epoch} validation loss {val:.4f}", flush=True)
             if step >= total or end_of_epoch:
@@ -560,7 +563,7 @@ def run_train(cfg: Config) -> dict:
         if found and not finished:
             log.warning("train: settings or corpus changed since the interrupted run; starting afresh")
         ray_dir.delete()
-        for stale in ("summary.json", "metrics.jsonl", "loss.png"):
+        for stale in ("summary.json", "metrics.jsonl", "loss.png", "examples"):
             (train_dir / stale).delete()
     key_file.write_text(json.dumps(key, indent=2))
     # The previous student no longer describes this training: never leave it for evaluate.
@@ -597,9 +600,13 @@ def run_train(cfg: Config) -> dict:
     data_files = [(corpus / f).path for f in manifest.get("shards", [])]
     counts = {}
     for split in ("train", "validation"):
-        counts[split] = write_examples(data_files, corpus.fs, split, train_dir / "examples" / split,
-                                       tokenizer_dir=str(student_dir), cfg=cfg, source=source, stop_ids=stop_ids,
-                                       with_topk=with_topk)
+        folder = train_dir / "examples" / split
+        if resumed_from is not None and (folder / COMPLETE).is_file():
+            # the interrupted run's examples, in their order: the resumed run skips exactly what it trained
+            counts[split] = example_counts(folder)
+            continue
+        counts[split] = write_examples(data_files, corpus.fs, split, folder, tokenizer_dir=str(student_dir), cfg=cfg,
+                                       source=source, stop_ids=stop_ids, with_topk=with_topk)
     n_train, n_val = counts["train"]["rows"], counts["validation"]["rows"]
     dropped = dict(counts["train"]["dropped"])
     if not n_train and not any(dropped.values()):
