@@ -200,7 +200,12 @@ def local_copy(ref: str, storage: StorageConfig | None = None) -> str:
     from .models import cache_dir
 
     src = storage_path(ref, storage)
-    listing = {f.path[len(src.path):].lstrip("/"): f.fs.get_file_info(f.path).size for f in src.files()}
+    # names, sizes and modification times: a folder rewritten with files of the same sizes (a rebuilt
+    # baseline student) is copied again
+    listing = {}
+    for f in src.files():
+        info = f.fs.get_file_info(f.path)
+        listing[f.path[len(src.path):].lstrip("/")] = [info.size, info.mtime_ns]
     if not listing:
         raise FileNotFoundError(f"{ref}: no files there")
     dest = cache_dir() / "s3" / hashlib.sha256(src.uri.encode()).hexdigest()[:16]
@@ -211,9 +216,12 @@ def local_copy(ref: str, storage: StorageConfig | None = None) -> str:
     tmp.mkdir(parents=True)  # copy_files makes only the subfolders it lists, not the destination itself
     pafs.copy_files(src.path, str(tmp), source_filesystem=src.fs, destination_filesystem=pafs.LocalFileSystem())
     (tmp / stamp.name).write_text(json.dumps(listing))
+    if stamp.is_file() and json.loads(stamp.read_text()) == listing:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process on this node copied the same meanwhile
+        return str(dest)
     shutil.rmtree(dest, ignore_errors=True)
     try:
         os.replace(tmp, dest)
-    except OSError:  # another process on this node won the race: its copy is the same
+    except OSError:  # another process on this node renamed its (same) copy into place first
         shutil.rmtree(tmp, ignore_errors=True)
     return str(dest)

@@ -229,3 +229,23 @@ def test_prune_keeps_the_latest_and_the_best(tmp_path):
     (tmp_path / "checkpoint_6").mkdir()  # being written: left alone
     assert sorted(prune(tmp_path, keep=2)) == ["checkpoint_1", "checkpoint_3"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_2", "checkpoint_4", "checkpoint_5", "checkpoint_6"]
+
+
+def test_packed_examples_get_the_logits_they_get_alone(tok, tiny_model):
+    """Each packed example attends only to itself: its logits equal those of the example run alone,
+    through the same forward call the trainer makes (position ids, no attention mask, no KV cache)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    eot = end_of_turn_ids(tok, USER)
+    exs = [dict(build_example(tok, USER, w, "stop", None, 256, eot_ids=eot), prompt_id=w, truncated=False)
+           for w in ("Paris.", "The river Seine.")]
+    row = pack(exs, max_len=512)
+    assert len(row) == 1
+    packed = collate({k: [row[0][k]] for k in ("input_ids", "labels", "position_ids")}, pad_id=0, packing=True)
+    with torch.no_grad():
+        both = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]
+        n0 = len(exs[0]["input_ids"])
+        for start, ex in ((0, exs[0]), (n0, exs[1])):
+            alone = model(input_ids=torch.tensor([ex["input_ids"]])).logits[0]
+            assert torch.allclose(both[start:start + len(ex["input_ids"])], alone, atol=1e-5)

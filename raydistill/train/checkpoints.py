@@ -2,7 +2,7 @@
 
 Ray Train writes each reported checkpoint to ``<output_dir>/train/ray/checkpoint_<time>/``. A
 raydistill checkpoint holds ``state.pt`` (the full model and optimizer state, step, metric
-history), ``hf/`` on the final one (the exported student) and ``META_FILE``, written last: the
+history), ``history.json`` (the metric history alone), ``hf/`` on the final one (the exported student) and ``META_FILE``, written last: the
 step, whether it is final, the validation loss when one was measured, and every file's size.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from ..storage import StoragePath, storage_path
 
 STATE_FILE = "state.pt"
+HISTORY_FILE = "history.json"  # the metric history (one record per step), small: what the driver reads
 HF_SUBDIR = "hf"
 META_FILE = "raydistill_checkpoint.json"
 

@@ -296,14 +296,14 @@ def trained_rows(batch: pa.Table) -> pa.Table:
     return kept.drop_columns(["drop_reason", "n_labels", "truncated"])
 
 
-def collate(rows: dict[str, Any], pad_id: int, packing: bool = False) -> dict[str, Any]:
+def collate(rows: dict[str, Any], pad_id: int, packing: bool = False, with_topk: bool = True) -> dict[str, Any]:
     """Right-pad a micro-batch (columns of ``EXAMPLE_SCHEMA``, as lists or numpy object arrays)
     into tensors.
 
     Returns ``input_ids`` (batch, seq) long, ``labels`` (batch, seq) long with -100 on padding,
     ``attention_mask`` (batch, seq) long (1 = token; None when ``packing``: the packed
     ``position_ids`` (batch, seq) then tell each example apart, and padding gets its own
-    positions), and, when the rows carry a teacher distribution, ``kd_mask`` (batch, seq) bool,
+    positions), and, when ``with_topk`` and the rows carry a ``topk_ids`` column, ``kd_mask`` (batch, seq) bool,
     ``topk_ids`` (batch, seq, k) long and ``topk_logprobs`` (batch, seq, k) float32 (-inf where
     absent), aligned with ``labels``. Padding is masked by position, never by token id, so an EOS
     equal to the pad token stays in the labels.
@@ -326,7 +326,7 @@ def collate(rows: dict[str, Any], pad_id: int, packing: bool = False) -> dict[st
         pos[i, len(s):] = torch.arange(width - len(s))  # padding: a block of its own
     out: dict[str, Any] = {"input_ids": ids, "labels": labels, "position_ids": pos,
                            "attention_mask": None if packing else mask}
-    kd_rows = rows.get("topk_ids")
+    kd_rows = rows.get("topk_ids") if with_topk else None
     if kd_rows is not None:  # a logit-KD batch: the arrays are there even when no row has a distribution
         k = max([len(v) for x in kd_rows for v in x] or [1])
         top_ids = torch.zeros((b, width, k), dtype=torch.long)

@@ -54,8 +54,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from .checkpoints import (HF_SUBDIR, META_FILE, STATE_FILE, checkpoint_dirs, checkpoint_step,  # noqa: F401
-                          latest_checkpoint, load_state, prune, write_meta)
+from .checkpoints import (HF_SUBDIR, HISTORY_FILE, META_FILE, STATE_FILE, best_checkpoint,  # noqa: F401
+                          checkpoint_dirs, checkpoint_step, latest_checkpoint, load_state, prune, write_meta)
 from .examples import (COMPLETE, RETOKENIZED, TEACHER_IDS, build_example, choose_label_source,  # noqa: F401
                        collate, example_counts, local_teacher_tokenizer, trained_rows, write_examples)
 from .losses import IGNORE_INDEX  # noqa: F401
@@ -180,7 +180,8 @@ def _embedding_rows(model_dir: str | Path) -> int | None:
     return cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
 
 
-def check_logit_kd(cfg: Config, manifest: dict, student_tokenizer, student_dir: Path, label_source: str) -> None:
+def check_logit_kd(cfg: Config, manifest: dict, student_tokenizer, student_dir: Path, label_source: str,
+                   why: str = "") -> None:
     """Refuse ``train.loss=logit_kd`` that cannot work, before any training.
 
     Raises ValueError when the corpus has no top-k logprobs (``train.kd.teacher=corpus``), and
@@ -201,8 +202,8 @@ def check_logit_kd(cfg: Config, manifest: dict, student_tokenizer, student_dir: 
         if not k:
             raise ValueError("train.loss=logit_kd with train.kd.teacher=corpus needs the teacher's top-k logprobs, "
                              f"and the corpus at {cfg.output_dir}/corpus has none (generation.top_k_logprobs was 0): "
-                             "regenerate with `raydistill generate CONFIG --overwrite --set "
-                             "generation.top_k_logprobs=20`, or use train.kd.teacher=online or "
+                             "set generation.top_k_logprobs: 20 in the config file and regenerate with "
+                             "`raydistill generate CONFIG --overwrite`, or use train.kd.teacher=online or "
                              "train.loss=sequence_kd")
         if label_source == TEACHER_IDS:
             teacher_rows = manifest.get("teacher_vocab_size")
@@ -224,10 +225,11 @@ def check_logit_kd(cfg: Config, manifest: dict, student_tokenizer, student_dir: 
                 (teacher_rows is None or rows is None or min(teacher_rows, rows) >= student_size):
             return
         teacher_size = len(tok)
+        why = why or "their vocabularies differ"
     raise VocabularyMismatch(
         f"train.loss=logit_kd needs the teacher and the student to share one token-id space, and they do not: "
         f"the teacher's tokenizer ({cfg.teacher.model}) has {teacher_size} tokens, the student's has "
-        f"{student_size} (embedding matrix: {rows} rows) and their vocabularies differ, so the teacher's "
+        f"{student_size} (embedding matrix: {rows} rows){f' and {why}' if why else ''}, so the teacher's "
         "distribution over its ids says nothing about the student's; use train.loss=sequence_kd (it trains "
         "on the teacher's text, tokenized again by the student)")
 
@@ -244,7 +246,8 @@ def _step_loss(model, teacher, batch: dict, t, kd_on: bool, vocab: int | None):
 
     from .losses import distill_loss_sums
 
-    kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    # use_cache=False: with a cache, transformers skips telling packed examples apart by their position ids
+    kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     if batch["attention_mask"] is not None:
         kwargs["attention_mask"] = batch["attention_mask"]
     logits = model(**kwargs).logits
@@ -320,11 +323,13 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
     step, history = 0, []
     found = latest_checkpoint(ray_dir)
     if found is not None:
-        state = load_state(found[0])
-        # rank 0's copy is broadcast (a collective: every rank calls it)
-        parallel.load_full_state_dict(model, state["model"] if rank == 0 else None)
-        parallel.load_optimizer_state(model, opt, state["optimizer"] if rank == 0 else None)
-        step, history = state["step"], state["history"]
+        # Only rank 0 reads the state (model + optimizer: the largest file of the run); its copy is
+        # broadcast (a collective: every rank calls it). Only rank 0 keeps the metric history.
+        state = load_state(found[0]) if rank == 0 else {"model": None, "optimizer": None, "history": []}
+        parallel.load_full_state_dict(model, state["model"])
+        parallel.load_optimizer_state(model, opt, state["optimizer"])
+        step, history = int(found[1]["step"]), state["history"]
+        del state
         if rank == 0:
             print(f"[raydistill] resumed from checkpoint at step {step} ({found[0].name})", flush=True)
 
@@ -337,6 +342,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
             if rank == 0:
                 torch.save({"model": model_state, "optimizer": opt_state, "step": step, "history": history},
                            Path(d) / STATE_FILE)
+                (Path(d) / HISTORY_FILE).write_text(json.dumps(history))  # the driver reads this, not state.pt
                 if final:  # the student as save_pretrained writes it (LoRA merged)
                     parallel.save_hf(unwrapped, model_state, Path(d) / HF_SUBDIR)
                 write_meta(Path(d), step, final, val_loss)
@@ -349,8 +355,12 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
         it = ray.train.get_dataset_shard(name)
         shuffle = {"local_shuffle_buffer_size": t.shuffle_buffer_rows, "local_shuffle_seed": t.seed * 100003 + epoch} \
             if name == "train" else {}
-        for b in it.iter_batches(batch_size=t.batch_size, batch_format="numpy", **shuffle):
-            yield collate(b, c["pad_id"], packing=t.packing)
+        yield from it.iter_batches(batch_size=t.batch_size, batch_format="numpy", **shuffle)
+
+    offline_kd = kd_on and t.kd.teacher == "corpus"  # the teacher's top-k come with the rows
+
+    def micro_batch(raw) -> dict:
+        return collate(raw, c["pad_id"], packing=t.packing, with_topk=offline_kd)
 
     def to_device(batch: dict) -> dict:
         return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
@@ -366,9 +376,10 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
         sums = torch.zeros(4, dtype=torch.float64)
         sharded = t.strategy == "fsdp"  # every rank must run every forward: each scores all rows
         with torch.no_grad():
-            for i, vb in enumerate(batches("validation", 0)):
+            for i, raw in enumerate(batches("validation", 0)):
                 if i % world != rank and not sharded:
                     continue
+                vb = micro_batch(raw)
                 with autocast():
                     # DDP: the unwrapped module, ranks score different numbers of batches (no collective)
                     s = _step_loss(model if sharded else unwrapped, teacher, to_device(vb), t, kd_on, c["vocab"])
@@ -386,7 +397,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
     every = t.checkpoint_every_steps
     from .observe import MlflowLogger
 
-    tracker = MlflowLogger(t.mlflow, run_name=c["run_name"], params=c["params"])  # rank 0 logs; a no-op if off
+    tracker = MlflowLogger(c["mlflow"], run_name=c["run_name"], params=c["params"])  # rank 0 logs; a no-op if off
     model.train()
     t_start = time.perf_counter()
     while step < total:
@@ -394,10 +405,10 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
         skip = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch trained before a resume
         group: list[dict] = []
         stream = batches("train", epoch)
-        for i, micro in enumerate(stream):
-            if i < skip:
+        for i, raw in enumerate(stream):
+            if i < skip:  # trained before the resume: not even collated
                 continue
-            group.append(micro)
+            group.append(micro_batch(raw))
             last_of_epoch = i + 1 >= c["micro_per_epoch"]
             if len(group) < accum and not last_of_epoch:
                 continue
@@ -408,7 +419,9 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
             # The step's loss is the token mean over all its micro-batches and ranks: normalize by the
             # global counts (times world: gradient averaging over ranks divides by it again).
             counts = torch.tensor([sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in group),
-                                   sum(int(m["kd_mask"][:, 1:].sum()) if "kd_mask" in m else
+                                   # KD positions: those with a stored teacher distribution (corpus), else every
+                                   # label position (online teacher; unused for sequence_kd)
+                                   sum(int(m["kd_mask"][:, 1:].sum()) if offline_kd else
                                        int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in group),
                                    sum(int(m["input_ids"].numel() if m["attention_mask"] is None
                                            else m["attention_mask"].sum()) for m in group)],
@@ -460,7 +473,9 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
             raise RuntimeError(f"rank {rank} got fewer than the {c['micro_per_epoch']} micro-batches planned for "
                                f"epoch {epoch} (step {step} of {total})")
         if step < total:
-            if not every or step % every == 0:
+            # at each epoch end without checkpoint_every_steps, and whenever validation ran (so the best
+            # checkpoint by validation loss can be kept)
+            if not every or step % every == 0 or c["has_validation"]:
                 save_state(final=False, val_loss=history[-1].get("val_loss") if history else None)
     save_state(final=True, val_loss=history[-1].get("val_loss") if history else None)
     tracker.close()
@@ -502,6 +517,19 @@ def _log_dropped(split: str, dropped: dict, cfg: Config) -> None:
     for reason, n in dropped.items():
         if n:
             log.warning("train: %d %s row(s) left out: %s", n, split, why[reason])
+
+
+def _mlflow_settings(t, train_dir) -> dict:
+    """``train.mlflow`` with the tracking URI resolved on the driver: the configured one, else
+    ``MLFLOW_TRACKING_URI``, else ``sqlite:///<output_dir>/train/mlflow.db`` for a local output_dir
+    (a relative default would land in the Ray worker's own working directory)."""
+    import os
+
+    settings = t.mlflow.model_dump()
+    if settings["tracking_uri"] is None and not os.environ.get("MLFLOW_TRACKING_URI") and not train_dir.remote:
+        settings["tracking_uri"] = f"sqlite:///{train_dir.local() / 'mlflow.db'}"
+        settings["artifact_location"] = str(train_dir.local() / "mlruns")
+    return settings
 
 
 def _examples_dataset(folder):
@@ -556,8 +584,10 @@ def run_train(cfg: Config) -> dict:
         # Ray's own record of the run may lag the folder (see latest_checkpoint) or name
         # checkpoints that were removed; the workers resume from the folder, Ray starts a new record.
         (ray_dir / "checkpoint_manager_snapshot.json").delete()
+        best = best_checkpoint(ray_dir)
+        keep = {found[0].path} | ({best[0].path} if best else set())
         for d in checkpoint_dirs(ray_dir):
-            if d.path != found[0].path:
+            if d.path not in keep:
                 d.delete()
     else:
         if found and not finished:
@@ -590,7 +620,7 @@ def run_train(cfg: Config) -> dict:
     require_chat_template(tokenizer, str(student_dir))
     source, why = choose_label_source(tokenizer, manifest, cfg)
     log.info("train: labels are %s (%s)", source.replace("_", " "), why)
-    check_logit_kd(cfg, manifest, tokenizer, student_dir, source)
+    check_logit_kd(cfg, manifest, tokenizer, student_dir, source, why)
     stop_ids = set(manifest.get("stop_token_ids") or []) | stop_token_ids(student_dir)
     if tokenizer.eos_token_id is not None:
         stop_ids.add(tokenizer.eos_token_id)
@@ -643,7 +673,8 @@ def run_train(cfg: Config) -> dict:
                 "warmup_steps": warmup_steps(total, t.warmup_ratio), "steps_per_epoch": steps_per_epoch,
                 "micro_per_epoch": micro_per_epoch, "pad_id": pad_id, "has_validation": has_validation,
                 "ray_dir": ray_dir.uri, "error_file": error_file.uri,
-                "run_name": f"raydistill {t.loss} {out.uri}", "params": cfg.model_dump(mode="json")}
+                "run_name": f"raydistill {t.loss} {out.uri}", "params": cfg.model_dump(mode="json"),
+                "mlflow": _mlflow_settings(t, train_dir)}
     log.info("train: %d examples, %d workers x batch %d x %d accumulation, %d steps (%d/epoch), loss %s%s",
              n_train, t.workers, t.batch_size, t.grad_accum_steps, total, steps_per_epoch, t.loss,
              f" ({t.kd.divergence}, T={t.kd.temperature}, alpha={t.kd.alpha}, teacher {t.kd.teacher})"
@@ -681,14 +712,15 @@ def run_train(cfg: Config) -> dict:
     if error_file.is_file():
         msg = json.loads(error_file.read_text())["error"]
         error_file.delete()
-        raise ValueError(f"the workers could not set up the student from {student_ref} (a config error; "
+        raise ValueError(f"the workers could not set up the student from {student_ref}"
+                         f"{' or the online teacher ' + teacher_ref if teacher_ref else ''} (a config error; "
                          f"not retried): {msg}")
     final = latest_checkpoint(ray_dir)
     if final is None or not final[1].get("final") or final[1]["step"] != total:
         raise RuntimeError(f"training ended without a final checkpoint in {ray_dir} (latest: "
                            f"{final[1] if final else None})")
     final_dir = final[0]
-    history = load_state(final_dir)["history"]
+    history = json.loads((final_dir / HISTORY_FILE).read_text())
     (train_dir / "metrics.jsonl").write_text("".join(json.dumps(rec) + "\n" for rec in history))
     plot_losses(history, train_dir / "loss.png", title=f"{t.loss} · {cfg.output_dir}")
     student_out = out / "student"
