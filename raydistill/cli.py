@@ -65,6 +65,13 @@ def _prepare(cfg: Config, stages: tuple[str, ...]) -> None:
         _fail(f"output_dir {cfg.output_dir} is on S3: generate and train read and write S3, but evaluate still "
               "needs a local output_dir; run `raydistill generate` and `raydistill train` alone, or use a local "
               "output_dir")
+    if "train" in stages and cfg.train.mlflow.enabled:  # before generation, not after it
+        from .train.observe import MlflowMissingError, require_mlflow
+
+        try:
+            require_mlflow()
+        except MlflowMissingError as e:
+            _fail(str(e))
     (storage_path(cfg.output_dir, cfg.storage) / "config.yaml").write_text(cfg.dump())
 
 
@@ -192,6 +199,12 @@ def preflight(cfg: Config, counts: dict[str, int] | None) -> list[str]:
             problem = str(e)
         if problem:
             problems.append(f"train.lora.target_modules: {problem}")
+    if cfg.train.mlflow.enabled:
+        import importlib.util
+
+        if importlib.util.find_spec("mlflow") is None:
+            problems.append("train.mlflow.enabled is true but mlflow is not installed: pip install mlflow "
+                            "(or set train.mlflow.enabled=false)")
     if counts is None:  # split sizes unknown (validate read a sample of the data)
         return problems
     if counts["train"] < cfg.train.workers:

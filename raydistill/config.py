@@ -433,10 +433,17 @@ class Config(_Section):
     @model_validator(mode="after")
     def _logit_kd_has_a_teacher_signal(self) -> "Config":
         kd = self.train.kd
+        api = self.teacher.engine == "openai"
         if self.train.loss == "logit_kd" and kd.teacher == "corpus" and not self.generation.top_k_logprobs:
             raise ValueError("train.loss is 'logit_kd' with train.kd.teacher 'corpus', but generation.top_k_logprobs "
                              "is 0: the corpus would hold no teacher distribution to learn from; set "
-                             "generation.top_k_logprobs (e.g. 20) and generate again, or use train.kd.teacher=online")
+                             "generation.top_k_logprobs (e.g. 20) and generate again with --overwrite"
+                             + ("" if api else ", or use train.kd.teacher=online"))
+        if self.train.loss == "logit_kd" and kd.teacher == "corpus" and api and not self.teacher.tokenizer:
+            raise ValueError("train.loss is 'logit_kd' with an openai teacher but teacher.tokenizer is not set: "
+                             "without the teacher's tokenizer the corpus keeps no token ids, so its top-k logprobs "
+                             "cannot be matched to the student's ids; set teacher.tokenizer (a local tokenizer of "
+                             "the served model) or use train.loss=sequence_kd")
         if self.train.loss == "logit_kd" and kd.teacher == "online" and self.teacher.engine == "openai":
             raise ValueError("train.kd.teacher is 'online' but teacher.engine is 'openai': an API teacher cannot run "
                              "beside the student; use train.kd.teacher=corpus with generation.top_k_logprobs")

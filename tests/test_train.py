@@ -231,3 +231,27 @@ def test_resuming_with_a_run_shorter_than_the_checkpoint_is_refused_up_front(tin
                                          r"\(train.epochs=4, train.max_steps=2\)"):
         run_train(cfg)
     assert ckpt.is_dir()  # nothing already produced is lost
+
+
+def test_a_refused_rerun_keeps_the_previous_student_and_checkpoints(tiny_model, tmp_path):
+    """Refusals (here LoRA targets the student lacks, and mlflow missing) come before train deletes
+    anything an earlier run wrote."""
+    cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
+    cfg = load(cfg_file, sets)
+    write_synthetic_corpus(cfg, 30)
+    out = Path(cfg.output_dir)
+    (out / "student").mkdir(parents=True)
+    (out / "student" / "config.json").write_text("{}")
+    ckpt = out / "train" / "ray" / "checkpoint_2026-11-30_00-00-00.000000"
+    ckpt.mkdir(parents=True)
+    (out / "train" / "summary.json").write_text("{}")
+    with pytest.raises(ModelError):
+        run_train(load(cfg_file, sets + ["train.lora.enabled=true", "train.lora.target_modules=[qkv_proj]"]))
+    import importlib.util
+
+    from raydistill.train.observe import MlflowMissingError
+
+    if importlib.util.find_spec("mlflow") is None:  # mlflow is optional and not installed by make
+        with pytest.raises(MlflowMissingError, match="pip install mlflow"):
+            run_train(load(cfg_file, sets + ["train.mlflow.enabled=true"]))
+    assert (out / "student" / "config.json").is_file() and ckpt.is_dir() and (out / "train" / "summary.json").is_file()

@@ -306,7 +306,9 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
                                                      target_modules=t.lora.target_modules, task_type="CAUSAL_LM"))
         teacher = None
         if kd_on and t.kd.teacher == "online":
-            teacher = AutoModelForCausalLM.from_pretrained(local_copy(c["teacher"], storage), dtype=torch.float32)
+            # one unsharded copy per worker: bf16 on GPU, fp32 on CPU (where bf16 is slower)
+            teacher = AutoModelForCausalLM.from_pretrained(local_copy(c["teacher"], storage),
+                                                           dtype=torch.bfloat16 if t.use_gpu else torch.float32)
             teacher.eval().requires_grad_(False).to(device)
     except (ValueError, ModelError) as e:
         # A config error repeats on every retry: report it to the driver through a file and end
@@ -569,6 +571,35 @@ def run_train(cfg: Config) -> dict:
     train_dir = out / "train"
     ray_dir = train_dir / "ray"
     train_dir.mkdir()
+    if cfg.student.init == "prune":
+        student_dir = _ensure_baseline(cfg).resolve()  # absolute: Ray tasks and workers run elsewhere
+        student_ref = str(student_dir)
+        if out.remote:  # workers on other nodes read it from the run's storage
+            student_ref = (out / "baseline_student").uri
+            upload_dir(student_dir, out / "baseline_student")
+    else:
+        student_ref = resolve_model(cfg.student.model)
+        student_dir = Path(student_ref)
+        if student_dir.exists():
+            # Ray Train workers do not run in the driver's working directory: hand them absolute paths.
+            student_dir = student_dir.resolve()
+            student_ref = str(student_dir)
+    check_lora_targets(cfg, student_dir)
+
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    require_chat_template(tokenizer, str(student_dir))
+    source, why = choose_label_source(tokenizer, manifest, cfg)
+    log.info("train: labels are %s (%s)", source.replace("_", " "), why)
+    check_logit_kd(cfg, manifest, tokenizer, student_dir, source, why)
+    stop_ids = set(manifest.get("stop_token_ids") or []) | stop_token_ids(student_dir)
+    if tokenizer.eos_token_id is not None:
+        stop_ids.add(tokenizer.eos_token_id)
+    if t.mlflow.enabled:
+        from .observe import require_mlflow
+
+        require_mlflow()
+
+    # Every refusal above comes before anything of an earlier run is deleted.
     # An interrupted run (no summary.json yet) with the same settings resumes from its latest
     # checkpoint; a finished run, or one whose settings or corpus changed, starts afresh. Only
     # the training length (epochs, max_steps) and checkpoint keeping may change on resume.
@@ -598,32 +629,9 @@ def run_train(cfg: Config) -> dict:
     key_file.write_text(json.dumps(key, indent=2))
     # The previous student no longer describes this training: never leave it for evaluate.
     (out / "student").delete()
-    if cfg.student.init == "prune":
-        student_dir = _ensure_baseline(cfg).resolve()  # absolute: Ray tasks and workers run elsewhere
-        student_ref = str(student_dir)
-        if out.remote:  # workers on other nodes read it from the run's storage
-            student_ref = (out / "baseline_student").uri
-            upload_dir(student_dir, out / "baseline_student")
-    else:
-        student_ref = resolve_model(cfg.student.model)
-        student_dir = Path(student_ref)
-        if student_dir.exists():
-            # Ray Train workers do not run in the driver's working directory: hand them absolute paths.
-            student_dir = student_dir.resolve()
-            student_ref = str(student_dir)
     (train_dir / "student_init.json").write_text(json.dumps(
         {"init": cfg.student.init, "baseline_student": student_ref, "teacher": cfg.teacher.model,
          "keep_layers": cfg.student.keep_layers}, indent=2))
-    check_lora_targets(cfg, student_dir)
-
-    tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    require_chat_template(tokenizer, str(student_dir))
-    source, why = choose_label_source(tokenizer, manifest, cfg)
-    log.info("train: labels are %s (%s)", source.replace("_", " "), why)
-    check_logit_kd(cfg, manifest, tokenizer, student_dir, source, why)
-    stop_ids = set(manifest.get("stop_token_ids") or []) | stop_token_ids(student_dir)
-    if tokenizer.eos_token_id is not None:
-        stop_ids.add(tokenizer.eos_token_id)
 
     init_ray()
     with_topk = t.loss == "logit_kd" and t.kd.teacher == "corpus"
@@ -656,10 +664,6 @@ def run_train(cfg: Config) -> dict:
                          f"{total} steps (train.epochs={t.epochs}, train.max_steps={t.max_steps}): raise them to "
                          f"continue it, or delete {ray_dir} to start afresh")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if t.mlflow.enabled:
-        from .observe import require_mlflow
-
-        require_mlflow()
 
     datasets = {"train": _examples_dataset(train_dir / "examples" / "train")}
     has_validation = bool(n_val)
