@@ -299,6 +299,67 @@ class EvalConfig(EngineConfig):
                                     "untrustworthy in the report.")
     warn_retained_below: float = Field(0.5, ge=0, le=1, description="The report warns when the student "
                                        "retains less than this share of the teacher's quality.")
+    latency_source: Literal["engine", "serve"] = Field(
+        "engine", description="Where latency and throughput come from: 'engine' = the batch engine that "
+        "answers the eval prompts; 'serve' = the running `raydistill serve` endpoint (serve.host:serve.port), "
+        "teacher and student driven alike, as users would.")
+
+
+class ServeArmConfig(_Section):
+    """One served model (an arm of the A/B endpoint): a Ray Serve LLM deployment running vLLM."""
+
+    model: str | None = Field(None, description="HF id, local folder or s3:// folder served; null = the run's "
+                              "own (student: <output_dir>/student; teacher: teacher.model).")
+    replicas: int = Field(1, gt=0, description="Deployment replicas (each one vLLM engine).")
+    cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs each replica reserves.")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica (0 on CPU machines; "
+                                    "tensor_parallel_size GPUs when > 0).")
+    tensor_parallel_size: int = Field(1, gt=0, description="vLLM tensor parallel degree (GPUs per replica).")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type the replicas need (e.g. "
+                                         "H100); null = any.")
+    max_model_len: int = Field(1024, gt=0, description="Longest prompt + answer the engine accepts (tokens).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; 'auto' = float32 on CPU, bfloat16 on GPU.")
+    kv_cache_gib: float = Field(2.0, gt=0, description="vLLM CPU KV cache size (GiB); ignored on GPUs.")
+    max_ongoing_requests: int = Field(8, gt=0, description="Requests one replica works on at once (Ray Serve "
+                                      "max_ongoing_requests).")
+    max_queued_requests: int = Field(16, ge=0, description="Requests that may wait for a replica beyond "
+                                     "those; past it the endpoint answers 503 (Ray Serve max_queued_requests).")
+
+
+class ABConfig(_Section):
+    weights: dict[Literal["student", "teacher"], float] = Field(
+        default_factory=lambda: {"student": 0.9, "teacher": 0.1},
+        description="Share of `model: ab` requests sent to each arm (normalized; an arm may be 0).")
+    sticky_header: str = Field("x-user-id", min_length=1, description="Request header whose value pins a user "
+                               "to one arm (hashed); requests without it are assigned at random.")
+    seed: int = Field(0, description="Salt of the sticky hash (change it to reshuffle users between arms).")
+
+    @model_validator(mode="after")
+    def _weights(self) -> "ABConfig":
+        if any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
+            raise ValueError(f"serve.ab.weights {self.weights}: weights must be >= 0 and not all 0")
+        return self
+
+
+class BenchServeConfig(_Section):
+    concurrency: list[int] = Field(default_factory=lambda: [1, 4, 16], min_length=1,
+                                   description="Concurrent clients per level, in order.")
+    requests_per_level: int = Field(32, gt=0, description="Requests per arm and concurrency level.")
+    max_tokens: int = Field(64, gt=0, description="max_tokens of each benchmark request.")
+    split: Literal["test", "validation", "train"] = Field("test", description="Corpus split whose prompts are sent.")
+    overhead_requests: int = Field(16, ge=0, description="Requests (one at a time) timed in-process and through "
+                                   "Serve for the overhead ratio; 0 = skip it (no in-process engine is started).")
+
+
+class ServeConfig(_Section):
+    host: str = Field("127.0.0.1", min_length=1, description="Address the HTTP endpoint binds to.")
+    port: int = Field(8000, gt=0, lt=65536, description="Port of the HTTP endpoint.")
+    app_name: str = Field("raydistill", min_length=1, description="Ray Serve application name.")
+    teacher: ServeArmConfig = Field(default_factory=ServeArmConfig)
+    student: ServeArmConfig = Field(default_factory=ServeArmConfig)
+    ab: ABConfig = Field(default_factory=ABConfig)
+    bench: BenchServeConfig = Field(default_factory=BenchServeConfig)
 
 
 TASK_SYSTEM_PROMPTS = {
@@ -414,6 +475,7 @@ class Config(_Section):
     student: StudentConfig = Field(default_factory=StudentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="after")
     def _storage_schemes(self) -> "Config":

@@ -226,7 +226,12 @@ def test_train_lora_merges_adapters_into_attention_only(tiny_model, tmp_path, ra
     write_synthetic_corpus(cfg, 30)
     summary = run_train(cfg)
     out = Path(cfg.output_dir)
-    assert summary["steps"] >= 2 and summary["last_loss"] < summary["first_loss"]
+    assert summary["steps"] >= 2
+    # the training loss over the same rows, epoch 2 vs epoch 1 (token-weighted: single steps are noisy)
+    history = [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    mean = {e: sum(m["loss"] * m["tokens"] for m in history if m["epoch"] == e)
+            / sum(m["tokens"] for m in history if m["epoch"] == e) for e in (0, 1)}
+    assert mean[1] < mean[0], history
     student = AutoModelForCausalLM.from_pretrained(out / "student")  # merged: a plain Llama again
     assert not any("lora" in n for n, _ in student.named_parameters())
     base = dict(AutoModelForCausalLM.from_pretrained(out / "baseline_student").named_parameters())

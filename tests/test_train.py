@@ -205,7 +205,8 @@ def test_ctrl_c_exits_130_and_the_next_run_resumes_from_the_latest_checkpoint(ti
     out = tmp_path / "run"
     assert not (out / "student").exists() and not (out / "train" / "summary.json").exists()
     written = _steps_on_disk(out)
-    assert written and written[-1] >= 3
+    # step 3 is printed before its checkpoint is saved: the signal may come first, step 2's is there
+    assert written and written[-1] >= 2
     summary = run_train(load(cfg_file, sets + [f"train.max_steps={written[-1] + 1}"]))
     assert summary["resumed_from_step"] == written[-1]  # not one checkpoint earlier
     assert summary["steps"] == written[-1] + 1
@@ -216,7 +217,8 @@ def test_resuming_with_a_run_shorter_than_the_checkpoint_is_refused_up_front(tin
     """An interrupted run at step 50 resumed with train.max_steps=2 used to "finish" and then fail
     without a final checkpoint; now it says what to change before Ray starts."""
     from raydistill.corpus import read_manifest
-    from raydistill.train.trainer import _write_meta, resume_key
+    from raydistill.train.checkpoints import write_meta
+    from raydistill.train.trainer import resume_key
 
     cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
     cfg = load(cfg_file, sets + ["train.max_steps=2"])
@@ -225,7 +227,7 @@ def test_resuming_with_a_run_shorter_than_the_checkpoint_is_refused_up_front(tin
     ckpt = train_dir / "ray" / "checkpoint_2026-11-29_00-00-00.000000"
     ckpt.mkdir(parents=True)
     (ckpt / "state.pt").write_bytes(b"x")
-    _write_meta(ckpt, 50, final=False)
+    write_meta(ckpt, 50, final=False)
     (train_dir / "resume_key.json").write_text(json.dumps(resume_key(cfg, read_manifest(train_dir.parent / "corpus"))))
     with pytest.raises(ValueError, match=r"already trained 50 steps, past this run's length of 2 steps "
                                          r"\(train.epochs=4, train.max_steps=2\)"):

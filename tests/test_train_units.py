@@ -249,3 +249,35 @@ def test_packed_examples_get_the_logits_they_get_alone(tok, tiny_model):
         for start, ex in ((0, exs[0]), (n0, exs[1])):
             alone = model(input_ids=torch.tensor([ex["input_ids"]])).logits[0]
             assert torch.allclose(both[start:start + len(ex["input_ids"])], alone, atol=1e-5)
+
+
+def test_validation_reader_and_counts_see_every_trained_row_once_in_file_order(tmp_path):
+    """read_trained_rows (the workers' validation reader) and example_counts (the driver's counts)
+    read the examples folder with pyarrow: kept rows in file then row order, rebatched across files
+    and row groups, dropped rows counted by reason and never yielded."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raydistill.storage import storage_path
+    from raydistill.train.examples import EXAMPLE_SCHEMA, example_counts, read_trained_rows
+
+    reasons = [None, "too_long", None, None, "error", None, None, "truncated", None]
+    rows = [{"prompt_id": f"p{i}", "input_ids": [1, 2, i], "labels": [-100, 2, i], "position_ids": [0, 1, 2],
+             "kd_positions": [], "topk_ids": [], "topk_logprobs": [], "n_labels": 2, "truncated": r == "truncated",
+             "drop_reason": r} for i, r in enumerate(reasons)]
+    folder = tmp_path / "examples"
+    folder.mkdir()
+    # two files (the second sorts first by name: order is by name), small row groups
+    pq.write_table(pa.Table.from_pylist(rows[5:], schema=EXAMPLE_SCHEMA), folder / "a.parquet", row_group_size=2)
+    pq.write_table(pa.Table.from_pylist(rows[:5], schema=EXAMPLE_SCHEMA), folder / "b.parquet", row_group_size=2)
+    loc = storage_path(folder)
+    batches = list(read_trained_rows(loc, batch_size=2))
+    expected = [f"p{i}" for i in (5, 6, 8, 0, 2, 3)]
+    assert [len(b["prompt_id"]) for b in batches] == [2, 2, 2]
+    assert [p for b in batches for p in b["prompt_id"]] == expected
+    assert "drop_reason" not in batches[0] and batches[0]["input_ids"][0] == [1, 2, 5]
+    assert [p for b in read_trained_rows(loc, batch_size=4) for p in b["prompt_id"]] == expected
+    assert [len(b["prompt_id"]) for b in read_trained_rows(loc, batch_size=4)] == [4, 2]
+    assert example_counts(loc) == {"rows": 6, "labels": 12, "truncated": 1,
+                                   "dropped": {"error": 1, "truncated": 1, "too_long": 1}}
+    assert list(read_trained_rows(storage_path(tmp_path / "none"), 2)) == []

@@ -93,7 +93,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from .examples import IGNORE_INDEX  # noqa: F401  (defined torch-free, for Ray Data tasks)
+
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 TeacherLogits = torch.Tensor | Callable[[int, int], torch.Tensor]

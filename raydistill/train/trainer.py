@@ -57,7 +57,8 @@ from ..config import Config
 from .checkpoints import (HF_SUBDIR, HISTORY_FILE, META_FILE, STATE_FILE, best_checkpoint,  # noqa: F401
                           checkpoint_dirs, checkpoint_step, latest_checkpoint, load_state, prune, write_meta)
 from .examples import (COMPLETE, RETOKENIZED, TEACHER_IDS, build_example, choose_label_source,  # noqa: F401
-                       collate, example_counts, local_teacher_tokenizer, trained_rows, write_examples)
+                       collate, example_counts, local_teacher_tokenizer, read_trained_rows, trained_rows,
+                       write_examples)
 from .losses import IGNORE_INDEX  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -378,7 +379,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
         sums = torch.zeros(4, dtype=torch.float64)
         sharded = t.strategy == "fsdp"  # every rank must run every forward: each scores all rows
         with torch.no_grad():
-            for i, raw in enumerate(batches("validation", 0)):
+            for i, raw in enumerate(read_trained_rows(storage_path(c["validation_dir"], storage), t.batch_size)):
                 if i % world != rank and not sharded:
                     continue
                 vb = micro_batch(raw)
@@ -666,9 +667,7 @@ def run_train(cfg: Config) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     datasets = {"train": _examples_dataset(train_dir / "examples" / "train")}
-    has_validation = bool(n_val)
-    if has_validation:
-        datasets["validation"] = _examples_dataset(train_dir / "examples" / "validation")
+    has_validation = bool(n_val)  # read whole by every rank, with pyarrow (examples.read_trained_rows)
     error_file = train_dir / WORKER_ERROR_FILE
     error_file.delete()
     teacher_ref = str(_resolved(cfg.teacher.model)) if t.loss == "logit_kd" and t.kd.teacher == "online" else None
@@ -676,6 +675,7 @@ def run_train(cfg: Config) -> dict:
                 "teacher": teacher_ref, "vocab": len(tokenizer), "total_steps": total,
                 "warmup_steps": warmup_steps(total, t.warmup_ratio), "steps_per_epoch": steps_per_epoch,
                 "micro_per_epoch": micro_per_epoch, "pad_id": pad_id, "has_validation": has_validation,
+                "validation_dir": (train_dir / "examples" / "validation").uri,
                 "ray_dir": ray_dir.uri, "error_file": error_file.uri,
                 "run_name": f"raydistill {t.loss} {out.uri}", "params": cfg.model_dump(mode="json"),
                 "mlflow": _mlflow_settings(t, train_dir)}
@@ -701,7 +701,7 @@ def run_train(cfg: Config) -> dict:
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
         datasets=datasets,
         # Every rank gets its own equal part of the train rows, in a fixed order (so a resumed run
-        # skips exactly the micro-batches already trained); validation is read whole by each rank.
+        # skips exactly the micro-batches already trained); validation is read by the workers themselves.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"],
                                             execution_options=ExecutionOptions(preserve_order=True)),
     )
