@@ -143,6 +143,93 @@ def evaluate(config: ConfigArg, set_: SetOpt = None) -> None:
     _run_stages(_load(config, set_), ("evaluate",))
 
 
+@app.command()
+def serve(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Serve teacher and student side by side (OpenAI API, A/B model `ab`) on Ray Serve until Ctrl-C.
+
+    Deploys raydistill.serve.app on the local Ray (or RAY_ADDRESS) at http://serve.host:serve.port,
+    writes the resolved config to <output_dir>/serve/config.yaml. Ctrl-C shuts Serve down (on a
+    RAY_ADDRESS cluster: deletes only this application) and exits 0."""
+    import os
+
+    from .models import ModelError
+    from .serve import AB_MODEL, ARMS
+    from .serve.app import arm_refs, serve_problems
+
+    cfg = _load(config, set_)
+    problems = serve_problems(cfg)
+    if problems:
+        _fail("cannot serve:\n  " + "\n  ".join(problems))
+    _setup_logging()
+    from .storage import storage_path
+
+    (storage_path(cfg.output_dir, cfg.storage) / "serve" / "config.yaml").write_text(cfg.dump())
+    on_cluster = bool(os.environ.get("RAY_ADDRESS"))
+    name = cfg.serve.app_name
+    started = False
+    try:
+        from ray import serve as ray_serve
+
+        from .runtime import init_ray
+        from .serve.app import build_app
+
+        init_ray()
+        try:
+            app_ = build_app(cfg)
+        except ModelError as e:
+            _fail(str(e))
+        ray_serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+        t0 = time.perf_counter()
+        ray_serve.run(app_, name=name, route_prefix="/")
+        started = True
+        url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1"
+        refs = arm_refs(cfg)
+        weights = ", ".join(f"{cfg.serve.ab.weights.get(a, 0.0):g} {a}" for a in ARMS)
+        typer.echo(f"serving {name} at {url} (ready in {time.perf_counter() - t0:.0f} s); models:\n"
+                   + "".join(f"  {a}: {refs[a]}\n" for a in ARMS)
+                   + f"  {AB_MODEL}: weights {weights}, sticky on header {cfg.serve.ab.sticky_header}\n"
+                   f"health: http://{cfg.serve.host}:{cfg.serve.port}/health; Ctrl-C stops")
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        typer.echo("stopping: " + ("deleting the application" if on_cluster else "shutting Ray Serve down"), err=True)
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            from ray import serve as ray_serve
+
+            try:
+                if on_cluster:
+                    ray_serve.delete(name)
+                else:
+                    ray_serve.shutdown()
+            finally:
+                ray.shutdown()
+    if not started:
+        raise typer.Exit(code=130)
+
+
+@app.command("bench-serve")
+def bench_serve(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Load-test the running `raydistill serve` endpoint, teacher vs student → <output_dir>/bench/.
+
+    Prints one JSON line last: overhead, the student/teacher latency and throughput ratios at the
+    highest concurrency level, and the raw figures (see raydistill.serve.bench)."""
+    cfg = _load(config, set_)
+    _setup_logging()
+    from .schema import SchemaError
+    from .serve.bench import EndpointError, run_bench, summary_line
+
+    try:
+        result = run_bench(cfg)
+    except (EndpointError, SchemaError, OSError, ValueError) as e:  # OSError: FileNotFoundError (no corpus)
+        _fail(str(e))
+        raise
+    typer.echo(f"report: {result['files']['markdown']}", err=True)
+    typer.echo(summary_line(result))
+
+
 def preflight(cfg: Config, counts: dict[str, int] | None) -> list[str]:
     """Problems that would stop a stage later: model references, layer indices, an architecture
     init=prune cannot prune, LoRA target modules the student lacks (checked on the meta device

@@ -18,6 +18,20 @@ engine batch at a time; an API teacher (``teacher.engine: openai``) answers from
 through the same ``openai`` engine as at generation, and has no memory probe (null figures, noted). Each call starts an engine (vLLM: 10–30 s), which is not in any latency:
 latency is per request. The answers of all rounds together give the quality figures.
 
+``eval.latency_source: serve``: the answers, and so every quality figure, come from the engines as
+above, but the latency and throughput figures of the teacher and the student come from the running
+``raydistill serve`` endpoint (``serve.host``:``serve.port``, models ``teacher`` and ``student``):
+after the engine rounds, in the same rounds, each round's prompts are sent to the served teacher and
+then the served student (the order alternates by round), one request at a time (concurrency 1),
+streaming, through the benchmark's client (``raydistill.serve.bench.run_requests``; one warm-up request
+per arm not counted), with ``generation.*`` sampling (max_new_tokens, temperature, top_p, seed). The
+endpoint is checked before any engine starts (``EndpointError`` when nothing answers). The baseline
+student is not served: its timing figures are null (n/a) and so are its timing ratios. Every served
+request is kept in ``eval/served.parquet`` (model, round, prompt_id, latency_s, ttft_s, response_tokens
+from the stream's usage, batch_id, answered_by, error); a served request that fails is left out of
+the timing figures and counted in a warning. ``output_tokens_per_s`` is then output tokens / the sum
+of the requests' latencies (one at a time, so that is the time the endpoint spent).
+
 Written under ``output_dir/eval/``: ``answers.parquet`` (every answer: the generation columns of
 ``schema.GENERATED_SCHEMA`` + ``model`` + ``round``), ``report.json``, ``report.md``,
 ``quality_vs_latency.png``, ``agreement.png``. ``answers.parquet`` is written first, into
@@ -31,7 +45,11 @@ cannot be computed (e.g. a model that answered no prompt), and the plots skip th
   ``prompt_source`` (the prompts/ folder read);
 - ``data_changed_since_corpus``: ``data.<key>`` → ``{"corpus": …, "now": …}`` for every data setting
   that differs from ``corpus/config.yaml`` (the corpus's split was used regardless);
-- ``teacher``, ``engine`` (``eval.engine``: the engine that produced latency and tokens/s);
+- ``teacher``, ``engine`` (``eval.engine``: the engine that produced the answers, and latency and tokens/s
+  unless ``timing_source`` says otherwise);
+- ``timing_source``: where latency and throughput come from: ``{latency_source: "engine" | "serve",
+  models: {name: "engine" | "serve" | null}, endpoint, concurrency}`` (endpoint and concurrency null for
+  engine; null for a model without timing figures);
 - ``memory_probe``: how memory was measured: ``engine`` (always ``transformers``: one batch of
   ``batch`` prompts, ``max_new_tokens`` 32, in a fresh process, see ``raydistill._probe``), and
   per model the ``dtype`` and ``device`` used (the dtype of that model's evaluation engine);
@@ -72,7 +90,8 @@ cannot be computed (e.g. a model that answered no prompt), and the plots skip th
 - ``finish_stop_share`` / ``finish_length_share``: share of answers that ended by themselves
   (finish reason ``stop``) / that hit the token limit (``length``), 0–1;
 - ``mean_output_tokens``: mean answer length (tokens);
-- ``latency_ms_p50`` / ``latency_ms_p95``: per-answer latency (request sent → last token), ms;
+- ``latency_ms_p50`` / ``latency_ms_p95``: per-answer latency (request sent → last token), ms (from
+  the endpoint for the served models when ``timing_source.latency_source`` is ``serve``);
 - ``latency_ms_per_token_p50``: median over answers of latency / answer tokens (ms/token); with the
   hf engine a batch's answers return together, so a short answer carries its batch's time;
 - ``output_tokens_per_s``: generated tokens / engine time, the sum over engine batches (run one
@@ -293,6 +312,24 @@ def round_figures(table: pa.Table) -> dict:
             "answers": len(lat)}
 
 
+TIMING_KEYS = ("latency_ms_p50", "latency_ms_p95", "latency_ms_per_token_p50", "output_tokens_per_s")
+
+
+def timing_figures(table: pa.Table | None) -> dict:
+    """``TIMING_KEYS`` of one model from a table with ``latency_s``, ``response_tokens``, ``batch_id``
+    and ``error`` (answers, or served requests), as ``model_report`` computes them; all None for
+    ``None`` (a model without timing figures) or a table without an answered row."""
+    if table is None:
+        return dict.fromkeys(TIMING_KEYS)
+    ok = [r for r in table.select(["latency_s", "response_tokens", "error"]).to_pylist()
+          if r["error"] is None and r["latency_s"] is not None]
+    lat_ms = [r["latency_s"] * 1000 for r in ok]
+    per_token = [r["latency_s"] * 1000 / r["response_tokens"] for r in ok if r["response_tokens"]]
+    return {"latency_ms_p50": _percentile(lat_ms, 50), "latency_ms_p95": _percentile(lat_ms, 95),
+            "latency_ms_per_token_p50": _percentile(per_token, 50),
+            "output_tokens_per_s": engine_throughput(table) if lat_ms else None}
+
+
 def ratio_spread(values: list[float | None], max_spread: float) -> dict:
     """Summary of one ratio measured in several rounds.
 
@@ -327,7 +364,8 @@ def timing_ratios(per_round: list[dict[str, dict]], student: str, max_spread: fl
 
 def build_report(answers: dict[str, pa.Table], model_info: dict[str, dict], *, split: str, teacher: str,
                  engine: str, label_map: dict | None, max_ratio_spread: float, warn_retained_below: float,
-                 extra: dict | None = None, marker: str = "####") -> dict:
+                 extra: dict | None = None, marker: str = "####",
+                 timing: dict[str, pa.Table | None] | None = None) -> dict:
     """The report dict (see module docstring) from the answers of the three models.
 
     Args:
@@ -338,12 +376,17 @@ def build_report(answers: dict[str, pa.Table], model_info: dict[str, dict], *, s
             ``size_dtype``, ``path``; missing ones become null), plus an optional ``note`` (a warning).
         extra: more top-level keys (``prompt_source``, ``limit``, ``data_changed_since_corpus``, ...).
         marker: ``task_prompts.final_answer_marker``, read before math and QA final answers.
+        timing: model name → the table its latency and throughput figures come from instead of its
+            answers (served requests: ``latency_s``, ``response_tokens``, ``batch_id``, ``error``,
+            ``round``), or None for no timing figures (null); models not in it are timed by their answers.
     Returns:
         A dict that ``json.dumps(..., allow_nan=False)`` accepts.
     """
     models: dict[str, dict] = {}
     for name in MODEL_NAMES:
         rep = model_report(answers[name], answers["teacher"], label_map, marker)
+        if timing is not None and name in timing:
+            rep.update(timing_figures(timing[name]))
         info = dict(model_info.get(name, {}))
         info.pop("note", None)
         for key in ("params", "dtype", "model_memory_mb", "process_baseline_mb", "peak_memory_mb", "size_mb",
@@ -358,10 +401,17 @@ def build_report(answers: dict[str, pa.Table], model_info: dict[str, dict], *, s
     def in_round(table: pa.Table, r: int) -> pa.Table:
         return table.filter(pc.equal(table.column("round"), r)) if "round" in table.column_names else table
 
+    def timed_in_round(name: str, r: int) -> dict:
+        if timing is not None and name in timing:
+            if timing[name] is None:
+                return {"latency_ms_p50": None, "output_tokens_per_s": None, "answers": 0}
+            return round_figures(in_round(timing[name], r))
+        return round_figures(in_round(answers[name], r))
+
     teacher_rows = answers["teacher"]
     rounds = sorted(set(teacher_rows.column("round").to_pylist())) if "round" in teacher_rows.column_names else [0]
     per_round = [{"round": r, "prompts": in_round(teacher_rows, r).num_rows,
-                  "models": {name: round_figures(in_round(answers[name], r)) for name in MODEL_NAMES}}
+                  "models": {name: timed_in_round(name, r) for name in MODEL_NAMES}}
                  for r in rounds]
     compared = {}
     t = models["teacher"]
@@ -393,6 +443,11 @@ def build_report(answers: dict[str, pa.Table], model_info: dict[str, dict], *, s
         "retained_baseline": retained(models["baseline_student"], models["teacher"]),
     }
     report["warnings"] = build_warnings(report, answers, model_info)
+    for name, table in (timing or {}).items():
+        errors = [e for e in table.column("error").to_pylist() if e is not None] if table is not None else []
+        if errors:
+            report["warnings"].append(f"{name}: {len(errors)} of the {table.num_rows} requests to the endpoint "
+                                      f"failed (e.g. {errors[0][:160]}); they are left out of its timing figures")
     return _finite(report)
 
 
@@ -519,6 +574,20 @@ def _rejects_markdown(rejects: dict | None) -> list[str]:
     return lines
 
 
+def _timing_source_markdown(source: dict | None) -> list[str]:
+    """report.md's sentence on where latency and throughput come from (nothing for the engine)."""
+    if not source or source.get("latency_source") != "serve":
+        return []
+    served = [n for n, s in source["models"].items() if s == "serve"]
+    unserved = [n for n, s in source["models"].items() if s is None]
+    text = (f"Latency and throughput of {' and '.join(served)} come from the running endpoint "
+            f"`{source['endpoint']}` (`eval.latency_source: serve`; the same prompts and rounds, one request at a "
+            f"time, streaming); quality figures come from the engine's answers.")
+    if unserved:
+        text += f" Not served, so no timing figures (n/a): {', '.join(unserved)}."
+    return [text, ""]
+
+
 def write_markdown(report: dict, answers: dict[str, pa.Table], path: Path) -> None:
     """report.md: warnings first, then the summary, timing rounds, per-task quality, examples.
     Missing values print as n/a; nothing here divides by a missing figure."""
@@ -535,6 +604,7 @@ def write_markdown(report: dict, answers: dict[str, pa.Table], path: Path) -> No
               f"engine `{report['engine']}`, timed in {report['timing']['rounds']} interleaved round(s). "
               f"Memory measured with {probe['engine']} (batch {_fmt(probe['batch'])}, {probe['max_new_tokens']} new "
               f"tokens) in each model's evaluation dtype: {dtypes}.", "",
+              *_timing_source_markdown(report.get("timing_source")),
               "## Summary", "",
               "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     rows = [("quality (mean primary metric, 0–1)", "quality", 3),
@@ -839,6 +909,12 @@ def run_evaluate(cfg: Config) -> dict:
         if not (Path(paths[name]) / "config.json").is_file():
             raise FileNotFoundError(f"no {name} at {paths[name]}: run `raydistill train` first")
     prompts, changes = load_eval_prompts(cfg)
+    endpoint = None
+    if cfg.eval.latency_source == "serve":  # before any engine starts, not after the answers
+        from .serve.bench import check_endpoint, endpoint_url
+
+        endpoint = endpoint_url(cfg)
+        check_endpoint(endpoint)
     init_ray()
     gen = cfg.generation.model_copy(update={"top_k_logprobs": 0})
     # One generation path for all three (eval.engine); the teacher keeps its own resources
@@ -868,18 +944,62 @@ def run_evaluate(cfg: Config) -> dict:
         table = pa.concat_tables(got[name])
         ids = table.column("prompt_id").to_pylist()
         answers[name] = table.take(sorted(range(table.num_rows), key=lambda i: order[ids[i]]))
+    served = served_timing(cfg, parts, endpoint) if endpoint else None
+    return finish_evaluation(cfg, prompts, answers, paths, engines, changes, served, endpoint)
 
-    return finish_evaluation(cfg, prompts, answers, paths, engines, changes)
+
+SERVED_MODELS = ("teacher", "student")
+
+
+def served_timing(cfg: Config, parts: list[pa.Table], endpoint: str) -> dict[str, pa.Table]:
+    """Send each round's prompts to the served teacher and student (``eval.latency_source: serve``).
+
+    Round r sends ``parts[r]`` to both arms, one request at a time, the arm order alternating by
+    round; one warm-up request per arm first (not kept). ``generation.*`` sampling. Returns model
+    name → one row per request: ``prompt_id``, ``task``, ``round``, ``latency_s``, ``ttft_s``,
+    ``response_tokens`` and ``prompt_tokens`` (the stream's usage), ``batch_id`` (one per request),
+    ``answered_by``, ``error`` (null unless it failed)."""
+    from .serve.bench import run_requests
+
+    g = cfg.generation
+    sampling = {"max_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p, "seed": g.seed}
+
+    def msgs(part: pa.Table) -> list[list[dict]]:
+        return [[{"role": m["role"], "content": m["content"]} for m in row] for row in part.column("messages").to_pylist()]
+
+    for name in SERVED_MODELS:
+        run_requests(endpoint, name, msgs(parts[0])[:1], 1, sampling)
+    rows: dict[str, list[dict]] = {n: [] for n in SERVED_MODELS}
+    for r, part in enumerate(parts):
+        for name in SERVED_MODELS if r % 2 == 0 else SERVED_MODELS[::-1]:
+            log.info("evaluate: round %d/%d: served %s answers %d prompts at %s", r + 1, len(parts), name,
+                     part.num_rows, endpoint)
+            records, _ = run_requests(endpoint, name, msgs(part), 1, sampling)
+            for rec, pid, task in zip(records, part.column("prompt_id").to_pylist(), part.column("task").to_pylist(),
+                                      strict=True):
+                rows[name].append({"prompt_id": pid, "task": task, "round": r, "latency_s": rec.latency_s,
+                                   "ttft_s": rec.ttft_s, "response_tokens": rec.output_tokens,
+                                   "prompt_tokens": rec.prompt_tokens, "batch_id": f"serve-{name}-{r}-{rec.index}",
+                                   "answered_by": rec.answered_by, "error": rec.error})
+    schema = pa.schema([("prompt_id", pa.string()), ("task", pa.string()), ("round", pa.int32()),
+                        ("latency_s", pa.float64()), ("ttft_s", pa.float64()), ("response_tokens", pa.int32()),
+                        ("prompt_tokens", pa.int32()), ("batch_id", pa.string()), ("answered_by", pa.string()),
+                        ("error", pa.string())])
+    return {n: pa.Table.from_pylist(rows[n], schema=schema) for n in SERVED_MODELS}
 
 
 def finish_evaluation(cfg: Config, prompts: pa.Table, answers: dict[str, pa.Table], paths: dict[str, str],
-                      engines: dict[str, EngineConfig], changes: dict[str, dict]) -> dict:
+                      engines: dict[str, EngineConfig], changes: dict[str, dict],
+                      served: dict[str, pa.Table] | None = None, endpoint: str | None = None) -> dict:
     """Everything after the answers: write ``answers.parquet`` first (into ``eval.partial/``), probe
     memory, build and write the report, then rename ``eval.partial/`` to ``eval/``. Returns the report.
 
     ``answers``: model name → answers in prompt order (``GENERATED_SCHEMA`` + ``round``). A model
     that answered nothing or a probe that fails gives null figures and a warning; a plot that fails
     gives a warning. Any other failure re-raises and keeps ``eval.partial/answers.parquet`` (logged).
+    ``served``: model name → its requests to ``endpoint`` (``served_timing``) when ``eval.latency_source``
+    is ``serve``: their figures replace those models' timing figures, the other models get none, and
+    the requests are written to ``served.parquet``.
     """
     import pyarrow.parquet as pq
 
@@ -893,6 +1013,15 @@ def finish_evaluation(cfg: Config, prompts: pa.Table, answers: dict[str, pa.Tabl
     tmp.mkdir(parents=True)
     pq.write_table(pa.concat_tables([answers[n].append_column("model", pa.array([n] * answers[n].num_rows))
                                      for n in MODEL_NAMES]), tmp / "answers.parquet")
+    timing = None
+    source = {"latency_source": "engine", "models": dict.fromkeys(MODEL_NAMES, "engine"), "endpoint": None,
+              "concurrency": None}
+    if served is not None:
+        pq.write_table(pa.concat_tables([t.append_column("model", pa.array([n] * t.num_rows))
+                                         for n, t in served.items()]), tmp / "served.parquet")
+        timing = {n: served.get(n) for n in MODEL_NAMES}
+        source = {"latency_source": "serve", "models": {n: "serve" if n in served else None for n in MODEL_NAMES},
+                  "endpoint": endpoint, "concurrency": 1}
     try:
         probe_msgs = [list(m) for m in prompts.column("messages").to_pylist()[: cfg.eval.memory_probe_batch]]
         info = {name: _model_info(paths[name], engines[name], probe_msgs, cfg.eval.memory_probe_batch)
@@ -903,7 +1032,7 @@ def finish_evaluation(cfg: Config, prompts: pa.Table, answers: dict[str, pa.Tabl
             warn_retained_below=cfg.eval.warn_retained_below, marker=cfg.task_prompts.final_answer_marker,
             extra={"prompt_source": str(corpus_dir(cfg) / PROMPTS_DIR), "limit": cfg.eval.limit,
                    "data_changed_since_corpus": changes, "corpus_rejects": corpus_rejects(corpus_dir(cfg)),
-                   "provenance": provenance()})
+                   "timing_source": source, "provenance": provenance()}, timing=timing)
         write_report(tmp, report, answers)
         (tmp / "config.yaml").write_text(cfg.dump())
     except BaseException:

@@ -14,6 +14,7 @@ answer its prompts, not to find generate's outputs)::
                              unless train.delete_checkpoints=false); local or s3://
       student/               train: the distilled student (HF folder; local or s3://)
       eval/                  evaluate: report.{json,md}, answers.parquet, *.png
+      bench/                 bench-serve: serve.{json,md,png}, config.yaml
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ def student_dir(cfg: Config) -> Path:
 
 def eval_dir(cfg: Config) -> Path:
     return output_dir(cfg) / "eval"
+
+
+def bench_dir(cfg: Config) -> Path:
+    """Where `raydistill bench-serve` writes (serve.json, serve.md, serve.png, config.yaml)."""
+    return output_dir(cfg) / "bench"
 
 
 def pruned_baseline_dir(cfg: Config) -> Path:

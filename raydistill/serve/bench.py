@@ -1,0 +1,700 @@
+"""Load benchmark of the served teacher and student (``raydistill bench-serve``,
+``benchmarks/serve_ab.py``), and the streaming client that drives the endpoint (also used by
+``raydistill evaluate`` with ``eval.latency_source: serve``).
+
+The endpoint is the one ``raydistill serve`` runs: the OpenAI API on
+``http://{serve.host}:{serve.port}/v1`` with the models ``teacher`` and ``student`` (any
+OpenAI-compatible server that serves those two names will do, e.g. vLLM's own with
+``--served-model-name teacher student``). Nothing here starts or stops it.
+
+One request (``stream_chat``): ``POST /v1/chat/completions`` with ``stream: true`` and
+``stream_options: {include_usage: true}``, temperature 0 in the benchmark. Per request:
+
+- ``latency_s``: request sent → the stream's ``data: [DONE]`` line, seconds (the stream is then
+  read to its end, so the server never sees a client leave early);
+- ``ttft_s``: request sent → first chunk whose delta carries non-empty text (the first token a
+  user sees), seconds; None for an answer with no text;
+- ``output_tokens`` / ``prompt_tokens``: the ``usage`` of the final chunk (None when the server
+  sent none: such a request counts in latency but not in tokens/s);
+- ``answered_by``: the arm named by the response: its header ``x-raydistill-arm`` (the contract of
+  ``raydistill serve``; a request whose header names another arm than the one asked counts as an
+  error), else the chunks' ``model`` (recorded only: a server that serves one model under several
+  names, as vLLM's own does, may answer with its first name);
+- ``error``: None, or the HTTP status and the server's message, a timeout, a refused connection.
+
+The benchmark (``run_bench``), for each concurrency level of ``serve.bench.concurrency`` and each
+arm: ``requests_per_level`` requests (the prompts of the corpus split ``serve.bench.split``, a
+seeded sample spread over the task types, reused in turn when the split is smaller), sent by
+``concurrency`` clients that each send their next request when the previous one is answered.
+Arms are interleaved within a level: the level's requests are cut into ``parts`` (up to 4; each part
+holds at least ``concurrency`` requests per arm) and the arms take turns part by part (teacher then
+student, then student then teacher, ...), so a change of background load falls on both. One
+warm-up request per arm before the first level is not counted.
+
+Figures per arm and level (``arm_stats``): ``latency_ms_p50/p95/p99`` and ``ttft_ms_p50/p95``
+over the answered requests (linear-interpolated percentiles, as numpy's default); ``requests_per_s``
+= answered requests / the arm's wall time (the sum of its parts' wall times: first request sent →
+last answer); ``output_tokens_per_s`` = output tokens of the answered requests / the same wall
+time; ``errors`` and ``first_error``. Ratios per level: ``latency_ratio`` = student p50 latency /
+teacher p50 latency, ``throughput_ratio`` = student output tokens/s / teacher output tokens/s.
+
+Overhead (``measure_overhead``): the student model in a vLLM engine in this process
+(``vllm.LLM``, the engine settings of ``serve.student``: dtype, max_model_len, tensor parallel
+size, KV cache, eager on CPU) against the served ``student``, one request at a time,
+``overhead_requests`` requests each, alternating in-process and served with a pause of
+``OVERHEAD_GAP_S`` before each (one warm-up each, not counted): ``overhead`` = served p50 latency / in-process p50 latency (target ≤ 1.05; reported, never
+asserted). The served side streams through the client above; the in-process side is
+``LLM.chat`` (chat template, tokenizing and generation; no HTTP). ``serve.bench.overhead_requests:
+0`` skips it (no third engine on the machine); an engine that fails to start leaves ``overhead``
+null with the error in ``overhead_detail.error``.
+
+Written under ``<output_dir>/bench/``: ``serve.md`` (tables per level and arm, ratios, overhead,
+the machine and settings), ``serve.json`` (everything ``run_bench`` returns), ``serve.png``
+(latency p50/p95 and output tokens/s against concurrency, both arms) and ``config.yaml`` (the
+resolved config).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Config
+from . import ARM_HEADER, ARMS
+
+log = logging.getLogger(__name__)
+
+#: Seconds before one benchmark request is abandoned (counted as an error).
+REQUEST_TIMEOUT_S = 600.0
+#: Most parts a level is cut into for interleaving the arms.
+MAX_PARTS = 4
+#: Pause (s) before each overhead request: an engine that just finished keeps its OpenMP threads
+#: spinning for a while on CPU (measured here: the next request on the other engine ran ≈ 2× slower
+#: without it), so each request starts on an idle machine.
+OVERHEAD_GAP_S = 0.5
+
+
+class EndpointError(ConnectionError):
+    """Nothing answers on the endpoint, or it does not serve the models the benchmark needs (an
+    OSError, so the CLI prints its message like any unreachable storage)."""
+
+
+# ----------------------------------------------------------------------------- the endpoint
+
+def endpoint_url(cfg: Config) -> str:
+    """``http://{serve.host}:{serve.port}/v1``; a wildcard bind address (0.0.0.0, ::) is reached on
+    127.0.0.1."""
+    host = cfg.serve.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{cfg.serve.port}/v1"
+
+
+def check_endpoint(base_url: str, arms: tuple[str, ...] = ARMS, timeout_s: float = 10.0) -> list[str]:
+    """The model ids the endpoint lists (``GET {base_url}/models``).
+
+    Raises EndpointError when nothing answers ("start `raydistill serve CONFIG` first"), when the
+    answer is not an OpenAI model list, or when one of ``arms`` is not served (the served ids are
+    named)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{base_url}/models", timeout=timeout_s) as resp:
+            body = json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        raise EndpointError(f"the endpoint {base_url} answered GET /models with HTTP {e.code}: is it the "
+                            "OpenAI API of `raydistill serve`?") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise EndpointError(f"nothing answers on {base_url} ({reason}): start `raydistill serve CONFIG` first "
+                            "(serve.host and serve.port say where the benchmark looks)") from None
+    except ValueError as e:
+        raise EndpointError(f"the endpoint {base_url} answered GET /models with something other than JSON "
+                            f"({e})") from None
+    ids = [m.get("id") for m in body.get("data", []) if isinstance(m, dict)] if isinstance(body, dict) else []
+    missing = [a for a in arms if a not in ids]
+    if missing:
+        raise EndpointError(f"the endpoint {base_url} does not serve {', '.join(missing)} (it serves: "
+                            f"{', '.join(map(str, ids)) or 'nothing'}); start `raydistill serve CONFIG`")
+    return ids
+
+
+# ----------------------------------------------------------------------------- the client
+
+@dataclass
+class RequestRecord:
+    """One streamed chat completion (see the module docstring for each field; times in seconds)."""
+
+    arm: str
+    index: int
+    start_s: float
+    latency_s: float | None = None
+    ttft_s: float | None = None
+    output_tokens: int | None = None
+    prompt_tokens: int | None = None
+    answered_by: str | None = None
+    text: str = ""
+    finish_reason: str | None = None
+    status: int | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _server_message(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body.decode(errors="replace")[:300]
+    err = data.get("error") if isinstance(data, dict) else None
+    if isinstance(err, dict):
+        return str(err.get("message") or err)[:300]
+    return str(data.get("message") or data.get("detail") or data)[:300] if isinstance(data, dict) else str(data)[:300]
+
+
+async def stream_chat(session, base_url: str, arm: str, messages: list[dict], sampling: dict,
+                      index: int = 0, timeout_s: float = REQUEST_TIMEOUT_S) -> RequestRecord:
+    """Send one streaming chat completion for model ``arm`` and time it.
+
+    Args:
+        session: an ``aiohttp.ClientSession``.
+        messages: OpenAI chat messages (``[{"role", "content"}]``).
+        sampling: request fields besides model/messages/stream (``max_tokens``, ``temperature``, ...).
+    Returns:
+        A RequestRecord; failures (HTTP status ≥ 400, a broken stream, a timeout, another arm
+        answering) are recorded in ``error``, never raised.
+    """
+    import aiohttp
+
+    payload = {"model": arm, "messages": messages, "stream": True, "stream_options": {"include_usage": True},
+               **sampling}
+    rec = RequestRecord(arm=arm, index=index, start_s=time.perf_counter())
+    named = None
+    t0 = rec.start_s
+    parts: list[str] = []
+    done: float | None = None
+    try:
+        async with session.post(f"{base_url}/chat/completions", json=payload,
+                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            rec.status = resp.status
+            if resp.status >= 400:
+                rec.error = f"HTTP {resp.status}: {_server_message(await resp.read())}"
+                return rec
+            named = rec.answered_by = resp.headers.get(ARM_HEADER)
+            async for raw in resp.content:  # read to the end: leaving early makes the server cancel
+                line = raw.decode("utf-8", errors="replace").strip()
+                if not line.startswith("data:") or done is not None:
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = time.perf_counter()
+                    continue
+                chunk = json.loads(data)
+                if "error" in chunk:  # an error after the stream started
+                    rec.error = f"stream error: {_server_message(data.encode())}"
+                    break
+                if rec.answered_by is None and chunk.get("model"):
+                    rec.answered_by = chunk["model"]
+                for choice in chunk.get("choices") or []:
+                    text = (choice.get("delta") or {}).get("content") or ""
+                    if text:
+                        if rec.ttft_s is None:
+                            rec.ttft_s = time.perf_counter() - t0
+                        parts.append(text)
+                    if choice.get("finish_reason"):
+                        rec.finish_reason = choice["finish_reason"]
+                usage = chunk.get("usage")
+                if usage:
+                    rec.output_tokens = usage.get("completion_tokens")
+                    rec.prompt_tokens = usage.get("prompt_tokens")
+            if rec.error is None and done is None:
+                rec.error = "the stream ended without data: [DONE]"
+    except asyncio.TimeoutError:
+        rec.error = f"no complete answer within {timeout_s:.0f} s"
+    except aiohttp.ClientError as e:
+        rec.error = f"{type(e).__name__}: {e}"
+    except ValueError as e:  # a chunk that is not JSON
+        rec.error = f"unreadable stream chunk: {e}"
+    rec.text = "".join(parts)
+    if rec.error is None:
+        rec.latency_s = done - t0
+        if named is not None and named != arm:
+            rec.error = f"asked for {arm!r} but the response's {ARM_HEADER} header names {named!r}"
+            rec.latency_s = None
+    return rec
+
+
+async def _drive(base_url: str, arm: str, prompts: list[list[dict]], concurrency: int, sampling: dict,
+                 timeout_s: float, first_index: int) -> tuple[list[RequestRecord], float]:
+    import aiohttp
+
+    queue: list[tuple[int, list[dict]]] = list(enumerate(prompts, start=first_index))
+    queue.reverse()
+    records: list[RequestRecord] = []
+    connector = aiohttp.TCPConnector(limit=max(1, concurrency))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def client() -> None:
+            while queue:
+                i, messages = queue.pop()
+                records.append(await stream_chat(session, base_url, arm, messages, sampling, i, timeout_s))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(max(1, min(concurrency, len(prompts))))))
+        wall = time.perf_counter() - t0
+    records.sort(key=lambda r: r.index)
+    return records, wall
+
+
+def run_requests(base_url: str, arm: str, prompts: list[list[dict]], concurrency: int, sampling: dict,
+                 timeout_s: float = REQUEST_TIMEOUT_S, first_index: int = 0) -> tuple[list[RequestRecord], float]:
+    """Send ``prompts`` (one list of chat messages each) to model ``arm`` with ``concurrency``
+    clients, each sending its next request when its last one is answered.
+
+    Returns (records in prompt order, wall seconds from the first request sent to the last answer).
+    Record ``index`` = ``first_index`` + the prompt's position. Failed requests are records with
+    ``error`` set."""
+    return asyncio.run(_drive(base_url, arm, prompts, concurrency, sampling, timeout_s, first_index))
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in 0–100), as ``numpy.percentile``'s default; None for no values."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b; None when either is missing or b is 0."""
+    if a is None or b is None or not b:
+        return None
+    return a / b
+
+
+def arm_stats(records: list[RequestRecord], wall_s: float) -> dict:
+    """Figures of one arm at one level.
+
+    Args:
+        records: every request sent (failed ones included).
+        wall_s: the arm's wall time at this level (s): the sum of its parts' wall times.
+    Returns:
+        ``requests`` (sent), ``answered``, ``errors``, ``first_error`` (None without errors),
+        ``latency_ms_p50/p95/p99`` and ``ttft_ms_p50/p95`` (ms, over answered requests; None
+        without any), ``requests_per_s`` (answered / wall_s), ``output_tokens`` (sum over answered
+        requests that reported usage), ``output_tokens_per_s`` (output_tokens / wall_s),
+        ``mean_output_tokens``, ``usage_missing`` (answered requests without usage) and ``wall_s``.
+    """
+    ok = [r for r in records if r.ok and r.latency_s is not None]
+    lat = [r.latency_s * 1000 for r in ok]
+    ttft = [r.ttft_s * 1000 for r in ok if r.ttft_s is not None]
+    counted = [r.output_tokens for r in ok if r.output_tokens is not None]
+    tokens = sum(counted)
+    errors = [r for r in records if not r.ok]
+    return {
+        "requests": len(records), "answered": len(ok), "errors": len(errors),
+        "first_error": errors[0].error if errors else None,
+        "latency_ms_p50": percentile(lat, 50), "latency_ms_p95": percentile(lat, 95),
+        "latency_ms_p99": percentile(lat, 99),
+        "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p95": percentile(ttft, 95),
+        "requests_per_s": len(ok) / wall_s if wall_s > 0 and ok else None,
+        "output_tokens": tokens,
+        "output_tokens_per_s": tokens / wall_s if wall_s > 0 and counted else None,
+        "mean_output_tokens": tokens / len(counted) if counted else None,
+        "usage_missing": len(ok) - len(counted),
+        "wall_s": wall_s,
+    }
+
+
+def level_ratios(arms: dict[str, dict]) -> dict:
+    """Student / teacher ratios of one level: ``latency_ratio`` (p50 latency) and
+    ``throughput_ratio`` (output tokens/s); None where either figure is missing."""
+    s, t = arms["student"], arms["teacher"]
+    return {"latency_ratio": ratio(s["latency_ms_p50"], t["latency_ms_p50"]),
+            "throughput_ratio": ratio(s["output_tokens_per_s"], t["output_tokens_per_s"])}
+
+
+def split_parts(n: int, concurrency: int) -> list[tuple[int, int]]:
+    """(start, stop) of the parts a level of ``n`` requests per arm is cut into:
+    ``min(MAX_PARTS, n // concurrency)`` parts (at least 1) of nearly equal size, so that each
+    part keeps every client busy at least once."""
+    k = max(1, min(MAX_PARTS, n // max(1, concurrency)))
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(k)]
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def bench_prompts(cfg: Config, n: int) -> tuple[list[list[dict]], int]:
+    """(``n`` chat message lists, how many distinct prompts they hold) from the corpus split
+    ``serve.bench.split`` (``corpus/prompts/``, written by generate): a sample spread over the task
+    types (seed ``data.seed``), reused in turn when the split holds fewer than ``n``.
+
+    Raises FileNotFoundError without a finished corpus, ValueError when the split is empty."""
+    from ..corpus import read_prompts
+    from ..data import sample_by_task
+    from ..layout import corpus_dir
+
+    split = cfg.serve.bench.split
+    table = read_prompts(corpus_dir(cfg), (split,))
+    if table.num_rows == 0:
+        raise ValueError(f"the {split} split of {corpus_dir(cfg) / 'prompts'} is empty: set serve.bench.split "
+                         f"to a split that has prompts, or raise data.split.{split} and rerun `raydistill generate`")
+    table = sample_by_task(table, n, cfg.data.seed)
+    msgs = [[{"role": m["role"], "content": m["content"]} for m in row] for row in table.column("messages").to_pylist()]
+    return [msgs[i % len(msgs)] for i in range(n)], len(msgs)
+
+
+def _served_student_path(cfg: Config) -> str:
+    """The student the endpoint serves by this config (``serve.app.arm_refs``: ``serve.student.model``
+    or ``<output_dir>/student``) as a local folder for the in-process engine. Raises ValueError for
+    an ``s3://`` model (not downloaded here), ``models.ModelError`` for a missing folder."""
+    from ..models import resolve_model
+    from .app import arm_refs
+
+    ref = arm_refs(cfg)["student"]
+    if ref.startswith("s3://"):
+        raise ValueError(f"the served student is {ref}: the in-process engine takes a local folder or hub id")
+    return resolve_model(ref)
+
+
+def machine() -> dict:
+    """The machine the figures come from: platform, CPU count, memory (GiB), GPUs, load average."""
+    info: dict = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                  "cpus": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()]}
+    try:
+        with open("/proc/meminfo") as f:
+            kib = int(next(line for line in f if line.startswith("MemTotal:")).split()[1])
+        info["memory_gib"] = round(kib / 2**20, 1)
+    except (OSError, StopIteration, ValueError):
+        info["memory_gib"] = None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    info["cuda_visible_devices"] = visible
+    return info
+
+
+# ----------------------------------------------------------------------------- overhead
+
+def _inprocess_engine(cfg: Config, model: str):
+    """(``vllm.LLM`` on ``model``, its engine kwargs): the served student's own engine kwargs
+    (``serve.app.llm_config``: dtype, max_model_len, eager on CPU; tensor parallel size and GPU
+    memory share on GPUs) and its vLLM environment (``runtime.vllm_env``: KV cache, CPU threads)."""
+    from ..runtime import vllm_env
+    from .app import llm_config
+
+    arm = cfg.serve.student
+    engine_kwargs = dict(llm_config("student", model, arm)["engine_kwargs"])
+    os.environ.update(vllm_env(arm.kv_cache_gib))  # read by the engine process vLLM starts
+    from vllm import LLM
+
+    return LLM(model=model, disable_log_stats=True, **engine_kwargs), engine_kwargs
+
+
+def _shutdown_engine(llm) -> None:
+    import gc
+
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # best effort: the process may be ending anyway
+        log.debug("bench: engine shutdown", exc_info=True)
+    del llm
+    gc.collect()
+
+
+def measure_overhead(cfg: Config, base_url: str, prompts: list[list[dict]], sampling: dict) -> dict:
+    """Served ``student`` vs the same model in an in-process vLLM engine, one request at a time,
+    alternating (see module docstring). Returns ``overhead`` (served p50 / in-process p50 latency,
+    None when not measured), ``added_ms_p50`` (served p50 − in-process p50, ms: Serve's cost per
+    request, which the ratio divides by the answer's length), ``inprocess`` and ``served`` (``latency_ms_p50``, ``latency_ms_p95``,
+    ``mean_output_tokens``, ``requests``, ``errors``), ``same_text_share`` (share of prompts the two
+    answered with the same text), ``model``, ``engine_kwargs``, ``startup_s`` and ``error`` (why
+    overhead is None, else None)."""
+    n = cfg.serve.bench.overhead_requests
+    out: dict = {"overhead": None, "requests": n, "error": None, "model": None}
+    if n == 0:
+        out["error"] = "skipped: serve.bench.overhead_requests is 0"
+        return out
+    try:
+        model = _served_student_path(cfg)
+        out["model"] = model
+        if not (Path(model) / "config.json").is_file():
+            raise FileNotFoundError(f"no model folder at {model} (serve.student.model or <output_dir>/student)")
+        t0 = time.perf_counter()
+        llm, out["engine_kwargs"] = _inprocess_engine(cfg, model)
+        out["startup_s"] = round(time.perf_counter() - t0, 2)
+    except Exception as e:  # the load figures are measured already: report, do not fail
+        log.error("bench: the in-process engine did not start (%s: %s); overhead is not measured",
+                  type(e).__name__, e)
+        out["error"] = f"in-process engine: {type(e).__name__}: {str(e)[:500]}"
+        return out
+    try:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=sampling["max_tokens"], temperature=sampling.get("temperature", 0.0))
+
+        def inprocess(messages) -> tuple[float, str, int]:
+            t = time.perf_counter()
+            res = llm.chat(messages, params, use_tqdm=False)[0].outputs[0]
+            return time.perf_counter() - t, res.text, len(res.token_ids)
+
+        inprocess(prompts[0])  # warm-ups, not counted
+        run_requests(base_url, "student", [prompts[0]], 1, sampling)
+        local: list[tuple[float, str, int]] = []
+        served: list[RequestRecord] = []
+        for i in range(n):
+            msgs = prompts[i % len(prompts)]
+            for side in ("inprocess", "served") if i % 2 == 0 else ("served", "inprocess"):
+                time.sleep(OVERHEAD_GAP_S)
+                if side == "inprocess":
+                    local.append(inprocess(msgs))
+                else:
+                    served += run_requests(base_url, "student", [msgs], 1, sampling, first_index=i)[0]
+    finally:
+        _shutdown_engine(llm)
+    ok = [r for r in served if r.ok]
+    lat_local = [s * 1000 for s, _, _ in local]
+    lat_served = [r.latency_s * 1000 for r in ok]
+    out["inprocess"] = {"requests": len(local), "errors": 0, "latency_ms_p50": percentile(lat_local, 50),
+                        "latency_ms_p95": percentile(lat_local, 95),
+                        "mean_output_tokens": sum(k for _, _, k in local) / len(local) if local else None}
+    counted = [r.output_tokens for r in ok if r.output_tokens is not None]
+    out["served"] = {"requests": len(served), "errors": len(served) - len(ok),
+                     "first_error": next((r.error for r in served if not r.ok), None),
+                     "latency_ms_p50": percentile(lat_served, 50), "latency_ms_p95": percentile(lat_served, 95),
+                     "mean_output_tokens": sum(counted) / len(counted) if counted else None}
+    pairs = [(local[r.index][1], r.text) for r in ok if r.index < len(local)]
+    out["same_text_share"] = sum(a.strip() == b.strip() for a, b in pairs) / len(pairs) if pairs else None
+    out["overhead"] = ratio(out["served"]["latency_ms_p50"], out["inprocess"]["latency_ms_p50"])
+    if out["overhead"] is not None:
+        out["added_ms_p50"] = out["served"]["latency_ms_p50"] - out["inprocess"]["latency_ms_p50"]
+    if out["overhead"] is None:
+        out["error"] = f"no served answer to compare: {out['served']['first_error']}"
+    return out
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+def run_levels(base_url: str, prompts: list[list[dict]], levels: list[int], sampling: dict,
+               arms: tuple[str, ...] = ARMS, timeout_s: float = REQUEST_TIMEOUT_S) -> list[dict]:
+    """The load part of the benchmark: for each level, every arm gets all of ``prompts`` at that
+    concurrency, the arms taking turns part by part (``split_parts``). Returns one dict per level:
+    ``concurrency``, ``parts``, ``arms`` (arm → ``arm_stats``), ``latency_ratio``,
+    ``throughput_ratio``."""
+    for arm in arms:  # warm-up, not counted
+        run_requests(base_url, arm, prompts[:1], 1, sampling, timeout_s)
+    out = []
+    for level in levels:
+        records: dict[str, list[RequestRecord]] = {a: [] for a in arms}
+        wall = {a: 0.0 for a in arms}
+        parts = split_parts(len(prompts), level)
+        for p, (start, stop) in enumerate(parts):
+            order = arms if p % 2 == 0 else tuple(reversed(arms))
+            for arm in order:
+                recs, w = run_requests(base_url, arm, prompts[start:stop], level, sampling, timeout_s, start)
+                records[arm] += recs
+                wall[arm] += w
+        stats = {a: arm_stats(records[a], wall[a]) for a in arms}
+        row = {"concurrency": level, "parts": len(parts), "arms": stats, **level_ratios(stats)}
+        log.info("bench: concurrency %d: %s", level, ", ".join(
+            f"{a} p50 {_fmt(s['latency_ms_p50'], 0)} ms, {_fmt(s['output_tokens_per_s'], 1)} tok/s, "
+            f"{s['errors']} errors" for a, s in stats.items()))
+        out.append(row)
+    return out
+
+
+def run_bench(cfg: Config) -> dict:
+    """Benchmark the running endpoint and write ``<output_dir>/bench/`` (see module docstring).
+
+    Returns the ``serve.json`` dict: ``overhead`` (float or None), ``latency_ratio`` and
+    ``throughput_ratio`` at the highest concurrency level (``ratio_level``), ``per_level`` (level →
+    both ratios), ``levels`` (raw figures per level and arm), ``overhead_detail``, ``settings``,
+    ``machine``, ``endpoint``, ``served_models`` and ``files``.
+
+    Raises EndpointError when nothing answers on ``serve.host:serve.port`` or it lacks ``teacher`` or
+    ``student``; FileNotFoundError without a finished corpus; ValueError for an empty split or a
+    remote ``output_dir``.
+    """
+    from ..layout import bench_dir
+    from ..runtime import provenance
+    from ..storage import is_remote
+    from .app import arm_refs
+
+    if is_remote(cfg.output_dir):
+        raise ValueError(f"output_dir {cfg.output_dir} is on S3: bench-serve writes its report into a local "
+                         "output_dir; use a local one")
+    b = cfg.serve.bench
+    base_url = endpoint_url(cfg)
+    served = check_endpoint(base_url)
+    prompts, distinct = bench_prompts(cfg, b.requests_per_level)
+    sampling = {"max_tokens": b.max_tokens, "temperature": 0.0}
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    load_start = machine()["load_avg"]
+    log.info("bench: %s serves %s; %d requests per arm at concurrency %s (%d distinct %s prompts)", base_url,
+             served, b.requests_per_level, b.concurrency, distinct, b.split)
+    t0 = time.perf_counter()
+    levels = run_levels(base_url, prompts, b.concurrency, sampling)
+    load_wall = time.perf_counter() - t0
+    overhead = measure_overhead(cfg, base_url, prompts, sampling)
+    top = levels[-1]
+    result = {
+        "overhead": overhead["overhead"],
+        "latency_ratio": top["latency_ratio"], "throughput_ratio": top["throughput_ratio"],
+        "ratio_level": top["concurrency"],
+        "per_level": {str(lv["concurrency"]): {"latency_ratio": lv["latency_ratio"],
+                                              "throughput_ratio": lv["throughput_ratio"]} for lv in levels},
+        "levels": levels,
+        "overhead_detail": overhead,
+        "endpoint": base_url, "served_models": served,
+        "settings": {"concurrency": list(b.concurrency), "requests_per_level": b.requests_per_level,
+                     "max_tokens": b.max_tokens, "temperature": 0.0, "stream": True, "split": b.split,
+                     "distinct_prompts": distinct, "overhead_requests": b.overhead_requests,
+                     "warmup_requests_per_arm": 1, "request_timeout_s": REQUEST_TIMEOUT_S,
+                     **arm_refs(cfg)},
+        "machine": {**machine(), "load_avg_start": load_start}, "started": started,
+        "load_wall_s": round(load_wall, 2), "provenance": provenance(),
+    }
+    result = _finite(result)
+    folder = bench_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(cfg.dump())
+    files = {"json": str(folder / "serve.json"), "markdown": str(folder / "serve.md"), "plot": str(folder / "serve.png")}
+    result["files"] = files
+    try:
+        write_plot(result, folder / "serve.png")
+    except Exception as e:  # a figure must not cost the figures
+        log.exception("bench: plot failed")
+        result["plot_error"] = f"{type(e).__name__}: {e}"
+        files.pop("plot")
+    (folder / "serve.json").write_text(json.dumps(result, indent=2, allow_nan=False))
+    (folder / "serve.md").write_text(markdown(result))
+    log.info("bench: wrote %s", folder)
+    return result
+
+
+def summary_line(result: dict) -> str:
+    """The one-line JSON the command prints last: ``overhead``, ``latency_ratio`` and
+    ``throughput_ratio`` (at ``ratio_level``, the highest concurrency), ``per_level`` and the raw
+    figures (``levels``, ``overhead_detail``, ``settings``, ``machine``)."""
+    keys = ("overhead", "latency_ratio", "throughput_ratio", "ratio_level", "per_level", "levels",
+            "overhead_detail", "settings", "machine", "endpoint", "files")
+    return json.dumps({k: result.get(k) for k in keys}, allow_nan=False)
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------- report
+
+def _fmt(v, digits: int = 1) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return f"{v:,.{digits}f}"
+
+
+def markdown(result: dict) -> str:
+    """serve.md: settings and machine, a table per level and arm, the ratios, the overhead, errors."""
+    s, m, o = result["settings"], result["machine"], result["overhead_detail"]
+    lines = ["# Serve benchmark: teacher vs student through the endpoint", "",
+             f"Endpoint `{result['endpoint']}` (serves {', '.join(result['served_models'])}), started "
+             f"{result['started']}. Teacher `{s['teacher']}`, student `{s['student']}` (as configured; the "
+             "endpoint serves what `raydistill serve` was started with).", "",
+             f"Settings: concurrency {s['concurrency']}, {s['requests_per_level']} requests per arm and level "
+             f"({s['distinct_prompts']} distinct prompts of the `{s['split']}` split), max_tokens {s['max_tokens']}, "
+             "temperature 0, streaming with usage; arms interleaved part by part within each level; one warm-up "
+             "request per arm not counted.", "",
+             f"Machine: {m['platform']}, {m['cpus']} CPUs, {_fmt(m.get('memory_gib'))} GiB; load average "
+             f"{m['load_avg_start']} at the start, {m['load_avg']} at the end.", "",
+             "## Per level and arm", "",
+             "| concurrency | arm | requests | errors | latency p50 (ms) | p95 (ms) | p99 (ms) | TTFT p50 (ms) | "
+             "TTFT p95 (ms) | requests/s | output tokens/s | mean output tokens |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for lv in result["levels"]:
+        for arm, a in lv["arms"].items():
+            lines.append(f"| {lv['concurrency']} | {arm} | {a['requests']} | {a['errors']} | "
+                         f"{_fmt(a['latency_ms_p50'])} | {_fmt(a['latency_ms_p95'])} | {_fmt(a['latency_ms_p99'])} | "
+                         f"{_fmt(a['ttft_ms_p50'])} | {_fmt(a['ttft_ms_p95'])} | {_fmt(a['requests_per_s'], 2)} | "
+                         f"{_fmt(a['output_tokens_per_s'])} | {_fmt(a['mean_output_tokens'])} |")
+    lines += ["", "## Student / teacher", "",
+              "| concurrency | latency p50 ratio | output tokens/s ratio |", "|---|---|---|"]
+    for lv in result["levels"]:
+        lines.append(f"| {lv['concurrency']} | {_fmt(lv['latency_ratio'], 2)} | {_fmt(lv['throughput_ratio'], 2)} |")
+    lines += ["", f"The JSON line's `latency_ratio` and `throughput_ratio` are those at the highest level "
+              f"(concurrency {result['ratio_level']}).", "", "## What Serve adds", ""]
+    if o["overhead"] is None:
+        lines.append(f"Not measured: {o['error']}.")
+    else:
+        lines += [f"**overhead = {o['overhead']:.3f}** (served p50 / in-process p50; target ≤ 1.05; served − in-process "
+                  f"p50 = {o['added_ms_p50']:+.1f} ms per request): the student "
+                  f"`{o['model']}` one request at a time, {o['requests']} requests each, alternating; in-process "
+                  f"`vllm.LLM` ({', '.join(f'{k}={v}' for k, v in o['engine_kwargs'].items())}, started in "
+                  f"{o['startup_s']} s) vs the served `student` (streaming).", "",
+                  "| | latency p50 (ms) | p95 (ms) | mean output tokens | errors |", "|---|---|---|---|---|",
+                  *(f"| {k} | {_fmt(o[k]['latency_ms_p50'])} | {_fmt(o[k]['latency_ms_p95'])} | "
+                    f"{_fmt(o[k]['mean_output_tokens'])} | {o[k]['errors']} |" for k in ("inprocess", "served")),
+                  "", f"Same answer text in both: {_fmt(100 * o['same_text_share'] if o['same_text_share'] is not None else None, 0)} % of prompts."]
+    errors = [(lv["concurrency"], arm, a) for lv in result["levels"] for arm, a in lv["arms"].items() if a["errors"]]
+    if errors:
+        lines += ["", "## Errors", ""]
+        lines += [f"- concurrency {c}, {arm}: {a['errors']} of {a['requests']} failed, first: {a['first_error']}"
+                  for c, arm, a in errors]
+    if "plot" in result.get("files", {}):
+        lines += ["", "![latency and throughput vs concurrency](serve.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def write_plot(result: dict, path: Path) -> None:
+    """serve.png: latency p50 (solid) and p95 (dashed) and output tokens/s against concurrency, both arms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"teacher": "tab:blue", "student": "tab:orange"}
+    levels = [lv["concurrency"] for lv in result["levels"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for arm in ARMS:
+        figs = [lv["arms"][arm] for lv in result["levels"]]
+
+        def series(key):
+            return [f[key] if f[key] is not None else float("nan") for f in figs]
+
+        ax1.plot(levels, series("latency_ms_p50"), "o-", color=colors[arm], label=f"{arm} p50")
+        ax1.plot(levels, series("latency_ms_p95"), "o--", color=colors[arm], alpha=0.6, label=f"{arm} p95")
+        ax2.plot(levels, series("output_tokens_per_s"), "o-", color=colors[arm], label=arm)
+    for ax, label, title in ((ax1, "latency per request (ms)", "Latency"),
+                             (ax2, "output tokens/s", "Throughput")):
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(label)
+        ax.set_title(title)
+        ax.set_xticks(levels)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,210 @@
+"""``ABIngress``: Ray Serve LLM's OpenAI ingress with an A/B model, arm headers, per-arm metrics,
+clear request errors and a health route. Imports ``ray.serve.llm`` (which needs vLLM): load it
+through ``raydistill.serve.app.build_app``.
+
+Ray's ``OpenAiIngress`` routes a request to the deployment named by its ``model`` field; this
+subclass turns ``model: "ab"`` into ``teacher`` or ``student`` (``app.pick_arm``) before
+delegating, because the engine only knows its own model id.
+"""
+
+import asyncio
+import logging
+import time
+from typing import Any, Dict, Optional
+
+from fastapi import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.llm.ingress import OpenAiIngress
+from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+
+from ..config import ABConfig
+from . import AB_MODEL, ARM_HEADER, ARMS
+from .app import pick_arm
+
+log = logging.getLogger("ray.serve")
+
+LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000]
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error",
+                   param: Optional[str] = None, headers: Optional[Dict[str, str]] = None) -> JSONResponse:
+    """An OpenAI-style error: ``{"error": {"message", "type", "param", "code"}}`` (code = HTTP status)."""
+    return JSONResponse(status_code=status, headers=headers,
+                        content={"error": {"message": message, "type": type_, "param": param, "code": status}})
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The BackPressureError inside a Ray error chain, else ``e``."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, BackPressureError):
+            return seen
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    return e
+
+
+class ABIngress(OpenAiIngress):
+    """The ingress deployment: Ray's ``OpenAiIngress`` plus
+
+    - a third model ``ab`` (listed by ``/v1/models``): ``pick_arm`` chooses the arm from the sticky
+      header's value (``ABConfig.sticky_header``) or at random;
+    - ``x-raydistill-arm: teacher|student`` on every answer (the body's ``model`` field is the arm
+      already: each engine serves under its arm's name);
+    - Ray Serve metrics ``raydistill_requests`` (counter; tags arm, route, status) and
+      ``raydistill_latency_ms`` (histogram of whole-answer time in ms, to the last streamed chunk;
+      tags arm, route);
+    - checks Ray and vLLM leave unclear (no messages, ``max_tokens`` < 1 or past the arm's
+      ``max_model_len``), and a 503 saying which arm is full when its replicas' running + queued
+      limits are reached (Ray Serve's ``BackPressureError``);
+    - ``GET /health``: 200 when every deployment of the application is HEALTHY, else 503 listing them.
+
+    Args (besides ``OpenAiIngress``'s):
+        ab: ``ABConfig`` as a dict.
+        limits: per arm ``{"max_model_len", "max_ongoing_requests", "max_queued_requests"}``.
+    """
+
+    def __init__(self, llm_deployments, model_cards, *, lora_paths=None, ab: Optional[Dict[str, Any]] = None,
+                 limits: Optional[Dict[str, Dict[str, int]]] = None):
+        super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
+        from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
+        from ray.serve.metrics import Counter, Histogram
+
+        self._ab = ABConfig.model_validate(ab or {})
+        self._limits = limits or {}
+        self._ab_card = ModelCard(id=AB_MODEL, object="model", owned_by="raydistill", permission=[],
+                                  metadata={"model_id": AB_MODEL, "arms": list(ARMS), "weights": self._ab.weights,
+                                            "sticky_header": self._ab.sticky_header})
+        self._requests = Counter("raydistill_requests", description="Requests answered, per arm, route and HTTP status.",
+                                 tag_keys=("arm", "route", "status"))
+        self._latency = Histogram("raydistill_latency_ms", description="Time to the whole answer (last streamed "
+                                  "chunk), milliseconds, per arm and route.", boundaries=LATENCY_BOUNDARIES_MS,
+                                  tag_keys=("arm", "route"))
+
+    async def model(self, model_id: str):
+        if model_id == AB_MODEL:
+            return self._ab_card
+        return await super().model(model_id)
+
+    async def models(self):
+        listed = await super().models()
+        listed.data.append(self._ab_card)
+        return listed
+
+    def _record(self, arm: str, route: str, status: int, t0: float) -> None:
+        self._requests.inc(tags={"arm": arm, "route": route, "status": str(status)})
+        if status < 400:
+            self._latency.observe((time.perf_counter() - t0) * 1000, tags={"arm": arm, "route": route})
+
+    def _check(self, body, arm: str) -> Optional[JSONResponse]:
+        """A 400 for what the engine would reject unclearly, or None."""
+        if isinstance(body, ChatCompletionRequest) and not body.messages:
+            return error_response(400, "messages is empty: give at least one message, e.g. "
+                                  '[{"role": "user", "content": "Hello"}]', param="messages")
+        max_len = self._limits.get(arm, {}).get("max_model_len")
+        for field in ("max_tokens", "max_completion_tokens"):
+            value = getattr(body, field, None)
+            if value is None:
+                continue
+            if value < 1:
+                return error_response(400, f"{field} is {value}: it must be at least 1", param=field)
+            if max_len and value > max_len:
+                return error_response(400, f"{field} is {value}, past model {arm!r}'s maximum length of {max_len} "
+                                      "tokens (prompt + answer); ask for fewer tokens", param=field)
+        return None
+
+    async def _answer(self, body, request: Request, method: str) -> Response:
+        t0 = time.perf_counter()
+        requested = body.model
+        if requested == AB_MODEL:
+            arm = pick_arm(self._ab, request.headers.get(self._ab.sticky_header))
+            body = body.model_copy(update={"model": arm})
+        elif requested in ARMS:
+            arm = requested
+        else:
+            served = [*ARMS, AB_MODEL]
+            what = "no model given" if not requested else f"model {requested!r} is not served"
+            return error_response(404, f"{what}; this endpoint serves {served}", param="model",
+                                  type_="model_not_found")
+        headers = {ARM_HEADER: arm}
+        bad = self._check(body, arm)
+        if bad is not None:
+            bad.headers.update(headers)
+            self._record(arm, method, bad.status_code, t0)
+            return bad
+        try:
+            response = await self._process_llm_request(body, call_method=method, raw_request=request)
+        except Exception as e:  # noqa: BLE001 - each kind becomes its OpenAI-style answer below
+            cause = _cause(e)
+            if isinstance(cause, BackPressureError):
+                lim = self._limits.get(arm, {})
+                msg = (f"model {arm!r} is overloaded: its replicas are running and queueing as many requests as "
+                       f"allowed (serve.{arm}.max_ongoing_requests={lim.get('max_ongoing_requests')} running and "
+                       f"serve.{arm}.max_queued_requests={lim.get('max_queued_requests')} waiting per replica); "
+                       "retry later")
+                self._record(arm, method, 503, t0)
+                return error_response(503, msg, type_="overloaded_error", headers=headers)
+            status = getattr(e, "status_code", None)
+            message = getattr(e, "message", None) or getattr(e, "detail", None)
+            if status is not None and 400 <= int(status) < 500 and message:
+                self._record(arm, method, int(status), t0)
+                return error_response(int(status), str(message), type_=getattr(e, "type", None)
+                                      or "invalid_request_error", headers=headers)
+            self._record(arm, method, int(status or 500), t0)
+            raise
+        response.headers[ARM_HEADER] = arm
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = self._timed(response.body_iterator, arm, method, t0)
+        else:
+            self._record(arm, method, response.status_code, t0)
+        return response
+
+    async def _timed(self, chunks, arm: str, route: str, t0: float):
+        status = 200
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except BaseException:
+            status = 499  # the stream broke off (client gone or engine error)
+            raise
+        finally:
+            self._record(arm, route, status, t0)
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        """POST /v1/chat/completions (``stream: true`` → server-sent events)."""
+        return await self._answer(body, request, "chat")
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        """POST /v1/completions."""
+        return await self._answer(body, request, "completions")
+
+    async def health(self) -> Response:
+        """GET /health: 200 ``{"status": "ok", "deployments": {name: status}}`` when every deployment
+        of this application is HEALTHY (both arms' engines up, as Serve's controller sees them),
+        else 503 with each deployment's status (e.g. UPDATING while the engines start).
+
+        Ray's own routes say less: the proxy's ``/-/healthz`` answers once the proxy runs (engines
+        may still be loading) and ``/-/routes`` lists route prefixes."""
+        app_name = serve.get_replica_context().app_name
+        status = await asyncio.to_thread(serve.status)
+        app = status.applications.get(app_name)
+        deployments = {name: str(getattr(d.status, "value", d.status)) for name, d in (app.deployments if app else {}).items()}
+        ok = bool(deployments) and all(s == "HEALTHY" for s in deployments.values())
+        return JSONResponse(status_code=200 if ok else 503,
+                            content={"status": "ok" if ok else "unavailable", "deployments": deployments})
+
+
+def _route(method: str, path: str, **kwargs):
+    return lambda app: getattr(app, method)(path, **kwargs)
+
+
+# The routes ABIngress serves (a subset of Ray's DEFAULT_ENDPOINTS, plus /health).
+ENDPOINTS = {
+    "models": _route("get", "/v1/models"),
+    "model_data": _route("get", "/v1/models/{model:path}"),
+    "completions": _route("post", "/v1/completions"),
+    "chat": _route("post", "/v1/chat/completions"),
+    "health": _route("get", "/health"),
+}

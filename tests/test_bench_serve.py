@@ -1,0 +1,261 @@
+"""``raydistill bench-serve`` (``raydistill.serve.bench``) and ``eval.latency_source: serve``.
+
+The statistics are checked on made-up timings; the benchmark and the evaluate hook run against a
+real OpenAI-compatible server on 127.0.0.1: vLLM's own API server on the tiny model, served under
+the names ``teacher`` and ``student`` (``ab_server``), the contract ``raydistill serve`` keeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from raydistill.cli import app
+from raydistill.config import load
+from raydistill.serve.bench import (EndpointError, RequestRecord, arm_stats, check_endpoint, endpoint_url,
+                                    level_ratios, percentile, ratio, split_parts)
+
+from .conftest import _free_port, build_tiny_model, mixed_prompts, wait_for_http, write_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "benchmarks" / "serve_ab.py"
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def _rec(i: int, latency: float | None, ttft: float | None = None, tokens: int | None = None,
+         error: str | None = None) -> RequestRecord:
+    return RequestRecord(arm="student", index=i, start_s=0.0, latency_s=latency, ttft_s=ttft, output_tokens=tokens,
+                         error=error)
+
+
+def test_percentile_matches_numpy_linear():
+    import numpy as np
+
+    values = [0.31, 5.0, 1.2, 1.2, 9.75, 2.0, 3.3]
+    for q in (0, 1, 25, 50, 95, 99, 100):
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+    assert percentile([4.0], 99) == 4.0
+    assert percentile([], 50) is None
+
+
+def test_arm_stats_on_made_up_timings():
+    """Five requests in 2 s of wall time: one failed, one without usage. Latencies 100..400 ms."""
+    records = [_rec(0, 0.1, 0.02, 10), _rec(1, 0.2, 0.04, 20), _rec(2, 0.3, None, 30),
+               _rec(3, 0.4, 0.08, None), _rec(4, None, error="HTTP 503: queue full")]
+    s = arm_stats(records, wall_s=2.0)
+    assert (s["requests"], s["answered"], s["errors"]) == (5, 4, 1)
+    assert s["first_error"] == "HTTP 503: queue full"
+    assert s["latency_ms_p50"] == pytest.approx(250.0)
+    assert s["latency_ms_p95"] == pytest.approx(100 + 0.95 * 3 * 100)  # 385: between 300 and 400
+    assert s["latency_ms_p99"] == pytest.approx(397.0)
+    assert s["ttft_ms_p50"] == pytest.approx(40.0) and s["ttft_ms_p95"] == pytest.approx(76.0)  # 20, 40, 80 ms
+    assert s["requests_per_s"] == pytest.approx(4 / 2.0)
+    assert s["output_tokens"] == 60 and s["output_tokens_per_s"] == pytest.approx(30.0)
+    assert s["mean_output_tokens"] == pytest.approx(20.0) and s["usage_missing"] == 1
+
+
+def test_arm_stats_of_an_arm_that_answered_nothing():
+    s = arm_stats([_rec(0, None, error="refused"), _rec(1, None, error="refused")], wall_s=0.5)
+    assert s["answered"] == 0 and s["errors"] == 2 and s["first_error"] == "refused"
+    for key in ("latency_ms_p50", "ttft_ms_p50", "requests_per_s", "output_tokens_per_s", "mean_output_tokens"):
+        assert s[key] is None, key
+
+
+def test_ratios_and_parts():
+    teacher = arm_stats([_rec(0, 0.4, 0.1, 40), _rec(1, 0.4, 0.1, 40)], 0.8)   # 100 tokens/s
+    student = arm_stats([_rec(0, 0.1, 0.05, 40), _rec(1, 0.1, 0.05, 40)], 0.2)  # 400 tokens/s
+    r = level_ratios({"teacher": teacher, "student": student})
+    assert r == {"latency_ratio": pytest.approx(0.25), "throughput_ratio": pytest.approx(4.0)}
+    assert level_ratios({"teacher": arm_stats([], 1.0), "student": student})["latency_ratio"] is None
+    assert ratio(1.0, 0.0) is None and ratio(None, 2.0) is None and ratio(3.0, 2.0) == 1.5
+    # up to 4 parts, each at least `concurrency` requests, covering every request once
+    assert split_parts(32, 1) == [(0, 8), (8, 16), (16, 24), (24, 32)]
+    assert split_parts(32, 16) == [(0, 16), (16, 32)]
+    assert split_parts(4, 16) == [(0, 4)]
+    assert split_parts(4, 2) == [(0, 2), (2, 4)]
+
+
+# ----------------------------------------------------------------------------- no endpoint
+
+def test_nothing_on_the_port_is_a_clear_error(tmp_path):
+    port = _free_port()
+    cfg = load(None, [f"output_dir={tmp_path / 'run'}", f"serve.port={port}"])
+    assert endpoint_url(cfg) == f"http://127.0.0.1:{port}/v1"
+    assert endpoint_url(load(None, ["serve.host=0.0.0.0"])) == "http://127.0.0.1:8000/v1"
+    with pytest.raises(EndpointError, match=r"nothing answers on http://127.0.0.1:\d+/v1 .*start `raydistill serve "
+                                            r"CONFIG` first"):
+        check_endpoint(endpoint_url(cfg))
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "serve": {"port": port}}))
+    r = CliRunner().invoke(app, ["bench-serve", str(cfg_file)])
+    assert r.exit_code == 2, r.output
+    assert "start `raydistill serve CONFIG` first" in r.output
+    assert not (tmp_path / "run" / "bench").exists()
+
+
+# ----------------------------------------------------------------------------- a real server
+
+@pytest.fixture(scope="module")
+def ab_server(tiny_model, tmp_path_factory):
+    """vLLM's OpenAI API server on 127.0.0.1 serving ``tiny_model`` as ``teacher`` and ``student``
+    (float32, eager, max_model_len 256, 1 GiB KV cache). Yields the port; stopped at the end."""
+    from raydistill.runtime import vllm_env
+
+    port = _free_port()
+    folder = tmp_path_factory.mktemp("ab-server")
+    env = dict(os.environ, **vllm_env(1), TMPDIR=str(folder))
+    log = (folder / "server.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
+         "--served-model-name", "teacher", "student", "--host", "127.0.0.1", "--port", str(port),
+         "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--disable-log-stats"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder, start_new_session=True)
+    try:
+        if not wait_for_http(f"http://127.0.0.1:{port}/health", proc, timeout_s=300, interval_s=1):
+            raise RuntimeError(f"vLLM server did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
+        yield port
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+
+
+def _run_config(tmp_path: Path, tiny_model: Path, port: int, extra: dict | None = None) -> Path:
+    """A run config over 30 mixed prompts whose endpoint is ``ab_server`` and whose served student is
+    the tiny model."""
+    data = write_jsonl(tmp_path / "prompts.jsonl", mixed_prompts(30))
+    cfg = {"output_dir": str(tmp_path / "run"),
+           "data": {"path": str(data), "prompt_field": "question", "reference_field": "answer", "id_field": "qid",
+                    "task_field": "kind", "split": {"test": 0.3}},
+           "teacher": {"model": str(tiny_model), "engine": "hf", "batch_size": 4, "max_model_len": 160},
+           "generation": {"max_new_tokens": 8},
+           "serve": {"port": port, "student": {"model": str(tiny_model), "max_model_len": 256, "kv_cache_gib": 1}}}
+    for section, values in (extra or {}).items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _write_corpus(cfg) -> pa.Table:
+    """A finished corpus as generate leaves it (prompts/ with every split, a manifest, config.yaml)."""
+    from raydistill.corpus import write_prompts
+    from raydistill.data import load_prompts
+    from raydistill.schema import SCHEMA_VERSION
+
+    prompts = load_prompts(cfg.data, cfg.task_prompts)
+    corpus = Path(cfg.output_dir) / "corpus"
+    corpus.mkdir(parents=True)
+    write_prompts(corpus, prompts)
+    (corpus / "config.yaml").write_text(cfg.dump())
+    (corpus / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "rows": 0, "shards": []}))
+    return prompts
+
+
+@pytest.mark.vllm
+def test_bench_serve_end_to_end(tmp_path, tiny_model, ab_server):
+    """benchmarks/serve_ab.py at concurrency [1, 2], 4 requests per level, 2 overhead requests: the
+    files, the JSON line's fields and request counts per arm (no timing asserted)."""
+    cfg_file = _run_config(tmp_path, tiny_model, ab_server)
+    sets = ["serve.bench.concurrency=[1, 2]", "serve.bench.requests_per_level=4", "serve.bench.max_tokens=8",
+            "serve.bench.overhead_requests=2"]
+    cfg = load(cfg_file, sets)
+    _write_corpus(cfg)
+    cmd = [sys.executable, str(SCRIPT), str(cfg_file)] + [x for s in sets for x in ("--set", s)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                          env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"overhead", "latency_ratio", "throughput_ratio", "ratio_level", "per_level", "levels",
+            "overhead_detail", "settings", "machine"} <= set(result)
+    assert result["ratio_level"] == 2 and set(result["per_level"]) == {"1", "2"}
+    assert [lv["concurrency"] for lv in result["levels"]] == [1, 2]
+    for lv in result["levels"]:
+        assert set(lv["arms"]) == {"teacher", "student"}
+        counts = {arm: (a["requests"], a["answered"], a["errors"]) for arm, a in lv["arms"].items()}
+        assert counts == {"teacher": (4, 4, 0), "student": (4, 4, 0)}, lv
+        for a in lv["arms"].values():
+            assert 0 < a["latency_ms_p50"] <= a["latency_ms_p95"] <= a["latency_ms_p99"]
+            assert a["ttft_ms_p50"] is None or 0 < a["ttft_ms_p50"] <= a["latency_ms_p95"]
+            assert a["requests_per_s"] > 0 and a["output_tokens_per_s"] > 0 and a["usage_missing"] == 0
+            assert 1 <= a["mean_output_tokens"] <= 8
+        assert lv["latency_ratio"] == pytest.approx(
+            lv["arms"]["student"]["latency_ms_p50"] / lv["arms"]["teacher"]["latency_ms_p50"])
+        assert lv["throughput_ratio"] == pytest.approx(
+            lv["arms"]["student"]["output_tokens_per_s"] / lv["arms"]["teacher"]["output_tokens_per_s"])
+    assert result["latency_ratio"] == result["per_level"]["2"]["latency_ratio"]
+    o = result["overhead_detail"]
+    assert o["error"] is None, o
+    assert o["inprocess"]["requests"] == o["served"]["requests"] == 2 and o["served"]["errors"] == 0
+    assert result["overhead"] == pytest.approx(o["served"]["latency_ms_p50"] / o["inprocess"]["latency_ms_p50"])
+    # the same model, greedy, same chat template: the same answers in-process and served
+    assert o["same_text_share"] == 1.0
+    bench = Path(cfg.output_dir) / "bench"
+    assert sorted(p.name for p in bench.iterdir()) == ["config.yaml", "serve.json", "serve.md", "serve.png"]
+    assert (bench / "serve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((bench / "serve.json").read_text())["levels"] == result["levels"]
+    assert load(bench / "config.yaml").serve.bench.concurrency == [1, 2]
+    md = (bench / "serve.md").read_text()
+    assert "| 2 | student | 4 | 0 |" in md and "**overhead = " in md and "## Student / teacher" in md
+
+
+@pytest.mark.vllm
+def test_evaluate_takes_latency_from_the_endpoint(tmp_path, tiny_model, ab_server, ray_local):
+    """eval.latency_source=serve: quality from the hf engine's answers, latency and tokens/s of teacher
+    and student from the requests to the endpoint (served.parquet), the baseline's null."""
+    import statistics
+
+    from raydistill.evaluate import run_evaluate
+
+    cfg_file = _run_config(tmp_path, tiny_model, ab_server, {
+        "student": {"init": "prune", "keep_layers": [0, 3]},
+        "eval": {"engine": "hf", "batch_size": 4, "memory_probe_batch": 2, "limit": 4, "rounds": 2,
+                 "latency_source": "serve"}})
+    cfg = load(cfg_file)
+    _write_corpus(cfg)
+    out = Path(cfg.output_dir)
+    build_tiny_model(out / "baseline_student", num_layers=2, seed=1)
+    build_tiny_model(out / "student", num_layers=2, seed=2)
+    report = run_evaluate(cfg)
+
+    src = report["timing_source"]
+    assert src == {"latency_source": "serve", "endpoint": f"http://127.0.0.1:{ab_server}/v1", "concurrency": 1,
+                   "models": {"teacher": "serve", "baseline_student": None, "student": "serve"}}
+    served = pq.read_table(out / "eval" / "served.parquet").to_pylist()
+    assert len(served) == 2 * 4 and all(r["error"] is None for r in served)
+    answers = pq.read_table(out / "eval" / "answers.parquet").to_pylist()
+    for name in ("teacher", "student"):
+        mine = [r for r in served if r["model"] == name]
+        assert all(r["answered_by"] for r in mine)  # vLLM's server names its first alias, not the arm
+        assert sorted(r["prompt_id"] for r in mine) == sorted(a["prompt_id"] for a in answers if a["model"] == name)
+        m = report["models"][name]
+        assert m["answers"] == 4  # quality figures: the engine's answers
+        lat = [r["latency_s"] * 1000 for r in mine]
+        assert m["latency_ms_p50"] == pytest.approx(statistics.median(lat))
+        assert m["output_tokens_per_s"] == pytest.approx(sum(r["response_tokens"] for r in mine)
+                                                         / sum(r["latency_s"] for r in mine))
+        for rnd in report["timing"]["per_round"]:
+            in_round = [r["latency_s"] * 1000 for r in mine if r["round"] == rnd["round"]]
+            assert rnd["models"][name]["latency_ms_p50"] == pytest.approx(statistics.median(in_round))
+    base = report["models"]["baseline_student"]
+    assert base["answers"] == 4 and base["latency_ms_p50"] is None and base["output_tokens_per_s"] is None
+    assert report["compared_to_teacher"]["baseline_student"]["latency_ms_p50"]["median"] is None
+    assert report["compared_to_teacher"]["student"]["latency_ms_p50"]["median"] is not None
+    md = (out / "eval" / "report.md").read_text()
+    assert f"come from the running endpoint `http://127.0.0.1:{ab_server}/v1`" in md
+    assert "Not served, so no timing figures (n/a): baseline_student." in md

@@ -1,0 +1,349 @@
+"""``raydistill serve``: teacher and student on a real Ray Serve (``ray.serve.llm`` + vLLM) on
+127.0.0.1, driven through the official ``openai`` client.
+
+One ``raydistill serve`` subprocess serves the whole module (``served``; two tiny engines start in
+≈ 3 min here); the last test stops it with Ctrl-C (SIGINT to its process group, as a terminal does).
+Teacher = ``tiny_model`` (4 layers), student = another tiny model (2 layers, seed 1); both with
+max_model_len 128 and 1 GiB of KV cache; the student takes 1 running + 2 queued requests, so a
+burst overflows it. Requests ask for few tokens. Module time ≈ 4–5 min on 2 cores.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import importlib
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from raydistill.config import ABConfig, load
+
+from .conftest import _free_port, build_tiny_model
+
+pytestmark = pytest.mark.vllm
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_LEN = 128
+STUDENT_ONGOING, STUDENT_QUEUED = 1, 2
+HI = [{"role": "user", "content": "Hi"}]
+
+
+class Served:
+    def __init__(self, proc, port: int, run: Path, log: Path):
+        self.proc, self.port, self.run, self.log = proc, port, run, log
+        self.root = f"http://127.0.0.1:{port}"
+
+    def client(self):
+        import openai
+
+        return openai.OpenAI(base_url=self.root + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def post(self, path: str, body: dict | None = None, raw: bytes | None = None,
+             headers: dict | None = None) -> tuple[int, dict, dict]:
+        """(status, lower-cased headers, JSON body) of one POST; errors are answers too."""
+        data = raw if raw is not None else json.dumps(body).encode()
+        req = urllib.request.Request(self.root + path, data=data,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, {k.lower(): v for k, v in r.headers.items()}, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, {k.lower(): v for k, v in e.headers.items()}, json.loads(e.read())
+
+    def health_status(self) -> int | None:
+        """/health's status, None while nothing answers."""
+        try:
+            return self.get("/health")[0]
+        except (OSError, ValueError):
+            return None
+
+    def get(self, path: str) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(self.root + path, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+
+def _config(base: Path, teacher: Path, port: int) -> Path:
+    run = base / "run"
+    build_tiny_model(run / "student", num_layers=2, seed=1)
+    arm = {"max_model_len": MAX_LEN, "kv_cache_gib": 1}
+    cfg = {"output_dir": str(run), "teacher": {"model": str(teacher)},
+           "serve": {"port": port, "teacher": dict(arm),
+                     "student": dict(arm, max_ongoing_requests=STUDENT_ONGOING, max_queued_requests=STUDENT_QUEUED)}}
+    path = base / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _stop(proc) -> int:
+    """Ctrl-C as a terminal sends it (SIGINT to the process group); SIGKILL after 120 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    return proc.returncode
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model):
+    """``raydistill serve`` on a free port, ready (``/health`` 200 and one answer per arm)."""
+    base = tmp_path_factory.mktemp("serve")
+    port = _free_port()
+    cfg = _config(base, tiny_model, port)
+    log = base / "serve.log"
+    env = dict(os.environ, TMPDIR=str(base))
+    proc = subprocess.Popen([sys.executable, "-m", "raydistill.cli", "serve", str(cfg)], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, env=env, cwd=base, start_new_session=True)
+    s = Served(proc, port, base / "run", log)
+    deadline = time.time() + 600
+    while s.health_status() != 200:
+        if proc.poll() is not None or time.time() > deadline:
+            _stop(proc)
+            pytest.fail(f"raydistill serve did not become healthy on {s.root}:\n{log.read_text()[-4000:]}")
+        time.sleep(2)
+    for arm in ("teacher", "student"):  # the first request of a fresh engine is the slow one
+        s.post("/v1/chat/completions", {"model": arm, "messages": HI, "max_tokens": 1})
+    yield s
+    _stop(proc)
+
+
+# --------------------------------------------------------------------------- the A/B rule (no server)
+
+def test_pick_arm_is_sticky_weighted_and_never_picks_a_zero_arm():
+    from raydistill.serve.app import pick_arm
+
+    ab = ABConfig()
+    assert {pick_arm(ab, "alice") for _ in range(20)} == {pick_arm(ab, "alice")}
+    n = 20000
+    share = sum(pick_arm(ab, f"user-{i}") == "student" for i in range(n)) / n
+    assert abs(share - 0.9) <= 4 * math.sqrt(0.9 * 0.1 / n)
+    only_student = ABConfig(weights={"student": 1.0, "teacher": 0.0})
+    assert {pick_arm(only_student, f"u{i}") for i in range(500)} == {"student"}
+    assert {pick_arm(only_student, None, random.Random(i)) for i in range(500)} == {"student"}
+    # another seed reshuffles users
+    moved = sum(pick_arm(ab, f"user-{i}") != pick_arm(ABConfig(seed=1), f"user-{i}") for i in range(2000))
+    assert moved > 100
+
+
+# --------------------------------------------------------------------------- deploy files
+
+def _check_app(app: dict) -> None:
+    module, _, attr = app["import_path"].partition(":")
+    assert callable(getattr(importlib.import_module(module), attr))
+    assert set(app["args"]) <= {"config", "set"}
+    cfg = load(None if app["args"]["config"] == "demo" else app["args"]["config"], app["args"].get("set", []))
+    assert cfg.serve.app_name == app["name"]
+
+
+def test_serve_config_and_rayservice_follow_rays_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    serve_cfg = yaml.safe_load((REPO / "cluster" / "serve.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(serve_cfg)
+    assert [a.import_path for a in schema.applications] == ["raydistill.serve.app:app_builder"]
+    _check_app(serve_cfg["applications"][0])
+
+    service = yaml.safe_load((REPO / "cluster" / "rayservice.yaml").read_text())
+    assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
+    inner = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(inner)
+    app = inner["applications"][0]
+    _check_app(app)
+    assert "raydistill" in app["runtime_env"]["pip"]
+    cluster = service["spec"]["rayClusterConfig"]
+    images = [c["image"] for c in cluster["headGroupSpec"]["template"]["spec"]["containers"]]
+    workers = cluster["workerGroupSpecs"]
+    gpus = [c["resources"]["limits"].get("nvidia.com/gpu") for w in workers for c in w["template"]["spec"]["containers"]]
+    images += [c["image"] for w in workers for c in w["template"]["spec"]["containers"]]
+    assert all(i.startswith("rayproject/ray-llm:") for i in images) and any(gpus)
+    # the arms ask for GPUs on the cluster
+    cfg = load(None, app["args"]["set"])
+    assert cfg.serve.teacher.gpus_per_replica > 0 and cfg.serve.student.gpus_per_replica > 0
+
+
+# --------------------------------------------------------------------------- refusals (before Ray starts)
+
+def test_serve_refuses_without_student_or_with_an_api_teacher(tmp_path, tiny_model):
+    from raydistill.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["serve", str(REPO / "raydistill" / "demo" / "config.yaml"), "--set",
+                            f"output_dir={tmp_path / 'none'}", "--set", f"teacher.model={tiny_model}"])
+    assert r.exit_code == 2 and "no trained student" in r.output and "raydistill train" in r.output
+    build_tiny_model(tmp_path / "run" / "student", num_layers=1)
+    r = runner.invoke(app, ["serve", str(REPO / "raydistill" / "demo" / "config.yaml"), "--set",
+                            f"output_dir={tmp_path / 'run'}", "--set", "teacher.engine=openai", "--set",
+                            "teacher.base_url=http://127.0.0.1:1/v1", "--set", "teacher.model=gpt-x",
+                            "--set", "teacher.api_key_env=null", "--set", "student.init=pretrained",
+                            "--set", f"student.model={tiny_model}", "--set", "train.loss=sequence_kd"])
+    assert r.exit_code == 2 and "serve.teacher.model" in r.output and "API model" in r.output, r.output
+
+
+# --------------------------------------------------------------------------- the served endpoint
+
+def test_models_health_and_port_in_use(served, tmp_path):
+    assert {m.id for m in served.client().models.list().data} == {"teacher", "student", "ab"}
+    status, body = served.get("/health")
+    assert status == 200 and body["status"] == "ok" and len(body["deployments"]) == 3
+    text = served.log.read_text()
+    assert f"http://127.0.0.1:{served.port}/v1" in text and "ab: weights" in text
+    assert load(served.run / "serve" / "config.yaml").serve.port == served.port
+    from raydistill.cli import app
+
+    r = CliRunner().invoke(app, ["serve", str(served.log.parent / "serve.yaml")])
+    assert r.exit_code == 2 and f"serve.port {served.port}" in r.output, r.output
+
+
+def test_both_arms_answer_and_name_themselves(served):
+    client = served.client()
+    for arm in ("teacher", "student"):
+        raw = client.chat.completions.with_raw_response.create(model=arm, messages=HI, max_tokens=4)
+        assert raw.headers["x-raydistill-arm"] == arm
+        out = raw.parse()
+        assert out.model == arm and out.choices[0].message.content is not None and out.usage.completion_tokens >= 1
+        raw = client.completions.with_raw_response.create(model=arm, prompt="The capital of France", max_tokens=4)
+        assert raw.headers["x-raydistill-arm"] == arm and raw.parse().model == arm
+
+
+def test_ab_split_within_binomial_bound(served):
+    """n = 300 requests without the sticky header, max_tokens=1. The student's share p̂ must be
+    within 4 standard errors of 0.9: |p̂ − 0.9| ≤ 4·sqrt(0.9·0.1/300) ≈ 0.069 (false alarm < 1e-4)."""
+    client, n, arms = served.client(), 300, []
+    for _ in range(n):
+        raw = client.chat.completions.with_raw_response.create(model="ab", messages=HI, max_tokens=1)
+        arm = raw.headers["x-raydistill-arm"]
+        assert raw.parse().model == arm
+        arms.append(arm)
+    share = arms.count("student") / n
+    assert abs(share - 0.9) <= 4 * math.sqrt(0.9 * 0.1 / n), share
+    assert set(arms) == {"teacher", "student"}
+
+
+def test_ab_is_sticky_per_user_header(served):
+    from raydistill.serve.app import pick_arm
+
+    client = served.client()
+
+    def arm_of(user: str) -> str:
+        raw = client.chat.completions.with_raw_response.create(model="ab", messages=HI, max_tokens=1,
+                                                               extra_headers={"x-user-id": user})
+        return raw.headers["x-raydistill-arm"]
+
+    assert {arm_of("alice") for _ in range(20)} == {pick_arm(ABConfig(), "alice")}
+    users = {f"user-{i}": arm_of(f"user-{i}") for i in range(40)}
+    assert set(users.values()) == {"teacher", "student"}
+    assert users == {u: pick_arm(ABConfig(), u) for u in users}  # the server uses the documented rule
+
+
+BAD = [
+    ("invalid JSON", None, b'{"model": "student", "messages": [', 400, "JSON decode error"),
+    ("no messages", {"model": "student", "max_tokens": 4}, None, 400, "messages"),
+    ("empty messages", {"model": "student", "messages": [], "max_tokens": 4}, None, 400, "messages is empty"),
+    ("unknown model", {"model": "gpt-9", "messages": HI}, None, 404, "'ab'"),
+    ("max_tokens 0", {"model": "student", "messages": HI, "max_tokens": 0}, None, 400, "at least 1"),
+    ("max_tokens past max_model_len", {"model": "teacher", "messages": HI, "max_tokens": 1000}, None, 400,
+     f"maximum length of {MAX_LEN}"),
+    ("prompt too long", {"model": "student", "messages": [{"role": "user", "content": "Paris " * 400}],
+                         "max_tokens": 4}, None, 400, f"maximum context length is {MAX_LEN}"),
+    ("prompt + answer too long", {"model": "ab", "messages": [{"role": "user", "content": "Paris " * 90}],
+                                  "max_tokens": 100}, None, 400, f"maximum context length is {MAX_LEN}"),
+]
+
+
+@pytest.mark.parametrize("what,body,raw,status,needle", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_openai_style_errors(served, what, body, raw, status, needle):
+    code, _, out = served.post("/v1/chat/completions", body, raw)
+    assert code == status, out
+    err = out["error"]
+    assert needle in err["message"] and err["type"] and ("code" in err or "param" in err), out
+
+
+def test_bad_request_through_the_openai_client(served):
+    import openai
+
+    with pytest.raises(openai.NotFoundError, match="teacher"):
+        served.client().chat.completions.create(model="gpt-9", messages=HI, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="at least 1"):
+        served.client().completions.create(model="student", prompt="Hi", max_tokens=0)
+
+
+def test_streamed_chunks_reassemble_the_answer(served):
+    client = served.client()
+    for arm in ("teacher", "student"):
+        full = client.chat.completions.create(model=arm, messages=HI, max_tokens=12, temperature=0)
+        raw = client.chat.completions.with_raw_response.create(model=arm, messages=HI, max_tokens=12,
+                                                               temperature=0, stream=True)
+        assert raw.headers["x-raydistill-arm"] == arm and "text/event-stream" in raw.headers["content-type"]
+        chunks = list(raw.parse())
+        assert len(chunks) > 2 and {c.model for c in chunks} == {arm}
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == full.choices[0].message.content
+
+
+def test_overload_answers_503_then_the_replica_still_serves(served):
+    """12 concurrent long answers to a student that runs 1 and queues 2: the rest are refused at
+    once with 503 (none hangs), and the student answers normally afterwards."""
+    body = {"model": "student", "messages": HI, "max_tokens": 100, "min_tokens": 100, "temperature": 0}
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda _: served.post("/v1/chat/completions", body), range(12)))
+    codes = [r[0] for r in results]
+    assert set(codes) <= {200, 503} and 1 <= codes.count(200) <= STUDENT_ONGOING + STUDENT_QUEUED, codes
+    refused = [r for r in results if r[0] == 503]
+    assert len(refused) >= 12 - (STUDENT_ONGOING + STUDENT_QUEUED)
+    for _, headers, out in refused:
+        assert headers["x-raydistill-arm"] == "student"
+        assert out["error"]["code"] == 503 and "overloaded" in out["error"]["message"]
+        assert "serve.student.max_queued_requests=2" in out["error"]["message"]
+    assert time.perf_counter() - t0 < 120
+    status, _, out = served.post("/v1/chat/completions", {"model": "student", "messages": HI, "max_tokens": 2})
+    assert status == 200 and out["model"] == "student"
+    assert served.get("/health")[0] == 200
+
+
+def test_per_arm_metrics_reach_prometheus(served):
+    """raydistill_requests and raydistill_latency_ms, tagged by arm, on the node's metrics endpoint
+    (its port is in the Ray session folder, under the server's TMPDIR); Ray exports every few s."""
+    port_file = next((served.log.parent / "ray" / "session_latest").glob("metrics_export_port_*"))
+    url = f"http://127.0.0.1:{port_file.read_text().strip()}/metrics"
+    deadline, lines = time.time() + 90, []
+    while time.time() < deadline:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        lines = [ln for ln in text.splitlines() if ln.startswith("ray_raydistill_")]
+        found = {(name, arm) for name in ("raydistill_requests", "raydistill_latency_ms_count")
+                 for arm in ("teacher", "student") if any(name in ln and f'arm="{arm}"' in ln for ln in lines)}
+        if len(found) == 4:
+            break
+        time.sleep(3)
+    assert len(found) == 4, lines[:20]
+    refused = [ln for ln in lines if "raydistill_requests" in ln and 'arm="student"' in ln and 'status="503"' in ln]
+    assert refused and float(refused[0].rsplit(" ", 1)[1]) >= 1
+
+
+def test_ctrl_c_stops_serve_with_exit_0_and_frees_the_port(served):
+    """Runs last: the module's server is stopped here."""
+    assert served.proc.poll() is None
+    t0 = time.perf_counter()
+    assert _stop(served.proc) == 0, served.log.read_text()[-3000:]
+    assert time.perf_counter() - t0 < 120
+    from raydistill.serve.app import port_problem
+
+    assert port_problem("127.0.0.1", served.port) is None  # nothing listens (TIME_WAIT aside)
+    assert "stopping" in served.log.read_text()
