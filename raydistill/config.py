@@ -311,9 +311,12 @@ class ServeArmConfig(_Section):
     model: str | None = Field(None, description="HF id, local folder or s3:// folder served; null = the run's "
                               "own (student: <output_dir>/student; teacher: teacher.model).")
     replicas: int = Field(1, gt=0, description="Deployment replicas (each one vLLM engine).")
-    cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs each replica reserves.")
-    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica (0 on CPU machines; "
-                                    "tensor_parallel_size GPUs when > 0).")
+    cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs of each replica's engine (Ray Serve LLM "
+                                    "adds 1 CPU for the replica actor itself).")
+    gpus_per_replica: float = Field(0.0, ge=0, le=1, description="GPUs per replica with tensor_parallel_size 1: 0 on "
+                                    "CPU machines, a fraction to pack both arms on one GPU, at most 1 (use "
+                                    "tensor_parallel_size for more); any value > 0 with tensor_parallel_size > 1 "
+                                    "means one whole GPU per tensor-parallel rank.")
     tensor_parallel_size: int = Field(1, gt=0, description="vLLM tensor parallel degree (GPUs per replica).")
     accelerator_type: str | None = Field(None, description="Ray accelerator type the replicas need (e.g. "
                                          "H100); null = any.")
@@ -323,8 +326,19 @@ class ServeArmConfig(_Section):
     kv_cache_gib: float = Field(2.0, gt=0, description="vLLM CPU KV cache size (GiB); ignored on GPUs.")
     max_ongoing_requests: int = Field(8, gt=0, description="Requests one replica works on at once (Ray Serve "
                                       "max_ongoing_requests).")
-    max_queued_requests: int = Field(16, ge=0, description="Requests that may wait for a replica beyond "
-                                     "those; past it the endpoint answers 503 (Ray Serve max_queued_requests).")
+    max_queued_requests: int = Field(16, ge=0, description="Requests that may wait for a free replica, counted "
+                                     "by each caller (here the one ingress replica), not per replica; past it the "
+                                     "endpoint answers 503 (Ray Serve max_queued_requests).")
+
+    @model_validator(mode="after")
+    def _gpu_settings(self) -> "ServeArmConfig":
+        if self.accelerator_type and self.gpus_per_replica == 0:
+            raise ValueError(f"accelerator_type is {self.accelerator_type!r} but gpus_per_replica is 0: set "
+                             "gpus_per_replica (e.g. 1) or drop accelerator_type")
+        if self.tensor_parallel_size > 1 and self.gpus_per_replica == 0:
+            raise ValueError(f"tensor_parallel_size is {self.tensor_parallel_size} but gpus_per_replica is 0: "
+                             "tensor parallelism runs on GPUs; set gpus_per_replica=1")
+        return self
 
 
 class ABConfig(_Section):
@@ -345,11 +359,24 @@ class ABConfig(_Section):
 class BenchServeConfig(_Section):
     concurrency: list[int] = Field(default_factory=lambda: [1, 4, 16], min_length=1,
                                    description="Concurrent clients per level, in order.")
-    requests_per_level: int = Field(32, gt=0, description="Requests per arm and concurrency level.")
+    requests_per_level: int = Field(32, gt=0, description="Requests per arm and concurrency level; at least twice "
+                                    "the highest concurrency, so every client sends more than one request "
+                                    "(sustained load, not one burst).")
     max_tokens: int = Field(64, gt=0, description="max_tokens of each benchmark request.")
     split: Literal["test", "validation", "train"] = Field("test", description="Corpus split whose prompts are sent.")
     overhead_requests: int = Field(16, ge=0, description="Requests (one at a time) timed in-process and through "
                                    "Serve for the overhead ratio; 0 = skip it (no in-process engine is started).")
+
+    @model_validator(mode="after")
+    def _sustained(self) -> "BenchServeConfig":
+        top = max(self.concurrency)
+        if min(self.concurrency) < 1:
+            raise ValueError(f"serve.bench.concurrency {self.concurrency}: every level needs at least 1 client")
+        if self.requests_per_level < 2 * top:
+            raise ValueError(f"serve.bench.requests_per_level ({self.requests_per_level}) must be at least twice the "
+                             f"highest serve.bench.concurrency ({top}): with fewer, each client sends one request "
+                             f"and the level measures a burst; set requests_per_level={2 * top} or more")
+        return self
 
 
 class ServeConfig(_Section):
@@ -509,6 +536,15 @@ class Config(_Section):
         if self.train.loss == "logit_kd" and kd.teacher == "online" and self.teacher.engine == "openai":
             raise ValueError("train.kd.teacher is 'online' but teacher.engine is 'openai': an API teacher cannot run "
                              "beside the student; use train.kd.teacher=corpus with generation.top_k_logprobs")
+        return self
+
+    @model_validator(mode="after")
+    def _served_timing_of_the_scored_models(self) -> "Config":
+        if self.eval.latency_source == "serve" and self.teacher.engine == "openai":
+            raise ValueError("eval.latency_source is 'serve' but teacher.engine is 'openai': the served teacher would "
+                             "be serve.teacher.model, a stand-in, while the report scores the API model's answers, so "
+                             "its latency would describe another model; use eval.latency_source=engine (the API's own "
+                             "latency) or make the served model the teacher (teacher.engine=vllm)")
         return self
 
     @model_validator(mode="after")

@@ -911,10 +911,11 @@ def run_evaluate(cfg: Config) -> dict:
     prompts, changes = load_eval_prompts(cfg)
     endpoint = None
     if cfg.eval.latency_source == "serve":  # before any engine starts, not after the answers
-        from .serve.bench import check_endpoint, endpoint_url
+        from .serve.bench import check_endpoint, check_served_models, endpoint_url
 
         endpoint = endpoint_url(cfg)
         check_endpoint(endpoint)
+        check_served_models(cfg, endpoint)  # the endpoint's student and teacher are this run's
     init_ray()
     gen = cfg.generation.model_copy(update={"top_k_logprobs": 0})
     # One generation path for all three (eval.engine); the teacher keeps its own resources

@@ -81,9 +81,11 @@ def test_ratios_and_parts():
     assert ratio(1.0, 0.0) is None and ratio(None, 2.0) is None and ratio(3.0, 2.0) == 1.5
     # up to 4 parts, each at least `concurrency` requests, covering every request once
     assert split_parts(32, 1) == [(0, 8), (8, 16), (16, 24), (24, 32)]
-    assert split_parts(32, 16) == [(0, 16), (16, 32)]
+    assert split_parts(32, 8) == [(0, 16), (16, 32)]  # every client sends 2 requests per part
+    assert split_parts(32, 16) == [(0, 32)]
     assert split_parts(4, 16) == [(0, 4)]
-    assert split_parts(4, 2) == [(0, 2), (2, 4)]
+    assert split_parts(4, 2) == [(0, 4)]
+    assert split_parts(8, 2) == [(0, 4), (4, 8)]
 
 
 # ----------------------------------------------------------------------------- no endpoint

@@ -382,3 +382,27 @@ def test_label_map_values_are_checked_when_the_config_loads():
         load(None, ['data.label_map={"0": entailment, "1": maybe}'])
     assert load(None, ['data.label_map={"0": entailment, "2": contradiction}']).data.label_map == {
         "0": "entailment", "2": "contradiction"}
+
+
+def test_serve_settings_that_would_be_ignored_or_measure_a_burst_are_refused():
+    from raydistill.config import ConfigError
+
+    with pytest.raises(ConfigError, match="accelerator_type is 'H100' but gpus_per_replica is 0"):
+        load(None, ["serve.teacher.accelerator_type=H100"])
+    with pytest.raises(ConfigError, match="tensor_parallel_size is 4 but gpus_per_replica is 0"):
+        load(None, ["serve.teacher.tensor_parallel_size=4"])
+    with pytest.raises(ConfigError, match="gpus_per_replica"):
+        load(None, ["serve.student.gpus_per_replica=2"])  # more than one GPU: tensor_parallel_size
+    with pytest.raises(ConfigError, match=r"requests_per_level \(8\) must be at least twice .* \(16\)"):
+        load(None, ["serve.bench.requests_per_level=8"])
+    cfg = load(None, ["serve.teacher.gpus_per_replica=1", "serve.teacher.tensor_parallel_size=8",
+                      "serve.teacher.accelerator_type=H100"])
+    assert cfg.serve.teacher.tensor_parallel_size == 8
+
+
+def test_served_latency_with_an_api_teacher_is_refused():
+    from raydistill.config import ConfigError
+
+    with pytest.raises(ConfigError, match="latency_source is 'serve' but teacher.engine is 'openai'"):
+        load(None, ["eval.latency_source=serve", "teacher.engine=openai", "teacher.base_url=http://127.0.0.1:1/v1",
+                    "teacher.model=x", "student.init=pretrained", "student.model=y"])

@@ -166,13 +166,16 @@ def test_serve_config_and_rayservice_follow_rays_schema():
     ServeDeploySchema.model_validate(inner)
     app = inner["applications"][0]
     _check_app(app)
-    assert "raydistill" in app["runtime_env"]["pip"]
+    # raydistill is not on PyPI: it comes with the image built from cluster/Dockerfile, never from pip
+    assert "pip" not in app.get("runtime_env", {})
     cluster = service["spec"]["rayClusterConfig"]
     images = [c["image"] for c in cluster["headGroupSpec"]["template"]["spec"]["containers"]]
     workers = cluster["workerGroupSpecs"]
     gpus = [c["resources"]["limits"].get("nvidia.com/gpu") for w in workers for c in w["template"]["spec"]["containers"]]
     images += [c["image"] for w in workers for c in w["template"]["spec"]["containers"]]
-    assert all(i.startswith("rayproject/ray-llm:") for i in images) and any(gpus)
+    assert set(images) == {"YOUR-REGISTRY/raydistill:0.1.0"} and any(gpus)
+    dockerfile = (REPO / "cluster" / "Dockerfile").read_text()
+    assert "FROM rayproject/ray-llm:2.60.0-" in dockerfile and "-t YOUR-REGISTRY/raydistill:0.1.0" in dockerfile
     # the arms ask for GPUs on the cluster
     cfg = load(None, app["args"]["set"])
     assert cfg.serve.teacher.gpus_per_replica > 0 and cfg.serve.student.gpus_per_replica > 0
@@ -295,6 +298,34 @@ def test_streamed_chunks_reassemble_the_answer(served):
         assert len(chunks) > 2 and {c.model for c in chunks} == {arm}
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert text == full.choices[0].message.content
+
+
+def test_an_ab_stream_names_its_arm_in_the_header_and_every_chunk(served):
+    client = served.client()
+    arms = set()
+    for user in ("u1", "u2", "u3", "u4", "u5", "u6"):
+        raw = client.chat.completions.with_raw_response.create(
+            model="ab", messages=HI, max_tokens=3, stream=True, extra_headers={"x-user-id": user})
+        arm = raw.headers["x-raydistill-arm"]
+        chunks = list(raw.parse())
+        assert chunks and {c.model for c in chunks} == {arm}
+        arms.add(arm)
+    assert arms <= {"teacher", "student"}
+
+
+def test_clients_see_what_each_arm_serves_and_refuse_another_runs_endpoint(served, tmp_path):
+    """The model cards carry model_source; evaluate and bench-serve refuse an endpoint that serves
+    another student than their config's."""
+    from raydistill.serve.bench import EndpointError, check_served_models
+
+    cfg = load(served.log.parent / "serve.yaml")
+    sources = check_served_models(cfg, served.root + "/v1")
+    assert sources == {"teacher": str(Path(cfg.teacher.model).resolve()),
+                       "student": str((served.run / "student").resolve())}
+    build_tiny_model(tmp_path / "other-run" / "student", num_layers=2, seed=3)
+    other = load(served.log.parent / "serve.yaml", [f"output_dir={tmp_path / 'other-run'}"])
+    with pytest.raises(EndpointError, match=r"serves other models than this config \(student: serves "):
+        check_served_models(other, served.root + "/v1")
 
 
 def test_overload_answers_503_then_the_replica_still_serves(served):

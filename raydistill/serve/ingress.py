@@ -16,7 +16,7 @@ from fastapi import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
@@ -26,6 +26,8 @@ from .app import pick_arm
 
 log = logging.getLogger("ray.serve")
 
+HEALTH_TIMEOUT_S = 5.0
+SERVING = ("HEALTHY", "UPSCALING", "DOWNSCALING")  # deployment statuses that answer requests
 LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000]
 
 
@@ -36,11 +38,14 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
                         content={"error": {"message": message, "type": type_, "param": param, "code": status}})
 
 
+UNAVAILABLE = (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)
+
+
 def _cause(e: BaseException) -> BaseException:
-    """The BackPressureError inside a Ray error chain, else ``e``."""
+    """The overload or unavailability error (``UNAVAILABLE``) inside a Ray error chain, else ``e``."""
     seen = e
     while seen is not None:
-        if isinstance(seen, BackPressureError):
+        if isinstance(seen, UNAVAILABLE):
             return seen
         seen = getattr(seen, "cause", None) or seen.__cause__
     return e
@@ -125,9 +130,10 @@ class ABIngress(OpenAiIngress):
             arm = requested
         else:
             served = [*ARMS, AB_MODEL]
-            what = "no model given" if not requested else f"model {requested!r} is not served"
-            return error_response(404, f"{what}; this endpoint serves {served}", param="model",
-                                  type_="model_not_found")
+            if not requested:
+                return error_response(400, f"no model given; this endpoint serves {served}", param="model")
+            return error_response(404, f"model {requested!r} is not served; this endpoint serves {served}",
+                                  param="model", type_="model_not_found")
         headers = {ARM_HEADER: arm}
         bad = self._check(body, arm)
         if bad is not None:
@@ -140,20 +146,26 @@ class ABIngress(OpenAiIngress):
             cause = _cause(e)
             if isinstance(cause, BackPressureError):
                 lim = self._limits.get(arm, {})
-                msg = (f"model {arm!r} is overloaded: its replicas are running and queueing as many requests as "
-                       f"allowed (serve.{arm}.max_ongoing_requests={lim.get('max_ongoing_requests')} running and "
-                       f"serve.{arm}.max_queued_requests={lim.get('max_queued_requests')} waiting per replica); "
-                       "retry later")
+                msg = (f"model {arm!r} is overloaded: its replicas are each running "
+                       f"serve.{arm}.max_ongoing_requests={lim.get('max_ongoing_requests')} requests and "
+                       f"serve.{arm}.max_queued_requests={lim.get('max_queued_requests')} more are waiting (a "
+                       "queue counted by the ingress, not per replica); retry later")
                 self._record(arm, method, 503, t0)
                 return error_response(503, msg, type_="overloaded_error", headers=headers)
-            status = getattr(e, "status_code", None)
+            if isinstance(cause, UNAVAILABLE):  # the arm's deployment or replica is down or restarting
+                self._record(arm, method, 503, t0)
+                return error_response(503, f"model {arm!r} is unavailable right now ({type(cause).__name__}: "
+                                      f"{cause}); retry later", type_="unavailable_error", headers=headers)
+            status = int(getattr(e, "status_code", None) or 500)
             message = getattr(e, "message", None) or getattr(e, "detail", None)
-            if status is not None and 400 <= int(status) < 500 and message:
-                self._record(arm, method, int(status), t0)
-                return error_response(int(status), str(message), type_=getattr(e, "type", None)
+            if 400 <= status < 500 and message:
+                self._record(arm, method, status, t0)
+                return error_response(status, str(message), type_=getattr(e, "type", None)
                                       or "invalid_request_error", headers=headers)
-            self._record(arm, method, int(status or 500), t0)
-            raise
+            self._record(arm, method, status, t0)
+            log.exception("model %r failed to answer", arm)
+            return error_response(status if status >= 500 else 500, f"model {arm!r} failed to answer: "
+                                  f"{type(e).__name__}: {message or e}", type_="server_error", headers=headers)
         response.headers[ARM_HEADER] = arm
         if isinstance(response, StreamingResponse):
             response.body_iterator = self._timed(response.body_iterator, arm, method, t0)
@@ -182,16 +194,22 @@ class ABIngress(OpenAiIngress):
 
     async def health(self) -> Response:
         """GET /health: 200 ``{"status": "ok", "deployments": {name: status}}`` when every deployment
-        of this application is HEALTHY (both arms' engines up, as Serve's controller sees them),
+        of this application is HEALTHY (or scaling up or down) (both arms' engines up, as Serve's controller sees them),
         else 503 with each deployment's status (e.g. UPDATING while the engines start).
 
         Ray's own routes say less: the proxy's ``/-/healthz`` answers once the proxy runs (engines
         may still be loading) and ``/-/routes`` lists route prefixes."""
         app_name = serve.get_replica_context().app_name
-        status = await asyncio.to_thread(serve.status)
+        try:
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), timeout=HEALTH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return JSONResponse(status_code=503, content={"status": "unavailable", "deployments": {},
+                                                          "error": f"Serve's controller did not answer in "
+                                                                   f"{HEALTH_TIMEOUT_S:g} s"})
         app = status.applications.get(app_name)
         deployments = {name: str(getattr(d.status, "value", d.status)) for name, d in (app.deployments if app else {}).items()}
-        ok = bool(deployments) and all(s == "HEALTHY" for s in deployments.values())
+        # scaling up or down still serves every request
+        ok = bool(deployments) and all(s in SERVING for s in deployments.values())
         return JSONResponse(status_code=200 if ok else 503,
                             content={"status": "ok" if ok else "unavailable", "deployments": deployments})
 
