@@ -10,7 +10,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-all test-fast clean
 
 $(STAMP): pyproject.toml requirements-cpu.lock
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,12 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# everything but the benchmark smoke runs: the default tests plus those marked slow
+test-all: install
+	$(PY) -m pytest -q -m "not bench"
+
 test-fast: install
-	$(PY) -m pytest -q -m "not vllm"
+	$(PY) -m pytest -q -m "not vllm and not slow and not bench"
 
 clean:
 	rm -rf $(VENV) runs
