@@ -59,12 +59,8 @@ def _load(config: Path | None, overrides: list[str] | None) -> Config:
 
 
 def _prepare(cfg: Config, stages: tuple[str, ...]) -> None:
-    from .storage import is_remote, storage_path
+    from .storage import storage_path
 
-    if is_remote(cfg.output_dir) and "evaluate" in stages:
-        _fail(f"output_dir {cfg.output_dir} is on S3: generate and train read and write S3, but evaluate still "
-              "needs a local output_dir; run `raydistill generate` and `raydistill train` alone, or use a local "
-              "output_dir")
     if "train" in stages and cfg.train.mlflow.enabled:  # before generation, not after it
         from .train.observe import MlflowMissingError, require_mlflow
 
@@ -75,13 +71,50 @@ def _prepare(cfg: Config, stages: tuple[str, ...]) -> None:
     (storage_path(cfg.output_dir, cfg.storage) / "config.yaml").write_text(cfg.dump())
 
 
+def _output_location(cfg: Config, reads_data: bool = False) -> str:
+    """Refuse an output_dir (and, with ``reads_data``, a data.path) that a `ray job submit` driver
+    cannot use (raydistill.jobmode), then say where the outputs go (absolute path or s3:// URI);
+    returns it."""
+    from .jobmode import JobModeError, check_output_dir, input_problem
+    from .storage import storage_path
+
+    try:
+        job = check_output_dir(cfg.output_dir, cfg.storage.shared_local)
+    except JobModeError as e:
+        _fail(str(e))
+        raise  # unreachable
+    problem = input_problem(cfg.data.path, cfg.storage.shared_local, job) if reads_data else None
+    if problem:
+        _fail(problem)
+    uri = storage_path(cfg.output_dir, cfg.storage).uri
+    typer.echo(f"output location: {uri}" + (f" (Ray job {job})" if job else ""), err=True)
+    return uri
+
+
+def _ensure_ray(cfg: Config, stages: tuple[str, ...]) -> None:
+    """Start or join Ray and check that every stage fits it (raydistill.resources), before any runs."""
+    import ray
+
+    from .resources import ResourceError, ensure_ray
+
+    ours = not ray.is_initialized()
+    try:
+        ensure_ray(cfg, stages)
+    except ResourceError as e:
+        if ours:
+            ray.shutdown()
+        _fail(str(e))
+
+
 def _run_stages(cfg: Config, stages: tuple[str, ...], overwrite: bool = False) -> None:
     from .data import DataError
     from .models import ModelError
     from .schema import SchemaError
 
     _setup_logging()
+    location = _output_location(cfg, reads_data="generate" in stages)
     _prepare(cfg, stages)
+    _ensure_ray(cfg, stages)
     t0 = time.perf_counter()
     stage = stages[0]
     try:
@@ -110,9 +143,11 @@ def _run_stages(cfg: Config, stages: tuple[str, ...], overwrite: bool = False) -
                  "evaluate": "rerun `raydistill evaluate`"}[stage]
         typer.echo(f"interrupted during stage {stage}: finished stages' outputs are kept; {after}", err=True)
         raise typer.Exit(code=130) from None
-    log.info("finished in %.0f s; outputs in %s", time.perf_counter() - t0, cfg.output_dir)
+    log.info("finished in %.0f s; outputs in %s", time.perf_counter() - t0, location)
     if "evaluate" in stages:
-        typer.echo(f"report: {Path(cfg.output_dir) / 'eval' / 'report.md'}")
+        from .storage import storage_path
+
+        typer.echo(f"report: {storage_path(cfg.output_dir, cfg.storage) / 'eval' / 'report.md'}")
 
 
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Delete an existing corpus and generate it again "
@@ -161,9 +196,11 @@ def serve(config: ConfigArg, set_: SetOpt = None) -> None:
     if problems:
         _fail("cannot serve:\n  " + "\n  ".join(problems))
     _setup_logging()
+    _output_location(cfg)
     from .storage import storage_path
 
     (storage_path(cfg.output_dir, cfg.storage) / "serve" / "config.yaml").write_text(cfg.dump())
+    _ensure_ray(cfg, ("serve",))
     on_cluster = bool(os.environ.get("RAY_ADDRESS"))
     name = cfg.serve.app_name
     started = False
@@ -218,6 +255,7 @@ def bench_serve(config: ConfigArg, set_: SetOpt = None) -> None:
     highest concurrency level, and the raw figures (see raydistill.serve.bench)."""
     cfg = _load(config, set_)
     _setup_logging()
+    _output_location(cfg)
     from .schema import SchemaError
     from .serve.bench import EndpointError, run_bench, summary_line
 

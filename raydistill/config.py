@@ -134,6 +134,14 @@ class EngineConfig(_Section):
         "auto", description="Weights dtype; 'auto' = float32 on CPU, bfloat16 on GPU.")
     kv_cache_gib: float = Field(2.0, gt=0, description="vLLM CPU KV cache size (GiB); ignored on GPUs.")
 
+    def asks_gpu(self) -> bool:
+        """True when the settings alone put the engine on GPUs: ``gpus_per_replica`` > 0, tensor or
+        pipeline parallelism (> 1), or an ``accelerator_type``. A vLLM engine also runs on GPUs when
+        the cluster or this machine has them; this rule is what holds before any GPU node exists
+        (an autoscaling GPU group at 0 nodes)."""
+        return (self.gpus_per_replica > 0 or self.tensor_parallel_size > 1
+                or getattr(self, "pipeline_parallel_size", 1) > 1 or bool(getattr(self, "accelerator_type", None)))
+
 
 class PriceConfig(_Section):
     input: float = Field(0.0, ge=0, description="USD per million prompt (input) tokens.")
@@ -487,6 +495,10 @@ class StorageConfig(_Section):
                                      "server: http://127.0.0.1:9000); null = AWS_ENDPOINT_URL or AWS itself. "
                                      "Credentials come from the usual AWS environment variables.")
     region: str | None = Field(None, description="S3 region; null = AWS_REGION / AWS_DEFAULT_REGION.")
+    shared_local: bool = Field(False, description="A local output_dir is on storage every node of the Ray "
+                               "cluster mounts at the same path (NFS, EFS), or the cluster is one machine. A "
+                               "`ray job submit` driver refuses a local output_dir without it (and a relative "
+                               "one always: it would land in Ray's temporary copy of the working directory).")
 
 
 class Config(_Section):

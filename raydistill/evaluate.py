@@ -40,6 +40,14 @@ it); the report is otherwise always written, with ``null`` (n/a in report.md) fo
 cannot be computed (e.g. a model that answered no prompt), and the plots skip those points.
 ``report.json`` is strict JSON (no NaN).
 
+An ``s3://`` ``output_dir`` works the same way: the prompts, the corpus manifest and config are read
+from S3; the student (and the pruned baseline) are read through ``storage.local_copy`` (a copy in
+the local cache, refreshed when S3 changed; the report's ``path`` keeps the S3 URI); ``eval/`` is
+built in a local temporary folder. ``answers.parquet`` is uploaded to ``output_dir/eval.partial/``
+as soon as it exists (kept there on a failure), and the finished folder replaces
+``output_dir/eval/`` only once it is complete locally, ``report.json`` uploaded last: an ``eval/``
+without ``report.json`` is unfinished.
+
 ``report.json``, top level:
 - ``split``, ``prompts`` (evaluated), ``prompts_by_task``, ``limit`` (``eval.limit``),
   ``prompt_source`` (the prompts/ folder read);
@@ -809,12 +817,15 @@ def _flat(d: dict, prefix: str) -> dict:
     return out
 
 
-def data_changes(corpus: Path, cfg: Config) -> dict[str, dict]:
+def data_changes(corpus, cfg: Config) -> dict[str, dict]:
     """``data.<key>`` → {corpus, now} for each data setting that differs from the corpus's
-    ``config.yaml`` ({} when the corpus has none)."""
+    ``config.yaml`` ({} when the corpus has none). ``corpus``: a local path, ``s3://`` URI or
+    ``storage.StoragePath``."""
     import yaml
 
-    file = Path(corpus) / "config.yaml"
+    from .corpus import location
+
+    file = location(corpus) / "config.yaml"
     if not file.is_file():
         return {}
     then = _flat((yaml.safe_load(file.read_text()) or {}).get("data") or {}, "data.")
@@ -834,10 +845,10 @@ def load_eval_prompts(cfg: Config) -> tuple[pa.Table, dict[str, dict]]:
     """
     from .corpus import PROMPTS_DIR, corpus_ids, read_prompts
     from .data import sample_by_task
-    from .layout import corpus_dir
+    from .layout import corpus_location
     from .schema import SchemaError
 
-    corpus = corpus_dir(cfg)
+    corpus = corpus_location(cfg)  # local or s3://
     prompts = read_prompts(corpus, (cfg.eval.split,))
     changes = data_changes(corpus, cfg)
     for key, change in changes.items():
@@ -860,7 +871,7 @@ def _engine_device(engine: EngineConfig) -> tuple[str, str]:
     """(dtype, device) the evaluation engine runs a model in (as ``generate`` decides)."""
     from .runtime import on_gpu_machine
 
-    gpu = engine.gpus_per_replica > 0 or (engine.engine == "vllm" and on_gpu_machine())
+    gpu = engine.gpus_per_replica > 0 or (engine.engine == "vllm" and (engine.asks_gpu() or on_gpu_machine()))
     dtype = engine.dtype if engine.dtype != "auto" else ("bfloat16" if gpu else "float32")
     return dtype, "cuda" if gpu else "cpu"
 
@@ -892,12 +903,14 @@ def run_evaluate(cfg: Config) -> dict:
     Raises FileNotFoundError when ``student/`` (or the pruned baseline) is missing (run train
     first) or the corpus lacks ``prompts/``; SchemaError when the evaluated prompts meet the
     train rows. Once the answers exist they are never lost: ``answers.parquet`` is written first
-    and a later failure keeps ``eval.partial/`` (the log says so).
+    and a later failure keeps ``eval.partial/`` (the log says so). With an ``s3://`` output_dir the
+    students are read through a local copy and ``eval/`` is uploaded (see the module docstring).
     """
     from .generate import generate_table
     from .layout import baseline_student_ref, student_dir
     from .models import resolve_model
     from .runtime import init_ray
+    from .storage import is_remote, local_copy, storage_path
 
     api_teacher = cfg.teacher.engine == "openai"  # answers from the endpoint; teacher.model is its model name
     paths = {"teacher": cfg.teacher.model if api_teacher else resolve_model(cfg.teacher.model),
@@ -905,7 +918,18 @@ def run_evaluate(cfg: Config) -> dict:
                                   else resolve_model(baseline_student_ref(cfg))),
              "student": str(student_dir(cfg))}
     # Both are written by `raydistill train` (the baseline only for init=prune; otherwise it is student.model).
-    for name in ("baseline_student", "student") if cfg.student.init == "prune" else ("student",):
+    written = ("baseline_student", "student") if cfg.student.init == "prune" else ("student",)
+    shown = dict(paths)  # what the report calls each model (its S3 URI for an s3:// run)
+    if is_remote(cfg.output_dir):
+        out = storage_path(cfg.output_dir, cfg.storage)
+        for name in written:
+            shown[name] = (out / name).uri
+            if not (out / name / "config.json").is_file():
+                raise FileNotFoundError(f"no {name} at {shown[name]}: run `raydistill train` first")
+        for name in written:
+            paths[name] = local_copy(shown[name], cfg.storage)
+            log.info("evaluate: %s %s read from a local copy, %s", name, shown[name], paths[name])
+    for name in written:
         if not (Path(paths[name]) / "config.json").is_file():
             raise FileNotFoundError(f"no {name} at {paths[name]}: run `raydistill train` first")
     prompts, changes = load_eval_prompts(cfg)
@@ -946,7 +970,18 @@ def run_evaluate(cfg: Config) -> dict:
         ids = table.column("prompt_id").to_pylist()
         answers[name] = table.take(sorted(range(table.num_rows), key=lambda i: order[ids[i]]))
     served = served_timing(cfg, parts, endpoint) if endpoint else None
-    return finish_evaluation(cfg, prompts, answers, paths, engines, changes, served, endpoint)
+    return finish_evaluation(cfg, prompts, answers, paths, engines, changes, served, endpoint, shown=shown)
+
+
+def _publish(local: Path, dest) -> None:
+    """Upload the finished eval folder ``local`` to ``dest`` (a ``storage.StoragePath``), replacing
+    what was there, ``report.json`` last: a ``dest`` without it (an upload cut short) is unfinished."""
+    from .storage import upload_dir
+
+    report = (local / "report.json").read_bytes()
+    (local / "report.json").unlink()
+    upload_dir(local, dest)
+    (dest / "report.json").write_bytes(report)
 
 
 SERVED_MODELS = ("teacher", "student")
@@ -991,25 +1026,35 @@ def served_timing(cfg: Config, parts: list[pa.Table], endpoint: str) -> dict[str
 
 def finish_evaluation(cfg: Config, prompts: pa.Table, answers: dict[str, pa.Table], paths: dict[str, str],
                       engines: dict[str, EngineConfig], changes: dict[str, dict],
-                      served: dict[str, pa.Table] | None = None, endpoint: str | None = None) -> dict:
+                      served: dict[str, pa.Table] | None = None, endpoint: str | None = None,
+                      shown: dict[str, str] | None = None) -> dict:
     """Everything after the answers: write ``answers.parquet`` first (into ``eval.partial/``), probe
     memory, build and write the report, then rename ``eval.partial/`` to ``eval/``. Returns the report.
+    With an ``s3://`` output_dir both folders are built locally, ``eval.partial/answers.parquet`` is
+    uploaded at once and ``eval/`` is uploaded when complete (``report.json`` last, see ``_publish``).
 
     ``answers``: model name → answers in prompt order (``GENERATED_SCHEMA`` + ``round``). A model
     that answered nothing or a probe that fails gives null figures and a warning; a plot that fails
     gives a warning. Any other failure re-raises and keeps ``eval.partial/answers.parquet`` (logged).
     ``served``: model name → its requests to ``endpoint`` (``served_timing``) when ``eval.latency_source``
     is ``serve``: their figures replace those models' timing figures, the other models get none, and
-    the requests are written to ``served.parquet``.
+    the requests are written to ``served.parquet``. ``shown``: model name → the reference the report
+    gives as its ``path`` (default: ``paths``; the S3 URI of a student read through a local copy).
     """
+    import tempfile
+
     import pyarrow.parquet as pq
 
     from .corpus import PROMPTS_DIR
-    from .layout import corpus_dir, eval_dir
+    from .layout import corpus_location, eval_dir
     from .runtime import provenance
+    from .storage import storage_path, upload_dir
 
-    folder = eval_dir(cfg)
+    out = storage_path(cfg.output_dir, cfg.storage)
+    staging = Path(tempfile.mkdtemp(prefix="raydistill-eval-")) if out.remote else None
+    folder = staging / "eval" if staging else eval_dir(cfg)
     tmp = folder.with_name("eval.partial")
+    kept = tmp  # where the answers stay after a failure (in the run's storage once uploaded)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     pq.write_table(pa.concat_tables([answers[n].append_column("model", pa.array([n] * answers[n].num_rows))
@@ -1024,24 +1069,38 @@ def finish_evaluation(cfg: Config, prompts: pa.Table, answers: dict[str, pa.Tabl
         source = {"latency_source": "serve", "models": {n: "serve" if n in served else None for n in MODEL_NAMES},
                   "endpoint": endpoint, "concurrency": 1}
     try:
+        if staging:  # the answers in the run's storage before anything else can fail
+            upload_dir(tmp, out / "eval.partial")
+            kept = out / "eval.partial"
         probe_msgs = [list(m) for m in prompts.column("messages").to_pylist()[: cfg.eval.memory_probe_batch]]
         info = {name: _model_info(paths[name], engines[name], probe_msgs, cfg.eval.memory_probe_batch)
                 for name in MODEL_NAMES}
+        for name, ref in (shown or {}).items():
+            info[name]["path"] = ref
         report = build_report(
             answers, info, split=cfg.eval.split, teacher=cfg.teacher.model, engine=cfg.eval.engine,
             label_map=cfg.data.label_map, max_ratio_spread=cfg.eval.max_ratio_spread,
             warn_retained_below=cfg.eval.warn_retained_below, marker=cfg.task_prompts.final_answer_marker,
-            extra={"prompt_source": str(corpus_dir(cfg) / PROMPTS_DIR), "limit": cfg.eval.limit,
-                   "data_changed_since_corpus": changes, "corpus_rejects": corpus_rejects(corpus_dir(cfg)),
+            extra={"prompt_source": str(corpus_location(cfg) / PROMPTS_DIR), "limit": cfg.eval.limit,
+                   "data_changed_since_corpus": changes, "corpus_rejects": corpus_rejects(corpus_location(cfg)),
                    "timing_source": source, "provenance": provenance()}, timing=timing)
         write_report(tmp, report, answers)
         (tmp / "config.yaml").write_text(cfg.dump())
+        if staging:
+            _publish(tmp, out / "eval")
+            kept.delete()
     except BaseException:
         log.error("evaluate: failed after every model had answered; the answers are kept in %s "
-                  "(the next `raydistill evaluate` starts afresh and removes that folder)", tmp / "answers.parquet")
+                  "(the next `raydistill evaluate` starts afresh and removes that folder)", kept / "answers.parquet")
         raise
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    finally:
+        if staging and kept is not tmp:  # else the local answers are all there is: keep them
+            shutil.rmtree(staging, ignore_errors=True)
+    if staging:
+        folder = out / "eval"
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
     for w in report["warnings"]:
         log.warning("evaluate: %s", w)
     log.info("evaluate: agreement with teacher %s (baseline %s), quality retained %s -> %s",

@@ -47,7 +47,7 @@ def answer_dataset(ds, model: str, engine: EngineConfig, gen: GenerationConfig):
 
         out = openai_dataset(ds, engine, gen)
     elif kind == "vllm":
-        gpu = engine.gpus_per_replica > 0 or _cluster_has_gpus() or on_gpu_machine()
+        gpu = engine.asks_gpu() or _cluster_has_gpus() or on_gpu_machine()
         out = _vllm_dataset(ds, model, engine, gen, gpu)
     else:
         gpu = engine.gpus_per_replica > 0

@@ -1,0 +1,109 @@
+"""Running as a ``ray job submit`` driver: where a job's outputs may go, and saying where they went.
+
+Under ``ray job submit --working-dir .`` Ray starts the entrypoint inside its own temporary copy of
+the working directory (``<ray temp>/session_*/runtime_resources/working_dir_files/_ray_pkg_*``),
+on the head node. A relative ``output_dir`` would resolve there: the outputs land in a folder Ray
+deletes, while the log says ``runs/job``. Worker nodes do not see the driver's disk either. So a job
+must name shared storage:
+
+- ``s3://bucket/prefix`` (every node reaches it), or
+- an absolute local path with ``storage.shared_local: true``: a filesystem every node mounts at the
+  same path (NFS, EFS, a Lustre mount), or a one-machine cluster (a local ``ray start --head``).
+
+A relative path is refused in job mode even with ``storage.shared_local``, since it would still
+resolve inside Ray's temporary folder. Local commands (no job) are unaffected.
+
+Light on purpose: imports nothing heavy (no ray), so the CLI checks before any stage starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+#: The variable Ray's job supervisor sets for the entrypoint process of a submitted job: JSON
+#: ``{"runtime_env": {...}, "metadata": {"job_submission_id": ..., "job_name": ...}}``
+#: (ray/dashboard/modules/job/job_supervisor.py, ``_get_driver_env_vars``).
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+class JobModeError(ValueError):
+    """A config that cannot run as a Ray job as it is; the message names the field and the fix."""
+
+
+def submission_id(environ: dict[str, str] | None = None) -> str | None:
+    """The Ray job submission id (``raysubmit_...`` or the id given to ``ray job submit``) when
+    this process is the entrypoint of a submitted job, else None.
+
+    Read from ``RAY_JOB_CONFIG_JSON_ENV_VAR``; a job whose metadata lacks the id (it is always
+    set by Ray 2.60) reads as ``"unknown"``, still truthy: job mode."""
+    env = os.environ if environ is None else environ
+    raw = env.get(JOB_CONFIG_ENV)
+    if not raw:
+        return None
+    try:
+        meta = json.loads(raw).get("metadata") or {}
+    except (ValueError, AttributeError):
+        return "unknown"
+    return str(meta.get("job_submission_id") or "unknown")
+
+
+def output_problem(output_dir: str, shared_local: bool, job: str | None, cwd: str | None = None) -> str | None:
+    """Why ``output_dir`` cannot hold a job's outputs (None when it can, or when ``job`` is None).
+
+    Args:
+        output_dir: ``cfg.output_dir`` as written (``s3://...``, absolute or relative local path).
+        shared_local: ``cfg.storage.shared_local``: the user says a local path is on storage
+            every node mounts.
+        job: the job submission id (``submission_id()``), or None outside a job.
+        cwd: the driver's working directory (named in the message; default ``os.getcwd()``).
+    """
+    if job is None or output_dir.startswith("s3://"):
+        return None
+    fix = ("name shared storage: --set output_dir=s3://BUCKET/PREFIX (or an absolute path on a filesystem "
+           "every node mounts at the same path, with --set storage.shared_local=true)")
+    expanded = os.path.expanduser(output_dir)
+    if not os.path.isabs(expanded):
+        cwd = cwd or os.getcwd()
+        return (f"output_dir {output_dir!r} is a relative path, and this is a Ray job ({job}): it would resolve "
+                f"to {os.path.join(cwd, output_dir)}, inside Ray's temporary copy of the working directory, which "
+                f"Ray deletes; worker nodes do not see it either. {fix[0].upper() + fix[1:]}")
+    if not shared_local:
+        return (f"output_dir {output_dir!r} is a local path, and this is a Ray job ({job}): the driver's disk is "
+                "on the head node only; training workers and engines on other nodes would write to or read from "
+                f"their own disks. {fix[0].upper() + fix[1:]}; on a one-machine cluster (a local `ray start "
+                "--head`) storage.shared_local=true with an absolute path is fine")
+    return None
+
+
+def input_problem(data_path: str, shared_local: bool, job: str | None, cwd: str | None = None) -> str | None:
+    """Why a job's Ray Data read tasks (which may run on any node) may not find ``data.path``
+    (None when they will, or outside a job).
+
+    Fine: ``s3://``, ``builtin:``, a relative path or one inside the job's working directory (Ray
+    ships the working directory to every node, at the same path), or any local path with
+    ``shared_local``. Refused: an absolute local path elsewhere, which only the head node has.
+    """
+    if job is None or shared_local or data_path.startswith(("s3://", "builtin:")):
+        return None
+    expanded = os.path.expanduser(data_path)
+    if not os.path.isabs(expanded):
+        return None
+    cwd = os.path.realpath(cwd or os.getcwd())
+    if os.path.commonpath([os.path.realpath(expanded), cwd]) == cwd:
+        return None
+    return (f"data.path {data_path!r} is a local path outside the job's working directory, and this is a Ray job "
+            f"({job}): Ray Data reads it in tasks that may run on other nodes, which do not have it. Upload it "
+            "(--set data.path=s3://BUCKET/PREFIX/prompts.jsonl), put it inside the folder given to --working-dir "
+            "and name it by a relative path (Ray ships that folder to every node), or set "
+            "storage.shared_local=true when every node mounts it at the same path")
+
+
+def check_output_dir(output_dir: str, shared_local: bool) -> str | None:
+    """Raise ``JobModeError`` when this process is a Ray job and ``output_dir`` is not shared
+    storage (see ``output_problem``); returns the job submission id (None outside a job)."""
+    job = submission_id()
+    problem = output_problem(output_dir, shared_local, job)
+    if problem:
+        raise JobModeError(problem)
+    return job

@@ -1,0 +1,103 @@
+"""Generation on an autoscaling cluster: Ray's real autoscaler (v1, the one `ray up` runs) with
+the fake multi-node provider, which starts extra raylets on this machine as "nodes".
+
+The head has 1 CPU; the generation asks for 2 engine replicas × 1 CPU + 1 CPU for Ray Data's
+tasks, so the autoscaler must add `cpu_node` workers (2 CPU each, at most 2). The driver is a
+`raydistill generate` process connected with RAY_ADDRESS; RAYDISTILL_AUTOSCALER_CONFIG points the
+precheck at the autoscaler's config (on a `ray up` head it reads ~/ray_bootstrap_config.yaml).
+
+Not ``ray.cluster_utils.AutoscalingCluster`` itself: its ``start()`` and ``shutdown()`` run
+``ray stop --force`` (every Ray on the machine), and it reads the provider's example.yaml, which
+the Ray 2.60 wheel does not ship; the same config is written here, with the provider loaded as
+an ``external`` module so that no example.yaml is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from raydistill.config import load
+from raydistill.data import load_prompts
+
+from ._ray_head import ray_head
+from .conftest import mixed_prompts, write_jsonl
+
+IDLE_TIMEOUT_MIN = 0.2  # 12 s
+
+AUTOSCALING = {
+    "cluster_name": "raydistill-autoscaling-test",
+    "max_workers": 2,
+    "provider": {"type": "external",
+                 "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
+                 "use_node_id_as_ip": True, "disable_node_updaters": True, "disable_launch_config_check": True},
+    "available_node_types": {
+        "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
+        "cpu_node": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 2},
+    },
+    "head_node_type": "ray.head.default",
+    "upscaling_speed": 1.0,
+    "idle_timeout_minutes": IDLE_TIMEOUT_MIN,
+    "auth": {}, "docker": {}, "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+    "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+    "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+    "rsync_exclude": [], "rsync_filter": [],
+}
+
+
+def _generate(head, cfg_file: Path, *sets: str, timeout_s: float = 420) -> subprocess.CompletedProcess:
+    env = dict(head.env, RAY_ADDRESS=head.address, RAYDISTILL_AUTOSCALER_CONFIG=str(head.temp_dir / "autoscaling.yaml"))
+    env.pop("RAY_FAKE_CLUSTER", None)
+    args = [a for s in sets for a in ("--set", s)]
+    return subprocess.run([str(Path(sys.executable).with_name("raydistill")), "generate", str(cfg_file), *args],
+                          capture_output=True, text=True, env=env, timeout=timeout_s, cwd=cfg_file.parent)
+
+
+def test_generation_scales_the_cluster_up_and_back_down(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "prompts.jsonl", mixed_prompts(16))
+    cfg_file = tmp_path / "gen.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "run"),  # one machine: every fake node sees this disk
+        "data": {"path": str(data), "prompt_field": "question", "id_field": "qid", "task_field": "kind",
+                 "reference_field": "answer"},
+        "teacher": {"model": str(tiny_model), "engine": "hf", "replicas": 2, "cpus_per_replica": 1,
+                    "batch_size": 2, "max_model_len": 160},
+        "generation": {"max_new_tokens": 8},
+        "filter": {"empty": False, "no_final_answer": False},
+    }))
+    with ray_head(1, autoscaling_config=AUTOSCALING) as head:
+        # Too big even for the autoscaler: 6 replicas + Ray Data = 7 CPU; 1 + 2 × 2 = 5 at most. Fails fast.
+        t0 = time.perf_counter()
+        too_big = _generate(head, cfg_file, "teacher.replicas=6", timeout_s=180)
+        assert too_big.returncode == 2, too_big.stderr[-3000:]
+        err = " ".join(too_big.stderr.split())
+        assert "= 7 CPU, but the cluster has 1 CPU (1 node) and can scale to 5 CPU (cpu_node: 2 CPU × up to 2 more" in err
+        assert time.perf_counter() - t0 < 90
+        assert len(head.nodes()) == 1  # nothing was launched for it
+
+        t0 = time.perf_counter()
+        run = _generate(head, cfg_file)
+        took = time.perf_counter() - t0
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-5000:]
+        assert "the autoscaler will add" in run.stderr and "cpu_node" in run.stderr
+        nodes = head.nodes()
+        workers = [n for n in nodes if n["resources"].get("CPU") == 2.0]
+        assert workers, nodes  # the autoscaler added cpu_node workers
+        # ... and releases them once idle (idle_timeout_minutes + a few autoscaler rounds)
+        deadline = time.time() + IDLE_TIMEOUT_MIN * 60 + 90
+        while time.time() < deadline and any(n["alive"] for n in head.nodes() if n["resources"].get("CPU") == 2.0):
+            time.sleep(3)
+        alive = [n for n in head.nodes() if n["alive"]]
+        assert [n["resources"].get("CPU") for n in alive] == [1.0], (alive, head.log.read_text()[-3000:])
+    # every train/validation prompt answered, none failed
+    manifest = json.loads((tmp_path / "run" / "corpus" / "manifest.json").read_text())
+    cfg = load(cfg_file)
+    prompts = load_prompts(cfg.data, cfg.task_prompts)
+    expected = sum(1 for s in prompts.column("split").to_pylist() if s in ("train", "validation"))
+    assert manifest["rows_generated"] == expected and manifest["rejects"].get("error", 0) == 0
+    print(f"generation on the autoscaling cluster: {took:.0f} s, {len(workers)} worker node(s) added")

@@ -1,0 +1,161 @@
+"""Running raydistill as a Ray job: the job-mode output checks (raydistill.jobmode), and the real
+thing — `jobs/pipeline.py` submitted through Ray's Jobs API (``JobSubmissionClient``) to a real
+`ray start --head` on 127.0.0.1, writing to S3 (moto's server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from raydistill.cli import app
+from raydistill.jobmode import JOB_CONFIG_ENV, input_problem, output_problem, submission_id
+
+from ._ray_head import ray_head
+from .conftest import make_bucket, mixed_prompts, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION")
+JOB_ENV = json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"},
+                      "metadata": {"job_submission_id": "raysubmit_abc", "job_name": "raysubmit_abc"}})
+
+
+def test_submission_id_reads_rays_job_config_variable():
+    assert submission_id({}) is None
+    assert submission_id({JOB_CONFIG_ENV: JOB_ENV}) == "raysubmit_abc"
+    assert submission_id({JOB_CONFIG_ENV: "{not json"}) == "unknown"  # still a job
+
+
+def test_output_problem_in_and_out_of_job_mode():
+    pkg = "/tmp/ray/session_x/runtime_resources/working_dir_files/_ray_pkg_1"
+    assert output_problem("runs/job", False, None) is None  # not a job: anything goes
+    assert output_problem("s3://bucket/run", False, "raysubmit_abc") is None
+    relative = output_problem("runs/job", True, "raysubmit_abc", cwd=pkg)  # shared_local does not save a relative path
+    assert f"{pkg}/runs/job" in relative and "s3://" in relative and "relative" in relative
+    local = output_problem("/data/runs/job", False, "raysubmit_abc")
+    assert "storage.shared_local=true" in local and "s3://" in local
+    assert output_problem("/mnt/efs/runs/job", True, "raysubmit_abc") is None
+
+
+def test_input_problem_refuses_a_local_data_path_only_the_head_has():
+    pkg = "/tmp/ray/session_x/runtime_resources/working_dir_files/_ray_pkg_1"
+    assert input_problem("/data/prompts.jsonl", False, None) is None  # not a job
+    for fine in ("s3://bucket/p.jsonl", "builtin:demo", "data/p.jsonl", f"{pkg}/data/p.jsonl"):
+        assert input_problem(fine, False, "raysubmit_abc", cwd=pkg) is None, fine  # shipped with the job
+    problem = input_problem("/data/prompts.jsonl", False, "raysubmit_abc", cwd=pkg)
+    assert "data.path '/data/prompts.jsonl'" in problem and "s3://" in problem and "storage.shared_local" in problem
+    assert input_problem("/mnt/efs/prompts.jsonl", True, "raysubmit_abc", cwd=pkg) is None
+
+
+def test_a_job_reading_prompts_from_the_heads_disk_stops_before_anything_runs(tmp_path, monkeypatch):
+    (tmp_path / "job").mkdir()
+    monkeypatch.chdir(tmp_path / "job")  # the job's working directory; the prompts lie outside it
+    monkeypatch.setenv(JOB_CONFIG_ENV, JOB_ENV)
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts, mixed_prompts(4))
+    result = CliRunner().invoke(app, ["generate", str(REPO / "raydistill" / "demo" / "config.yaml"),
+                                      "--set", "output_dir=s3://bucket/run", "--set", f"data.path={prompts}"])
+    assert result.exit_code == 2, result.output
+    assert f"data.path {str(prompts)!r} is a local path outside the job's working directory" in result.output
+
+
+def test_a_job_with_a_relative_output_dir_stops_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(JOB_CONFIG_ENV, JOB_ENV)
+    result = CliRunner().invoke(app, ["generate", str(REPO / "raydistill" / "demo" / "config.yaml"),
+                                      "--set", "output_dir=runs/job"])
+    assert result.exit_code == 2, result.output
+    assert "relative path" in result.output and "s3://" in result.output and "raysubmit_abc" in result.output
+    assert not (tmp_path / "runs").exists()  # nothing written, no Ray started
+
+
+def test_every_command_says_where_its_outputs_go(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # bench-serve fails later (no endpoint), after naming the absolute location
+    result = CliRunner().invoke(app, ["bench-serve", str(REPO / "raydistill" / "demo" / "config.yaml"),
+                                      "--set", "output_dir=runs/x", "--set", "serve.port=1"])
+    assert f"output location: {tmp_path / 'runs' / 'x'}" in result.output
+
+
+# ----------------------------------------------------------------------------- real jobs
+
+def _runtime_env() -> dict:
+    import os
+
+    return {"working_dir": str(REPO),
+            "excludes": [".venv", "runs", ".git", ".pytest_cache", "**/__pycache__", "*.egg-info"],
+            # The head was started without these: the job brings its own (as on a real cluster).
+            "env_vars": {k: os.environ[k] for k in AWS_VARS if k in os.environ}}
+
+
+def _wait(client, job_id: str, timeout_s: float):
+    from ray.job_submission import JobStatus
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return status
+        time.sleep(2)
+    client.stop_job(job_id)
+    pytest.fail(f"job {job_id} did not finish in {timeout_s} s; log tail:\n{client.get_job_logs(job_id)[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def job_head(s3_server):
+    """A 4-CPU head with the Jobs API on 127.0.0.1 (2 training workers + Ray Data need 3 CPUs);
+    the AWS variables are left out of its environment on purpose."""
+    with ray_head(4, dashboard=True, env_drop=AWS_VARS) as head:
+        yield head
+
+
+def test_a_submitted_job_with_a_relative_output_dir_fails_with_the_reason(job_head):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(job_head.dashboard)
+    job_id = client.submit_job(entrypoint="python jobs/generate.py raydistill/demo/config.yaml --set output_dir=runs/job",
+                               runtime_env=_runtime_env())
+    assert _wait(client, job_id, 180) == JobStatus.FAILED
+    logs = " ".join(client.get_job_logs(job_id).split())
+    assert "output_dir 'runs/job' is a relative path, and this is a Ray job" in logs, logs[-3000:]
+    assert "working_dir_files" in logs and "--set output_dir=s3://" in logs
+    assert "=== stage" not in logs
+
+
+def test_pipeline_job_writes_everything_to_s3(job_head, tiny_model, tmp_path):
+    """`python jobs/pipeline.py CONFIG` through the Jobs API: prompts, corpus, student and eval
+    report all on S3; the job's log names the absolute output location."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from raydistill.storage import storage_path
+
+    from .test_pipeline import user_config
+
+    bucket = make_bucket("jobs-e2e")
+    cfg_file, sets = user_config(tmp_path, tiny_model, 12, "hf")
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", mixed_prompts(12))
+    (storage_path(f"{bucket}/prompts/prompts.jsonl")).write_bytes(prompts.read_bytes())
+    out = f"{bucket}/run"
+    sets += [f"output_dir={out}", f"data.path={bucket}/prompts/prompts.jsonl", "train.epochs=1",
+             "eval.rounds=1", "generation.max_new_tokens=8"]
+    entry = shlex.join(["python", "jobs/pipeline.py", str(cfg_file), *[a for s in sets for a in ("--set", s)]])
+    client = JobSubmissionClient(job_head.dashboard)
+    t0 = time.time()
+    job_id = client.submit_job(entrypoint=entry, runtime_env=_runtime_env())
+    status = _wait(client, job_id, 600)
+    logs = client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-5000:]
+    print(f"pipeline job: {time.time() - t0:.0f} s")
+    assert f"output location: {out} (Ray job {job_id})" in logs
+    root = storage_path(out)
+    manifest = json.loads((root / "corpus" / "manifest.json").read_text())
+    assert manifest["rows_generated"] > 0 and manifest["rows"] > 0
+    assert (root / "config.yaml").is_file()
+    student = json.loads((root / "student" / "config.json").read_text())
+    assert student["num_hidden_layers"] == 2  # keep_layers [0, 3]
+    report = json.loads((root / "eval" / "report.json").read_text())
+    assert {"teacher", "baseline_student", "student"} <= set(report["models"])

@@ -1,0 +1,64 @@
+"""benchmarks/sizing.py: README's "Scale on paper" table is its default output, and its formulas
+hold (per-token bytes against raydistill.schema's columns, GPU-hours linear in the data)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _sizing():
+    spec = importlib.util.spec_from_file_location("sizing", REPO / "benchmarks" / "sizing.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(capsys, *argv: str) -> tuple[str, dict]:
+    assert _sizing().main(list(argv)) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    return "\n".join(lines[:-1]), json.loads(lines[-1])
+
+
+def test_readme_table_is_the_scripts_default_output(capsys):
+    table, raw = _run(capsys)
+    assert table.startswith("| quantity | formula | value |") and table.count("\n") > 15
+    assert table in (REPO / "README.md").read_text(), "README's Scale on paper table differs: rerun " \
+        "benchmarks/sizing.py and paste its table"
+    assert raw["answered"] == 48_000 and raw["train_rows"] == 47_000 and raw["evaluated"] == 1000
+    assert raw["total_gpu_hours"] == pytest.approx(raw["generation_gpu_hours"] + raw["training_gpu_hours"]
+                                                   + raw["checkpoint_stall_gpu_hours"] + raw["evaluation_gpu_hours"])
+
+
+def test_gpu_hours_scale_with_the_data(capsys):
+    _, base = _run(capsys)
+    _, double = _run(capsys, "--conversations", "100000")
+    for key in ("generation_gpu_hours", "training_gpu_hours", "training_tokens", "corpus_bytes_parquet_top20"):
+        assert double[key] == pytest.approx(2 * base[key], rel=1e-3), key
+    _, longer = _run(capsys, "--output-tokens", "300")
+    assert longer["generation_tokens_out"] == 2 * base["generation_tokens_out"]
+
+
+def test_logprob_bytes_match_arrow_buffers_of_the_corpus_columns():
+    """2 × (4k + 4 + (k + 1)/8) bytes per answer token: what Arrow holds for top_logprobs_ids and
+    top_logprobs (``raydistill.schema``) read back from parquet, as every stage reads the corpus
+    (the reader allocates validity bitmaps)."""
+    import pyarrow.parquet as pq
+
+    from raydistill.schema import CORPUS_SCHEMA
+
+    sizing = _sizing()
+    k, tokens = 20, 4000
+    table = pa.table({"ids": pa.array([[list(range(k))] * tokens], CORPUS_SCHEMA.field("top_logprobs_ids").type),
+                      "lps": pa.array([[[-1.0] * k] * tokens], CORPUS_SCHEMA.field("top_logprobs").type)})
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    per_token = pq.read_table(pa.BufferReader(buf.getvalue())).nbytes / tokens
+    assert per_token == pytest.approx(sizing.logprob_bytes_per_token(k), rel=0.01)
+    assert sizing.logprob_bytes_per_token(0) == 0
