@@ -44,9 +44,13 @@ An ``s3://`` ``output_dir`` works the same way: the prompts, the corpus manifest
 from S3; the student (and the pruned baseline) are read through ``storage.local_copy`` (a copy in
 the local cache, refreshed when S3 changed; the report's ``path`` keeps the S3 URI); ``eval/`` is
 built in a local temporary folder. ``answers.parquet`` is uploaded to ``output_dir/eval.partial/``
-as soon as it exists (kept there on a failure), and the finished folder replaces
-``output_dir/eval/`` only once it is complete locally, ``report.json`` uploaded last: an ``eval/``
-without ``report.json`` is unfinished.
+as soon as it exists (kept there on a failure). Once the report is complete locally, the whole
+folder goes to ``eval.partial/`` and then replaces ``output_dir/eval/``, ``report.json`` uploaded
+last each time: an ``eval/`` without ``report.json`` is unfinished, and a failure while it is
+rewritten leaves the complete new evaluation in ``eval.partial/`` (and the local folder, logged).
+The students go to the engines as their ``s3://`` URIs (each replica fetches them on its own
+node); the driver keeps a local copy for the report's size figures, and probes their memory in a
+Ray task on a node like the engine's (``_probe``).
 
 ``report.json``, top level:
 - ``split``, ``prompts`` (evaluated), ``prompts_by_task``, ``limit`` (``eval.limit``),
@@ -786,11 +790,52 @@ def memory_probe(model_dir: str, messages: list, batch: int, dtype: str | None =
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def model_files(path: str) -> tuple[float | None, str | None]:
-    """(size of the weight files in MB, their dtype from config.json) of a local model folder, or of
-    a hub id in the local HF cache (no download); (None, None) when neither is found."""
-    from .models import size_on_disk_mb
+def _remote_probe(ref: str, messages: list, batch: int, dtype: str, device: str, storage: dict | None) -> dict:
+    """``memory_probe`` in a Ray task: reads ``ref`` on the task's node (``storage.local_copy``)."""
+    from .config import StorageConfig
+    from .storage import local_copy
 
+    return memory_probe(local_copy(ref, StorageConfig.model_validate(storage) if storage else None), messages,
+                        batch, dtype, device)
+
+
+def _probe(path: str, ref: str, engine: EngineConfig, messages: list, batch: int, dtype: str, device: str,
+           storage=None) -> dict:
+    """``memory_probe`` where the model runs: here (``path``), unless the model is in S3 (``ref``
+    ``s3://``: the driver holds no weights) or runs on a GPU this process does not see (a job's
+    driver on a CPU head node); then in a Ray task with 1 CPU, or 1 GPU of the engine's
+    ``accelerator_type``, which reads ``ref`` on its own node. The results are ``memory_probe``'s."""
+    from .runtime import on_gpu_machine
+    from .storage import is_remote
+
+    if not is_remote(ref) and (device != "cuda" or on_gpu_machine()):
+        return memory_probe(path, messages, batch, dtype, device)
+    import ray
+
+    if not ray.is_initialized():  # run_evaluate starts it; a probe alone does not start a Ray
+        raise RuntimeError(f"memory probe of {ref} runs in a Ray task, and Ray is not started")
+    options: dict = {"num_cpus": 1, "num_gpus": 1 if device == "cuda" else 0}
+    if getattr(engine, "accelerator_type", None):
+        options["accelerator_type"] = engine.accelerator_type
+    task = ray.remote(_remote_probe).options(**options)
+    return ray.get(task.remote(ref, messages, batch, dtype, device, storage.model_dump() if storage else None))
+
+
+def model_files(path: str, ref: str | None = None, storage=None) -> tuple[float | None, str | None]:
+    """(size of the weight files in MB, their dtype from config.json) of a local model folder, or of
+    a hub id in the local HF cache (no download); (None, None) when neither is found. With an
+    ``s3://`` ``ref`` the size comes from its S3 listing (``path`` may then hold no weights)."""
+    from .models import _WEIGHT_SUFFIXES, size_on_disk_mb
+    from .storage import is_remote, remote_listing
+
+    if ref and is_remote(ref):
+        sizes = [s for name, (s, _) in remote_listing(ref, storage).items() if name.endswith(_WEIGHT_SUFFIXES)]
+        config = Path(path) / "config.json"
+        stored = None
+        if config.is_file():
+            raw = json.loads(config.read_text())
+            stored = raw.get("dtype") or raw.get("torch_dtype")
+        return (round(sum(sizes) / 1e6, 2) if sizes else None), stored
     folder = Path(path)
     if not folder.is_dir():
         try:
@@ -876,21 +921,30 @@ def _engine_device(engine: EngineConfig) -> tuple[str, str]:
     return dtype, "cuda" if gpu else "cpu"
 
 
-def _model_info(path: str, engine: EngineConfig, probe_msgs: list, batch: int) -> dict:
+def _model_info(path: str, engine: EngineConfig, probe_msgs: list, batch: int, ref: str | None = None,
+                storage=None) -> dict:
     """Probe and size figures of one model; a failed probe leaves its figures null, with a note.
-    An API teacher (``engine`` ``openai``) is not probed: its figures are null, with a note."""
+    An API teacher (``engine`` ``openai``) is not probed: its figures are null, with a note; nor is
+    a model whose engine spans several GPUs (tensor or pipeline parallelism: one device cannot
+    hold it). ``path``: the model on this machine; ``ref``: what a probe on another node reads
+    (its ``s3://`` URI; default ``path``), see ``_probe``."""
     if engine.engine == "openai":
         return {"path": path, "dtype": None, "device": None, "size_mb": None, "size_dtype": None,
                 "note": "memory and parameter figures are null: the teacher is an API endpoint "
                         "(teacher.engine=openai), there is no local model to probe"}
     dtype, device = _engine_device(engine)
     info: dict = {"path": path, "dtype": dtype, "device": device}
-    info["size_mb"], info["size_dtype"] = model_files(path)
+    info["size_mb"], info["size_dtype"] = model_files(path, ref, storage)
+    shards = engine.tensor_parallel_size * getattr(engine, "pipeline_parallel_size", 1)
+    if shards > 1:
+        info["note"] = (f"memory and parameter figures are null: the engine spans {shards} GPUs (tensor × pipeline "
+                        "parallel), and the probe loads the model on one device")
+        return info
     try:
-        probe = memory_probe(path, probe_msgs, batch, dtype, device)
+        probe = _probe(path, ref or path, engine, probe_msgs, batch, dtype, device, storage)
         info.update({k: probe.get(k) for k in ("params", "model_memory_mb", "process_baseline_mb", "peak_memory_mb",
                                                "batch")})
-    except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:
+    except (RuntimeError, OSError, subprocess.TimeoutExpired, ValueError) as e:  # OSError: the model is gone
         log.error("evaluate: %s", e)
         first = (str(e).splitlines() or [repr(e)])[0]
         info["note"] = f"memory and parameter figures are null: {first[:300]}"
@@ -927,8 +981,8 @@ def run_evaluate(cfg: Config) -> dict:
             if not (out / name / "config.json").is_file():
                 raise FileNotFoundError(f"no {name} at {shown[name]}: run `raydistill train` first")
         for name in written:
-            paths[name] = local_copy(shown[name], cfg.storage)
-            log.info("evaluate: %s %s read from a local copy, %s", name, shown[name], paths[name])
+            paths[name] = local_copy(shown[name], cfg.storage, weights=False)  # the engines fetch the weights
+            log.info("evaluate: %s %s: its config and tokenizer copied to %s", name, shown[name], paths[name])
     for name in written:
         if not (Path(paths[name]) / "config.json").is_file():
             raise FileNotFoundError(f"no {name} at {paths[name]}: run `raydistill train` first")
@@ -959,7 +1013,9 @@ def run_evaluate(cfg: Config) -> dict:
             log.info("evaluate: round %d/%d: %s answers %d %s prompts", r + 1, len(parts), name, part.num_rows,
                      cfg.eval.split)
             t0 = time.perf_counter()
-            table = generate_table(part, paths[name], engines[name], gen)
+            # an S3 student goes to the engines as its URI: each replica fetches it on its own node
+            table = generate_table(part, shown[name] if is_remote(shown[name]) else paths[name], engines[name], gen,
+                                   cfg.storage)
             got[name].append(table.append_column("round", pa.array([r] * table.num_rows, pa.int32())))
             log.info("evaluate: round %d: %s done in %.1f s (engine start included)", r + 1, name,
                      time.perf_counter() - t0)
@@ -975,13 +1031,18 @@ def run_evaluate(cfg: Config) -> dict:
 
 def _publish(local: Path, dest) -> None:
     """Upload the finished eval folder ``local`` to ``dest`` (a ``storage.StoragePath``), replacing
-    what was there, ``report.json`` last: a ``dest`` without it (an upload cut short) is unfinished."""
+    what was there, ``report.json`` last: a ``dest`` without it (an upload cut short) is unfinished.
+    ``local`` is left as it was."""
     from .storage import upload_dir
 
-    report = (local / "report.json").read_bytes()
-    (local / "report.json").unlink()
-    upload_dir(local, dest)
-    (dest / "report.json").write_bytes(report)
+    report = local / "report.json"
+    held = local.with_name(local.name + ".report.json")  # out of the folder while the rest goes up
+    report.rename(held)
+    try:
+        upload_dir(local, dest)
+    finally:
+        held.rename(report)
+    (dest / "report.json").write_bytes(report.read_bytes())
 
 
 SERVED_MODELS = ("teacher", "student")
@@ -1073,7 +1134,8 @@ def finish_evaluation(cfg: Config, prompts: pa.Table, answers: dict[str, pa.Tabl
             upload_dir(tmp, out / "eval.partial")
             kept = out / "eval.partial"
         probe_msgs = [list(m) for m in prompts.column("messages").to_pylist()[: cfg.eval.memory_probe_batch]]
-        info = {name: _model_info(paths[name], engines[name], probe_msgs, cfg.eval.memory_probe_batch)
+        info = {name: _model_info(paths[name], engines[name], probe_msgs, cfg.eval.memory_probe_batch,
+                                  (shown or {}).get(name, paths[name]), cfg.storage)
                 for name in MODEL_NAMES}
         for name, ref in (shown or {}).items():
             info[name]["path"] = ref
@@ -1087,15 +1149,21 @@ def finish_evaluation(cfg: Config, prompts: pa.Table, answers: dict[str, pa.Tabl
         write_report(tmp, report, answers)
         (tmp / "config.yaml").write_text(cfg.dump())
         if staging:
+            # the complete evaluation beside the old eval/ first, then eval/ replaced: a failure
+            # while eval/ is rewritten leaves the whole new evaluation in eval.partial/
+            _publish(tmp, out / "eval.partial")
             _publish(tmp, out / "eval")
-            kept.delete()
     except BaseException:
-        log.error("evaluate: failed after every model had answered; the answers are kept in %s "
-                  "(the next `raydistill evaluate` starts afresh and removes that folder)", kept / "answers.parquet")
+        log.error("evaluate: failed after every model had answered; the answers are kept in %s%s "
+                  "(the next `raydistill evaluate` starts afresh and removes that folder)", kept / "answers.parquet",
+                  f" and {tmp}" if staging and kept is not tmp else "")
         raise
-    finally:
-        if staging and kept is not tmp:  # else the local answers are all there is: keep them
-            shutil.rmtree(staging, ignore_errors=True)
+    if staging:  # published: the staging folder and eval.partial/ have done their work
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            kept.delete()
+        except OSError as e:
+            log.warning("evaluate: %s could not be removed (%s); eval/ is complete", kept.uri, e)
     if staging:
         folder = out / "eval"
     else:

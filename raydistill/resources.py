@@ -9,7 +9,7 @@ numbers when it cannot fit.
 
 What a stage asks for (per unit; every unit must fit on one node, all units at once):
 
-- generate (``teacher.*``): ``replicas`` engine replicas — vLLM on CPU: ``cpus_per_replica`` CPU;
+- generate (``teacher.*``): ``replicas`` engine replicas, all at once (a fixed pool) — vLLM on CPU: ``cpus_per_replica`` CPU;
   vLLM on GPUs: ``tensor_parallel_size × pipeline_parallel_size`` bundles of 1 GPU + 1 CPU (Ray
   Data's vLLM stage); hf: ``cpus_per_replica`` CPU + ``gpus_per_replica`` GPU; openai:
   ``cpus_per_replica`` CPU per HTTP actor — plus, for vLLM, the 0.25-CPU prompt tokenizer actor,
@@ -19,7 +19,8 @@ What a stage asks for (per unit; every unit must fit on one node, all units at o
 - evaluate: the teacher's engine (``teacher.*`` resources on ``eval.engine``), then the students'
   (``eval.*``), one after the other: each must fit on its own.
 - serve: both arms at once (``serve.teacher`` and ``serve.student``: replicas × the bundles of
-  ``serve.app``'s placement groups); Serve's controller, proxy and ingress take 0 CPU.
+  ``serve.app``'s placement groups, the first with 1 more CPU for Ray Serve LLM's replica actor);
+  Serve's controller, proxy and ingress take 0 CPU.
 
 What the cluster can give: the live nodes (``ray.nodes()``), plus, when an autoscaler's limits are
 known, the nodes it may still add — from the cluster config stored in the GCS (what Ray Train and
@@ -234,14 +235,21 @@ def stage_asks(cfg: Config, stage: str, cluster_gpus: float = 0.0) -> list[Stage
     raise ValueError(f"unknown stage {stage!r}")
 
 
+#: Ray Serve LLM's replica actor (default ``num_cpus`` 1), merged into a replica's first bundle
+#: (ray/llm/_internal/serve/core/server/llm_server.py, ``_merge_replica_actor_and_child_actor_bundles``).
+SERVE_REPLICA_CPU = 1.0
+
+
 def _serve_bundles(arm) -> tuple[Resources, ...]:
-    """One replica's placement-group bundles, as serve/app.py builds them."""
+    """One replica's placement-group bundles, as serve/app.py builds them, with the replica
+    actor's CPU in the first."""
     accel = {f"accelerator_type:{arm.accelerator_type}": 0.001} if arm.accelerator_type else {}
+    first = arm.cpus_per_replica + SERVE_REPLICA_CPU
     if arm.gpus_per_replica <= 0:
-        return ({"CPU": arm.cpus_per_replica},)
+        return ({"CPU": first},)
     if arm.tensor_parallel_size == 1:
-        return ({"GPU": min(arm.gpus_per_replica, 1.0), "CPU": arm.cpus_per_replica, **accel},)
-    return ({"GPU": 1.0, "CPU": arm.cpus_per_replica, **accel},) + ({"GPU": 1.0, **accel},) * (arm.tensor_parallel_size - 1)
+        return ({"GPU": min(arm.gpus_per_replica, 1.0), "CPU": first, **accel},)
+    return ({"GPU": 1.0, "CPU": first, **accel},) + ({"GPU": 1.0, **accel},) * (arm.tensor_parallel_size - 1)
 
 
 # ----------------------------------------------------------------------------- fitting

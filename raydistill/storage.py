@@ -55,6 +55,18 @@ def _s3_filesystem(storage: StorageConfig | None, bucket: str) -> pafs.S3FileSys
     return pafs.S3FileSystem(**kwargs)
 
 
+def s3_env(storage: StorageConfig | None) -> dict[str, str]:
+    """The AWS variables that point other S3 clients (boto3 in Ray LLM's model downloader, inside
+    an engine actor) at the S3 raydistill uses: ``storage.endpoint_url`` → ``AWS_ENDPOINT_URL``,
+    ``storage.region`` → ``AWS_REGION``; only those the config sets (else the environment's own)."""
+    env = {}
+    if storage is not None and storage.endpoint_url:
+        env["AWS_ENDPOINT_URL"] = storage.endpoint_url
+    if storage is not None and storage.region:
+        env["AWS_REGION"] = storage.region
+    return env
+
+
 @dataclass(frozen=True)
 class StoragePath:
     """A file or folder on local disk or S3.
@@ -187,34 +199,51 @@ def upload_dir(local: str | os.PathLike, dest: StoragePath) -> None:
     pafs.copy_files(str(local), dest.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dest.fs)
 
 
-def local_copy(ref: str, storage: StorageConfig | None = None) -> str:
+def remote_listing(ref: str, storage: StorageConfig | None = None) -> dict[str, list[int]]:
+    """Every file under the ``s3://`` folder ``ref``: relative name → [size in bytes, mtime in ns]."""
+    src = storage_path(ref, storage)
+    listing = {}
+    for f in src.files():
+        info = f.fs.get_file_info(f.path)
+        listing[f.path[len(src.path):].lstrip("/")] = [info.size, info.mtime_ns]
+    return listing
+
+
+def local_copy(ref: str, storage: StorageConfig | None = None, weights: bool = True) -> str:
     """``ref`` unchanged unless it is an ``s3://`` folder (a student or checkpoint written to S3):
     then a local copy under the raydistill cache, refreshed when the file list or sizes changed.
-    Returns a path ``from_pretrained`` can read."""
+    Returns a path ``from_pretrained`` can read (with ``weights=False``: only the config,
+    tokenizer and generation files, no weight files: what a driver reads, at a fraction of the
+    size). Raises FileNotFoundError when nothing is there."""
     if not is_remote(ref):
         return ref
     import hashlib
     import json
     import shutil
 
-    from .models import cache_dir
+    from .models import _WEIGHT_SUFFIXES, cache_dir
 
     src = storage_path(ref, storage)
     # names, sizes and modification times: a folder rewritten with files of the same sizes (a rebuilt
     # baseline student) is copied again
-    listing = {}
-    for f in src.files():
-        info = f.fs.get_file_info(f.path)
-        listing[f.path[len(src.path):].lstrip("/")] = [info.size, info.mtime_ns]
+    listing = remote_listing(ref, storage)
     if not listing:
         raise FileNotFoundError(f"{ref}: no files there")
-    dest = cache_dir() / "s3" / hashlib.sha256(src.uri.encode()).hexdigest()[:16]
+    if not weights:
+        listing = {name: v for name, v in listing.items() if not name.endswith(_WEIGHT_SUFFIXES)}
+    dest = cache_dir() / "s3" / (hashlib.sha256(src.uri.encode()).hexdigest()[:16] + ("" if weights else "-config"))
     stamp = dest / ".raydistill-listing.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == listing:
         return str(dest)
     tmp = dest.with_name(dest.name + f".{uuid.uuid4().hex}.partial")
     tmp.mkdir(parents=True)  # copy_files makes only the subfolders it lists, not the destination itself
-    pafs.copy_files(src.path, str(tmp), source_filesystem=src.fs, destination_filesystem=pafs.LocalFileSystem())
+    if weights:
+        pafs.copy_files(src.path, str(tmp), source_filesystem=src.fs, destination_filesystem=pafs.LocalFileSystem())
+    else:
+        for name in listing:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(f"{src.path}/{name}", str(tmp / name), source_filesystem=src.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
     (tmp / stamp.name).write_text(json.dumps(listing))
     if stamp.is_file() and json.loads(stamp.read_text()) == listing:
         shutil.rmtree(tmp, ignore_errors=True)  # another process on this node copied the same meanwhile

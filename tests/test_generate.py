@@ -205,6 +205,16 @@ def test_vllm_gpu_settings_reach_the_engine_config():
     cpu = _vllm_config("/m", cfg.teacher, GenerationConfig(), gpu=False)
     assert "gpu_memory_utilization" not in cpu.engine_kwargs and cpu.accelerator_type is None
     assert cpu.placement_group_config["bundles"] == [{"CPU": 1.0, "GPU": 0.0}] and cpu.engine_kwargs["dtype"] == "float32"
+    # a fixed pool of `replicas` engines (what the resource precheck counts), not Ray's 1..n autoscaling pool
+    assert _vllm_config("/m", cfg.teacher.model_copy(update={"replicas": 3}), GenerationConfig(),
+                        gpu=True).get_concurrency() == {"min_size": 3, "max_size": 3}
+    # an s3:// model: the engine actors' boto3 (Ray LLM's downloader) goes to storage.endpoint_url
+    from raydistill.config import StorageConfig
+
+    s3 = _vllm_config("s3://b/student", cfg.eval, GenerationConfig(), gpu=False,
+                      storage=StorageConfig(endpoint_url="http://127.0.0.1:9000", region="eu-west-1"))
+    assert s3.model_source == "s3://b/student"
+    assert {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_REGION": "eu-west-1"}.items() <= s3.runtime_env["env_vars"].items()
     ev = _vllm_config("/m", cfg.eval, GenerationConfig(), gpu=True)  # eval's engine has no pp/accelerator fields
     assert ev.engine_kwargs["pipeline_parallel_size"] == 1 and ev.accelerator_type is None
 

@@ -83,8 +83,12 @@ def test_train_evaluate_and_serve_asks():
     cfg = _cfg("serve.teacher.replicas=2", "serve.teacher.gpus_per_replica=1", "serve.teacher.tensor_parallel_size=2",
                "serve.teacher.cpus_per_replica=4", "serve.student.gpus_per_replica=0.5")
     (ask,) = stage_asks(cfg, "serve")
-    assert ask.total() == {"CPU": 9.0, "GPU": 4.5}
-    assert ask.demands[0].bundles == ({"GPU": 1.0, "CPU": 4.0}, {"GPU": 1.0})
+    # + 1 CPU per replica: Ray Serve LLM merges its replica actor into the first bundle
+    assert ask.total() == {"CPU": 2 * (4 + 1) + (1 + 1), "GPU": 4.5}
+    assert ask.demands[0].bundles == ({"GPU": 1.0, "CPU": 5.0}, {"GPU": 1.0})
+    # the default serve config (two 1-CPU arms) needs 4 CPUs: it would hang on a 2-CPU cluster
+    (problem,) = check(_cfg(), ("serve",), TWO_CPU)
+    assert "= 4 CPU, but the cluster has 2 CPU" in problem
 
 
 def test_autoscaling_capacity_and_packing():

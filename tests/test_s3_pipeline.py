@@ -90,7 +90,7 @@ def test_evaluate_on_s3_keeps_the_answers_and_replaces_eval_only_when_complete(t
         with pytest.raises(OSError, match="connection reset"):
             ev.finish_evaluation(cfg, prompts, answers, paths, engines, {})
     assert _s3_files(f"{run}/eval") == EVAL_FILES - {"report.json"}  # unfinished: no report.json
-    assert _s3_files(f"{run}/eval.partial") == {"answers.parquet"}
+    assert _s3_files(f"{run}/eval.partial") == EVAL_FILES  # the complete new evaluation, uploaded first
 
     report = ev.finish_evaluation(cfg, prompts, answers, paths, engines, {}, shown={"student": f"{run}/student"})
     assert _s3_files(f"{run}/eval") == EVAL_FILES
@@ -100,6 +100,47 @@ def test_evaluate_on_s3_keeps_the_answers_and_replaces_eval_only_when_complete(t
     assert report["prompt_source"] == f"{run}/corpus/prompts"
     assert yaml.safe_load(storage_path(f"{run}/eval/config.yaml").read_text())["output_dir"] == run
     assert not (tmp_path / "run").exists() and not Path("s3:").exists()  # nothing written locally
+
+
+def test_engines_read_an_s3_model_on_their_own_nodes(tmp_path, tiny_model, s3_server, ray_local):
+    """An ``s3://`` model (a student train wrote) goes to the engines as its URI, and each replica
+    fetches it where it runs: the hf actors through ``storage.local_copy``, vLLM through Ray LLM's
+    own downloader. The answers equal those from the local folder: no engine depends on a copy on
+    the driver's disk, which a replica on another node would not have."""
+    import pyarrow as pa
+
+    from raydistill.config import EngineConfig, GenerationConfig, StorageConfig
+    from raydistill.generate import generate_table
+    from raydistill.schema import PROMPTS_SCHEMA
+    from raydistill.storage import upload_dir
+
+    uri = f"{_bucket()}/student"
+    upload_dir(tiny_model, storage_path(uri))
+    prompts = pa.Table.from_pylist([{"prompt_id": f"p{i}", "split": "test", "task": "conversation",
+                                     "messages": [{"role": "user", "content": f"Hello {i}"}], "reference": None}
+                                    for i in range(4)], schema=PROMPTS_SCHEMA)
+    gen = GenerationConfig(max_new_tokens=6)
+    hf = EngineConfig(engine="hf", batch_size=4, max_model_len=256)
+    here = generate_table(prompts, str(tiny_model), hf, gen)
+    fetched = generate_table(prompts, uri, hf, gen, StorageConfig())
+    assert fetched.column("response_token_ids").to_pylist() == here.column("response_token_ids").to_pylist()
+    vllm = EngineConfig(engine="vllm", batch_size=4, max_model_len=256, kv_cache_gib=1)
+    out = generate_table(prompts, uri, vllm, gen, StorageConfig())
+    assert out.column("error").to_pylist() == [None] * 4
+    assert all(n > 0 for n in out.column("response_tokens").to_pylist())
+
+    # evaluate's driver copies only the config and tokenizer files; the size comes from the S3
+    # listing and the memory probe runs in a Ray task that fetches the model itself
+    import raydistill.evaluate as ev
+    from raydistill.models import size_on_disk_mb
+
+    config_only = Path(local_copy(uri, weights=False))
+    assert (config_only / "config.json").is_file() and (config_only / "tokenizer_config.json").is_file()
+    assert not [f for f in config_only.rglob("*") if f.suffix in (".safetensors", ".bin")]
+    info = ev._model_info(str(config_only), hf, [[{"role": "user", "content": "Hi"}]], 1, uri, StorageConfig())
+    assert info["size_mb"] == round(size_on_disk_mb(tiny_model), 2) > 0
+    local = ev._model_info(str(tiny_model), hf, [[{"role": "user", "content": "Hi"}]], 1)
+    assert info["params"] == local["params"] > 0 and info["peak_memory_mb"] > 0, info
 
 
 @pytest.mark.slow

@@ -30,11 +30,16 @@ class HFGenerator:
     (``_fitting_groups``), each with its own ``batch_id``.
     """
 
-    def __init__(self, model_dir: str, engine: dict, gen: dict, gpu: bool):
+    def __init__(self, model_dir: str, engine: dict, gen: dict, gpu: bool, storage: dict | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from ..config import StorageConfig
         from ..models import require_chat_template
+        from ..storage import local_copy
+
+        # an s3:// model (a student written by train) is fetched on this actor's node
+        model_dir = local_copy(model_dir, StorageConfig.model_validate(storage) if storage else None)
 
         self.engine = EngineConfig.model_validate(engine)
         self.gen = GenerationConfig.model_validate(gen)

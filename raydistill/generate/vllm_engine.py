@@ -4,12 +4,14 @@ machines, with the same code."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from typing import Any
 
 import pyarrow as pa
 
-from ..config import EngineConfig, GenerationConfig
+from ..config import EngineConfig, GenerationConfig, StorageConfig
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +24,15 @@ class _PromptTokenizer:
     as a ``TokensPrompt``, and their count as ``prompt_tokens``. One tokenizer per actor; the
     driver does no per-row tokenizer work."""
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, storage: dict | None = None):
         from transformers import AutoTokenizer
 
+        from ..config import StorageConfig
         from ..models import require_chat_template
+        from ..storage import local_copy
 
+        # an s3:// model is fetched on this actor's node, not read from the driver's disk
+        model_dir = local_copy(model_dir, StorageConfig.model_validate(storage) if storage else None)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         require_chat_template(self.tokenizer, model_dir)
 
@@ -38,12 +44,16 @@ class _PromptTokenizer:
         return batch.append_column("prompt_tokens", pa.array([len(x) for x in ids], pa.int32()))
 
 
-def _vllm_config(model_dir: str, engine: EngineConfig, gen: GenerationConfig, gpu: bool):
+def _vllm_config(model_dir: str, engine: EngineConfig, gen: GenerationConfig, gpu: bool,
+                 storage: StorageConfig | None = None):
     """The ``vLLMEngineProcessorConfig`` of one engine: no chat-template or tokenize stage (rows
-    bring their own ``tokenized_prompt``), the engine's own vLLM environment (KV cache size)."""
+    bring their own ``tokenized_prompt``), the engine's own vLLM environment (KV cache size). An
+    ``s3://`` ``model_dir`` is downloaded by Ray LLM in each engine actor, on its node, with
+    boto3 pointed at ``storage``'s endpoint (``storage.s3_env``)."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
     from ..runtime import vllm_env
+    from ..storage import s3_env
 
     engine_kwargs: dict[str, Any] = dict(
         dtype=_dtype(engine, gpu),
@@ -68,10 +78,12 @@ def _vllm_config(model_dir: str, engine: EngineConfig, gen: GenerationConfig, gp
         engine_kwargs=engine_kwargs,
         batch_size=engine.batch_size,
         max_concurrent_batches=engine.max_concurrent_batches,
-        concurrency=engine.replicas,
+        # a fixed pool of `replicas` engines (an int n would be an autoscaling pool of 1..n): what
+        # the resource precheck counts, and what the autoscaler is asked for at once
+        concurrency=(engine.replicas, engine.replicas),
         log_engine_metrics=False,
         should_continue_on_error=True,  # one over-long prompt must not fail the dataset
-        runtime_env={"env_vars": vllm_env(engine.kv_cache_gib)},
+        runtime_env={"env_vars": {**vllm_env(engine.kv_cache_gib), **s3_env(storage)}},
         # Prompts arrive as token ids (chat.prompt_ids): no template rendering, no tokenizing
         # (either would add a BOS a template already wrote, or read text spelling <|im_end|> as the token).
         chat_template_stage={"enabled": False},
@@ -81,7 +93,8 @@ def _vllm_config(model_dir: str, engine: EngineConfig, gen: GenerationConfig, gp
     )
 
 
-def _vllm_outputs(ds, model_dir: str, engine: EngineConfig, gen: GenerationConfig, gpu: bool):
+def _vllm_outputs(ds, model_dir: str, engine: EngineConfig, gen: GenerationConfig, gpu: bool,
+                  storage: StorageConfig | None = None):
     """Prompt rows -> rows as ray.data.llm's vLLM stage returns them (before ``_vllm_row``): our
     prompt columns plus ``prompt_token_ids`` (what the engine read), ``generated_tokens``,
     ``generated_text``, ``num_generated_tokens``, ``logprobs``, ``time_taken_llm``,
@@ -89,9 +102,11 @@ def _vllm_outputs(ds, model_dir: str, engine: EngineConfig, gen: GenerationConfi
     import ray
     from ray.data.llm import build_processor
 
+    from ..storage import s3_env
+
     sampling = dict(max_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
                     seed=gen.seed, logprobs=gen.top_k_logprobs or None)
-    ds = ds.map_batches(_PromptTokenizer, fn_constructor_kwargs=dict(model_dir=model_dir),
+    ds = ds.map_batches(_PromptTokenizer, fn_constructor_kwargs=dict(model_dir=model_dir, storage=storage.model_dump() if storage else None),
                         batch_size=engine.batch_size, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
 
@@ -99,8 +114,22 @@ def _vllm_outputs(ds, model_dir: str, engine: EngineConfig, gen: GenerationConfi
         # Our prompt columns travel through the stage untouched; the engine reads tokenized_prompt.
         return dict(row, messages=_messages(row["messages"]), sampling_params=sampling)
 
-    processor = build_processor(_vllm_config(model_dir, engine, gen, gpu), preprocess=preprocess)
+    config = _vllm_config(model_dir, engine, gen, gpu, storage)
+    with _env(s3_env(storage)):  # build_processor reads the model's config here too (Ray's telemetry)
+        processor = build_processor(config, preprocess=preprocess)
     return processor(ds)
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]):
+    """Set environment variables (those not set already) for the duration of the block."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def _vllm_row(row: dict, k: int, stop_ids: set[int]) -> dict:
@@ -130,13 +159,16 @@ def _vllm_row(row: dict, k: int, stop_ids: set[int]) -> dict:
     }
 
 
-def _vllm_dataset(ds, model_dir: str, engine: EngineConfig, gen: GenerationConfig, gpu: bool):
+def _vllm_dataset(ds, model_dir: str, engine: EngineConfig, gen: GenerationConfig, gpu: bool,
+                  storage: StorageConfig | None = None):
     from functools import partial
 
-    stop_ids = _stop_ids(model_dir)
+    from ..storage import local_copy
+
+    stop_ids = _stop_ids(local_copy(model_dir, storage, weights=False))  # config files only, on the driver
     # Not build_processor(postprocess=...): ray.data.llm routes failed rows around a postprocess
     # function, and they must reach the corpus as error rows with the same columns.
-    return _vllm_outputs(ds, model_dir, engine, gen, gpu).map(partial(_vllm_row, k=gen.top_k_logprobs,
+    return _vllm_outputs(ds, model_dir, engine, gen, gpu, storage).map(partial(_vllm_row, k=gen.top_k_logprobs,
                                                                       stop_ids=stop_ids))
 
 
