@@ -24,8 +24,8 @@ Where each figure comes from (``--help`` lists every input):
   bytes per answer token in Arrow (int32 ids, float32 logprobs, list offsets, validity bits: 86.6 B
   per column at k = 20, as measured on the demo corpus), 0.925 of that in snappy parquet; the rest
   of a corpus row compressed to 0.53 of its Arrow size there.
-- Training: 6 × parameters × tokens FLOPs (forward 2, backward 4), bf16 peak 989 TFLOPS per
-  H100/H200, model FLOPs utilization 0.35 (Llama 3 reports 0.38–0.43 for pretraining on H100,
+- Training: 6 × parameters × tokens FLOPs (forward 2, backward 4), bf16 dense peak 312 TFLOPS per
+  A100 (cluster/aws.yaml's gpu_train nodes, p4de; 989 on H100/H200), model FLOPs utilization 0.35 (Llama 3 reports 0.38–0.43 for pretraining on H100,
   arXiv 2407.21783), times Ray Train's measured efficiency against a plain loop (0.88,
   benchmarks/README.md, on CPU). Checkpoints hold float32 weights and AdamW's two moments (12 B per
   parameter); the final one and student/ also a float32 save_pretrained copy (4 B per parameter).
@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     a("--batch-size", type=int, default=4, help="train.batch_size per worker")
     a("--grad-accum", type=int, default=4, help="train.grad_accum_steps")
     a("--checkpoint-every", type=int, default=200, help="train.checkpoint_every_steps")
-    a("--peak-tflops", type=float, default=989, help="bf16 dense peak per GPU (H100/H200 SXM)")
+    a("--peak-tflops", type=float, default=312, help="bf16 dense peak per GPU: 312 for A100 (the gpu_train "
+      "group of cluster/aws.yaml, p4de), 989 for H100/H200 SXM")
     a("--mfu", type=float, default=0.35, help="model FLOPs utilization")
     a("--train-efficiency", type=float, default=0.88, help="Ray Train / plain loop tokens/s (benchmarks/README.md)")
     a("--upload-gb-per-s", type=float, default=0.5, help="S3 upload speed of one training process, GB/s (an "
@@ -166,7 +167,7 @@ def size(args: argparse.Namespace) -> tuple[list[tuple[str, str, str]], dict]:
          f"{_mb(16 * args.student_params)} ({_mb(16 * args.student_params / args.train_gpus)} per GPU)"),
         ("checkpoint stalls, GPU-hours", f"checkpoint bytes / upload {args.upload_gb_per_s:g} GB/s / 3600 × "
          "train.workers", _n(stall_gpu_h, 1)),
-        ("evaluation GPU-hours (teacher's answers)", "evaluated × (in + out) / node tokens/s / 3600 × GPUs",
+        ("evaluation GPU-hours (teacher's answers), a lower bound", "evaluated × (in + out) / node tokens/s / 3600 × GPUs",
          _n(eval_gpu_h, 1)),
         ("**total GPU-hours**", "generation + training + stalls + evaluation", f"**{_n(total_gpu_h, 1)}**"),
         ("corpus row (Arrow)", "4 B × (in + out + ref) + 4 B × out + 2 (4k + 4 + k/8) B × out + 260 B",
