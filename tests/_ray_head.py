@@ -58,21 +58,19 @@ def _kill_tree(proc: subprocess.Popen) -> None:
         children = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         children = []
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        pass
+    _signal_group_and_wait(proc, signal.SIGTERM)
     for child in children:
         try:
             child.kill()
         except psutil.NoSuchProcess:
             pass
+    _signal_group_and_wait(proc, signal.SIGKILL)
+
+
+def _signal_group_and_wait(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to ``proc``'s process group (gone already: fine) and wait up to 20 s for it."""
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
     try:

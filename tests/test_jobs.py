@@ -157,5 +157,17 @@ def test_pipeline_job_writes_everything_to_s3(job_head, tiny_model, tmp_path):
     assert (root / "config.yaml").is_file()
     student = json.loads((root / "student" / "config.json").read_text())
     assert student["num_hidden_layers"] == 2  # keep_layers [0, 3]
+    # the student reads back from S3 and generates
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raydistill.storage import local_copy
+
+    folder = local_copy(f"{out}/student")
+    tok, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 2 plus 3?"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        assert model.generate(**ids, max_new_tokens=4, do_sample=False).shape[1] > ids["input_ids"].shape[1]
     report = json.loads((root / "eval" / "report.json").read_text())
     assert {"teacher", "baseline_student", "student"} <= set(report["models"])
