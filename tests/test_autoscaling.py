@@ -1,10 +1,11 @@
 """Generation on an autoscaling cluster: Ray's real autoscaler (v1, the one `ray up` runs) with
 the fake multi-node provider, which starts extra raylets on this machine as "nodes".
 
-The head has 1 CPU; the generation asks for 2 engine replicas × 1 CPU + 1 CPU for Ray Data's
-tasks, so the autoscaler must add `cpu_node` workers (2 CPU each, at most 2). The driver is a
-`raydistill generate` process connected with RAY_ADDRESS; RAYDISTILL_AUTOSCALER_CONFIG points the
-precheck at the autoscaler's config (on a `ray up` head it reads ~/ray_bootstrap_config.yaml).
+The head has 1 CPU; `jobs/generate.py`, submitted through the Jobs API, asks for 2 vLLM engine
+replicas × 1 CPU + the prompt tokenizer (0.25 CPU) + 1 CPU for Ray Data's tasks, so the autoscaler
+must add `cpu_node` workers (2 CPU each, at most 2). RAYDISTILL_AUTOSCALER_CONFIG (in the job's
+runtime env) points the precheck at the autoscaler's config (on a `ray up` head it reads
+~/ray_bootstrap_config.yaml).
 
 Not ``ray.cluster_utils.AutoscalingCluster`` itself: its ``start()`` and ``shutdown()`` run
 ``ray stop --force`` (every Ray on the machine), and it reads the provider's example.yaml, which
@@ -15,8 +16,7 @@ an ``external`` module so that no example.yaml is needed.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import shlex
 import time
 from pathlib import Path
 
@@ -50,12 +50,19 @@ AUTOSCALING = {
 }
 
 
-def _generate(head, cfg_file: Path, *sets: str, timeout_s: float = 420) -> subprocess.CompletedProcess:
-    env = dict(head.env, RAY_ADDRESS=head.address, RAYDISTILL_AUTOSCALER_CONFIG=str(head.temp_dir / "autoscaling.yaml"))
-    env.pop("RAY_FAKE_CLUSTER", None)
-    args = [a for s in sets for a in ("--set", s)]
-    return subprocess.run([str(Path(sys.executable).with_name("raydistill")), "generate", str(cfg_file), *args],
-                          capture_output=True, text=True, env=env, timeout=timeout_s, cwd=cfg_file.parent)
+def _generate_job(head, cfg_file: Path, *sets: str, timeout_s: float = 600) -> tuple[str, str]:
+    """Submit ``python jobs/generate.py CONFIG --set ...`` to ``head``; returns (final status, log)."""
+    from ray.job_submission import JobSubmissionClient
+
+    from .test_jobs import _runtime_env, _wait
+
+    runtime_env = _runtime_env()
+    runtime_env["env_vars"]["RAYDISTILL_AUTOSCALER_CONFIG"] = str(head.temp_dir / "autoscaling.yaml")
+    client = JobSubmissionClient(head.dashboard)
+    entry = shlex.join(["python", "jobs/generate.py", str(cfg_file), *[a for s in sets for a in ("--set", s)]])
+    job_id = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
+    status = _wait(client, job_id, timeout_s)
+    return str(status), client.get_job_logs(job_id)
 
 
 def test_generation_scales_the_cluster_up_and_back_down(tiny_model, tmp_path):
@@ -63,28 +70,30 @@ def test_generation_scales_the_cluster_up_and_back_down(tiny_model, tmp_path):
     cfg_file = tmp_path / "gen.yaml"
     cfg_file.write_text(yaml.safe_dump({
         "output_dir": str(tmp_path / "run"),  # one machine: every fake node sees this disk
+        "storage": {"shared_local": True},
         "data": {"path": str(data), "prompt_field": "question", "id_field": "qid", "task_field": "kind",
                  "reference_field": "answer"},
-        "teacher": {"model": str(tiny_model), "engine": "hf", "replicas": 2, "cpus_per_replica": 1,
-                    "batch_size": 2, "max_model_len": 160},
+        "teacher": {"model": str(tiny_model), "engine": "vllm", "replicas": 2, "cpus_per_replica": 1,
+                    "batch_size": 2, "max_model_len": 160, "kv_cache_gib": 1},
         "generation": {"max_new_tokens": 8},
         "filter": {"empty": False, "no_final_answer": False},
     }))
-    with ray_head(1, autoscaling_config=AUTOSCALING) as head:
-        # Too big even for the autoscaler: 6 replicas + Ray Data = 7 CPU; 1 + 2 × 2 = 5 at most. Fails fast.
+    with ray_head(1, dashboard=True, autoscaling_config=AUTOSCALING) as head:
+        # Too big even for the autoscaler: 6 replicas + tokenizer + Ray Data = 7.25 CPU; 1 + 2 × 2 = 5
+        # at most. The job fails fast, and nothing is launched for it.
         t0 = time.perf_counter()
-        too_big = _generate(head, cfg_file, "teacher.replicas=6", timeout_s=180)
-        assert too_big.returncode == 2, too_big.stderr[-3000:]
-        err = " ".join(too_big.stderr.split())
-        assert "= 7 CPU, but the cluster has 1 CPU (1 node) and can scale to 5 CPU (cpu_node: 2 CPU × up to 2 more" in err
-        assert time.perf_counter() - t0 < 90
-        assert len(head.nodes()) == 1  # nothing was launched for it
+        status, log = _generate_job(head, cfg_file, "teacher.replicas=6", timeout_s=180)
+        assert status == "FAILED", log[-3000:]
+        log = " ".join(log.split())
+        assert "= 7.25 CPU, but the cluster has 1 CPU (1 node) and can scale to 5 CPU (cpu_node: 2 CPU × up to 2 more" in log
+        assert time.perf_counter() - t0 < 120
+        assert len(head.nodes()) == 1
 
         t0 = time.perf_counter()
-        run = _generate(head, cfg_file)
+        status, log = _generate_job(head, cfg_file)
         took = time.perf_counter() - t0
-        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-5000:]
-        assert "the autoscaler will add" in run.stderr and "cpu_node" in run.stderr
+        assert status == "SUCCEEDED", log[-5000:]
+        assert "the autoscaler will add" in log and "cpu_node" in log
         nodes = head.nodes()
         workers = [n for n in nodes if n["resources"].get("CPU") == 2.0]
         assert workers, nodes  # the autoscaler added cpu_node workers
