@@ -41,16 +41,16 @@ cannot be computed (e.g. a model that answered no prompt), and the plots skip th
 ``report.json`` is strict JSON (no NaN).
 
 An ``s3://`` ``output_dir`` works the same way: the prompts, the corpus manifest and config are read
-from S3; the student (and the pruned baseline) are read through ``storage.local_copy`` (a copy in
-the local cache, refreshed when S3 changed; the report's ``path`` keeps the S3 URI); ``eval/`` is
-built in a local temporary folder. ``answers.parquet`` is uploaded to ``output_dir/eval.partial/``
+from S3; the report's ``path`` of the student (and the pruned baseline) keeps its S3 URI; ``eval/``
+is built in a local temporary folder. ``answers.parquet`` is uploaded to ``output_dir/eval.partial/``
 as soon as it exists (kept there on a failure). Once the report is complete locally, the whole
 folder goes to ``eval.partial/`` and then replaces ``output_dir/eval/``, ``report.json`` uploaded
 last each time: an ``eval/`` without ``report.json`` is unfinished, and a failure while it is
 rewritten leaves the complete new evaluation in ``eval.partial/`` (and the local folder, logged).
 The students go to the engines as their ``s3://`` URIs (each replica fetches them on its own
-node); the driver keeps a local copy for the report's size figures, and probes their memory in a
-Ray task on a node like the engine's (``_probe``).
+node); the driver copies only their config and tokenizer files (``storage.local_copy(...,
+weights=False)``), takes their size from the S3 listing, and probes their memory in a Ray task that
+fetches them on its own node (``_probe``).
 
 ``report.json``, top level:
 - ``split``, ``prompts`` (evaluated), ``prompts_by_task``, ``limit`` (``eval.limit``),

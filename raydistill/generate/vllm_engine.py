@@ -106,7 +106,8 @@ def _vllm_outputs(ds, model_dir: str, engine: EngineConfig, gen: GenerationConfi
 
     sampling = dict(max_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
                     seed=gen.seed, logprobs=gen.top_k_logprobs or None)
-    ds = ds.map_batches(_PromptTokenizer, fn_constructor_kwargs=dict(model_dir=model_dir, storage=storage.model_dump() if storage else None),
+    tokenizer_args = dict(model_dir=model_dir, storage=storage.model_dump() if storage else None)
+    ds = ds.map_batches(_PromptTokenizer, fn_constructor_kwargs=tokenizer_args,
                         batch_size=engine.batch_size, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
 
