@@ -57,6 +57,29 @@ def corpus_row_bytes(input_tokens: float, output_tokens: float, reference_tokens
             + logprob_bytes_per_token(k) * output_tokens + ROW_FIXED_BYTES)
 
 
+def _k(text: str) -> int:
+    k = int(text)
+    if not 0 <= k <= 20:
+        raise argparse.ArgumentTypeError(f"{k}: top-k logprobs run from 0 to 20 (vLLM's cap)")
+    return k
+
+
+def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Refuse inputs no run can have (with the option's name)."""
+    if not (0 <= args.validation < 1 and 0 <= args.test < 1 and args.validation + args.test < 1):
+        p.error(f"--validation {args.validation} and --test {args.test}: each in [0, 1) and together below 1")
+    for name in ("conversations", "gpus_per_node", "teacher_replicas", "teacher_batch", "concurrent_batches",
+                 "epochs", "train_gpus", "batch_size", "grad_accum"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("teacher_tokens_per_s", "raydistill_efficiency", "logprobs_slowdown", "prefill_tokens_per_s",
+                 "decode_tokens_per_s", "student_params", "peak_tflops", "mfu", "train_efficiency",
+                 "upload_gb_per_s", "input_tokens", "output_tokens"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    return args
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -69,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
       "history up to the customer's last turn, chat template")
     a("--output-tokens", type=float, default=150, help="mean teacher answer tokens (one agent turn)")
     a("--reference-tokens", type=float, default=150, help="mean reference tokens (the human agent's reply)")
-    a("--top-k", type=int, default=0, help="generation.top_k_logprobs of the run (0: sequence KD)")
+    a("--top-k", type=_k, default=0, help="generation.top_k_logprobs of the run (0: sequence KD; 1-20 for "
+      "logit KD: the total then counts the logprobs' generation time, and the corpus rows are for this k)")
     a("--gpus-per-node", type=int, default=8)
     a("--teacher-tokens-per-s", type=float, default=5483, help="input + output tokens/s per teacher node "
       "(GPUStack, vLLM untuned, DeepSeek-R1 on 8×H200, ShareGPT)")
@@ -120,29 +144,33 @@ def size(args: argparse.Namespace) -> tuple[list[tuple[str, str, str]], dict]:
     gen_node_h = (gen_in + gen_out) / node_tps / 3600
     gen_gpu_h = gen_node_h * gpn
     gen_logprobs_gpu_h = gen_gpu_h * args.logprobs_slowdown
+    k = args.top_k
+    kk = k or 20  # the top-k figures shown beside the plain ones
+    gen_run_gpu_h = gen_logprobs_gpu_h if k else gen_gpu_h
     floor_gpu_h = (gen_in / args.prefill_tokens_per_s + gen_out / args.decode_tokens_per_s) / 3600 * gpn
     eval_gpu_h = evaluated * (tok_in + tok_out) / node_tps / 3600 * gpn
     train_tokens = train_rows * (tok_in + tok_out) * args.epochs
     flops = 6 * args.student_params * train_tokens
     gpu_flops = args.peak_tflops * 1e12 * args.mfu * args.train_efficiency
     train_gpu_h = flops / gpu_flops / 3600
-    steps = math.floor(args.epochs * train_rows / (args.batch_size * args.train_gpus * args.grad_accum))
+    from raydistill.train.trainer import plan_steps  # the trainer's own count (equal split, last step short)
+
+    steps = args.epochs * plan_steps(train_rows, args.train_gpus, args.batch_size, args.grad_accum)[2]
     n_ckpt = math.ceil(steps / args.checkpoint_every) if args.checkpoint_every else args.epochs
     ckpt = 12 * args.student_params
     student = 4 * args.student_params
     ckpt_total = n_ckpt * ckpt + 2 * student  # + the final checkpoint's hf/ and student/
     stall_gpu_h = ckpt_total / (args.upload_gb_per_s * 1e9) / 3600 * args.train_gpus
-    total_gpu_h = gen_gpu_h + train_gpu_h + stall_gpu_h + eval_gpu_h
+    total_gpu_h = gen_run_gpu_h + train_gpu_h + stall_gpu_h + eval_gpu_h
     row0 = corpus_row_bytes(tok_in, tok_out, args.reference_tokens, 0)
-    rowk = corpus_row_bytes(tok_in, tok_out, args.reference_tokens, 20)
+    rowk = corpus_row_bytes(tok_in, tok_out, args.reference_tokens, kk)
     corpus0, corpus20 = answered * row0, answered * rowk
     pq0 = corpus0 * PARQUET_RATIO_TEXT
-    pq20 = pq0 + answered * tok_out * logprob_bytes_per_token(20) * PARQUET_RATIO_LOGPROBS
+    pq20 = pq0 + answered * tok_out * logprob_bytes_per_token(kk) * PARQUET_RATIO_LOGPROBS
     prompts_bytes = n * TEXT_BYTES_PER_TOKEN * (tok_in + args.reference_tokens)
     gen_s3_0, gen_s3_20 = 3 * prompts_bytes + 4 * pq0, 3 * prompts_bytes + 4 * pq20
     examples = (train_rows + round(n * args.validation)) * (12 * (tok_in + tok_out) + 4 * tok_out)
     train_s3 = pq0 + examples * (1 + args.epochs) + ckpt_total
-    k = args.top_k
     row_run = corpus_row_bytes(tok_in, tok_out, args.reference_tokens, k)
     rows = [
         ("prompts answered by the teacher (train + validation)", "N × (1 − test)", _n(answered)),
@@ -155,7 +183,8 @@ def size(args: argparse.Namespace) -> tuple[list[tuple[str, str, str]], dict]:
         ("generation GPU-hours", "(in + out) / node tokens/s / 3600 × GPUs per node", _n(gen_gpu_h, 1)),
         ("generation wall time", f"node-hours / teacher.replicas ({args.teacher_replicas})",
          f"{gen_node_h / args.teacher_replicas:,.2f} h"),
-        ("generation GPU-hours with top-20 logprobs", f"× {args.logprobs_slowdown:g}", _n(gen_logprobs_gpu_h, 1)),
+        (f"generation GPU-hours with top-{kk} logprobs", f"× {args.logprobs_slowdown:g} (measured at k = 20)",
+         _n(gen_logprobs_gpu_h, 1)),
         ("generation GPU-hours at DeepSeek's production speed (floor)",
          "(in / prefill + out / decode tokens/s) / 3600 × GPUs per node", _n(floor_gpu_h, 1)),
         ("training tokens", "train rows × (in + out) × epochs", f"{train_tokens / 1e6:,.1f} M"),
@@ -169,13 +198,14 @@ def size(args: argparse.Namespace) -> tuple[list[tuple[str, str, str]], dict]:
          "train.workers", _n(stall_gpu_h, 1)),
         ("evaluation GPU-hours (teacher's answers), a lower bound", "evaluated × (in + out) / node tokens/s / 3600 × GPUs",
          _n(eval_gpu_h, 1)),
-        ("**total GPU-hours**", "generation + training + stalls + evaluation", f"**{_n(total_gpu_h, 1)}**"),
+        ("**total GPU-hours**", f"generation{f' with top-{k}' if k else ''} + training + stalls + evaluation",
+         f"**{_n(total_gpu_h, 1)}**"),
         ("corpus row (Arrow)", "4 B × (in + out + ref) + 4 B × out + 2 (4k + 4 + k/8) B × out + 260 B",
-         f"{_n(row0)} B; {_n(rowk)} B with top-20"),
+         f"{_n(row0)} B; {_n(rowk)} B with top-{kk}"),
         ("corpus size: Arrow / snappy parquet", "rows × row bytes; × 0.53 (logprobs × 0.925)",
-         f"{_mb(corpus0)} / {_mb(pq0)}; top-20: {_mb(corpus20)} / {_mb(pq20)}"),
+         f"{_mb(corpus0)} / {_mb(pq0)}; top-{kk}: {_mb(corpus20)} / {_mb(pq20)}"),
         ("S3 traffic, generate", "3 × prompts + 4 × corpus parquet (generated/, filter passes, data/)",
-         f"{_mb(gen_s3_0)}; top-20: {_mb(gen_s3_20)}"),
+         f"{_mb(gen_s3_0)}; top-{kk}: {_mb(gen_s3_20)}"),
         ("checkpoints (+ student) written to S3", f"⌈{steps} steps / {args.checkpoint_every}⌉ × 12 B × params + 2 × 4 B × params",
          f"{n_ckpt} × {_mb(ckpt)} + 2 × {_mb(student)} = {_mb(ckpt_total)}"),
         ("S3 traffic, train", "corpus + examples × (1 + epochs) + checkpoints", _mb(train_s3)),
@@ -206,7 +236,8 @@ def table(rows: list[tuple[str, str, str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = _check(parser, parser.parse_args(argv))
     rows, raw = size(args)
     print(table(rows))
     print(json.dumps(raw))

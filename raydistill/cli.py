@@ -91,6 +91,13 @@ def _output_location(cfg: Config, reads_data: bool = False) -> str:
     return uri
 
 
+def _unwritable(location: str, e: OSError) -> str:
+    first = (str(e).strip().splitlines() or [repr(e)])[0]
+    hint = ("check the bucket name, storage.endpoint_url (or AWS_ENDPOINT_URL) and the credentials"
+            if location.startswith("s3://") else "check the path and its permissions")
+    return f"cannot write to output_dir {location}: {first[:300]}; {hint}"
+
+
 def _ensure_ray(cfg: Config, stages: tuple[str, ...]) -> None:
     """Start or join Ray and check that every stage fits it (raydistill.resources), before any runs."""
     import ray
@@ -113,7 +120,10 @@ def _run_stages(cfg: Config, stages: tuple[str, ...], overwrite: bool = False) -
 
     _setup_logging()
     location = _output_location(cfg, reads_data="generate" in stages)
-    _prepare(cfg, stages)
+    try:
+        _prepare(cfg, stages)
+    except OSError as e:
+        _fail(_unwritable(location, e))
     _ensure_ray(cfg, stages)
     t0 = time.perf_counter()
     stage = stages[0]
@@ -191,15 +201,22 @@ def serve(config: ConfigArg, set_: SetOpt = None) -> None:
     from .serve import AB_MODEL, ARMS
     from .serve.app import arm_refs, serve_problems
 
+    from .jobmode import submission_id
+
     cfg = _load(config, set_)
-    problems = serve_problems(cfg)
+    # On a cluster (RAY_ADDRESS, or a Ray job) the replicas download hub ids and s3:// folders on
+    # their own nodes: only local folders are checked here.
+    problems = serve_problems(cfg, local_only=bool(os.environ.get("RAY_ADDRESS")) or submission_id() is not None)
     if problems:
         _fail("cannot serve:\n  " + "\n  ".join(problems))
     _setup_logging()
-    _output_location(cfg)
+    location = _output_location(cfg)
     from .storage import storage_path
 
-    (storage_path(cfg.output_dir, cfg.storage) / "serve" / "config.yaml").write_text(cfg.dump())
+    try:
+        (storage_path(cfg.output_dir, cfg.storage) / "serve" / "config.yaml").write_text(cfg.dump())
+    except OSError as e:
+        _fail(_unwritable(location, e))
     _ensure_ray(cfg, ("serve",))
     on_cluster = bool(os.environ.get("RAY_ADDRESS"))
     name = cfg.serve.app_name

@@ -80,16 +80,14 @@ def input_problem(data_path: str, shared_local: bool, job: str | None, cwd: str 
     """Why a job's Ray Data read tasks (which may run on any node) may not find ``data.path``
     (None when they will, or outside a job).
 
-    Fine: ``s3://``, ``builtin:``, a relative path or one inside the job's working directory (Ray
-    ships the working directory to every node, at the same path), or any local path with
-    ``shared_local``. Refused: an absolute local path elsewhere, which only the head node has.
+    Fine: ``s3://``, ``builtin:``, a path inside the job's working directory (Ray ships the working
+    directory to every node, at the same path), or any local path with ``shared_local``. Refused: a
+    local path elsewhere (absolute, or relative with ``..``), which only the head node has.
     """
     if job is None or shared_local or data_path.startswith(("s3://", "builtin:")):
         return None
-    expanded = os.path.expanduser(data_path)
-    if not os.path.isabs(expanded):
-        return None
     cwd = os.path.realpath(cwd or os.getcwd())
+    expanded = os.path.join(cwd, os.path.expanduser(data_path))  # an absolute path stays as it is
     if os.path.commonpath([os.path.realpath(expanded), cwd]) == cwd:
         return None
     return (f"data.path {data_path!r} is a local path outside the job's working directory, and this is a Ray job "

@@ -75,6 +75,8 @@ class Demand:
     count: int
     bundles: tuple[Resources, ...]
     knob: str = ""                # the config fields that set it ("train.workers or train.cpus_per_worker")
+    one_node: bool = False        # a unit's bundles must share one node (a STRICT_PACK placement group)
+    accel_knob: str = ""          # the config field of its accelerator type ("teacher.accelerator_type")
 
     def per_unit(self) -> Resources:
         return _add(*self.bundles)
@@ -88,7 +90,10 @@ class Demand:
         unit = _fmt(self.per_unit())
         noun = self.what if self.count == 1 else _plural(self.what)
         if len(self.bundles) > 1:
-            unit += f" in {len(self.bundles)} bundles of {_fmt(self.bundles[0])}"
+            shapes = [(b, sum(1 for x in self.bundles if _key(x) == b)) for b in dict.fromkeys(map(_key, self.bundles))]
+            unit += " in " + " + ".join(f"{n} bundle{'s' if n > 1 else ''} of {_fmt(dict(b))}" for b, n in shapes)
+            if self.one_node:
+                unit += " on one node"
         return f"{self.count} {noun} × {unit}"
 
 
@@ -178,7 +183,7 @@ def _engine_demands(engine: EngineConfig, knob: str, gpu: bool) -> list[Demand]:
             if accel:
                 bundle[f"accelerator_type:{accel}"] = 0.001
             replica = Demand("engine replica", engine.replicas, (bundle,) * workers,
-                             f"{knob}.replicas or {knob}.tensor_parallel_size")
+                             f"{knob}.replicas or {knob}.tensor_parallel_size", accel_knob=f"{knob}.accelerator_type")
         else:
             replica = Demand("engine replica", engine.replicas, ({"CPU": engine.cpus_per_replica},),
                              f"{knob}.replicas or {knob}.cpus_per_replica")
@@ -230,7 +235,9 @@ def stage_asks(cfg: Config, stage: str, cluster_gpus: float = 0.0) -> list[Stage
         for name in ("teacher", "student"):
             arm = getattr(cfg.serve, name)
             demands.append(Demand(f"{name} replica", arm.replicas, _serve_bundles(arm),
-                                  f"serve.{name}.replicas or serve.{name}.cpus_per_replica"))
+                                  f"serve.{name}.replicas or serve.{name}.cpus_per_replica",
+                                  one_node=arm.gpus_per_replica > 0 and arm.tensor_parallel_size > 1,  # STRICT_PACK
+                                  accel_knob=f"serve.{name}.accelerator_type"))
         return [StageAsk("serve", tuple(demands))]
     raise ValueError(f"unknown stage {stage!r}")
 
@@ -263,27 +270,47 @@ def _fits(bundle: Resources, free: Resources, lenient_accel: bool = False) -> bo
     return True
 
 
+def _key(bundle: Resources) -> tuple:
+    return tuple(sorted(bundle.items()))
+
+
 def _take(free: Resources, bundle: Resources) -> None:
     for k, v in bundle.items():
         if k in free:
             free[k] -= v
 
 
+def _units(ask: StageAsk) -> list[tuple[Demand, list[Resources]]]:
+    """What must be placed together: a ``one_node`` unit's bundles as one piece, else each bundle."""
+    units = []
+    for d in ask.demands:
+        for _ in range(d.count):
+            if d.one_node:
+                units.append((d, [_add(*d.bundles)]))
+            else:
+                units.extend((d, [b]) for b in d.bundles)
+    return units
+
+
 def place(ask: StageAsk, capacity: Capacity) -> tuple[list[tuple[Demand, Resources]], dict[str, int]]:
     """Pack ``ask``'s bundles first-fit-decreasing onto the live nodes, then onto nodes the
-    autoscaler may add. Returns (the bundles that fit nowhere, added nodes per node type)."""
+    autoscaler may add (the smallest node type that holds the piece, as the autoscaler's
+    utilization score prefers); the bundles of a ``one_node`` unit go to one node together.
+    Returns (the pieces that fit nowhere, added nodes per node type)."""
     free = [dict(n) for n in capacity.nodes]
     lenient = [False] * len(free)
     added: dict[str, int] = {}
     left = {t.name: t.max_new for t in capacity.node_types}
     total_left = capacity.max_new_nodes
     unplaced = []
-    order = sorted(ask.items(), key=lambda it: (-it[1].get("GPU", 0.0), -it[1].get("CPU", 0.0)))
-    for demand, bundle in order:
-        slot = next((i for i, f in enumerate(free) if _fits(bundle, f, lenient[i])), None)
+    size = lambda r: (r.get("GPU", 0.0), r.get("CPU", 0.0))  # noqa: E731
+    order = sorted(_units(ask), key=lambda it: tuple(-x for x in size(it[1][0])))
+    types = sorted(capacity.node_types, key=lambda t: size(t.resources))
+    for demand, (piece,) in order:
+        slot = next((i for i, f in enumerate(free) if _fits(piece, f, lenient[i])), None)
         if slot is None and (total_left is None or total_left > 0):
-            for t in capacity.node_types:
-                if (left[t.name] is None or left[t.name] > 0) and _fits(bundle, t.resources, True):
+            for t in types:
+                if (left[t.name] is None or left[t.name] > 0) and _fits(piece, t.resources, True):
                     free.append(dict(t.resources))
                     lenient.append(True)
                     slot = len(free) - 1
@@ -294,9 +321,9 @@ def place(ask: StageAsk, capacity: Capacity) -> tuple[list[tuple[Demand, Resourc
                         total_left -= 1
                     break
         if slot is None:
-            unplaced.append((demand, bundle))
+            unplaced.append((demand, piece))
         else:
-            _take(free[slot], bundle)
+            _take(free[slot], piece)
     return unplaced, added
 
 
@@ -317,6 +344,14 @@ def fit_problem(ask: StageAsk, capacity: Capacity) -> str | None:
         text += (f"; one {demand.what} needs {_fmt(bundle)} on one node, and no node "
                  f"{'has or can have' if capacity.node_types else 'has'} that (the largest: "
                  f"{_fmt(biggest, shown) or 'nothing'})")
+    accel = [k.split(":", 1)[1] for k in bundle if k.startswith("accelerator_type:")]
+    plain = {k: v for k, v in bundle.items() if not k.startswith("accelerator_type:")}
+    if (accel and demand.accel_knob and not any(_fits(bundle, n, True) for n in all_nodes)
+            and any(_fits(plain, n) for n in all_nodes)):
+        present = sorted({k.split(":", 1)[1] for n in all_nodes for k in n if k.startswith("accelerator_type:")})
+        return (f"{text}. No node is or can be of accelerator type {accel[0]} (the cluster's: "
+                f"{', '.join(present) or 'none labelled'}): set {demand.accel_knob} to one of them, or give the "
+                f"cluster {accel[0]} nodes")
     knobs = [d.knob for d in ask.demands if d.knob]
     hint = f"lower {' or '.join(knobs)}" if knobs else "lower the resources per unit"
     if capacity.local:

@@ -46,6 +46,7 @@ def test_input_problem_refuses_a_local_data_path_only_the_head_has():
     assert input_problem("/data/prompts.jsonl", False, None) is None  # not a job
     for fine in ("s3://bucket/p.jsonl", "builtin:demo", "data/p.jsonl", f"{pkg}/data/p.jsonl"):
         assert input_problem(fine, False, "raysubmit_abc", cwd=pkg) is None, fine  # shipped with the job
+    assert input_problem("../prompts.jsonl", False, "raysubmit_abc", cwd=pkg)  # outside the shipped folder
     problem = input_problem("/data/prompts.jsonl", False, "raysubmit_abc", cwd=pkg)
     assert "data.path '/data/prompts.jsonl'" in problem and "s3://" in problem and "storage.shared_local" in problem
     assert input_problem("/mnt/efs/prompts.jsonl", True, "raysubmit_abc", cwd=pkg) is None
@@ -61,6 +62,31 @@ def test_a_job_reading_prompts_from_the_heads_disk_stops_before_anything_runs(tm
                                       "--set", "output_dir=s3://bucket/run", "--set", f"data.path={prompts}"])
     assert result.exit_code == 2, result.output
     assert f"data.path {str(prompts)!r} is a local path outside the job's working directory" in result.output
+
+
+def test_unreachable_s3_output_is_an_error_line_not_a_traceback(tmp_path, monkeypatch, tiny_model):
+    monkeypatch.chdir(tmp_path)
+    for command in ("generate", "serve"):
+        r = CliRunner().invoke(app, [command, str(REPO / "raydistill" / "demo" / "config.yaml"),
+                                     "--set", "output_dir=s3://no-bucket/x", "--set", "storage.endpoint_url=http://127.0.0.1:1",
+                                     "--set", f"serve.student.model={tiny_model}",
+                                     "--set", f"serve.teacher.model={tiny_model}"])
+        assert r.exit_code == 2, (command, r.output, r.exception)
+        assert "error: cannot write to output_dir s3://no-bucket/x: " in r.output and "storage.endpoint_url" in r.output
+
+
+def test_a_serve_job_leaves_hub_models_to_the_replicas(tmp_path, monkeypatch):
+    """In a job the driver (a CPU head) has no model cache: hub ids are downloaded by the replicas
+    on their nodes, so serve does not refuse them; the next check (the relative output_dir) stops it."""
+    monkeypatch.chdir(tmp_path)
+    args = ["serve", str(REPO / "raydistill" / "demo" / "config.yaml"), "--set", "output_dir=runs/job",
+            "--set", "serve.teacher.model=no-org/not-in-any-cache", "--set", "serve.student.model=no-org/student-x"]
+    here = CliRunner().invoke(app, args)
+    assert here.exit_code == 2 and "not-in-any-cache" in here.output  # on this machine: refused at once
+    monkeypatch.setenv(JOB_CONFIG_ENV, JOB_ENV)
+    job = CliRunner().invoke(app, args)
+    assert job.exit_code == 2, job.output
+    assert "not-in-any-cache" not in job.output and "relative path, and this is a Ray job" in job.output
 
 
 def test_a_job_with_a_relative_output_dir_stops_before_anything_runs(tmp_path, monkeypatch):

@@ -190,3 +190,27 @@ def test_too_big_run_fails_fast_on_a_2_cpu_head(tmp_path):
     assert "=== stage" not in out.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.yaml"]
     assert elapsed < 90, elapsed
+
+
+def test_a_strict_pack_replica_needs_one_node_and_units_go_to_the_smallest_node_type():
+    """Serve's tensor-parallel teacher is one STRICT_PACK placement group: its 8 bundles must share a
+    node (8 GPUs spread over two 4-GPU nodes would hang); the students' single bundles may go
+    anywhere, and a new node is the smallest type that holds the piece (as the autoscaler prefers)."""
+    cfg = _cfg("serve.teacher.tensor_parallel_size=8", "serve.teacher.gpus_per_replica=1",
+               "serve.teacher.accelerator_type=H200", "serve.student.gpus_per_replica=1", "serve.student.replicas=2")
+    h200_4 = {"CPU": 96.0, "GPU": 4.0, "accelerator_type:H200": 1.0}
+    (problem,) = check(cfg, ("serve",), Capacity([h200_4, dict(h200_4), {"CPU": 8.0, "GPU": 2.0}]))
+    assert "1 teacher replica × 2 CPU, 8 GPU, H200 in 1 bundle of 2 CPU, 1 GPU, H200 + 7 bundles of 1 GPU, H200 on one node" in problem
+    # one 8×H200 node and one 8×A100 node: the students take the A100s, the teacher the whole H200 node
+    h200 = {"CPU": 192.0, "GPU": 8.0, "accelerator_type:H200": 1.0}
+    a100 = {"CPU": 96.0, "GPU": 8.0, "accelerator_type:A100": 1.0}
+    assert check(cfg, ("serve",), Capacity([{"CPU": 0.0}], [NodeType("gpu_teacher", h200, 1),
+                                                            NodeType("gpu_train", a100, 1)], limits="t")) == []
+    # training (no accelerator type) makes the autoscaler add the smaller GPU node type
+    train = _cfg("train.workers=8", "train.use_gpu=true", "train.cpus_per_worker=8")
+    grows = Capacity([{"CPU": 0.0}], [NodeType("gpu_teacher", h200, 2), NodeType("gpu_train", a100, 2)], limits="t")
+    assert place(stage_asks(train, "train")[0], grows)[1] == {"gpu_train": 1}
+    # a wrong accelerator type names the field to change and the types the cluster has
+    (problem,) = check(_cfg("teacher.tensor_parallel_size=8", "teacher.accelerator_type=H200"), ("generate",),
+                       Capacity([{"CPU": 8.0}, {"CPU": 192.0, "GPU": 8.0, "accelerator_type:H100": 1.0}]))
+    assert "set teacher.accelerator_type to one of them" in problem and "(the cluster's: H100)" in problem

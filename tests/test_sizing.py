@@ -45,6 +45,20 @@ def test_gpu_hours_scale_with_the_data(capsys):
     assert longer["generation_tokens_out"] == 2 * base["generation_tokens_out"]
 
 
+def test_top_k_counts_in_the_total_and_impossible_inputs_are_refused(capsys):
+    _, base = _run(capsys)
+    _, k20 = _run(capsys, "--top-k", "20")
+    assert k20["total_gpu_hours"] == pytest.approx(base["total_gpu_hours"] - base["generation_gpu_hours"]
+                                                   + base["generation_gpu_hours_top20"])
+    table, k5 = _run(capsys, "--top-k", "5")
+    assert "B with top-5" in table and k5["corpus_bytes_parquet_top20"] < base["corpus_bytes_parquet_top20"]
+    for bad in (["--validation", "0.6", "--test", "0.5"], ["--teacher-replicas", "0"], ["--top-k", "30"]):
+        with pytest.raises(SystemExit) as e:
+            _sizing().main(bad)
+        assert e.value.code == 2, bad
+    assert "--teacher-replicas must be at least 1" in capsys.readouterr().err
+
+
 def test_logprob_bytes_match_arrow_buffers_of_the_corpus_columns():
     """2 × (4k + 4 + (k + 1)/8) bytes per answer token: what Arrow holds for top_logprobs_ids and
     top_logprobs (``raydistill.schema``) read back from parquet, as every stage reads the corpus

@@ -205,6 +205,9 @@ def build_app(cfg: Config):
     cards = {c.model_id: to_model_metadata(c.model_id, c, overrides={"model_source": models[c.model_id]})
              for c in configs}
     options = ABIngress.get_deployment_options(configs)
+    # Routing only: 0 CPU (Serve's default is 1), as Ray's own request router, so the ingress also
+    # runs on a head node that advertises no CPU, and the resource check counts it as nothing.
+    options["ray_actor_options"] = {**options.get("ray_actor_options", {}), "num_cpus": 0}
     ingress = make_fastapi_ingress(ABIngress, endpoint_map=ENDPOINTS)
     return serve.deployment(ingress, **options).bind(
         llm_deployments=deployments, model_cards=cards,
