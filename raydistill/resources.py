@@ -20,7 +20,7 @@ What a stage asks for (per unit; every unit must fit on one node, all units at o
   (``eval.*``), one after the other: each must fit on its own.
 - serve: both arms at once (``serve.teacher`` and ``serve.student``: replicas × the bundles of
   ``serve.app``'s placement groups, the first with 1 more CPU for Ray Serve LLM's replica actor);
-  Serve's controller, proxy and ingress take 0 CPU.
+  Serve's controller and proxy take 0 CPU, and so does raydistill's ingress (serve/app.py).
 
 What the cluster can give: the live nodes (``ray.nodes()``), plus, when an autoscaler's limits are
 known, the nodes it may still add — from the cluster config stored in the GCS (what Ray Train and
@@ -28,7 +28,9 @@ Ray Data read: ``ray._private.state.state.get_cluster_config()``, node groups wi
 and max counts), else from the cluster-launcher YAML the head was started with
 (``$RAYDISTILL_AUTOSCALER_CONFIG``, default ``~/ray_bootstrap_config.yaml``, which ``ray up``
 writes on the head node, where job drivers run). When a non-readonly autoscaler is running but its
-limits are unknown, the check only warns. Units are packed first-fit-decreasing onto the nodes.
+limits are unknown, the check only warns. Bundles are packed first-fit-decreasing onto the live
+nodes (a ``STRICT_PACK`` unit, serve's tensor-parallel teacher, all on one node), then onto new
+nodes of the smallest type that holds them (the autoscaler's utilization score prefers those).
 
 A private local Ray (no ``RAY_ADDRESS``) is started by raydistill: ``ensure_ray`` sizes its
 logical CPUs to the largest stage when ``max(8, cores)`` (``runtime.init_ray``'s default) is too
