@@ -330,20 +330,29 @@ def test_clients_see_what_each_arm_serves_and_refuse_another_runs_endpoint(serve
 
 def test_overload_answers_503_then_the_replica_still_serves(served):
     """12 concurrent long answers to a student that runs 1 and queues 2: the rest are refused at
-    once with 503 (none hangs), and the student answers normally afterwards."""
+    once with 503 (none hangs), and the student answers normally afterwards.
+
+    On a loaded 2-core machine the proxy can spread a burst out so that early answers finish
+    before late requests arrive (CI once saw 6 answered); up to 3 bursts are sent, and one of
+    them must show the bound. Every burst must answer every request with 200 or a well-formed 503."""
     body = {"model": "student", "messages": HI, "max_tokens": 100, "min_tokens": 100, "temperature": 0}
-    t0 = time.perf_counter()
-    with cf.ThreadPoolExecutor(12) as pool:
-        results = list(pool.map(lambda _: served.post("/v1/chat/completions", body), range(12)))
-    codes = [r[0] for r in results]
-    assert set(codes) <= {200, 503} and 1 <= codes.count(200) <= STUDENT_ONGOING + STUDENT_QUEUED, codes
-    refused = [r for r in results if r[0] == 503]
-    assert len(refused) >= 12 - (STUDENT_ONGOING + STUDENT_QUEUED)
-    for _, headers, out in refused:
-        assert headers["x-raydistill-arm"] == "student"
-        assert out["error"]["code"] == 503 and "overloaded" in out["error"]["message"]
-        assert "serve.student.max_queued_requests=2" in out["error"]["message"]
-    assert time.perf_counter() - t0 < 120
+    bursts = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        with cf.ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(lambda _: served.post("/v1/chat/completions", body), range(12)))
+        assert time.perf_counter() - t0 < 120
+        codes = [r[0] for r in results]
+        bursts.append(codes)
+        assert set(codes) <= {200, 503} and codes.count(200) >= 1, codes
+        for _, headers, out in (r for r in results if r[0] == 503):
+            assert headers["x-raydistill-arm"] == "student"
+            assert out["error"]["code"] == 503 and "overloaded" in out["error"]["message"]
+            assert "serve.student.max_queued_requests=2" in out["error"]["message"]
+        if codes.count(200) <= STUDENT_ONGOING + STUDENT_QUEUED:
+            break
+    else:
+        pytest.fail(f"no burst stayed within {STUDENT_ONGOING} running + {STUDENT_QUEUED} queued: {bursts}")
     status, _, out = served.post("/v1/chat/completions", {"model": "student", "messages": HI, "max_tokens": 2})
     assert status == 200 and out["model"] == "student"
     assert served.get("/health")[0] == 200
