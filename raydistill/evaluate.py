@@ -792,11 +792,9 @@ def memory_probe(model_dir: str, messages: list, batch: int, dtype: str | None =
 
 def _remote_probe(ref: str, messages: list, batch: int, dtype: str, device: str, storage: dict | None) -> dict:
     """``memory_probe`` in a Ray task: reads ``ref`` on the task's node (``storage.local_copy``)."""
-    from .config import StorageConfig
     from .storage import local_copy
 
-    return memory_probe(local_copy(ref, StorageConfig.model_validate(storage) if storage else None), messages,
-                        batch, dtype, device)
+    return memory_probe(local_copy(ref, storage), messages, batch, dtype, device)
 
 
 def _probe(path: str, ref: str, engine: EngineConfig, messages: list, batch: int, dtype: str, device: str,
@@ -828,28 +826,25 @@ def model_files(path: str, ref: str | None = None, storage=None) -> tuple[float 
     from .models import _WEIGHT_SUFFIXES, size_on_disk_mb
     from .storage import is_remote, remote_listing
 
+    folder = Path(path)
     if ref and is_remote(ref):
         sizes = [s for name, (s, _) in remote_listing(ref, storage).items() if name.endswith(_WEIGHT_SUFFIXES)]
-        config = Path(path) / "config.json"
-        stored = None
-        if config.is_file():
-            raw = json.loads(config.read_text())
-            stored = raw.get("dtype") or raw.get("torch_dtype")
-        return (round(sum(sizes) / 1e6, 2) if sizes else None), stored
-    folder = Path(path)
-    if not folder.is_dir():
-        try:
-            from huggingface_hub import snapshot_download
+        size = round(sum(sizes) / 1e6, 2) if sizes else None
+    else:
+        if not folder.is_dir():
+            try:
+                from huggingface_hub import snapshot_download
 
-            folder = Path(snapshot_download(path, local_files_only=True))
-        except Exception:  # not cached, not a hub id: unknown, not an error
-            return None, None
+                folder = Path(snapshot_download(path, local_files_only=True))
+            except Exception:  # not cached, not a hub id: unknown, not an error
+                return None, None
+        size = round(size_on_disk_mb(folder), 2)
     config = folder / "config.json"
     stored = None
     if config.is_file():
         cfg = json.loads(config.read_text())
         stored = cfg.get("dtype") or cfg.get("torch_dtype")
-    return round(size_on_disk_mb(folder), 2), stored
+    return size, stored
 
 
 def _flat(d: dict, prefix: str) -> dict:

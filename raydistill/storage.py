@@ -209,14 +209,17 @@ def remote_listing(ref: str, storage: StorageConfig | None = None) -> dict[str, 
     return listing
 
 
-def local_copy(ref: str, storage: StorageConfig | None = None, weights: bool = True) -> str:
+def local_copy(ref: str, storage: StorageConfig | dict | None = None, weights: bool = True) -> str:
     """``ref`` unchanged unless it is an ``s3://`` folder (a student or checkpoint written to S3):
     then a local copy under the raydistill cache, refreshed when the file list or sizes changed.
     Returns a path ``from_pretrained`` can read (with ``weights=False``: only the config,
     tokenizer and generation files, no weight files: what a driver reads, at a fraction of the
-    size). Raises FileNotFoundError when nothing is there."""
+    size). ``storage`` may be ``StorageConfig.model_dump()`` (what a Ray actor is given). Raises
+    FileNotFoundError when nothing is there."""
     if not is_remote(ref):
         return ref
+    if isinstance(storage, dict):
+        storage = StorageConfig.model_validate(storage)
     import hashlib
     import json
     import shutil

@@ -34,12 +34,11 @@ class HFGenerator:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from ..config import StorageConfig
         from ..models import require_chat_template
         from ..storage import local_copy
 
         # an s3:// model (a student written by train) is fetched on this actor's node
-        model_dir = local_copy(model_dir, StorageConfig.model_validate(storage) if storage else None)
+        model_dir = local_copy(model_dir, storage)
 
         self.engine = EngineConfig.model_validate(engine)
         self.gen = GenerationConfig.model_validate(gen)

@@ -27,12 +27,11 @@ class _PromptTokenizer:
     def __init__(self, model_dir: str, storage: dict | None = None):
         from transformers import AutoTokenizer
 
-        from ..config import StorageConfig
         from ..models import require_chat_template
         from ..storage import local_copy
 
         # an s3:// model is fetched on this actor's node, not read from the driver's disk
-        model_dir = local_copy(model_dir, StorageConfig.model_validate(storage) if storage else None)
+        model_dir = local_copy(model_dir, storage)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         require_chat_template(self.tokenizer, model_dir)
 
