@@ -247,6 +247,10 @@ class TrainConfig(_Section):
     workers: int = Field(2, gt=0, description="Ray Train workers (data-parallel ranks).")
     cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs per worker; also its torch threads.")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend; otherwise gloo on CPU.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type the workers' GPUs must be "
+                                         "(e.g. A100; Ray Train's ScalingConfig.accelerator_type), so training "
+                                         "lands on the node group sized for it and not on an idle teacher node; "
+                                         "null = any GPU. Needs use_gpu.")
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="Parallelism across workers: 'ddp' (DistributedDataParallel: a full copy of the "
         "student per worker) or 'fsdp' (FullyShardedDataParallel: parameters, gradients and optimizer state "
@@ -292,6 +296,13 @@ class TrainConfig(_Section):
         "train/summary.json counts them either way.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    @model_validator(mode="after")
+    def _gpu_settings(self) -> "TrainConfig":
+        if self.accelerator_type and not self.use_gpu:
+            raise ValueError(f"accelerator_type is {self.accelerator_type!r} but use_gpu is false: an accelerator "
+                             "type picks GPU nodes; set use_gpu=true or drop accelerator_type")
+        return self
 
 
 class EvalConfig(EngineConfig):

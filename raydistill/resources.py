@@ -14,7 +14,8 @@ What a stage asks for (per unit; every unit must fit on one node, all units at o
   Data's vLLM stage); hf: ``cpus_per_replica`` CPU + ``gpus_per_replica`` GPU; openai:
   ``cpus_per_replica`` CPU per HTTP actor — plus, for vLLM, the 0.25-CPU prompt tokenizer actor,
   plus 1 CPU for Ray Data's read/map/write tasks.
-- train (``train.*``): ``workers`` × (``cpus_per_worker`` CPU + 1 GPU with ``use_gpu``) + 1 CPU
+- train (``train.*``): ``workers`` × (``cpus_per_worker`` CPU + 1 GPU with ``use_gpu``, of
+  ``accelerator_type`` when set) + 1 CPU
   for Ray Data (the examples are streamed to the workers by Ray Data tasks).
 - evaluate: the teacher's engine (``teacher.*`` resources on ``eval.engine``), then the students'
   (``eval.*``), one after the other: each must fit on its own.
@@ -223,7 +224,10 @@ def stage_asks(cfg: Config, stage: str, cluster_gpus: float = 0.0) -> list[Stage
         worker: Resources = {"CPU": tr.cpus_per_worker}
         if tr.use_gpu:
             worker["GPU"] = 1.0
-        return [StageAsk("train", (Demand("training worker", tr.workers, (worker,), "train.workers or train.cpus_per_worker"), _data_tasks()))]
+        if tr.accelerator_type:  # as Ray Train's ScalingConfig adds it (train/trainer.scaling_config)
+            worker[f"accelerator_type:{tr.accelerator_type}"] = 0.001
+        return [StageAsk("train", (Demand("training worker", tr.workers, (worker,), "train.workers or train.cpus_per_worker",
+                                          accel_knob="train.accelerator_type"), _data_tasks()))]
     if stage == "evaluate":
         api = cfg.teacher.engine == "openai"
         teacher = cfg.teacher.model_copy(update={"engine": "openai" if api else cfg.eval.engine})

@@ -176,7 +176,7 @@ def _check_job_configs_fit(head: dict, types: list, where: str) -> None:
     """Every config of jobs/configs passes raydistill's own resource precheck (raydistill.resources)
     on this cluster as it starts (the head alone, every worker group at 0 nodes, the autoscaler's
     limits from the file), stage by stage; a GPU teacher or GPU training makes the autoscaler add a
-    node of a GPU group (with the teacher's accelerator type)."""
+    node of a GPU group (with the teacher's, or training's, accelerator type)."""
     from raydistill.resources import Capacity, check, place, stage_asks
 
     capacity = Capacity([head], types, limits=where)
@@ -195,7 +195,12 @@ def _check_job_configs_fit(head: dict, types: list, where: str) -> None:
                            for n in added), f"{where}: {_rel(cfg_path)}'s teacher lands on {added}, not {accel}"
         if cfg.train.use_gpu:
             (train,) = stage_asks(cfg, "train")
-            assert set(place(train, capacity)[1]) & gpu_types, f"{where}: {_rel(cfg_path)} trains on no GPU group"
+            added = place(train, capacity)[1]
+            assert set(added) & gpu_types, f"{where}: {_rel(cfg_path)} trains on no GPU group"
+            accel = cfg.train.accelerator_type
+            if accel:
+                assert all(next(t for t in types if t.name == n).resources.get(f"accelerator_type:{accel}")
+                           for n in added), f"{where}: {_rel(cfg_path)} trains on {added}, not {accel}"
 
 
 def check_serve_config(path: Path, raw: dict) -> None:

@@ -214,3 +214,34 @@ def test_a_strict_pack_replica_needs_one_node_and_units_go_to_the_smallest_node_
     (problem,) = check(_cfg("teacher.tensor_parallel_size=8", "teacher.accelerator_type=H200"), ("generate",),
                        Capacity([{"CPU": 8.0}, {"CPU": 192.0, "GPU": 8.0, "accelerator_type:H100": 1.0}]))
     assert "set teacher.accelerator_type to one of them" in problem and "(the cluster's: H100)" in problem
+
+
+def test_train_accelerator_type_keeps_training_off_an_idle_teacher_node():
+    """Without train.accelerator_type the training workers take any free GPUs, such as an idle
+    H200 teacher node the autoscaler has not released yet; with it they ask for the type as Ray
+    Train's own ScalingConfig does (the check counts the bundle the trainer passes), so the
+    autoscaler adds the training group instead, and a type the cluster lacks names the field."""
+    from raydistill.train.trainer import scaling_config
+
+    h200 = {"CPU": 192.0, "GPU": 8.0, "accelerator_type:H200": 1.0}
+    a100 = {"CPU": 96.0, "GPU": 8.0, "accelerator_type:A100": 1.0}
+    sets = ("train.workers=8", "train.use_gpu=true", "train.cpus_per_worker=8")
+    idle_teacher = Capacity([{"CPU": 0.0}, dict(h200)], [NodeType("gpu_train", a100, 2)], limits="t")
+    assert place(stage_asks(_cfg(*sets), "train")[0], idle_teacher)[1] == {}  # fits the idle H200 node
+    cfg = _cfg(*sets, "train.accelerator_type=A100")
+    (ask,) = stage_asks(cfg, "train")
+    worker = ask.demands[0].bundles[0]
+    assert worker == {"CPU": 8.0, "GPU": 1.0, "accelerator_type:A100": 0.001}
+    assert worker == scaling_config(cfg.train)._resources_per_worker_not_none  # what Ray Train reserves
+    assert place(ask, idle_teacher)[1] == {"gpu_train": 1}
+    (problem,) = check(cfg, ("train",), Capacity([{"CPU": 8.0}, dict(h200)]))
+    assert "set train.accelerator_type to one of them" in problem and "(the cluster's: H200)" in problem
+
+
+def test_train_accelerator_type_needs_use_gpu():
+    import pytest
+
+    from raydistill.config import ConfigError
+
+    with pytest.raises(ConfigError, match="accelerator_type is 'A100' but use_gpu is false"):
+        _cfg("train.accelerator_type=A100")

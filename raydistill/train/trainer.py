@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import Config
+from ..config import Config, TrainConfig
 from .checkpoints import (HF_SUBDIR, HISTORY_FILE, META_FILE, STATE_FILE, best_checkpoint,  # noqa: F401
                           checkpoint_dirs, checkpoint_step, latest_checkpoint, load_state, prune, write_meta)
 from .examples import (COMPLETE, RETOKENIZED, TEACHER_IDS, build_example, choose_label_source,  # noqa: F401
@@ -484,6 +484,17 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
     tracker.close()
 
 
+def scaling_config(t: TrainConfig):
+    """Ray Train's ``ScalingConfig`` for ``train``: ``workers`` workers of ``cpus_per_worker`` CPUs,
+    plus 1 GPU each with ``use_gpu`` (of ``accelerator_type`` when set: Ray adds a 0.001
+    ``accelerator_type:<type>`` resource to every worker's bundle). ``resources.stage_asks`` counts
+    the same bundles."""
+    import ray.train
+
+    return ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, accelerator_type=t.accelerator_type,
+                                   resources_per_worker={"CPU": t.cpus_per_worker})
+
+
 def _trainer_class():
     """``TorchTrainer`` whose Ctrl-C ends training with KeyboardInterrupt.
 
@@ -689,8 +700,7 @@ def run_train(cfg: Config) -> dict:
     trainer = _trainer_class()(
         train_loop_per_worker,
         train_loop_config=loop_cfg,
-        scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
-                                               resources_per_worker={"CPU": t.cpus_per_worker}),
+        scaling_config=scaling_config(t),
         run_config=ray.train.RunConfig(
             name="ray", **run_kwargs,
             # Checkpoints are kept by raydistill (the latest train.keep_checkpoints and the best by
