@@ -175,17 +175,6 @@ def _ratio(a, b) -> float | None:
     return a / b
 
 
-def _finite(obj):
-    """``obj`` with every NaN/inf float replaced by None, recursively (strict JSON)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 # ----------------------------------------------------------------------------- answer figures
 
 def repetition(tokens: list) -> tuple[float, int]:
@@ -460,7 +449,9 @@ def build_report(answers: dict[str, pa.Table], model_info: dict[str, dict], *, s
         if errors:
             report["warnings"].append(f"{name}: {len(errors)} of the {table.num_rows} requests to the endpoint "
                                       f"failed (e.g. {errors[0][:160]}); they are left out of its timing figures")
-    return _finite(report)
+    from .runtime import finite
+
+    return finite(report)
 
 
 def _pct(x: float | None) -> str:

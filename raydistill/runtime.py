@@ -88,6 +88,19 @@ def _data_context() -> None:
     ctx.raise_original_map_exception = True
 
 
+def finite(obj):
+    """``obj`` with every NaN or infinite float replaced by None, recursively through dicts, lists
+    and tuples (tuples become lists): what ``json.dumps(..., allow_nan=False)`` accepts, for the
+    reports of evaluate and bench-serve (a metric with no data is NaN there, ``null`` in the JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def provenance() -> dict:
     """Versions of the stack that made an output (read from package metadata, nothing imported)."""
     import platform

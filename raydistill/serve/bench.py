@@ -558,7 +558,7 @@ def run_bench(cfg: Config) -> dict:
     remote ``output_dir``.
     """
     from ..layout import bench_dir
-    from ..runtime import provenance
+    from ..runtime import finite, provenance
     from ..storage import is_remote
     from .app import arm_refs
 
@@ -597,7 +597,7 @@ def run_bench(cfg: Config) -> dict:
         "machine": {**machine(), "load_avg_start": load_start}, "started": started,
         "load_wall_s": round(load_wall, 2), "provenance": provenance(),
     }
-    result = _finite(result)
+    result = finite(result)
     folder = bench_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(cfg.dump())
@@ -622,16 +622,6 @@ def summary_line(result: dict) -> str:
     keys = ("overhead", "latency_ratio", "throughput_ratio", "ratio_level", "per_level", "levels",
             "overhead_detail", "settings", "machine", "endpoint", "files")
     return json.dumps({k: result.get(k) for k in keys}, allow_nan=False)
-
-
-def _finite(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 # ----------------------------------------------------------------------------- report
