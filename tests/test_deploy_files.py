@@ -197,10 +197,16 @@ def _check_job_configs_fit(head: dict, types: list, where: str) -> None:
             (train,) = stage_asks(cfg, "train")
             added = place(train, capacity)[1]
             assert set(added) & gpu_types, f"{where}: {_rel(cfg_path)} trains on no GPU group"
+            # the training group, even while an idle node of another GPU group is still up (a
+            # teacher node the autoscaler has not released): train.accelerator_type must pin it
             accel = cfg.train.accelerator_type
-            if accel:
-                assert all(next(t for t in types if t.name == n).resources.get(f"accelerator_type:{accel}")
-                           for n in added), f"{where}: {_rel(cfg_path)} trains on {added}, not {accel}"
+            assert accel, f"{_rel(cfg_path)}: set train.accelerator_type (the cluster has several GPU groups)"
+            has = lambda name: next(t for t in types if t.name == name).resources.get(f"accelerator_type:{accel}")  # noqa: E731
+            for other in (t for t in types if t.name in gpu_types and not has(t.name)):
+                with_idle = Capacity([head, dict(other.resources)], types, limits=where)
+                added = place(train, with_idle)[1]
+                assert set(added) & gpu_types and all(has(n) for n in set(added) & gpu_types), \
+                    f"{where}: {_rel(cfg_path)} trains on {added} beside an idle {other.name} node, not on {accel}"
 
 
 def check_serve_config(path: Path, raw: dict) -> None:

@@ -354,3 +354,14 @@ def test_a_student_that_answered_other_prompts_is_flagged():
                 "and timing ratios compare different prompt sets") in warnings
     same = _report({n: _table(ok) for n in MODEL_NAMES})["warnings"]
     assert not any("different prompts" in w for w in same)
+
+
+def test_finite_makes_reports_strict_json():
+    """runtime.finite, used by evaluate's and bench-serve's reports: NaN and ±inf become null at any
+    depth, tuples become lists, everything else is kept."""
+    from raydistill.runtime import finite
+
+    report = {"a": math.nan, "b": [1.5, math.inf, {"c": -math.inf, "d": (2, math.nan)}], "e": "x", "f": None, "g": 3}
+    out = finite(report)
+    assert out == {"a": None, "b": [1.5, None, {"c": None, "d": [2, None]}], "e": "x", "f": None, "g": 3}
+    assert json.loads(json.dumps(out, allow_nan=False)) == out

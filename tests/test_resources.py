@@ -230,9 +230,9 @@ def test_train_accelerator_type_keeps_training_off_an_idle_teacher_node():
     assert place(stage_asks(_cfg(*sets), "train")[0], idle_teacher)[1] == {}  # fits the idle H200 node
     cfg = _cfg(*sets, "train.accelerator_type=A100")
     (ask,) = stage_asks(cfg, "train")
-    worker = ask.demands[0].bundles[0]
-    assert worker == {"CPU": 8.0, "GPU": 1.0, "accelerator_type:A100": 0.001}
-    assert worker == scaling_config(cfg.train)._resources_per_worker_not_none  # what Ray Train reserves
+    assert ask.demands[0].bundles[0] == {"CPU": 8.0, "GPU": 1.0, "accelerator_type:A100": 0.001}
+    for c in (cfg, _cfg(*sets), _cfg("train.cpus_per_worker=2")):  # what Ray Train reserves per worker
+        assert stage_asks(c, "train")[0].demands[0].bundles[0] == scaling_config(c.train)._resources_per_worker_not_none
     assert place(ask, idle_teacher)[1] == {"gpu_train": 1}
     (problem,) = check(cfg, ("train",), Capacity([{"CPU": 8.0}, dict(h200)]))
     assert "set train.accelerator_type to one of them" in problem and "(the cluster's: H200)" in problem

@@ -213,6 +213,17 @@ def test_ctrl_c_exits_130_and_the_next_run_resumes_from_the_latest_checkpoint(ti
     assert not list((out / "train" / "ray").glob("checkpoint_*"))  # train.delete_checkpoints (default): none left
 
 
+def test_the_resume_key_ignores_where_the_workers_run():
+    """train.accelerator_type only picks nodes: a run interrupted on A100s resumes on H100s, and a
+    key saved before the field existed still matches (a mismatch would delete the checkpoints)."""
+    from raydistill.train.trainer import resume_key
+
+    keys = [resume_key(load(None, ["train.use_gpu=true", *sets]), {"rows": 3})
+            for sets in ([], ["train.accelerator_type=A100"], ["train.accelerator_type=H100"])]
+    assert keys[0] == keys[1] == keys[2] and "accelerator_type" not in keys[0]["train"]
+    assert resume_key(load(None, ["train.use_gpu=true", "train.workers=4"]), {"rows": 3}) != keys[0]
+
+
 def test_resuming_with_a_run_shorter_than_the_checkpoint_is_refused_up_front(tiny_model, tmp_path):
     """An interrupted run at step 50 resumed with train.max_steps=2 used to "finish" and then fail
     without a final checkpoint; now it says what to change before Ray starts."""

@@ -98,10 +98,11 @@ def plan_steps(rows: int, workers: int, batch_size: int, grad_accum_steps: int) 
 
 def resume_key(cfg: Config, manifest: dict) -> dict:
     """What must be unchanged for an interrupted run to resume: the train settings except its
-    length, checkpoint keeping and logging, the student, the teacher and the corpus (rows,
+    length, checkpoint keeping, logging and where the workers run (``accelerator_type``: moving
+    to another GPU type changes nothing trained), the student, the teacher and the corpus (rows,
     tokens, generation settings, tokenizer)."""
     train = cfg.train.model_dump(exclude={"epochs", "max_steps", "checkpoint_every_steps", "keep_checkpoints",
-                                          "delete_checkpoints", "max_failures", "mlflow"})
+                                          "delete_checkpoints", "max_failures", "mlflow", "accelerator_type"})
     corpus = {k: manifest.get(k) for k in ("rows", "response_tokens", "teacher", "generation_params",
                                            "teacher_tokenizer")}
     return {"train": train, "student": cfg.student.model_dump(), "teacher": cfg.teacher.model, "corpus": corpus}
