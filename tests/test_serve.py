@@ -329,12 +329,16 @@ def test_clients_see_what_each_arm_serves_and_refuse_another_runs_endpoint(serve
 
 
 def test_overload_answers_503_then_the_replica_still_serves(served):
-    """12 concurrent long answers to a student that runs 1 and queues 2: the rest are refused at
-    once with 503 (none hangs), and the student answers normally afterwards.
+    """12 concurrent long answers to a student that runs 1 and queues 2: the requests past the
+    bound are refused at once with a well-formed 503 naming the setting (none hangs), and the
+    student answers normally afterwards.
 
-    On a loaded 2-core machine the proxy can spread a burst out so that early answers finish
-    before late requests arrive (CI once saw 6 answered); up to 3 bursts are sent, and one of
-    them must show the bound. Every burst must answer every request with 200 or a well-formed 503."""
+    What is asserted is that the queue is bounded, not the exact count of answers: an unbounded
+    queue would answer all 12 (12 answers take seconds here). The exact 1 running + 2 queued count
+    holds only when the whole burst reaches the ingress within one answer's time, and on a loaded
+    2-core CI machine the proxy spreads a burst over several answers (CI saw 4 to 6 answered,
+    against 3). So up to 3 bursts are sent until one has a refusal; every burst must answer
+    every request with 200 or a well-formed 503 within 120 s."""
     body = {"model": "student", "messages": HI, "max_tokens": 100, "min_tokens": 100, "temperature": 0}
     bursts = []
     for _ in range(3):
@@ -349,10 +353,10 @@ def test_overload_answers_503_then_the_replica_still_serves(served):
             assert headers["x-raydistill-arm"] == "student"
             assert out["error"]["code"] == 503 and "overloaded" in out["error"]["message"]
             assert "serve.student.max_queued_requests=2" in out["error"]["message"]
-        if codes.count(200) <= STUDENT_ONGOING + STUDENT_QUEUED:
+        if 503 in codes:
             break
     else:
-        pytest.fail(f"no burst stayed within {STUDENT_ONGOING} running + {STUDENT_QUEUED} queued: {bursts}")
+        pytest.fail(f"no request of 3 bursts of 12 was refused ({STUDENT_ONGOING} running + {STUDENT_QUEUED} queued): {bursts}")
     status, _, out = served.post("/v1/chat/completions", {"model": "student", "messages": HI, "max_tokens": 2})
     assert status == 200 and out["model"] == "student"
     assert served.get("/health")[0] == 200
