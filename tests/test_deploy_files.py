@@ -181,6 +181,7 @@ def _check_job_configs_fit(head: dict, types: list, where: str) -> None:
 
     capacity = Capacity([head], types, limits=where)
     gpu_types = {t.name for t in types if t.resources.get("GPU")}
+    resources_of = {t.name: t.resources for t in types}
     for cfg_path in sorted((JOBS / "configs").glob("*.yaml")):
         cfg = load(cfg_path)
         stages = ("generate", "train", "evaluate", "serve")
@@ -191,7 +192,7 @@ def _check_job_configs_fit(head: dict, types: list, where: str) -> None:
             assert set(added) <= gpu_types and added, f"{where}: {_rel(cfg_path)}'s teacher adds {added}"
             accel = cfg.teacher.accelerator_type
             if accel:
-                assert all(next(t for t in types if t.name == n).resources.get(f"accelerator_type:{accel}")
+                assert all(resources_of[n].get(f"accelerator_type:{accel}")
                            for n in added), f"{where}: {_rel(cfg_path)}'s teacher lands on {added}, not {accel}"
         if cfg.train.use_gpu:
             (train,) = stage_asks(cfg, "train")
@@ -201,12 +202,12 @@ def _check_job_configs_fit(head: dict, types: list, where: str) -> None:
             # teacher node the autoscaler has not released): train.accelerator_type must pin it
             accel = cfg.train.accelerator_type
             assert accel, f"{_rel(cfg_path)}: set train.accelerator_type (the cluster has several GPU groups)"
-            has = lambda name: next(t for t in types if t.name == name).resources.get(f"accelerator_type:{accel}")  # noqa: E731
-            for other in (t for t in types if t.name in gpu_types and not has(t.name)):
-                with_idle = Capacity([head, dict(other.resources)], types, limits=where)
+            typed = {n for n in gpu_types if resources_of[n].get(f"accelerator_type:{accel}")}
+            for other in gpu_types - typed:
+                with_idle = Capacity([head, dict(resources_of[other])], types, limits=where)
                 added = place(train, with_idle)[1]
-                assert set(added) & gpu_types and all(has(n) for n in set(added) & gpu_types), \
-                    f"{where}: {_rel(cfg_path)} trains on {added} beside an idle {other.name} node, not on {accel}"
+                assert set(added) & gpu_types and set(added) & gpu_types <= typed, \
+                    f"{where}: {_rel(cfg_path)} trains on {added} beside an idle {other} node, not on {accel}"
 
 
 def check_serve_config(path: Path, raw: dict) -> None:
