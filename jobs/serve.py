@@ -1,7 +1,12 @@
 """Serve teacher and student side by side (OpenAI API, A/B model `ab`) as a Ray job (`raydistill serve`).
 
     ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
-        python jobs/serve.py CONFIG --set serve.host=0.0.0.0 [--set dotted.key=value ...]
+        python jobs/serve.py CONFIG --set serve.host=0.0.0.0 --set serve.api_key_env=RAYDISTILL_SERVE_KEY \
+        [--set dotted.key=value ...]
+
+Off 127.0.0.1 the endpoint needs a key: RAYDISTILL_SERVE_KEY must be set in the job driver's
+environment (on the head node, or in the runtime env's env_vars as cluster/runtime_env.yaml passes
+DEEPSEEK_API_KEY); clients send `Authorization: Bearer <key>`.
 
 Same arguments and behaviour as `raydistill serve`: the application runs while the job runs.
 `ray job stop JOB_ID` sends SIGTERM, which takes the command's Ctrl-C path: the application is

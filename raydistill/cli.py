@@ -242,7 +242,9 @@ def serve(config: ConfigArg, set_: SetOpt = None) -> None:
         typer.echo(f"serving {name} at {url} (ready in {time.perf_counter() - t0:.0f} s); models:\n"
                    + "".join(f"  {a}: {refs[a]}\n" for a in ARMS)
                    + f"  {AB_MODEL}: weights {weights}, sticky on header {cfg.serve.ab.sticky_header}\n"
-                   f"health: http://{cfg.serve.host}:{cfg.serve.port}/health; Ctrl-C stops")
+                   + (f"API key: required (Authorization: Bearer, the value of ${cfg.serve.api_key_env})\n"
+                      if cfg.serve.api_key_env else "API key: none (serve.api_key_env unset; loopback only)\n")
+                   + f"health: http://{cfg.serve.host}:{cfg.serve.port}/health; Ctrl-C stops")
         while True:
             time.sleep(1)
     except KeyboardInterrupt:

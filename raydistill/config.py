@@ -402,6 +402,11 @@ class ServeConfig(_Section):
     host: str = Field("127.0.0.1", min_length=1, description="Address the HTTP endpoint binds to.")
     port: int = Field(8000, gt=0, lt=65536, description="Port of the HTTP endpoint.")
     app_name: str = Field("raydistill", min_length=1, description="Ray Serve application name.")
+    api_key_env: str | None = Field(None, min_length=1, description="Name of the environment variable holding "
+                                    "the endpoint's API key; clients send `Authorization: Bearer <key>` (401 "
+                                    "without it or with another key; GET /health stays open). Read where the app "
+                                    "is built; only its SHA-256 reaches the ingress. null = no key, allowed only "
+                                    "when serve.host is a loopback address (127.0.0.1, ::1, localhost).")
     teacher: ServeArmConfig = Field(default_factory=ServeArmConfig)
     student: ServeArmConfig = Field(default_factory=ServeArmConfig)
     ab: ABConfig = Field(default_factory=ABConfig)

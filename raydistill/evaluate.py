@@ -975,10 +975,10 @@ def run_evaluate(cfg: Config) -> dict:
     prompts, changes = load_eval_prompts(cfg)
     endpoint = None
     if cfg.eval.latency_source == "serve":  # before any engine starts, not after the answers
-        from .serve.bench import check_endpoint, check_served_models, endpoint_url
+        from .serve.bench import api_key, check_endpoint, check_served_models, endpoint_url
 
         endpoint = endpoint_url(cfg)
-        check_endpoint(endpoint)
+        check_endpoint(endpoint, key=api_key(cfg))  # serve.api_key_env: the endpoint's key
         check_served_models(cfg, endpoint)  # the endpoint's student and teacher are this run's
     init_ray()
     gen = cfg.generation.model_copy(update={"top_k_logprobs": 0})
@@ -1042,8 +1042,9 @@ def served_timing(cfg: Config, parts: list[pa.Table], endpoint: str) -> dict[str
     name → one row per request: ``prompt_id``, ``task``, ``round``, ``latency_s``, ``ttft_s``,
     ``response_tokens`` and ``prompt_tokens`` (the stream's usage), ``batch_id`` (one per request),
     ``answered_by``, ``error`` (null unless it failed)."""
-    from .serve.bench import run_requests
+    from .serve.bench import api_key, run_requests
 
+    key = api_key(cfg)
     g = cfg.generation
     sampling = {"max_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p, "seed": g.seed}
 
@@ -1051,13 +1052,13 @@ def served_timing(cfg: Config, parts: list[pa.Table], endpoint: str) -> dict[str
         return [[{"role": m["role"], "content": m["content"]} for m in row] for row in part.column("messages").to_pylist()]
 
     for name in SERVED_MODELS:
-        run_requests(endpoint, name, msgs(parts[0])[:1], 1, sampling)
+        run_requests(endpoint, name, msgs(parts[0])[:1], 1, sampling, key=key)
     rows: dict[str, list[dict]] = {n: [] for n in SERVED_MODELS}
     for r, part in enumerate(parts):
         for name in SERVED_MODELS if r % 2 == 0 else SERVED_MODELS[::-1]:
             log.info("evaluate: round %d/%d: served %s answers %d prompts at %s", r + 1, len(parts), name,
                      part.num_rows, endpoint)
-            records, _ = run_requests(endpoint, name, msgs(part), 1, sampling)
+            records, _ = run_requests(endpoint, name, msgs(part), 1, sampling, key=key)
             for rec, pid, task in zip(records, part.column("prompt_id").to_pylist(), part.column("task").to_pylist(),
                                       strict=True):
                 rows[name].append({"prompt_id": pid, "task": task, "round": r, "latency_s": rec.latency_s,

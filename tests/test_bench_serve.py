@@ -29,6 +29,7 @@ from .conftest import _free_port, build_tiny_model, mixed_prompts, wait_for_http
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "serve_ab.py"
+KEY_ENV, KEY = "RAYDISTILL_TEST_BENCH_KEY", "bench-key-0123456789"
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -111,7 +112,8 @@ def test_nothing_on_the_port_is_a_clear_error(tmp_path):
 @pytest.fixture(scope="module")
 def ab_server(tiny_model, tmp_path_factory):
     """vLLM's OpenAI API server on 127.0.0.1 serving ``tiny_model`` as ``teacher`` and ``student``
-    (float32, eager, max_model_len 256, 1 GiB KV cache). Yields the port; stopped at the end."""
+    (float32, eager, max_model_len 256, 1 GiB KV cache), requiring the API key ``KEY`` (as
+    ``raydistill serve`` with serve.api_key_env). Yields the port; stopped at the end."""
     from raydistill.runtime import vllm_env
 
     port = _free_port()
@@ -121,7 +123,8 @@ def ab_server(tiny_model, tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
          "--served-model-name", "teacher", "student", "--host", "127.0.0.1", "--port", str(port),
-         "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--disable-log-stats"],
+         "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--disable-log-stats",
+         "--api-key", KEY],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder, start_new_session=True)
     try:
         if not wait_for_http(f"http://127.0.0.1:{port}/health", proc, timeout_s=300, interval_s=1):
@@ -146,7 +149,8 @@ def _run_config(tmp_path: Path, tiny_model: Path, port: int, extra: dict | None 
                     "task_field": "kind", "split": {"test": 0.3}},
            "teacher": {"model": str(tiny_model), "engine": "hf", "batch_size": 4, "max_model_len": 160},
            "generation": {"max_new_tokens": 8},
-           "serve": {"port": port, "student": {"model": str(tiny_model), "max_model_len": 256, "kv_cache_gib": 1}}}
+           "serve": {"port": port, "api_key_env": KEY_ENV,
+                     "student": {"model": str(tiny_model), "max_model_len": 256, "kv_cache_gib": 1}}}
     for section, values in (extra or {}).items():
         cfg.setdefault(section, {}).update(values)
     path = tmp_path / "run.yaml"
@@ -180,7 +184,7 @@ def test_bench_serve_end_to_end(tmp_path, tiny_model, ab_server):
     _write_corpus(cfg)
     cmd = [sys.executable, str(SCRIPT), str(cfg_file)] + [x for s in sets for x in ("--set", s)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path,
-                          env=dict(os.environ, TMPDIR=str(tmp_path)))
+                          env=dict(os.environ, TMPDIR=str(tmp_path), **{KEY_ENV: KEY}))
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {"overhead", "latency_ratio", "throughput_ratio", "ratio_level", "per_level", "levels",
@@ -217,12 +221,14 @@ def test_bench_serve_end_to_end(tmp_path, tiny_model, ab_server):
 
 
 @pytest.mark.vllm
-def test_evaluate_takes_latency_from_the_endpoint(tmp_path, tiny_model, ab_server, ray_local):
+def test_evaluate_takes_latency_from_the_endpoint(tmp_path, tiny_model, ab_server, ray_local, monkeypatch):
     """eval.latency_source=serve: quality from the hf engine's answers, latency and tokens/s of teacher
     and student from the requests to the endpoint (served.parquet), the baseline's null."""
     import statistics
 
     from raydistill.evaluate import run_evaluate
+
+    monkeypatch.setenv(KEY_ENV, KEY)  # the endpoint's key (serve.api_key_env)
 
     cfg_file = _run_config(tmp_path, tiny_model, ab_server, {
         "student": {"init": "prune", "keep_layers": [0, 3]},

@@ -38,6 +38,8 @@ REPO = Path(__file__).resolve().parent.parent
 MAX_LEN = 128
 STUDENT_ONGOING, STUDENT_QUEUED = 1, 2
 HI = [{"role": "user", "content": "Hi"}]
+KEY_ENV, KEY = "RAYDISTILL_TEST_SERVE_KEY", "test-serve-key-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 class Served:
@@ -48,14 +50,15 @@ class Served:
     def client(self):
         import openai
 
-        return openai.OpenAI(base_url=self.root + "/v1", api_key="unused", max_retries=0, timeout=120)
+        return openai.OpenAI(base_url=self.root + "/v1", api_key=KEY, max_retries=0, timeout=120)
 
     def post(self, path: str, body: dict | None = None, raw: bytes | None = None,
-             headers: dict | None = None) -> tuple[int, dict, dict]:
-        """(status, lower-cased headers, JSON body) of one POST; errors are answers too."""
+             headers: dict | None = None, auth: dict = AUTH) -> tuple[int, dict, dict]:
+        """(status, lower-cased headers, JSON body) of one POST (with the key unless ``auth={}``);
+        errors are answers too."""
         data = raw if raw is not None else json.dumps(body).encode()
         req = urllib.request.Request(self.root + path, data=data,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+                                     headers={"Content-Type": "application/json", **auth, **(headers or {})})
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
                 return r.status, {k.lower(): v for k, v in r.headers.items()}, json.loads(r.read())
@@ -69,9 +72,9 @@ class Served:
         except (OSError, ValueError):
             return None
 
-    def get(self, path: str) -> tuple[int, dict]:
+    def get(self, path: str, auth: dict = AUTH) -> tuple[int, dict]:
         try:
-            with urllib.request.urlopen(self.root + path, timeout=30) as r:
+            with urllib.request.urlopen(urllib.request.Request(self.root + path, headers=auth), timeout=30) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
@@ -82,7 +85,7 @@ def _config(base: Path, teacher: Path, port: int) -> Path:
     build_tiny_model(run / "student", num_layers=2, seed=1)
     arm = {"max_model_len": MAX_LEN, "kv_cache_gib": 1}
     cfg = {"output_dir": str(run), "teacher": {"model": str(teacher)},
-           "serve": {"port": port, "teacher": dict(arm),
+           "serve": {"port": port, "api_key_env": KEY_ENV, "teacher": dict(arm),
                      "student": dict(arm, max_ongoing_requests=STUDENT_ONGOING, max_queued_requests=STUDENT_QUEUED)}}
     path = base / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -108,7 +111,7 @@ def served(tmp_path_factory, tiny_model):
     port = _free_port()
     cfg = _config(base, tiny_model, port)
     log = base / "serve.log"
-    env = dict(os.environ, TMPDIR=str(base))
+    env = dict(os.environ, TMPDIR=str(base), **{KEY_ENV: KEY})
     proc = subprocess.Popen([sys.executable, "-m", "raydistill.cli", "serve", str(cfg)], stdout=log.open("w"),
                             stderr=subprocess.STDOUT, env=env, cwd=base, start_new_session=True)
     s = Served(proc, port, base / "run", log)
@@ -144,12 +147,16 @@ def test_pick_arm_is_sticky_weighted_and_never_picks_a_zero_arm():
 
 # --------------------------------------------------------------------------- deploy files
 
-def _check_app(app: dict) -> None:
+def _check_app(app: dict, http_host: str) -> None:
+    from raydistill.serve.app import is_loopback
+
     module, _, attr = app["import_path"].partition(":")
     assert callable(getattr(importlib.import_module(module), attr))
     assert set(app["args"]) <= {"config", "set"}
     cfg = load(None if app["args"]["config"] == "demo" else app["args"]["config"], app["args"].get("set", []))
     assert cfg.serve.app_name == app["name"]
+    # the proxy's address is the config's, and beyond loopback the endpoint takes a key
+    assert cfg.serve.host == http_host and (is_loopback(http_host) or cfg.serve.api_key_env)
 
 
 def test_serve_config_and_rayservice_follow_rays_schema():
@@ -158,14 +165,14 @@ def test_serve_config_and_rayservice_follow_rays_schema():
     serve_cfg = yaml.safe_load((REPO / "cluster" / "serve.yaml").read_text())
     schema = ServeDeploySchema.model_validate(serve_cfg)
     assert [a.import_path for a in schema.applications] == ["raydistill.serve.app:app_builder"]
-    _check_app(serve_cfg["applications"][0])
+    _check_app(serve_cfg["applications"][0], serve_cfg["http_options"]["host"])
 
     service = yaml.safe_load((REPO / "cluster" / "rayservice.yaml").read_text())
     assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
     inner = yaml.safe_load(service["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(inner)
     app = inner["applications"][0]
-    _check_app(app)
+    _check_app(app, inner["http_options"]["host"])
     # raydistill is not on PyPI: it comes with the image built from cluster/Dockerfile, never from pip
     assert "pip" not in app.get("runtime_env", {})
     cluster = service["spec"]["rayClusterConfig"]
@@ -174,6 +181,11 @@ def test_serve_config_and_rayservice_follow_rays_schema():
     gpus = [c["resources"]["limits"].get("nvidia.com/gpu") for w in workers for c in w["template"]["spec"]["containers"]]
     images += [c["image"] for w in workers for c in w["template"]["spec"]["containers"]]
     assert set(images) == {"YOUR-REGISTRY/raydistill:0.1.0"} and any(gpus)
+    # every pod (head: proxy, app build; workers: ingress replicas) has the key from a Secret
+    key_env = load(None, app["args"]["set"]).serve.api_key_env
+    pods = [cluster["headGroupSpec"]] + workers
+    for c in (c for p in pods for c in p["template"]["spec"]["containers"]):
+        assert any(e["name"] == key_env and "secretKeyRef" in e["valueFrom"] for e in c.get("env", [])), c["name"]
     dockerfile = (REPO / "cluster" / "Dockerfile").read_text()
     assert "FROM rayproject/ray-llm:2.60.0-" in dockerfile and "-t YOUR-REGISTRY/raydistill:0.1.0" in dockerfile
     # the arms ask for GPUs on the cluster
@@ -212,6 +224,38 @@ def test_models_health_and_port_in_use(served, tmp_path):
 
     r = CliRunner().invoke(app, ["serve", str(served.log.parent / "serve.yaml")])
     assert r.exit_code == 2 and f"serve.port {served.port}" in r.output, r.output
+
+
+def test_the_key_is_required_and_no_answer_shows_where_models_are_stored(served):
+    """serve.api_key_env: 401 with an OpenAI-style body without the key, with a malformed header or
+    another key (also on unknown routes and bad JSON: nothing is read before the key); /health open.
+    With the key, the model list carries each arm's fingerprint and no path of the run or model."""
+    import openai
+
+    from raydistill.serve.app import arm_fingerprints
+
+    chat = {"model": "student", "messages": HI, "max_tokens": 1}
+    for auth in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": KEY}):
+        answers = [served.get("/v1/models", auth=auth), served.get("/v1/nothing-here", auth=auth)]
+        answers += [(status, body) for status, _, body in (served.post("/v1/chat/completions", chat, auth=auth),
+                                                           served.post("/v1/completions", raw=b'{"model": ', auth=auth))]
+        for status, body in answers:
+            assert status == 401, (auth, body)
+            assert body["error"]["code"] == "invalid_api_key" and body["error"]["type"] == "invalid_request_error"
+            assert KEY not in json.dumps(body)
+    assert "missing API key" in served.get("/v1/models", auth={})[1]["error"]["message"]
+    assert served.get("/health", auth={})[0] == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=served.root + "/v1", api_key="wrong", max_retries=0).models.list()
+
+    with urllib.request.urlopen(urllib.request.Request(served.root + "/v1/models", headers=AUTH), timeout=30) as r:
+        text = r.read().decode()
+    cfg = load(served.log.parent / "serve.yaml")
+    for private in (str(served.run), str(Path(cfg.teacher.model).resolve()), str(served.log.parent), "s3://"):
+        assert private not in text, private
+    cards = {m["id"]: m for m in json.loads(text)["data"]}
+    assert {a: cards[a]["metadata"]["fingerprint"] for a in ("teacher", "student")} == arm_fingerprints(cfg)
+    assert served.get("/v1/models/student")[1]["metadata"]["fingerprint"] == arm_fingerprints(cfg)["student"]
 
 
 def test_both_arms_answer_and_name_themselves(served):
@@ -313,18 +357,27 @@ def test_an_ab_stream_names_its_arm_in_the_header_and_every_chunk(served):
     assert arms <= {"teacher", "student"}
 
 
-def test_clients_see_what_each_arm_serves_and_refuse_another_runs_endpoint(served, tmp_path):
-    """The model cards carry model_source; evaluate and bench-serve refuse an endpoint that serves
-    another student than their config's."""
-    from raydistill.serve.bench import EndpointError, check_served_models
+def test_clients_see_what_each_arm_serves_and_refuse_another_runs_endpoint(served, tmp_path, monkeypatch):
+    """The model cards carry fingerprints; evaluate and bench-serve (which send the key of
+    serve.api_key_env) refuse an endpoint that serves another student than their config's."""
+    from raydistill.serve.app import model_fingerprint
+    from raydistill.serve.bench import EndpointError, check_endpoint, check_served_models
 
     cfg = load(served.log.parent / "serve.yaml")
-    sources = check_served_models(cfg, served.root + "/v1")
-    assert sources == {"teacher": str(Path(cfg.teacher.model).resolve()),
-                       "student": str((served.run / "student").resolve())}
-    build_tiny_model(tmp_path / "other-run" / "student", num_layers=2, seed=3)
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    with pytest.raises(EndpointError, match=r"HTTP 401: missing API key.*set serve.api_key_env.*no key was sent"):
+        check_endpoint(served.root + "/v1")
+    with pytest.raises(EndpointError, match=f"{KEY_ENV} is not set"):
+        check_served_models(cfg, served.root + "/v1")
+    monkeypatch.setenv(KEY_ENV, KEY)
+    assert set(check_endpoint(served.root + "/v1", key=KEY)) == {"teacher", "student", "ab"}
+    fingerprints = check_served_models(cfg, served.root + "/v1")
+    assert fingerprints == {"teacher": model_fingerprint(cfg.teacher.model),
+                            "student": model_fingerprint(str(served.run / "student"))}
+    build_tiny_model(tmp_path / "other-run" / "student", num_layers=2, seed=3)  # same config and sizes, other weights
     other = load(served.log.parent / "serve.yaml", [f"output_dir={tmp_path / 'other-run'}"])
-    with pytest.raises(EndpointError, match=r"serves other models than this config \(student: serves "):
+    with pytest.raises(EndpointError, match=r"serves other models than this config \(student: serves a model "
+                                            r"with fingerprint "):
         check_served_models(other, served.root + "/v1")
 
 

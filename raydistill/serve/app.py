@@ -6,6 +6,11 @@ by ``serve.ab.weights``, sticky per value of the ``serve.ab.sticky_header`` requ
 (``pick_arm``). Every answer names its arm: the ``model`` field of the body (and of every streamed
 chunk) and the ``x-raydistill-arm`` response header.
 
+Access: with ``serve.api_key_env`` every route but ``GET /health`` needs ``Authorization: Bearer
+<key>`` (``auth_problem``; 401 otherwise); without it the endpoint must bind a loopback address
+(``api_key_problem``). No answer names where a model is stored: model cards carry
+``model_fingerprint`` instead.
+
 This module imports nothing heavy at import time (Ray, vLLM and the ingress load inside
 ``build_app``), so the CLI can run ``serve_problems`` before starting anything.
 """
@@ -69,9 +74,141 @@ def arm_models(cfg: Config) -> dict[str, str]:
     return {arm: ref if ref.startswith("s3://") else resolve_model(ref) for arm, ref in arm_refs(cfg).items()}
 
 
+#: Top-level files of a model folder that hold weights (their names and sizes go into the fingerprint).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+#: Hex digits of a model fingerprint (64 bits).
+FINGERPRINT_CHARS = 16
+#: Bytes read from the middle and from the end of each weight file for the fingerprint (tensor values:
+#: two trainings of one architecture have equal configs and file sizes, not equal weights).
+FINGERPRINT_SAMPLE_BYTES = 4096
+
+
+def _samples(fs, path: str, size: int) -> str:
+    """SHA-256 of ``FINGERPRINT_SAMPLE_BYTES`` at the middle and at the end of one file."""
+    n = min(FINGERPRINT_SAMPLE_BYTES, size)
+    with fs.open_input_file(path) as f:
+        data = f.read_at(n, max(0, size // 2 - n // 2)) + f.read_at(n, size - n)
+    return hashlib.sha256(data).hexdigest()
+
+
+def model_fingerprint(ref: str, storage=None) -> str:
+    """A short id of the model ``ref`` serves, for clients to compare endpoints without learning
+    where the model is stored: the first ``FINGERPRINT_CHARS`` hex digits of the SHA-256 of its
+    ``config.json`` (parsed, keys sorted) and, per top-level weight file (``WEIGHT_SUFFIXES``), its
+    name, size (bytes) and a hash of ``FINGERPRINT_SAMPLE_BYTES`` read at its middle and its end
+    (two trainings of one config have equal names and sizes; their sampled values differ).
+
+    ``ref``: a local folder, ``embedded:NAME`` (its converted folder) or an ``s3://`` folder (listed;
+    config.json and two small ranges per weight file read); a hub id is fingerprinted by its id
+    alone (``"hub:" + id``: the replicas download it, the driver may not have it). The same model
+    copied elsewhere (another folder, another bucket) keeps its fingerprint.
+
+    Raises ``models.ModelError`` for a folder that is missing, has no config.json, or cannot be read.
+    """
+    import json
+
+    from ..models import ModelError, resolve_model
+    from ..storage import is_remote, storage_path
+
+    resolved = ref if is_remote(ref) else resolve_model(ref)
+    if not is_remote(resolved) and not Path(resolved).exists():
+        digest = hashlib.sha256(f"hub:{resolved}".encode()).hexdigest()
+        return digest[:FINGERPRINT_CHARS]
+    folder = storage_path(resolved, storage)
+    try:
+        config = json.loads((folder / "config.json").read_bytes())
+        import pyarrow.fs as pafs
+
+        infos = folder.fs.get_file_info(pafs.FileSelector(folder.path, recursive=False))
+        weights = sorted([i.base_name, i.size, _samples(folder.fs, i.path, i.size)] for i in infos
+                         if i.type == pafs.FileType.File and i.base_name.endswith(WEIGHT_SUFFIXES))
+    except FileNotFoundError:
+        raise ModelError(f"model {ref}: no config.json (not an HF model folder)") from None
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model {ref}: cannot read its config.json and weight files ({type(e).__name__}: {e})") from e
+    text = json.dumps({"config": config, "weights": weights}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:FINGERPRINT_CHARS]
+
+
+def arm_fingerprints(cfg: Config) -> dict[str, str]:
+    """``model_fingerprint`` of each arm's model (``arm_refs``): what ``GET /v1/models`` shows in
+    each arm's ``metadata.fingerprint``. Raises ``models.ModelError`` as ``model_fingerprint``."""
+    return {arm: model_fingerprint(ref, cfg.storage) for arm, ref in arm_refs(cfg).items()}
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` is reachable only from this machine: ``localhost`` or a loopback address
+    (127.0.0.0/8, ::1). ``0.0.0.0`` and ``::`` (every interface) are not."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def api_key_problem(cfg: Config) -> str | None:
+    """Why ``cfg`` may not serve as it stands (None when it may): no ``serve.api_key_env`` while
+    ``serve.host`` is not a loopback address (anyone who reaches the host could use the models), or
+    an ``api_key_env`` that names an unset or empty environment variable."""
+    import os
+
+    name = cfg.serve.api_key_env
+    if name is None:
+        if is_loopback(cfg.serve.host):
+            return None
+        return (f"serve.host is {cfg.serve.host}, reachable from other machines, and serve.api_key_env is not set: "
+                "the endpoint would answer anyone. Set serve.api_key_env to the name of an environment variable "
+                "holding a key (e.g. --set serve.api_key_env=RAYDISTILL_SERVE_KEY with "
+                "export RAYDISTILL_SERVE_KEY=$(openssl rand -hex 32)); clients send `Authorization: Bearer <key>`. "
+                "Without a key, bind to 127.0.0.1")
+    if not os.environ.get(name, "").strip():
+        return (f"serve.api_key_env: environment variable {name} is not set (or empty); export it where the "
+                f"app is built (export {name}=...), or set serve.api_key_env=null on a 127.0.0.1 endpoint")
+    return None
+
+
+def api_key_digest(cfg: Config) -> str | None:
+    """SHA-256 (hex) of the key in ``serve.api_key_env``, None when no key is set: what the ingress
+    compares requests against (the key itself never leaves this process). Raises ValueError with
+    ``api_key_problem``'s message when the setting or the variable is missing."""
+    import os
+
+    problem = api_key_problem(cfg)
+    if problem:
+        raise ValueError(problem)
+    name = cfg.serve.api_key_env
+    return hashlib.sha256(os.environ[name].strip().encode()).hexdigest() if name else None
+
+
+def auth_problem(authorization: str | None, key_digest: str | None) -> str | None:
+    """The decision on one request: None lets it through, else the message of its 401 answer.
+
+    ``authorization``: the request's ``Authorization`` header (None when absent); ``key_digest``:
+    ``api_key_digest`` (None = no key required: everything passes). The header must be
+    ``Bearer <key>`` (scheme case-insensitive) with the key whose SHA-256 is ``key_digest``
+    (compared in constant time). The message never repeats what the client sent."""
+    import hmac
+
+    if key_digest is None:
+        return None
+    if not authorization or not authorization.strip():
+        return ("missing API key: send the header `Authorization: Bearer <key>` with the key of this endpoint "
+                "(the openai client's api_key)")
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return "malformed Authorization header: expected `Authorization: Bearer <key>`"
+    given = hashlib.sha256(token.strip().encode()).hexdigest()
+    if not hmac.compare_digest(given, key_digest):
+        return "invalid API key: the key sent is not this endpoint's key"
+    return None
+
+
 def serve_problems(cfg: Config, check_port: bool = True, local_only: bool = False) -> list[str]:
-    """Reasons ``raydistill serve`` would fail, found before Ray starts (empty = none): an API
-    teacher without ``serve.teacher.model``, no trained student, a model folder that is not there,
+    """Reasons ``raydistill serve`` would fail, found before Ray starts (empty = none): no API key
+    off loopback or an unset key variable (``api_key_problem``), an API teacher without ``serve.teacher.model``, no trained student, a model folder that is not there,
     a hub id missing from the local HF cache, the port already taken on ``serve.host``.
 
     ``local_only``: check only local folders (a Serve config deployed to a cluster: its replicas
@@ -80,6 +217,9 @@ def serve_problems(cfg: Config, check_port: bool = True, local_only: bool = Fals
     from ..storage import is_remote, storage_path
 
     problems = []
+    key = api_key_problem(cfg)
+    if key:
+        problems.append(key)
     if cfg.teacher.engine == "openai" and not cfg.serve.teacher.model:
         problems.append(f"teacher.engine is openai: the teacher {cfg.teacher.model!r} is an API model that "
                         "raydistill cannot host; set serve.teacher.model to a model to serve as the teacher arm "
@@ -194,27 +334,53 @@ def build_app(cfg: Config):
     from ray.serve.llm import LLMConfig, build_llm_deployment
     from ray.serve.llm.ingress import make_fastapi_ingress
 
-    from .ingress import ENDPOINTS, ABIngress
+    from ray.llm._internal.serve.core.ingress.ingress import init as init_fastapi
 
+    from .ingress import ENDPOINTS, ABIngress, BearerAuth
+
+    key_digest = api_key_digest(cfg)  # ValueError without a key off loopback, or an unset variable
     models = arm_models(cfg)
+    fingerprints = arm_fingerprints(cfg)
     configs = [LLMConfig(**llm_config(arm, models[arm], getattr(cfg.serve, arm))) for arm in ARMS]
     # build_openai_app(LLMServingArgs(..., ingress_cls_config=...)) does these same steps, but it
     # gives the ingress Ray's fixed route table; ours adds GET /health (ENDPOINTS).
     deployments = {c.model_id: build_llm_deployment(c) for c in configs}
-    # model_source in each card: clients (evaluate, bench-serve) check what an arm serves
-    cards = {c.model_id: to_model_metadata(c.model_id, c, overrides={"model_source": models[c.model_id]})
+    # The cards name no storage location (Ray's default card has none; model_source is not added):
+    # clients (evaluate, bench-serve) compare each arm's fingerprint with their config's.
+    cards = {c.model_id: to_model_metadata(c.model_id, c, overrides={"fingerprint": fingerprints[c.model_id]})
              for c in configs}
     options = ABIngress.get_deployment_options(configs)
     # Routing only: 0 CPU (Serve's default is 1), as Ray's own request router, so the ingress also
     # runs on a head node that advertises no CPU, and the resource check counts it as nothing.
     options["ray_actor_options"] = {**options.get("ray_actor_options", {}), "num_cpus": 0}
-    ingress = make_fastapi_ingress(ABIngress, endpoint_map=ENDPOINTS)
+    fastapi_app = init_fastapi()  # Ray's own app (its middleware), then the key check outermost
+    if key_digest is not None:
+        fastapi_app.add_middleware(BearerAuth, key_digest=key_digest)
+    ingress = make_fastapi_ingress(ABIngress, endpoint_map=ENDPOINTS, app=fastapi_app)
+    # What an error message must not show: where the arms' models are stored.
+    private = sorted({m for m in [*models.values(), *arm_refs(cfg).values()] if "/" in m}, key=len, reverse=True)
     return serve.deployment(ingress, **options).bind(
-        llm_deployments=deployments, model_cards=cards,
+        llm_deployments=deployments, model_cards=cards, private=private,
         ab=cfg.serve.ab.model_dump(),
         limits={arm: {"max_model_len": getattr(cfg.serve, arm).max_model_len,
                       "max_ongoing_requests": getattr(cfg.serve, arm).max_ongoing_requests,
                       "max_queued_requests": getattr(cfg.serve, arm).max_queued_requests} for arm in ARMS})
+
+
+def _proxy_host() -> str | None:
+    """The address the running Serve HTTP proxy binds (a Serve config file's ``http_options.host``),
+    None when Ray is not initialized or no Serve controller runs."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        return client.http_config.host if client is not None else None
+    except Exception:  # noqa: BLE001 - a private API: without it the config's serve.host is used
+        return None
 
 
 def app_builder(args: dict) -> Any:
@@ -227,7 +393,9 @@ def app_builder(args: dict) -> Any:
 
     Raises:
         ValueError: unknown keys, a bad config, or what ``serve_problems(local_only=True)`` finds
-            (the port is not checked: Serve's proxy owns it).
+            (the port is not checked: Serve's proxy owns it). The API-key rule is applied to the
+            address Serve's proxy binds (``http_options.host``) when a controller runs, else to
+            ``serve.host``: set both alike in a Serve config file.
     """
     from ..config import demo_config_path
 
@@ -240,11 +408,15 @@ def app_builder(args: dict) -> Any:
     if isinstance(overrides, str):
         overrides = [overrides]
     cfg = load(demo_config_path() if path == "demo" else path, [str(o) for o in overrides])
+    proxy = _proxy_host()
+    if proxy is not None and proxy != cfg.serve.host:  # the key rule follows where Serve's proxy listens
+        cfg.serve.host = proxy
     problems = serve_problems(cfg, check_port=False, local_only=True)
     if problems:
         raise ValueError("raydistill serve app: " + "; ".join(problems))
     return build_app(cfg)
 
 
-__all__ = ["AB_MODEL", "ARMS", "app_builder", "arm_models", "arm_refs", "build_app", "llm_config", "pick_arm",
+__all__ = ["AB_MODEL", "ARMS", "api_key_digest", "api_key_problem", "app_builder", "arm_fingerprints", "arm_models",
+           "arm_refs", "auth_problem", "build_app", "is_loopback", "llm_config", "model_fingerprint", "pick_arm",
            "port_problem", "serve_problems"]

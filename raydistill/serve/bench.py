@@ -99,19 +99,48 @@ def endpoint_url(cfg: Config) -> str:
     return f"http://{host}:{cfg.serve.port}/v1"
 
 
-def check_endpoint(base_url: str, arms: tuple[str, ...] = ARMS, timeout_s: float = 10.0) -> list[str]:
-    """The model ids the endpoint lists (``GET {base_url}/models``).
+def api_key(cfg: Config) -> str | None:
+    """The key clients send (``Authorization: Bearer``): the value of the environment variable named
+    by ``serve.api_key_env``, None when that is null. Raises EndpointError when the variable is unset
+    or empty (before any request)."""
+    name = cfg.serve.api_key_env
+    if not name:
+        return None
+    value = os.environ.get(name, "").strip()
+    if not value:
+        raise EndpointError(f"serve.api_key_env: environment variable {name} is not set (or empty); export the "
+                            f"endpoint's key (export {name}=...) before running against it")
+    return value
 
-    Raises EndpointError when nothing answers ("start `raydistill serve CONFIG` first"), when the
-    answer is not an OpenAI model list, or when one of ``arms`` is not served (the served ids are
-    named)."""
-    import urllib.error
+
+def _auth(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _get_models(base_url: str, key: str | None, timeout_s: float) -> dict:
     import urllib.request
 
+    req = urllib.request.Request(f"{base_url}/models", headers=_auth(key))
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        return json.loads(resp.read())
+
+
+def check_endpoint(base_url: str, arms: tuple[str, ...] = ARMS, timeout_s: float = 10.0,
+                   key: str | None = None) -> list[str]:
+    """The model ids the endpoint lists (``GET {base_url}/models``, with ``key`` as Bearer key).
+
+    Raises EndpointError when nothing answers ("start `raydistill serve CONFIG` first"), when the
+    endpoint refuses the key (401: serve.api_key_env), when the answer is not an OpenAI model list,
+    or when one of ``arms`` is not served (the served ids are named)."""
+    import urllib.error
+
     try:
-        with urllib.request.urlopen(f"{base_url}/models", timeout=timeout_s) as resp:
-            body = json.loads(resp.read())
+        body = _get_models(base_url, key, timeout_s)
     except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise EndpointError(f"the endpoint {base_url} refused the request (HTTP {e.code}: "
+                                f"{_server_message(e.read())}): set serve.api_key_env to the variable holding "
+                                "the endpoint's key" + (" (no key was sent)" if not key else "")) from None
         raise EndpointError(f"the endpoint {base_url} answered GET /models with HTTP {e.code}: is it the "
                             "OpenAI API of `raydistill serve`?") from None
     except (urllib.error.URLError, OSError) as e:
@@ -130,26 +159,25 @@ def check_endpoint(base_url: str, arms: tuple[str, ...] = ARMS, timeout_s: float
 
 
 def check_served_models(cfg: Config, base_url: str, timeout_s: float = 10.0) -> dict[str, str | None]:
-    """What each arm of the endpoint serves: ``metadata.model_source`` of its card in ``GET
-    {base_url}/models`` (``raydistill serve`` puts the resolved model there; None when the server
-    does not say, e.g. vLLM's own server).
+    """What each arm of the endpoint serves: ``metadata.fingerprint`` of its card in ``GET
+    {base_url}/models`` (``raydistill serve`` puts ``serve.app.model_fingerprint`` of each arm's
+    model there, never its storage location; None when the server does not say, e.g. vLLM's own
+    server). Sends ``api_key(cfg)``.
 
-    Raises EndpointError when an arm serves another model than ``cfg`` would (student:
-    ``serve.student.model`` or ``<output_dir>/student``; teacher: ``serve.teacher.model`` or
-    ``teacher.model``, resolved as ``serve.app.arm_models`` does): figures of other models must not
-    be reported as this run's."""
-    import urllib.request
+    Raises EndpointError when an arm's fingerprint differs from that of the model ``cfg`` would
+    serve (student: ``serve.student.model`` or ``<output_dir>/student``; teacher:
+    ``serve.teacher.model`` or ``teacher.model``; ``serve.app.arm_fingerprints``): figures of other
+    models must not be reported as this run's."""
+    from .app import arm_fingerprints, arm_refs
 
-    from .app import arm_models
-
-    with urllib.request.urlopen(f"{base_url}/models", timeout=timeout_s) as resp:
-        cards = {m.get("id"): m for m in json.loads(resp.read()).get("data", []) if isinstance(m, dict)}
-    served = {arm: ((cards.get(arm) or {}).get("metadata") or {}).get("model_source") for arm in ARMS}
+    body = _get_models(base_url, api_key(cfg), timeout_s)
+    cards = {m.get("id"): m for m in body.get("data", []) if isinstance(m, dict)}
+    served = {arm: ((cards.get(arm) or {}).get("metadata") or {}).get("fingerprint") for arm in ARMS}
     if all(v is None for v in served.values()):
         return served
-    expected = arm_models(cfg)
-    wrong = [f"{arm}: serves {served[arm]}, this config's is {expected[arm]}" for arm in ARMS
-             if served[arm] is not None and served[arm] != expected[arm]]
+    expected, refs = arm_fingerprints(cfg), arm_refs(cfg)
+    wrong = [f"{arm}: serves a model with fingerprint {served[arm]}, this config's {refs[arm]} has {expected[arm]}"
+             for arm in ARMS if served[arm] is not None and served[arm] != expected[arm]]
     if wrong:
         raise EndpointError(f"the endpoint {base_url} serves other models than this config ({'; '.join(wrong)}): "
                             "start `raydistill serve` with this config (same output_dir and serve.*.model)")
@@ -264,14 +292,14 @@ async def stream_chat(session, base_url: str, arm: str, messages: list[dict], sa
 
 
 async def _drive(base_url: str, arm: str, prompts: list[list[dict]], concurrency: int, sampling: dict,
-                 timeout_s: float, first_index: int) -> tuple[list[RequestRecord], float]:
+                 timeout_s: float, first_index: int, key: str | None = None) -> tuple[list[RequestRecord], float]:
     import aiohttp
 
     queue: list[tuple[int, list[dict]]] = list(enumerate(prompts, start=first_index))
     queue.reverse()
     records: list[RequestRecord] = []
     connector = aiohttp.TCPConnector(limit=max(1, concurrency))
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=connector, headers=_auth(key)) as session:
         async def client() -> None:
             while queue:
                 i, messages = queue.pop()
@@ -285,14 +313,16 @@ async def _drive(base_url: str, arm: str, prompts: list[list[dict]], concurrency
 
 
 def run_requests(base_url: str, arm: str, prompts: list[list[dict]], concurrency: int, sampling: dict,
-                 timeout_s: float = REQUEST_TIMEOUT_S, first_index: int = 0) -> tuple[list[RequestRecord], float]:
+                 timeout_s: float = REQUEST_TIMEOUT_S, first_index: int = 0,
+                 key: str | None = None) -> tuple[list[RequestRecord], float]:
     """Send ``prompts`` (one list of chat messages each) to model ``arm`` with ``concurrency``
-    clients, each sending its next request when its last one is answered.
+    clients, each sending its next request when its last one is answered; ``key`` (``api_key``)
+    goes in every request's ``Authorization: Bearer`` header.
 
     Returns (records in prompt order, wall seconds from the first request sent to the last answer).
     Record ``index`` = ``first_index`` + the prompt's position. Failed requests are records with
     ``error`` set."""
-    return asyncio.run(_drive(base_url, arm, prompts, concurrency, sampling, timeout_s, first_index))
+    return asyncio.run(_drive(base_url, arm, prompts, concurrency, sampling, timeout_s, first_index, key))
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -453,6 +483,7 @@ def measure_overhead(cfg: Config, base_url: str, prompts: list[list[dict]], samp
     answered with the same text), ``model``, ``engine_kwargs``, ``startup_s`` and ``error`` (why
     overhead is None, else None)."""
     n = cfg.serve.bench.overhead_requests
+    key = api_key(cfg)
     out: dict = {"overhead": None, "requests": n, "error": None, "model": None}
     if n == 0:
         out["error"] = "skipped: serve.bench.overhead_requests is 0"
@@ -481,7 +512,7 @@ def measure_overhead(cfg: Config, base_url: str, prompts: list[list[dict]], samp
             return time.perf_counter() - t, res.text, len(res.token_ids)
 
         inprocess(prompts[0])  # warm-ups, not counted
-        run_requests(base_url, "student", [prompts[0]], 1, sampling)
+        run_requests(base_url, "student", [prompts[0]], 1, sampling, key=key)
         local: list[tuple[float, str, int]] = []
         served: list[RequestRecord] = []
         for i in range(n):
@@ -491,7 +522,7 @@ def measure_overhead(cfg: Config, base_url: str, prompts: list[list[dict]], samp
                 if side == "inprocess":
                     local.append(inprocess(msgs))
                 else:
-                    served += run_requests(base_url, "student", [msgs], 1, sampling, first_index=i)[0]
+                    served += run_requests(base_url, "student", [msgs], 1, sampling, first_index=i, key=key)[0]
     finally:
         _shutdown_engine(llm)
     ok = [r for r in served if r.ok]
@@ -518,13 +549,14 @@ def measure_overhead(cfg: Config, base_url: str, prompts: list[list[dict]], samp
 # ----------------------------------------------------------------------------- the benchmark
 
 def run_levels(base_url: str, prompts: list[list[dict]], levels: list[int], sampling: dict,
-               arms: tuple[str, ...] = ARMS, timeout_s: float = REQUEST_TIMEOUT_S) -> list[dict]:
+               arms: tuple[str, ...] = ARMS, timeout_s: float = REQUEST_TIMEOUT_S, key: str | None = None) -> list[dict]:
     """The load part of the benchmark: for each level, every arm gets all of ``prompts`` at that
-    concurrency, the arms taking turns part by part (``split_parts``). Returns one dict per level:
+    concurrency, the arms taking turns part by part (``split_parts``); ``key``: the endpoint's API
+    key (``api_key``). Returns one dict per level:
     ``concurrency``, ``parts``, ``arms`` (arm → ``arm_stats``), ``latency_ratio``,
     ``throughput_ratio``."""
     for arm in arms:  # warm-up, not counted
-        run_requests(base_url, arm, prompts[:1], 1, sampling, timeout_s)
+        run_requests(base_url, arm, prompts[:1], 1, sampling, timeout_s, key=key)
     out = []
     for level in levels:
         records: dict[str, list[RequestRecord]] = {a: [] for a in arms}
@@ -533,7 +565,7 @@ def run_levels(base_url: str, prompts: list[list[dict]], levels: list[int], samp
         for p, (start, stop) in enumerate(parts):
             order = arms if p % 2 == 0 else tuple(reversed(arms))
             for arm in order:
-                recs, w = run_requests(base_url, arm, prompts[start:stop], level, sampling, timeout_s, start)
+                recs, w = run_requests(base_url, arm, prompts[start:stop], level, sampling, timeout_s, start, key)
                 records[arm] += recs
                 wall[arm] += w
         stats = {a: arm_stats(records[a], wall[a]) for a in arms}
@@ -567,8 +599,9 @@ def run_bench(cfg: Config) -> dict:
                          "output_dir; use a local one")
     b = cfg.serve.bench
     base_url = endpoint_url(cfg)
-    served = check_endpoint(base_url)
-    sources = check_served_models(cfg, base_url)  # the figures are of this config's models
+    key = api_key(cfg)
+    served = check_endpoint(base_url, key=key)
+    fingerprints = check_served_models(cfg, base_url)  # the figures are of this config's models
     prompts, distinct = bench_prompts(cfg, b.requests_per_level)
     sampling = {"max_tokens": b.max_tokens, "temperature": 0.0}
     started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -576,7 +609,7 @@ def run_bench(cfg: Config) -> dict:
     log.info("bench: %s serves %s; %d requests per arm at concurrency %s (%d distinct %s prompts)", base_url,
              served, b.requests_per_level, b.concurrency, distinct, b.split)
     t0 = time.perf_counter()
-    levels = run_levels(base_url, prompts, b.concurrency, sampling)
+    levels = run_levels(base_url, prompts, b.concurrency, sampling, key=key)
     load_wall = time.perf_counter() - t0
     overhead = measure_overhead(cfg, base_url, prompts, sampling)
     top = levels[-1]
@@ -588,7 +621,7 @@ def run_bench(cfg: Config) -> dict:
                                               "throughput_ratio": lv["throughput_ratio"]} for lv in levels},
         "levels": levels,
         "overhead_detail": overhead,
-        "endpoint": base_url, "served_models": served, "model_sources": sources,
+        "endpoint": base_url, "served_models": served, "model_fingerprints": fingerprints,
         "settings": {"concurrency": list(b.concurrency), "requests_per_level": b.requests_per_level,
                      "max_tokens": b.max_tokens, "temperature": 0.0, "stream": True, "split": b.split,
                      "distinct_prompts": distinct, "overhead_requests": b.overhead_requests,

@@ -9,6 +9,7 @@ delegating, because the engine only knows its own model id.
 
 import asyncio
 import logging
+import re
 import time
 from typing import Any, Dict, Optional
 
@@ -22,12 +23,13 @@ from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionReq
 
 from ..config import ABConfig
 from . import AB_MODEL, ARM_HEADER, ARMS
-from .app import pick_arm
+from .app import auth_problem, pick_arm
 
 log = logging.getLogger("ray.serve")
 
 HEALTH_TIMEOUT_S = 5.0
 SERVING = ("HEALTHY", "UPSCALING", "DOWNSCALING")  # deployment statuses that answer requests
+S3_URI = re.compile(r"s3://[^\s'\"]+")
 LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000]
 
 
@@ -39,6 +41,41 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
 
 
 UNAVAILABLE = (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)
+
+#: Routes answered without a key (load balancers and probes): paths relative to the route prefix.
+OPEN_PATHS = ("/health",)
+
+
+class BearerAuth:
+    """ASGI middleware: every HTTP request except ``OPEN_PATHS`` and CORS preflights (OPTIONS) needs
+    ``Authorization: Bearer <key>`` (``app.auth_problem``); otherwise a 401 OpenAI-style error
+    (type ``invalid_request_error``, code ``invalid_api_key``, header ``WWW-Authenticate: Bearer``),
+    before the body is read. Added outermost, so an unauthenticated client learns nothing else
+    (not even which routes exist).
+
+    Args:
+        key_digest: SHA-256 (hex) of the key (``app.api_key_digest``).
+    """
+
+    def __init__(self, app, key_digest: str):
+        self.app, self.key_digest = app, key_digest
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("method") != "OPTIONS":
+            path, root = scope.get("path", ""), scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root):] or "/"
+            if path not in OPEN_PATHS:
+                header = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"authorization"),
+                              None)
+                problem = auth_problem(header, self.key_digest)
+                if problem:
+                    response = JSONResponse(status_code=401, headers={"WWW-Authenticate": "Bearer"}, content={
+                        "error": {"message": problem, "type": "invalid_request_error", "param": None,
+                                  "code": "invalid_api_key"}})
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
 
 
 def _cause(e: BaseException) -> BaseException:
@@ -64,21 +101,29 @@ class ABIngress(OpenAiIngress):
     - checks Ray and vLLM leave unclear (no messages, ``max_tokens`` < 1 or past the arm's
       ``max_model_len``), and a 503 saying which arm is full when its replicas' running + queued
       limits are reached (Ray Serve's ``BackPressureError``);
-    - ``GET /health``: 200 when every deployment of the application is HEALTHY, else 503 listing them.
+    - ``GET /health``: 200 when every deployment of the application is HEALTHY, else 503 listing them;
+    - no storage location in any answer: the model cards carry a ``fingerprint``
+      (``app.model_fingerprint``), request errors have the arms' model paths and ``s3://`` URIs
+      replaced, and 5xx errors name only the exception type (details go to the log).
+
+    The API key (``serve.api_key_env``) is checked before this class sees a request, by the
+    ``BearerAuth`` middleware that ``app.build_app`` adds to the FastAPI app.
 
     Args (besides ``OpenAiIngress``'s):
         ab: ``ABConfig`` as a dict.
         limits: per arm ``{"max_model_len", "max_ongoing_requests", "max_queued_requests"}``.
+        private: strings no error message may show (the arms' model references and resolved paths).
     """
 
     def __init__(self, llm_deployments, model_cards, *, lora_paths=None, ab: Optional[Dict[str, Any]] = None,
-                 limits: Optional[Dict[str, Dict[str, int]]] = None):
+                 limits: Optional[Dict[str, Dict[str, int]]] = None, private: Optional[list] = None):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
         from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
         from ray.serve.metrics import Counter, Histogram
 
         self._ab = ABConfig.model_validate(ab or {})
         self._limits = limits or {}
+        self._private = list(private or [])
         self._ab_card = ModelCard(id=AB_MODEL, object="model", owned_by="raydistill", permission=[],
                                   metadata={"model_id": AB_MODEL, "arms": list(ARMS), "weights": self._ab.weights,
                                             "sticky_header": self._ab.sticky_header})
@@ -97,6 +142,12 @@ class ABIngress(OpenAiIngress):
         listed = await super().models()
         listed.data.append(self._ab_card)
         return listed
+
+    def _redact(self, text: str) -> str:
+        """``text`` without the arms' storage locations (``private``) or any ``s3://`` URI."""
+        for secret in self._private:
+            text = text.replace(secret, "<model>")
+        return S3_URI.sub("s3://<hidden>", text)
 
     def _record(self, arm: str, route: str, status: int, t0: float) -> None:
         self._requests.inc(tags={"arm": arm, "route": route, "status": str(status)})
@@ -155,17 +206,20 @@ class ABIngress(OpenAiIngress):
             if isinstance(cause, UNAVAILABLE):  # the arm's deployment or replica is down or restarting
                 self._record(arm, method, 503, t0)
                 return error_response(503, f"model {arm!r} is unavailable right now ({type(cause).__name__}: "
-                                      f"{cause}); retry later", type_="unavailable_error", headers=headers)
+                                      f"{self._redact(str(cause))}); retry later", type_="unavailable_error",
+                                      headers=headers)
             status = int(getattr(e, "status_code", None) or 500)
             message = getattr(e, "message", None) or getattr(e, "detail", None)
             if 400 <= status < 500 and message:
                 self._record(arm, method, status, t0)
-                return error_response(status, str(message), type_=getattr(e, "type", None)
+                return error_response(status, self._redact(str(message)), type_=getattr(e, "type", None)
                                       or "invalid_request_error", headers=headers)
             self._record(arm, method, status, t0)
             log.exception("model %r failed to answer", arm)
-            return error_response(status if status >= 500 else 500, f"model {arm!r} failed to answer: "
-                                  f"{type(e).__name__}: {message or e}", type_="server_error", headers=headers)
+            # the details (paths, stack) go to the server log only
+            return error_response(status if status >= 500 else 500, f"model {arm!r} failed to answer "
+                                  f"({type(e).__name__}); the server log has the details", type_="server_error",
+                                  headers=headers)
         response.headers[ARM_HEADER] = arm
         if isinstance(response, StreamingResponse):
             response.body_iterator = self._timed(response.body_iterator, arm, method, t0)
