@@ -82,7 +82,8 @@ fetches them on its own node (``_probe``).
   that have one, ``spread`` = (max − min) / median (null with fewer than two rounds), ``trusted`` =
   spread ≤ ``eval.max_ratio_spread`` (null when the spread is unknown);
 - ``retained`` (and ``retained_baseline``): student metric / teacher metric for each
-  ``task.metric`` and ``quality``; null where the teacher scored 0 or either is missing;
+  ``task.metric`` and ``quality``; null where the teacher scored 0 or either is missing; math
+  uses strict ``accuracy`` (a stated final answer only), ``accuracy_lenient`` is not in it;
 - ``corpus_rejects``: the teacher corpus's filtering, from ``corpus/manifest.json``:
   ``{rows_kept, rows_rejected, rejects: {reason: count}}`` (reasons of
   ``raydistill.generate.filters.REASONS``; the rows themselves are in ``corpus/rejects/``); null
@@ -90,7 +91,9 @@ fetches them on its own node (``_probe``).
 - ``provenance``: package versions.
 
 ``report.json`` → ``models.<name>`` (teacher, baseline_student, student):
-- ``metrics``: task → metric → value (see ``raydistill.tasks``), over the answered prompts;
+- ``metrics``: task → metric → value (see ``raydistill.tasks``), over the answered prompts; math has
+  ``accuracy`` (strict: only a stated final answer, or an answer that is one number alone, counts;
+  the primary metric) beside ``accuracy_lenient`` (also the last number of an answer stating none);
 - ``unscorable``: task → number of answered prompts whose reference the scorer could not read
   (an NLI label it does not know, a math reference without a number; ``data.label_map`` maps
   labels), left out of that task's metrics;
@@ -155,6 +158,8 @@ REPEAT_COVERAGE = 0.5
 DEGENERATE_SHARE = 0.3
 #: Tasks whose answers are labels: identical answers across prompts are expected there.
 LABEL_TASKS = ("nli",)
+#: Metrics with this suffix (``math.accuracy_lenient``) are shown but not used for ``retained``.
+LENIENT_SUFFIX = "_lenient"
 BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "float16": 2}
 _MAX_NGRAM = 4
 
@@ -287,10 +292,13 @@ def model_report(table: pa.Table, teacher: pa.Table, label_map: dict[str, str] |
 
 def retained(student: dict, teacher: dict) -> dict[str, float | None]:
     """student / teacher per ``task.metric`` and for ``quality``; None where the teacher is 0 or
-    either value is missing."""
+    either value is missing. Lenient figures (``math.accuracy_lenient``) are left out: retention is
+    measured on strict accuracy only."""
     out: dict[str, float | None] = {}
     for task, ms in teacher["metrics"].items():
         for metric, t_val in ms.items():
+            if metric.endswith(LENIENT_SUFFIX):
+                continue
             out[f"{task}.{metric}"] = _ratio(student["metrics"].get(task, {}).get(metric), t_val)
     out["quality"] = _ratio(student["quality"], teacher["quality"])
     return out
@@ -937,8 +945,10 @@ def _model_info(path: str, engine: EngineConfig, probe_msgs: list, batch: int, r
     return info
 
 
-def run_evaluate(cfg: Config) -> dict:
+def run_evaluate(cfg: Config, overwrite: bool = False) -> dict:
     """Evaluate the three models on the held-out split and write ``eval/``. Returns the report.
+    A finished evaluation of the same models and prompts with the same settings is returned as it
+    is; one made with other settings is refused unless ``overwrite`` (``stages.evaluate_stage``).
 
     Raises FileNotFoundError when ``student/`` (or the pruned baseline) is missing (run train
     first) or the corpus lacks ``prompts/``; SchemaError when the evaluated prompts meet the
@@ -950,8 +960,13 @@ def run_evaluate(cfg: Config) -> dict:
     from .layout import baseline_student_ref, student_dir
     from .models import resolve_model
     from .runtime import init_ray
+    from .stages import evaluate_stage
     from .storage import is_remote, local_copy, storage_path
 
+    stage = evaluate_stage(cfg)
+    if stage.done(overwrite):
+        return json.loads((stage.outputs["eval"] / "report.json").read_text())
+    stage.forget()
     api_teacher = cfg.teacher.engine == "openai"  # answers from the endpoint; teacher.model is its model name
     paths = {"teacher": cfg.teacher.model if api_teacher else resolve_model(cfg.teacher.model),
              "baseline_student": (baseline_student_ref(cfg) if cfg.student.init == "prune"
@@ -1012,7 +1027,9 @@ def run_evaluate(cfg: Config) -> dict:
         ids = table.column("prompt_id").to_pylist()
         answers[name] = table.take(sorted(range(table.num_rows), key=lambda i: order[ids[i]]))
     served = served_timing(cfg, parts, endpoint) if endpoint else None
-    return finish_evaluation(cfg, prompts, answers, paths, engines, changes, served, endpoint, shown=shown)
+    report = finish_evaluation(cfg, prompts, answers, paths, engines, changes, served, endpoint, shown=shown)
+    stage.finish()
+    return report
 
 
 def _publish(local: Path, dest) -> None:

@@ -1,15 +1,20 @@
 """Per-task answer extraction and metrics.
 
 ``score(task, predictions, references, label_map=None, marker="####")`` returns ``(metrics, unscorable)``:
-``metrics`` is ``{"accuracy": x}`` (0–1) for math and nli — an empty dict when no reference can be
-scored — and ``{"rougeL": x (0–1), "bleu": y (0–100)}`` for qa, summarization and conversation.
+``metrics`` is ``{"accuracy": x, "accuracy_lenient": y}`` (0–1) for math, ``{"accuracy": x}`` for nli —
+an empty dict when no reference can be scored — and ``{"rougeL": x (0–1), "bleu": y (0–100)}`` for qa,
+summarization and conversation.
 Rows whose reference is None are skipped and not counted anywhere. ``unscorable`` counts the other
 references that cannot be read (math: no number; nli: no label, after ``data.label_map``): they are
 left out of the accuracy (never scored as a hit or a miss) and the count goes into the report.
 Text tasks have no unscorable references.
 
 math — final-answer accuracy: the number the answer states equals the reference's number (within
-1e-6; 1/3 and 0.333 differ). Answer and reference are read by the same rules (``extract_number``):
+1e-6; 1/3 and 0.333 differ). Two figures: ``accuracy`` (strict, the primary metric, the one
+``retained`` uses) counts only an answer that states its final answer (below) or is nothing but one
+number (``"14"``, ``"$1,250."``); ``accuracy_lenient`` also takes the last number of an answer that
+states none, so a degenerate ``2 4 6 8 10 12 14`` is a lenient hit for 14 and a strict miss. The
+reference is always read leniently. Numbers are read by these rules (``extract_number``):
 
 - A stated final answer wins over every other number: ``#### N`` (GSM8K; also the configured
   ``task_prompts.final_answer_marker``, the ``marker`` argument, when it is not ``####``), ``\\boxed{...}``,
@@ -17,7 +22,8 @@ math — final-answer accuracy: the number the answer states equals the referenc
   ``**Answer:**``). The last such statement that holds a number counts, and its first number is
   the answer: for ``\\boxed`` the box's content, else up to the end of the statement's sentence or
   line (the next non-empty line when the line ends at the marker: "Final answer:\\n42"). With no
-  stated answer holding a number ("the answer is seven"), the last number in the text counts.
+  stated answer holding a number ("the answer is seven"), the last number in the text counts
+  (lenient reading only; the strict one then has no answer unless the text is one number alone).
 - Numbers: integers, decimals (``0.75``, ``.5``), thousands separators in groups of three
   (``1,250``, LaTeX ``1{,}250`` / ``1\\,250``; ``1,2,3`` is three numbers), fractions ``3/4`` and
   ``-1/2`` (not dates: ``3/4/2023`` is three numbers), mixed numbers ``1 1/2`` (proper fraction
@@ -61,8 +67,13 @@ is scored whole.
   vowel points (harakat, shadda, niqqud, cantillation) and the Arabic tatweel are dropped, so
   vocalised and plain spellings match (``كَتَبَ`` = ``كتب``). Scripts written without spaces are
   split into character clusters (a letter and its combining marks): Han, kana, Thai, Lao, Khmer,
-  Myanmar and the Tai scripts. ASCII words longer than three characters are Porter-stemmed, as
-  rouge-score's own tokenizer does.
+  Myanmar and the Tai scripts. Emoji and other symbols (Unicode So) are one token each, with their
+  modifiers (skin tone, variation selector, keycap) and the parts of a ZWJ sequence or flag joined
+  in (``👍🏽`` and ``👨‍👩‍👧`` are one token each); rouge-score's own tokenizer drops every
+  non-alphanumeric character, so two identical emoji-only answers scored 0.0. A text with no token
+  at all by these rules (only punctuation or math signs) is tokenized into its non-space
+  characters. ASCII words longer than three characters are Porter-stemmed, as rouge-score's own
+  tokenizer does; other punctuation and signs (``$``, ``+``) separate words.
 - BLEU tokenizer (``bleu_tokenizer``), chosen once per call from the references' letters (the
   predictions' only when the references have none), so every model is scored the same way:
   kana present and Han + kana at least half the letters → ``ja-mecab`` when MeCab and ipadic are
@@ -212,19 +223,27 @@ def _stated_number(text: str, marker: str) -> float | None:
     return None
 
 
-def extract_number(text: str | None, marker: str = "####") -> float | None:
+_LETTER = re.compile(r"[^\W\d_]")
+
+
+def extract_number(text: str | None, marker: str = "####", *, strict: bool = False) -> float | None:
     """The answer's number, or None when ``text`` holds none.
 
     A stated final answer (``#### N``, the configured ``marker``, ``\\boxed{}``, "the answer is",
     "final answer:") wins: the first number of the last statement that holds one. Otherwise the
-    last number in the text. Fractions, mixed numbers and ``\\frac{a}{b}`` read as their value; a
-    minus sign counts only where it is a sign (``5-7`` reads 7); ``$`` and ``%`` are ignored
-    (``25%`` reads 25.0).
+    last number in the text, or with ``strict`` only a text that is one number and no letters
+    (``"14"``, ``"$1,250."``; ``"2 4 6 8 10 12 14"`` and ``"It is 4."`` read None). Fractions, mixed
+    numbers and ``\\frac{a}{b}`` read as their value; a minus sign counts only where it is a sign
+    (``5-7`` reads 7); ``$`` and ``%`` are ignored (``25%`` reads 25.0).
     """
     text = _normalise_math(text or "")
     stated = _stated_number(text, marker)
     if stated is not None:
         return stated
+    if strict:
+        values = list(_numbers(text))
+        alone = len(values) == 1 and not _LETTER.search(_NUMBER.sub("", text))
+        return values[0] if alone else None
     last = None
     for last in _numbers(text):
         pass
@@ -371,7 +390,9 @@ def _dropped_mark(ch: str) -> bool:
             or (0x0591 <= cp <= 0x05C7 and unicodedata.category(ch) == "Mn"))
 
 
-_SKIP, _MARK, _CLUSTER, _WORDCHAR, _SEPARATOR = range(5)
+_SKIP, _MARK, _CLUSTER, _WORDCHAR, _SEPARATOR, _JOINER = range(6)
+_ZWJ = "\u200d"
+_REGIONAL = ((0x1F1E6, 0x1F1FF),)  # regional indicators: two make one flag
 
 
 @lru_cache(maxsize=65536)
@@ -379,30 +400,52 @@ def _char_kind(ch: str) -> int:
     cat = unicodedata.category(ch)
     if _dropped_mark(ch):
         return _SKIP
-    if cat[0] == "M":
+    # Combining marks; emoji skin-tone modifiers (Sk) and tag characters (subdivision flags).
+    if cat[0] == "M" or 0x1F3FB <= ord(ch) <= 0x1F3FF or 0xE0020 <= ord(ch) <= 0xE007F:
         return _MARK
+    if ch == _ZWJ:
+        return _JOINER
     if cat[0] == "L" and (_in(ch, _CLUSTER_RANGES) or _in(ch, _HAN_RANGES) or _in(ch, _KANA_RANGES)):
+        return _CLUSTER
+    if cat == "So":  # emoji, dingbats and other symbols: one token each
         return _CLUSTER
     return _WORDCHAR if cat[0] in "LN" else _SEPARATOR
 
 
 def rouge_tokens(text: str | None) -> list[str]:
-    """ROUGE-L tokens of ``text`` before stemming (rules in the module docstring)."""
+    """ROUGE-L tokens of ``text`` before stemming (rules in the module docstring).
+
+    A text that would give no token at all (only punctuation or math signs: ``"?!"``) gives its
+    non-space characters instead, so two identical such texts still match."""
+    text = unicodedata.normalize("NFC", text or "").lower()
     tokens: list[str] = []
     cur: list[str] = []
-    cluster = False  # whether ``cur`` is a character cluster (letter + marks)
-    for ch in unicodedata.normalize("NFC", text or "").lower():
+    cluster = False  # whether ``cur`` is a character cluster (letter + marks, or one emoji)
+    joined = False  # whether ``cur`` ends with a zero-width joiner (an emoji ZWJ sequence goes on)
+    for ch in text:
         kind = _char_kind(ch)
         if kind == _MARK:
             cur.append(ch)  # belongs to the letter before it (or starts a word)
+        elif kind == _JOINER:
+            if cur:
+                cur.append(ch)
+                joined = True
+        elif kind == _CLUSTER and cur and (joined or (len(cur) == 1 and _in(ch, _REGIONAL)
+                                                      and _in(cur[0], _REGIONAL))):
+            cur.append(ch)  # 👨‍👩‍👧 (joined by ZWJ) and a flag 🇫🇷 (two regional indicators) are one token
+            joined = False
         elif kind == _CLUSTER or (kind == _WORDCHAR and cluster) or kind == _SEPARATOR:
             if cur:
                 tokens.append("".join(cur))
             cur, cluster = ([ch], kind == _CLUSTER) if kind != _SEPARATOR else ([], False)
+            joined = False
         elif kind == _WORDCHAR:
             cur.append(ch)
+            joined = False
     if cur:
         tokens.append("".join(cur))
+    if not tokens:
+        tokens = [ch for ch in text if not ch.isspace()]
     return tokens
 
 
@@ -490,8 +533,9 @@ def score(task: str, predictions: list[str], references: list[str | None],
           label_map: dict[str, str] | None = None, marker: str = "####") -> tuple[dict[str, float], int]:
     """Task metrics for one model on one task, and the number of unscorable references.
 
-    Returns ``(metrics, unscorable)``: math/nli ``{"accuracy": 0–1}`` ({} when no reference can be
-    scored), other tasks ``{"rougeL": 0–1, "bleu": 0–100}`` ({} when every reference is None).
+    Returns ``(metrics, unscorable)``: math ``{"accuracy": 0–1, "accuracy_lenient": 0–1}`` (strict:
+    only a stated final answer or a lone number counts; lenient: else the last number), nli
+    ``{"accuracy": 0–1}`` ({} when no reference can be scored), other tasks ``{"rougeL": 0–1, "bleu": 0–100}`` ({} when every reference is None).
     Rows whose reference is None are skipped and not counted; ``unscorable`` counts the other
     references with no number (math) or no NLI label (nli, after ``label_map``), which are left
     out of the accuracy. ``label_map`` (``data.label_map``) maps NLI reference text, e.g.
@@ -505,8 +549,9 @@ def score(task: str, predictions: list[str], references: list[str | None],
         unscorable = len(pairs) - len(gold)
         if not gold:
             return {}, unscorable
-        hits = sum(_same_number(want, extract_number(p, marker)) for want, p in gold)
-        return {"accuracy": hits / len(gold)}, unscorable
+        strict = sum(_same_number(want, extract_number(p, marker, strict=True)) for want, p in gold)
+        lenient = sum(_same_number(want, extract_number(p, marker)) for want, p in gold)
+        return {"accuracy": strict / len(gold), "accuracy_lenient": lenient / len(gold)}, unscorable
     if task == "nli":
         if label_map:
             check_label_map(label_map)

@@ -47,9 +47,10 @@ def test_model_report_figures():
     ])
     teacher = _table([dict(r, response=a) for r, a in zip(t.to_pylist(), ["It is 4.", "It is 6.", "Lyon"])])
     rep = model_report(t, teacher)
-    assert rep["metrics"]["math"] == {"accuracy": 0.5}
+    # "It is 4." states no final answer: a lenient hit, a strict miss; quality uses strict accuracy
+    assert rep["metrics"]["math"] == {"accuracy": 0.0, "accuracy_lenient": 0.5}
     assert rep["metrics"]["qa"]["rougeL"] == pytest.approx(1.0)
-    assert rep["quality"] == pytest.approx((0.5 + 1.0) / 2)
+    assert rep["quality"] == pytest.approx((0.0 + 1.0) / 2)
     assert rep["agreement_rougeL"] == pytest.approx((1 + 1 + 0) / 3)
     assert rep["latency_ms_p50"] == pytest.approx(2000.0)
     assert rep["latency_ms_p95"] == pytest.approx(2900.0)  # linear interpolation between 2000 and 3000
@@ -63,6 +64,18 @@ def test_retained_ratios_and_zero_teacher():
     student = {"metrics": {"math": {"accuracy": 0.0}, "qa": {"rougeL": 0.25, "bleu": 5.0}}, "quality": 0.125}
     r = retained(student, teacher)
     assert r == {"math.accuracy": None, "qa.rougeL": 0.5, "qa.bleu": 0.25, "quality": 0.5}
+
+
+def test_retained_uses_strict_math_accuracy():
+    """A student that lists numbers ("2 4 6 ... 14") without stating an answer keeps nothing of the
+    teacher's strict accuracy, though the lenient reading scores it as good as the teacher."""
+    rows = [{"prompt_id": f"p{i}", "task": "math", "reference": "14", "response_tokens": 4, "latency_s": 1.0,
+             "batch_id": "b"} for i in range(2)]
+    teacher = _table([dict(r, response="7 + 7 = 14.\n#### 14") for r in rows])
+    student = _table([dict(r, response="2 4 6 8 10 12 14") for r in rows])
+    t, s = model_report(teacher, teacher), model_report(student, teacher)
+    assert s["metrics"]["math"] == {"accuracy": 0.0, "accuracy_lenient": 1.0}
+    assert retained(s, t) == {"math.accuracy": 0.0, "quality": 0.0}
 
 
 def test_failed_rows_are_left_out_of_every_figure():

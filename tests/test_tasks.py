@@ -61,15 +61,17 @@ def test_extract_nli_label_none(text):
 def test_score_math_accuracy():
     preds = ["The answer is 19.", "I think 26", "no idea", "That makes 1,000 in total", "19.0"]
     refs = ["19", "27", "5", "1000", "19"]
-    # hits: 19 == 19, 26 != 27, none, 1000 == 1000, 19.0 == 19 -> 3 of 5
-    assert score("math", preds, refs) == ({"accuracy": pytest.approx(3 / 5)}, 0)
+    # lenient hits: 19 == 19, 26 != 27, none, 1000 == 1000, 19.0 == 19 -> 3 of 5; strict: "I think 26"
+    # and "That makes 1,000 in total" state no final answer -> 19 and the lone 19.0 -> 2 of 5
+    assert score("math", preds, refs) == ({"accuracy": pytest.approx(2 / 5),
+                                           "accuracy_lenient": pytest.approx(3 / 5)}, 0)
 
 
 def test_score_counts_references_without_a_gold_answer():
     """A reference with no number (math) or no label (nli) cannot be scored: it is left out of
     the accuracy (never a hit because both sides fail to parse) and counted as unscorable."""
     assert score("math", ["7"], ["seven"]) == ({}, 1)
-    assert score("math", ["7", "8"], ["seven", "8"]) == ({"accuracy": 1.0}, 1)
+    assert score("math", ["7", "8"], ["seven", "8"]) == ({"accuracy": 1.0, "accuracy_lenient": 1.0}, 1)
     assert score("nli", ["garbage"], [""]) == ({}, 1)
     assert score("nli", ["garbage", "neutral"], ["2", "neutral"]) == ({"accuracy": 1.0}, 1)
 
@@ -117,7 +119,7 @@ def test_score_skips_rows_without_reference():
     assert s["rougeL"] == pytest.approx(1.0)
     assert s["bleu"] == pytest.approx(100.0)
     # None references are skipped and not counted as unscorable.
-    assert score("math", ["5", "x", "6"], ["5", None, "7"]) == ({"accuracy": pytest.approx(0.5)}, 0)
+    assert score("math", ["5", "x", "6"], ["5", None, "7"]) == ({"accuracy": 0.5, "accuracy_lenient": 0.5}, 0)
     assert score("nli", ["neutral", "x"], ["neutral", None]) == ({"accuracy": 1.0}, 0)
 
 
@@ -259,12 +261,14 @@ def test_score_math_fractions_ranges_and_references():
     preds = ["The answer is 1/4.", "0.75", "It takes 5-7 days.", "That is $1,250.", "25%", "0.25",
              "Working: 3 + 15 = 18. The answer is 18."]
     refs = ["3/4", "3/4", "-7", "1250", "25", "25%", "Janet makes 9 * 2 = $<<9*2=18>>18.\n#### 18"]
-    # hits: 1/4 != 3/4, 0.75 == 3/4, 7 != -7, 1250, 25 == 25, 0.25 != 25, 18 == 18 -> 4 of 7
-    assert score("math", preds, refs) == ({"accuracy": pytest.approx(4 / 7)}, 0)
+    # lenient hits: 1/4 != 3/4, 0.75 == 3/4, 7 != -7, 1250, 25 == 25, 0.25 != 25, 18 == 18 -> 4 of 7;
+    # strict: "That is $1,250." states no final answer (a miss) -> 3 of 7
+    assert score("math", preds, refs) == ({"accuracy": pytest.approx(3 / 7),
+                                           "accuracy_lenient": pytest.approx(4 / 7)}, 0)
 
 
 def test_score_math_tolerance_is_1e_6():
-    assert score("math", ["0.333", "0.3333333"], ["1/3", "1/3"]) == ({"accuracy": 0.5}, 0)
+    assert score("math", ["0.333", "0.3333333"], ["1/3", "1/3"]) == ({"accuracy": 0.5, "accuracy_lenient": 0.5}, 0)
 
 
 # --- issue 5: NLI labels the answer settles on ---------------------------------------------------
@@ -343,7 +347,7 @@ def test_score_nli_label_map_value_must_name_a_label():
 
 def test_label_map_applies_to_nli_only():
     """A mixed dataset's math reference "0" stays the number 0."""
-    assert score("math", ["0"], ["0"], label_map={"0": "entailment"}) == ({"accuracy": 1.0}, 0)
+    assert score("math", ["0"], ["0"], label_map={"0": "entailment"}) == ({"accuracy": 1.0, "accuracy_lenient": 1.0}, 0)
 
 
 # --- issue 5: BLEU tokenizer by script -----------------------------------------------------------
@@ -530,5 +534,56 @@ def test_score_qa_reads_the_final_answer():
 
 def test_score_math_with_a_configured_marker():
     preds = ["3 + 4 = 7\nRESULT: 7 apples, 2 left", "RESULT: 5, then 6"]
-    assert score("math", preds, ["7", "5"], marker="RESULT:") == ({"accuracy": 1.0}, 0)
-    assert score("math", preds, ["7", "5"]) == ({"accuracy": 0.0}, 0)
+    assert score("math", preds, ["7", "5"], marker="RESULT:") == ({"accuracy": 1.0, "accuracy_lenient": 1.0}, 0)
+    assert score("math", preds, ["7", "5"]) == ({"accuracy": 0.0, "accuracy_lenient": 0.0}, 0)
+
+
+# --- issue 15: strict math accuracy --------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("2 4 6 8 10 12 14", None),  # a degenerate list of numbers states no final answer
+    ("It is 14.", None),
+    ("5-7 days, maybe 14", None),
+    ("14", 14.0), (" $1,250. ", 1250.0), ("25%", 25.0), ("-3", -3.0), (r"\frac{1}{2}", 0.5),
+    ("Counting: 2 4 6 8 10 12 14\n#### 14", 14.0),
+    ("so we get 2, 4, 6. The answer is 14", 14.0),
+    (r"2 + 12 = \boxed{14}", 14.0),
+    ("The answer is seven. 3 + 4 = 7", None),  # a stated answer without a number, then a bare number
+])
+def test_extract_number_strict_reads_only_a_stated_answer(text, expected):
+    assert extract_number(text, strict=True) == (None if expected is None else pytest.approx(expected))
+
+
+def test_score_math_strict_beside_lenient():
+    """The degenerate answer that the last-number reading scored as correct is a strict miss."""
+    preds = ["2 4 6 8 10 12 14", "Step: 7 + 7.\n#### 14", "The answer is 14.", r"\boxed{14}", "I get 14"]
+    metrics, unscorable = score("math", preds, ["14"] * 5)
+    assert unscorable == 0
+    assert metrics == {"accuracy": pytest.approx(3 / 5), "accuracy_lenient": 1.0}
+
+
+# --- issue 15: ROUGE-L keeps emoji and symbols ---------------------------------------------------
+
+@pytest.mark.parametrize("text", ["🎉🎉👍", "👍🏽 ❤️", "👨‍👩‍👧 🇫🇷", "東京です", "😀", "?!"])
+def test_rouge_l_identical_texts_without_ascii_letters_score_one(text):
+    """rouge-score's default tokenizer keeps only [a-z0-9]: identical emoji-only answers scored 0.0."""
+    assert rouge_l([text], [text]) == pytest.approx(1.0)
+
+
+def test_rouge_tokens_keep_emoji_sequences_whole():
+    assert rouge_tokens("great 👍🏽!") == ["great", "👍🏽"]  # skin tone joins its emoji
+    assert rouge_tokens("👨‍👩‍👧🇫🇷🇩🇪") == ["👨‍👩‍👧", "🇫🇷", "🇩🇪"]  # one ZWJ family, two flags
+    assert rouge_tokens("❤️❤") == ["❤️", "❤"]  # the variation selector stays with its heart
+    # different emoji differ: 2 of 3 tokens in common -> P = R = 2/3
+    assert rouge_l(["🎉 👍 😀"], ["🎉 👍 😢"]) == pytest.approx(2 / 3)
+    assert rouge_l(["东京很大"], ["东京很小"]) == pytest.approx(3 / 4)
+
+
+def test_rouge_l_of_plain_english_matches_rouge_score_default():
+    """The Unicode tokenizer changes nothing for plain English text."""
+    from rouge_score import rouge_scorer
+
+    pred, ref = "The quick brown foxes were jumping over lazy dogs.", "A quick brown fox jumped over the lazy dog!"
+    default = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(ref, pred)["rougeL"].fmeasure
+    assert 0.3 < default < 1.0
+    assert rouge_l([pred], [ref]) == pytest.approx(default)
