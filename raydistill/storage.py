@@ -213,8 +213,9 @@ def local_copy(ref: str, storage: StorageConfig | dict | None = None, weights: b
     """``ref`` unchanged unless it is an ``s3://`` folder (a student or checkpoint written to S3):
     then a local copy under the raydistill cache, refreshed when the file list or sizes changed.
     Returns a path ``from_pretrained`` can read (with ``weights=False``: only the config,
-    tokenizer and generation files, no weight files: what a driver reads, at a fraction of the
-    size). ``storage`` may be ``StorageConfig.model_dump()`` (what a Ray actor is given). Raises
+    generation config and tokenizer files, ``models.METADATA_FILES``, and nothing else (no weights,
+    no optimizer states, no subfolders): what a driver reads, at a fraction of the size).
+    ``storage`` may be ``StorageConfig.model_dump()`` (what a Ray actor is given). Raises
     FileNotFoundError when nothing is there."""
     if not is_remote(ref):
         return ref
@@ -224,7 +225,7 @@ def local_copy(ref: str, storage: StorageConfig | dict | None = None, weights: b
     import json
     import shutil
 
-    from .models import _WEIGHT_SUFFIXES, cache_dir
+    from .models import cache_dir, is_metadata_file
 
     src = storage_path(ref, storage)
     # names, sizes and modification times: a folder rewritten with files of the same sizes (a rebuilt
@@ -233,7 +234,7 @@ def local_copy(ref: str, storage: StorageConfig | dict | None = None, weights: b
     if not listing:
         raise FileNotFoundError(f"{ref}: no files there")
     if not weights:
-        listing = {name: v for name, v in listing.items() if not name.endswith(_WEIGHT_SUFFIXES)}
+        listing = {name: v for name, v in listing.items() if is_metadata_file(name)}
     dest = cache_dir() / "s3" / (hashlib.sha256(src.uri.encode()).hexdigest()[:16] + ("" if weights else "-config"))
     stamp = dest / ".raydistill-listing.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == listing:

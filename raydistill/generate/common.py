@@ -37,14 +37,15 @@ def _top_logprobs(entries, k: int) -> tuple[list[list[int]] | None, list[list[fl
     return ids, lps
 
 
-def _stop_ids(model_dir: str) -> set[int]:
-    """Token ids that end an answer for ``model_dir`` (``chat.stop_token_ids``: the EOS ids of
-    generation_config.json / config.json and the tokenizer's EOS, the ids vLLM and transformers
-    stop on). A hub id is read from the local Hugging Face cache."""
+def _stop_ids(model_dir: str, storage=None) -> set[int]:
+    """Token ids that end an answer for the model ``model_dir`` (any model reference;
+    ``chat.stop_token_ids``: the EOS ids of generation_config.json / config.json and the
+    tokenizer's EOS, the ids vLLM and transformers stop on). Only the model's metadata files are
+    read (``models.model_metadata``: a hub id or ``s3://`` model fetches no weights)."""
     from ..chat import stop_token_ids
-    from ..models import local_model_dir
+    from ..models import model_metadata
 
-    ids = stop_token_ids(local_model_dir(model_dir))
+    ids = stop_token_ids(model_metadata(model_dir, storage))
     if not ids:
         log.warning("%s declares no EOS token id: every answer will end by length", model_dir)
     return ids

@@ -320,10 +320,13 @@ def _payload(teacher: TeacherConfig, gen: GenerationConfig, token_ids: bool) -> 
 
 @lru_cache(maxsize=2)
 def _tokenizer(name: str):
-    """The teacher's tokenizer, loaded once per worker process."""
+    """The teacher's tokenizer, loaded once per worker process (its tokenizer files only:
+    ``models.model_metadata``)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name)
+    from ..models import model_metadata
+
+    return AutoTokenizer.from_pretrained(model_metadata(name))
 
 
 def _token_id(token: str, tok) -> int:

@@ -510,15 +510,15 @@ def run_generate(cfg: Config, overwrite: bool = False) -> dict:
         from ..models import resolve_model
 
         teacher_model = tokenizer_ref = resolve_model(cfg.teacher.model)
-        stop_ids = sorted(_stop_ids(teacher_model))
+        stop_ids = sorted(_stop_ids(teacher_model, cfg.storage))  # metadata files only
     teacher_tokenizer = None
     teacher_vocab_size = None
     if tokenizer_ref:
         from transformers import AutoTokenizer
 
-        from ..models import resolve_model
+        from ..models import model_metadata
 
-        tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer_ref))
+        tok = AutoTokenizer.from_pretrained(model_metadata(tokenizer_ref, cfg.storage))  # no weights fetched
         teacher_tokenizer, teacher_vocab_size = tokenizer_fingerprint(tok), len(tok)
     settings = _settings(cfg, teacher_tokenizer)
     if (out / MANIFEST).is_file():

@@ -27,12 +27,11 @@ class _PromptTokenizer:
     def __init__(self, model_dir: str, storage: dict | None = None):
         from transformers import AutoTokenizer
 
-        from ..models import require_chat_template
-        from ..storage import local_copy
+        from ..models import model_metadata, require_chat_template
 
-        # an s3:// model is fetched on this actor's node, not read from the driver's disk
-        model_dir = local_copy(model_dir, storage)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        # only the tokenizer and config files, fetched on this actor's node (an s3:// model or hub
+        # id), never the weights: this actor is no engine
+        self.tokenizer = AutoTokenizer.from_pretrained(model_metadata(model_dir, storage))
         require_chat_template(self.tokenizer, model_dir)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -163,9 +162,7 @@ def _vllm_dataset(ds, model_dir: str, engine: EngineConfig, gen: GenerationConfi
                   storage: StorageConfig | None = None):
     from functools import partial
 
-    from ..storage import local_copy
-
-    stop_ids = _stop_ids(local_copy(model_dir, storage, weights=False))  # config files only, on the driver
+    stop_ids = _stop_ids(model_dir, storage)  # metadata files only, on the driver
     # Not build_processor(postprocess=...): ray.data.llm routes failed rows around a postprocess
     # function, and they must reach the corpus as error rows with the same columns.
     return _vllm_outputs(ds, model_dir, engine, gen, gpu, storage).map(partial(_vllm_row, k=gen.top_k_logprobs,
