@@ -64,6 +64,9 @@ def test_arm_stats_on_made_up_timings():
     assert s["requests_per_s"] == pytest.approx(4 / 2.0)
     assert s["output_tokens"] == 60 and s["output_tokens_per_s"] == pytest.approx(30.0)
     assert s["mean_output_tokens"] == pytest.approx(20.0) and s["usage_missing"] == 1
+    assert s["via"] == "direct"  # the requests named their arm (model: student)
+    ab = [RequestRecord(arm="ab", index=0, start_s=0.0, latency_s=0.1)]
+    assert arm_stats(ab, 1.0)["via"] == "ab" and arm_stats(ab + records, 1.0)["via"] == "ab+direct"
 
 
 def test_arm_stats_of_an_arm_that_answered_nothing():
@@ -200,6 +203,7 @@ def test_bench_serve_end_to_end(tmp_path, tiny_model, ab_server):
             assert a["ttft_ms_p50"] is None or 0 < a["ttft_ms_p50"] <= a["latency_ms_p95"]
             assert a["requests_per_s"] > 0 and a["output_tokens_per_s"] > 0 and a["usage_missing"] == 0
             assert 1 <= a["mean_output_tokens"] <= 8
+            assert a["via"] == "direct"  # each request named its arm: not A/B traffic
         assert lv["latency_ratio"] == pytest.approx(
             lv["arms"]["student"]["latency_ms_p50"] / lv["arms"]["teacher"]["latency_ms_p50"])
         assert lv["throughput_ratio"] == pytest.approx(
@@ -217,7 +221,7 @@ def test_bench_serve_end_to_end(tmp_path, tiny_model, ab_server):
     assert json.loads((bench / "serve.json").read_text())["levels"] == result["levels"]
     assert load(bench / "config.yaml").serve.bench.concurrency == [1, 2]
     md = (bench / "serve.md").read_text()
-    assert "| 2 | student | 4 | 0 |" in md and "**overhead = " in md and "## Student / teacher" in md
+    assert "| 2 | student | direct | 4 | 0 |" in md and "**overhead = " in md and "## Student / teacher" in md
 
 
 @pytest.mark.vllm

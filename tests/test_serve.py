@@ -416,27 +416,32 @@ def test_overload_answers_503_then_the_replica_still_serves(served):
 
 
 def test_per_arm_metrics_reach_prometheus(served):
-    """raydistill_requests and raydistill_latency_ms, tagged by arm, on the node's metrics endpoint
-    (its port is in the Ray session folder, under the server's TMPDIR); Ray exports every few s.
+    """raydistill_requests and raydistill_latency_ms, tagged by arm and via, on the node's metrics
+    endpoint (its port is in the Ray session folder, under the server's TMPDIR); Ray exports every
+    few s. Earlier tests sent both arms A/B requests (model ab: via="ab") and direct ones
+    (model teacher/student: via="direct"); the overload test's 503s were direct.
 
     The 503s of the overload test were counted moments ago and may reach the endpoint one export
-    later than the series of earlier tests (CI once scraped all four series before the 503 one),
+    later than the series of earlier tests (CI once scraped all series before the 503 one),
     so the test waits for both."""
     port_file = next((served.log.parent / "ray" / "session_latest").glob("metrics_export_port_*"))
     url = f"http://127.0.0.1:{port_file.read_text().strip()}/metrics"
+    want = {(name, arm, via) for name in ("raydistill_requests", "raydistill_latency_ms_count")
+            for arm in ("teacher", "student") for via in ("ab", "direct")}
     deadline, lines, found, refused = time.time() + 90, [], set(), []
     while time.time() < deadline:
         text = urllib.request.urlopen(url, timeout=10).read().decode()
         lines = [ln for ln in text.splitlines() if ln.startswith("ray_raydistill_")]
-        found = {(name, arm) for name in ("raydistill_requests", "raydistill_latency_ms_count")
-                 for arm in ("teacher", "student") if any(name in ln and f'arm="{arm}"' in ln for ln in lines)}
+        found = {(name, arm, via) for name, arm, via in want
+                 if any(name in ln and f'arm="{arm}"' in ln and f'via="{via}"' in ln for ln in lines)}
         refused = [ln for ln in lines if "raydistill_requests" in ln and 'arm="student"' in ln and 'status="503"' in ln]
-        if len(found) == 4 and refused:
+        if found == want and refused:
             break
         time.sleep(3)
-    assert len(found) == 4, lines[:20]
-    assert refused, lines[:20]
+    assert found == want, (want - found, lines[:20])
+    assert refused and all('via="direct"' in ln for ln in refused), lines[:20]
     assert float(refused[0].rsplit(" ", 1)[1]) >= 1
+    assert all('via="' in ln for ln in lines if 'arm="' in ln), lines[:20]  # no series without the tag
 
 
 def test_ctrl_c_stops_serve_with_exit_0_and_frees_the_port(served):

@@ -110,3 +110,12 @@ def test_model_fingerprint_names_the_model_not_its_location(tmp_path):
         model_fingerprint(str(tmp_path / "empty"))
     cfg = load(None, [f"output_dir={tmp_path / 'run-a'}", f"serve.teacher.model={b}"])
     assert arm_fingerprints(cfg) == {"teacher": model_fingerprint(str(b)), "student": fa}
+
+
+def test_requests_are_tagged_ab_or_direct():
+    from raydistill.serve import AB_MODEL, ARMS
+    from raydistill.serve.app import request_via
+
+    assert request_via(AB_MODEL) == "ab"
+    assert {request_via(arm) for arm in ARMS} == {"direct"}
+    assert request_via(None) == "direct"

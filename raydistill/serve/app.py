@@ -48,6 +48,13 @@ def pick_arm(ab: ABConfig, user: str | None, rng: random.Random | None = None) -
     return next(a for a in reversed(ARMS) if ab.weights.get(a, 0.0) > 0)  # u within rounding of 1
 
 
+def request_via(model: str | None) -> str:
+    """How a request reached its arm, the ``via`` tag of the per-arm metrics: ``"ab"`` when it asked
+    for ``model: "ab"`` (an A/B user; ``pick_arm`` chose), else ``"direct"`` (it named the arm:
+    ``bench-serve``, evaluate, any direct caller). A/B figures are those with ``via="ab"``."""
+    return "ab" if model == AB_MODEL else "direct"
+
+
 def _student_ref(cfg: Config) -> str:
     from ..layout import student_dir
     from ..storage import is_remote
@@ -419,4 +426,4 @@ def app_builder(args: dict) -> Any:
 
 __all__ = ["AB_MODEL", "ARMS", "api_key_digest", "api_key_problem", "app_builder", "arm_fingerprints", "arm_models",
            "arm_refs", "auth_problem", "build_app", "is_loopback", "llm_config", "model_fingerprint", "pick_arm",
-           "port_problem", "serve_problems"]
+           "port_problem", "request_via", "serve_problems"]

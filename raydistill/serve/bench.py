@@ -352,6 +352,8 @@ def arm_stats(records: list[RequestRecord], wall_s: float) -> dict:
         records: every request sent (failed ones included).
         wall_s: the arm's wall time at this level (s): the sum of its parts' wall times.
     Returns:
+        ``via`` (``"direct"``: the requests named their arm, so the endpoint's metrics count them
+        apart from A/B users, ``serve.app.request_via``; None without records),
         ``requests`` (sent), ``answered``, ``errors``, ``first_error`` (None without errors),
         ``latency_ms_p50/p95/p99`` and ``ttft_ms_p50/p95`` (ms, over answered requests; None
         without any), ``requests_per_s`` (answered / wall_s), ``output_tokens`` (sum over answered
@@ -364,8 +366,11 @@ def arm_stats(records: list[RequestRecord], wall_s: float) -> dict:
     counted = [r.output_tokens for r in ok if r.output_tokens is not None]
     tokens = sum(counted)
     errors = [r for r in records if not r.ok]
+    from .app import request_via
+
+    vias = sorted({request_via(r.arm) for r in records})
     return {
-        "requests": len(records), "answered": len(ok), "errors": len(errors),
+        "via": "+".join(vias) or None, "requests": len(records), "answered": len(ok), "errors": len(errors),
         "first_error": errors[0].error if errors else None,
         "latency_ms_p50": percentile(lat, 50), "latency_ms_p95": percentile(lat, 95),
         "latency_ms_p99": percentile(lat, 99),
@@ -681,12 +686,14 @@ def markdown(result: dict) -> str:
              f"Machine: {m['platform']}, {m['cpus']} CPUs, {_fmt(m.get('memory_gib'))} GiB; load average "
              f"{m['load_avg_start']} at the start, {m['load_avg']} at the end.", "",
              "## Per level and arm", "",
-             "| concurrency | arm | requests | errors | latency p50 (ms) | p95 (ms) | p99 (ms) | TTFT p50 (ms) | "
+             "Every request names its arm (`model: teacher|student`), so the endpoint's metrics tag it "
+             "`via=\"direct\"`, apart from A/B users (`model: ab`, `via=\"ab\"`).", "",
+             "| concurrency | arm | via | requests | errors | latency p50 (ms) | p95 (ms) | p99 (ms) | TTFT p50 (ms) | "
              "TTFT p95 (ms) | requests/s | output tokens/s | mean output tokens |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for lv in result["levels"]:
         for arm, a in lv["arms"].items():
-            lines.append(f"| {lv['concurrency']} | {arm} | {a['requests']} | {a['errors']} | "
+            lines.append(f"| {lv['concurrency']} | {arm} | {a.get('via')} | {a['requests']} | {a['errors']} | "
                          f"{_fmt(a['latency_ms_p50'])} | {_fmt(a['latency_ms_p95'])} | {_fmt(a['latency_ms_p99'])} | "
                          f"{_fmt(a['ttft_ms_p50'])} | {_fmt(a['ttft_ms_p95'])} | {_fmt(a['requests_per_s'], 2)} | "
                          f"{_fmt(a['output_tokens_per_s'])} | {_fmt(a['mean_output_tokens'])} |")

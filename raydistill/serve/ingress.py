@@ -23,7 +23,7 @@ from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionReq
 
 from ..config import ABConfig
 from . import AB_MODEL, ARM_HEADER, ARMS
-from .app import auth_problem, pick_arm
+from .app import auth_problem, pick_arm, request_via
 
 log = logging.getLogger("ray.serve")
 
@@ -95,9 +95,11 @@ class ABIngress(OpenAiIngress):
       header's value (``ABConfig.sticky_header``) or at random;
     - ``x-raydistill-arm: teacher|student`` on every answer (the body's ``model`` field is the arm
       already: each engine serves under its arm's name);
-    - Ray Serve metrics ``raydistill_requests`` (counter; tags arm, route, status) and
+    - Ray Serve metrics ``raydistill_requests`` (counter; tags arm, via, route, status) and
       ``raydistill_latency_ms`` (histogram of whole-answer time in ms, to the last streamed chunk;
-      tags arm, route);
+      tags arm, via, route); ``via`` is ``ab`` for a request that asked for ``model: "ab"`` (an A/B
+      user) and ``direct`` for one that named its arm (``bench-serve``, evaluate, direct callers),
+      so the A/B comparison counts A/B traffic only;
     - checks Ray and vLLM leave unclear (no messages, ``max_tokens`` < 1 or past the arm's
       ``max_model_len``), and a 503 saying which arm is full when its replicas' running + queued
       limits are reached (Ray Serve's ``BackPressureError``);
@@ -127,11 +129,12 @@ class ABIngress(OpenAiIngress):
         self._ab_card = ModelCard(id=AB_MODEL, object="model", owned_by="raydistill", permission=[],
                                   metadata={"model_id": AB_MODEL, "arms": list(ARMS), "weights": self._ab.weights,
                                             "sticky_header": self._ab.sticky_header})
-        self._requests = Counter("raydistill_requests", description="Requests answered, per arm, route and HTTP status.",
-                                 tag_keys=("arm", "route", "status"))
+        self._requests = Counter("raydistill_requests", description="Requests answered, per arm, via (ab: model "
+                                 "'ab', an A/B user; direct: the arm named), route and HTTP status.",
+                                 tag_keys=("arm", "via", "route", "status"))
         self._latency = Histogram("raydistill_latency_ms", description="Time to the whole answer (last streamed "
                                   "chunk), milliseconds, per arm and route.", boundaries=LATENCY_BOUNDARIES_MS,
-                                  tag_keys=("arm", "route"))
+                                  tag_keys=("arm", "via", "route"))
 
     async def model(self, model_id: str):
         if model_id == AB_MODEL:
@@ -149,10 +152,10 @@ class ABIngress(OpenAiIngress):
             text = text.replace(secret, "<model>")
         return S3_URI.sub("s3://<hidden>", text)
 
-    def _record(self, arm: str, route: str, status: int, t0: float) -> None:
-        self._requests.inc(tags={"arm": arm, "route": route, "status": str(status)})
+    def _record(self, arm: str, via: str, route: str, status: int, t0: float) -> None:
+        self._requests.inc(tags={"arm": arm, "via": via, "route": route, "status": str(status)})
         if status < 400:
-            self._latency.observe((time.perf_counter() - t0) * 1000, tags={"arm": arm, "route": route})
+            self._latency.observe((time.perf_counter() - t0) * 1000, tags={"arm": arm, "via": via, "route": route})
 
     def _check(self, body, arm: str) -> Optional[JSONResponse]:
         """A 400 for what the engine would reject unclearly, or None."""
@@ -174,6 +177,7 @@ class ABIngress(OpenAiIngress):
     async def _answer(self, body, request: Request, method: str) -> Response:
         t0 = time.perf_counter()
         requested = body.model
+        via = request_via(requested)
         if requested == AB_MODEL:
             arm = pick_arm(self._ab, request.headers.get(self._ab.sticky_header))
             body = body.model_copy(update={"model": arm})
@@ -189,7 +193,7 @@ class ABIngress(OpenAiIngress):
         bad = self._check(body, arm)
         if bad is not None:
             bad.headers.update(headers)
-            self._record(arm, method, bad.status_code, t0)
+            self._record(arm, via, method, bad.status_code, t0)
             return bad
         try:
             response = await self._process_llm_request(body, call_method=method, raw_request=request)
@@ -201,20 +205,20 @@ class ABIngress(OpenAiIngress):
                        f"serve.{arm}.max_ongoing_requests={lim.get('max_ongoing_requests')} requests and "
                        f"serve.{arm}.max_queued_requests={lim.get('max_queued_requests')} more are waiting (a "
                        "queue counted by the ingress, not per replica); retry later")
-                self._record(arm, method, 503, t0)
+                self._record(arm, via, method, 503, t0)
                 return error_response(503, msg, type_="overloaded_error", headers=headers)
             if isinstance(cause, UNAVAILABLE):  # the arm's deployment or replica is down or restarting
-                self._record(arm, method, 503, t0)
+                self._record(arm, via, method, 503, t0)
                 return error_response(503, f"model {arm!r} is unavailable right now ({type(cause).__name__}: "
                                       f"{self._redact(str(cause))}); retry later", type_="unavailable_error",
                                       headers=headers)
             status = int(getattr(e, "status_code", None) or 500)
             message = getattr(e, "message", None) or getattr(e, "detail", None)
             if 400 <= status < 500 and message:
-                self._record(arm, method, status, t0)
+                self._record(arm, via, method, status, t0)
                 return error_response(status, self._redact(str(message)), type_=getattr(e, "type", None)
                                       or "invalid_request_error", headers=headers)
-            self._record(arm, method, status, t0)
+            self._record(arm, via, method, status, t0)
             log.exception("model %r failed to answer", arm)
             # the details (paths, stack) go to the server log only
             return error_response(status if status >= 500 else 500, f"model {arm!r} failed to answer "
@@ -222,12 +226,12 @@ class ABIngress(OpenAiIngress):
                                   headers=headers)
         response.headers[ARM_HEADER] = arm
         if isinstance(response, StreamingResponse):
-            response.body_iterator = self._timed(response.body_iterator, arm, method, t0)
+            response.body_iterator = self._timed(response.body_iterator, arm, via, method, t0)
         else:
-            self._record(arm, method, response.status_code, t0)
+            self._record(arm, via, method, response.status_code, t0)
         return response
 
-    async def _timed(self, chunks, arm: str, route: str, t0: float):
+    async def _timed(self, chunks, arm: str, via: str, route: str, t0: float):
         status = 200
         try:
             async for chunk in chunks:
@@ -236,7 +240,7 @@ class ABIngress(OpenAiIngress):
             status = 499  # the stream broke off (client gone or engine error)
             raise
         finally:
-            self._record(arm, route, status, t0)
+            self._record(arm, via, route, status, t0)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         """POST /v1/chat/completions (``stream: true`` → server-sent events)."""
