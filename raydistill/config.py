@@ -343,8 +343,13 @@ class ServeArmConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; 'auto' = float32 on CPU, bfloat16 on GPU.")
     kv_cache_gib: float = Field(2.0, gt=0, description="vLLM CPU KV cache size (GiB); ignored on GPUs.")
+    max_num_seqs: int | None = Field(None, gt=0, description="vLLM max_num_seqs: sequences one engine (replica) "
+                                     "batches at once; null = vLLM's default (1024 on H100/H200/B200-class GPUs, "
+                                     "256 on other GPUs, 128 on CPU). Size max_ongoing_requests to at least this.")
     max_ongoing_requests: int = Field(8, gt=0, description="Requests one replica works on at once (Ray Serve "
-                                      "max_ongoing_requests).")
+                                      "max_ongoing_requests): at least the engine's batch (max_num_seqs), or "
+                                      "Serve caps the batch. The default 8 suits the 2-core CPU demo only; "
+                                      "set it per GPU config.")
     max_queued_requests: int = Field(16, ge=0, description="Requests that may wait for a free replica, counted "
                                      "by each caller (here the one ingress replica), not per replica; past it the "
                                      "endpoint answers 503 (Ray Serve max_queued_requests).")

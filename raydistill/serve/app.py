@@ -18,12 +18,15 @@ This module imports nothing heavy at import time (Ray, vLLM and the ingress load
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from pathlib import Path
 from typing import Any
 
 from ..config import ABConfig, Config, ServeArmConfig, load
 from . import AB_MODEL, ARMS
+
+log = logging.getLogger(__name__)
 
 
 def pick_arm(ab: ABConfig, user: str | None, rng: random.Random | None = None) -> str:
@@ -275,6 +278,42 @@ def port_problem(host: str, port: int) -> str | None:
     return None
 
 
+#: vLLM's default ``max_num_seqs`` per engine (``EngineArgs.get_batch_defaults`` in
+#: vllm/engine/arg_utils.py, vLLM 0.32): GPUs of ≥ 70 GiB other than the A100 (H100, H200, B200 …)
+#: batch up to 1024 sequences, other GPUs 256; the CPU build 128 per engine.
+VLLM_MAX_NUM_SEQS = {"large_gpu": 1024, "gpu": 256, "cpu": 128}
+#: Ray accelerator types that get vLLM's large-GPU default (device memory ≥ 70 GiB, not an A100).
+LARGE_GPUS = ("H100", "H200", "H20", "H800", "B200", "B300", "GB200", "GH200", "MI300X", "MI325X", "MI355X")
+
+
+def engine_batch_size(arm: ServeArmConfig) -> int:
+    """The most sequences one replica's engine batches: ``arm.max_num_seqs`` when set, else vLLM's
+    default for where the replica runs (``VLLM_MAX_NUM_SEQS``): CPU 128; a GPU arm whose
+    ``accelerator_type`` is in ``LARGE_GPUS`` or unset (it may land on one) 1024; other GPUs 256.
+    ``max_ongoing_requests`` below this caps the engine's batch."""
+    if arm.max_num_seqs:
+        return arm.max_num_seqs
+    if arm.gpus_per_replica == 0:
+        return VLLM_MAX_NUM_SEQS["cpu"]
+    large = arm.accelerator_type is None or arm.accelerator_type.upper().startswith(LARGE_GPUS)
+    return VLLM_MAX_NUM_SEQS["large_gpu" if large else "gpu"]
+
+
+def sizing_warnings(cfg: Config) -> list[str]:
+    """One line per GPU arm whose ``max_ongoing_requests`` is below its engine's batch
+    (``engine_batch_size``): Serve would hand the engine fewer sequences than it can batch."""
+    out = []
+    for name in ARMS:
+        arm = getattr(cfg.serve, name)
+        batch = engine_batch_size(arm)
+        if arm.gpus_per_replica > 0 and arm.max_ongoing_requests < batch:
+            out.append(f"serve.{name}.max_ongoing_requests={arm.max_ongoing_requests} is below the engine's batch of "
+                       f"{batch} sequences (max_num_seqs): each replica batches at most {arm.max_ongoing_requests}; "
+                       f"set serve.{name}.max_ongoing_requests={batch} (and max_queued_requests to a few seconds "
+                       "of the arm's requests)")
+    return out
+
+
 def _dtype(arm: ServeArmConfig, gpu: bool) -> str:
     if arm.dtype != "auto":
         return arm.dtype
@@ -299,6 +338,8 @@ def llm_config(name: str, model: str, arm: ServeArmConfig) -> dict[str, Any]:
 
     gpu = arm.gpus_per_replica > 0
     engine_kwargs: dict[str, Any] = dict(dtype=_dtype(arm, gpu), max_model_len=arm.max_model_len)
+    if arm.max_num_seqs:
+        engine_kwargs["max_num_seqs"] = arm.max_num_seqs
     out: dict[str, Any] = {}
     if gpu:
         engine_kwargs["tensor_parallel_size"] = arm.tensor_parallel_size
@@ -346,6 +387,8 @@ def build_app(cfg: Config):
     from .ingress import ENDPOINTS, ABIngress, BearerAuth
 
     key_digest = api_key_digest(cfg)  # ValueError without a key off loopback, or an unset variable
+    for warning in sizing_warnings(cfg):
+        log.warning("serve: %s", warning)
     models = arm_models(cfg)
     fingerprints = arm_fingerprints(cfg)
     configs = [LLMConfig(**llm_config(arm, models[arm], getattr(cfg.serve, arm))) for arm in ARMS]
@@ -426,4 +469,4 @@ def app_builder(args: dict) -> Any:
 
 __all__ = ["AB_MODEL", "ARMS", "api_key_digest", "api_key_problem", "app_builder", "arm_fingerprints", "arm_models",
            "arm_refs", "auth_problem", "build_app", "is_loopback", "llm_config", "model_fingerprint", "pick_arm",
-           "port_problem", "request_via", "serve_problems"]
+           "engine_batch_size", "port_problem", "request_via", "serve_problems", "sizing_warnings"]
