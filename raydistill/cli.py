@@ -138,11 +138,11 @@ def _run_stages(cfg: Config, stages: tuple[str, ...], overwrite: bool = False) -
             elif stage == "train":
                 from .train.trainer import run_train
 
-                run_train(cfg)
+                run_train(cfg, overwrite=overwrite)
             else:
                 from .evaluate import run_evaluate
 
-                run_evaluate(cfg)
+                run_evaluate(cfg, overwrite=overwrite)
             log.info("=== stage %s done in %.0f s ===", stage, time.perf_counter() - ts)
     except (DataError, ModelError, SchemaError, OSError, ValueError) as e:  # OSError: unreachable storage, too
         _fail(str(e))
@@ -160,8 +160,10 @@ def _run_stages(cfg: Config, stages: tuple[str, ...], overwrite: bool = False) -
         typer.echo(f"report: {storage_path(cfg.output_dir, cfg.storage) / 'eval' / 'report.md'}")
 
 
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Delete an existing corpus and generate it again "
-                                            "(by default a rerun continues an unfinished corpus and keeps a finished one).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Make the stages' outputs again even when finished "
+                                            "(by default a finished stage made from the same settings and inputs is "
+                                            "skipped, one made with other settings is refused, an unfinished corpus "
+                                            "is continued and an interrupted training resumes).")]
 
 
 @app.command()
@@ -177,15 +179,16 @@ def generate(config: ConfigArg, set_: SetOpt = None, overwrite: OverwriteOpt = F
 
 
 @app.command()
-def train(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Fine-tune the student on corpus/ → <output_dir>/student/."""
-    _run_stages(_load(config, set_), ("train",))
+def train(config: ConfigArg, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
+    """Fine-tune the student on corpus/ → <output_dir>/student/ (skipped when finished with the same settings)."""
+    _run_stages(_load(config, set_), ("train",), overwrite)
 
 
 @app.command()
-def evaluate(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Compare teacher, baseline and distilled student → <output_dir>/eval/."""
-    _run_stages(_load(config, set_), ("evaluate",))
+def evaluate(config: ConfigArg, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
+    """Compare teacher, baseline and distilled student → <output_dir>/eval/ (skipped when finished with the same
+    settings and models)."""
+    _run_stages(_load(config, set_), ("evaluate",), overwrite)
 
 
 @app.command()

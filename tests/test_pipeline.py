@@ -213,6 +213,7 @@ def write_synthetic_corpus(cfg, n: int) -> None:
     (corpus / "data").mkdir(parents=True)
     pq.write_table(conform(pa.Table.from_pylist(rows), CORPUS_SCHEMA), corpus / "data" / "part-00000.parquet")
     (corpus / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "rows": len(rows),
+                                                      "rows_generated": len(rows),
                                                       "shards": ["data/part-00000.parquet"]}))
 
 
@@ -256,7 +257,13 @@ def test_hf_generator_uses_as_many_threads_as_cpus(tiny_model):
         torch.set_num_threads(before)
 
 
-def test_train_resumes_an_interrupted_run_and_restarts_a_finished_one(tiny_model, tmp_path, ray_local):
+def test_train_resumes_an_interrupted_run_and_restarts_a_finished_one(tiny_model, tmp_path, ray_local, monkeypatch):
+    """Interrupted: resumed (same settings) or started afresh (others). Finished: `raydistill run`
+    after a failed evaluate skips it (student/ untouched, no training step); other settings are
+    refused, naming them; --overwrite trains again from step 1."""
+    from ray.train.torch import TorchTrainer
+
+    import raydistill.evaluate
     from raydistill.train.trainer import run_train
 
     cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
@@ -283,8 +290,35 @@ def test_train_resumes_an_interrupted_run_and_restarts_a_finished_one(tiny_model
     assert [json.loads(x)["step"] for x in (train_dir / "metrics.jsonl").read_text().splitlines()] == \
         list(range(1, per_epoch + 1))
 
-    # Finished: a new run starts from step 1 with the new settings.
-    fresh = run_train(load(cfg_file, sets + ["train.epochs=1"]))
+    # Finished, then evaluate failed: `raydistill run` again skips generate and train.
+    finished_sets = sets + ["train.epochs=1", "train.lr=1e-2"]
+    args = [x for s in finished_sets for x in ("--set", s)]
+    student = Path(cfg.output_dir) / "student"
+    files = {p.name: p.stat().st_mtime_ns for p in student.iterdir()}
+    metrics = (train_dir / "metrics.jsonl").read_text()
+    fit = TorchTrainer.fit
+
+    def no_training(self):
+        raise AssertionError("a finished training ran again")
+
+    def evaluate_fails(cfg, overwrite=False):
+        raise ValueError("the evaluation engine died")
+
+    monkeypatch.setattr(TorchTrainer, "fit", no_training)
+    monkeypatch.setattr(raydistill.evaluate, "run_evaluate", evaluate_fails)
+    for _ in range(2):
+        result = CliRunner().invoke(app, ["run", str(cfg_file), *args])
+        assert result.exit_code == 2 and "the evaluation engine died" in result.output, result.output
+    assert {p.name: p.stat().st_mtime_ns for p in student.iterdir()} == files  # not deleted, not rewritten
+    assert (train_dir / "metrics.jsonl").read_text() == metrics
+    # Another setting: refused with the difference, nothing deleted.
+    result = CliRunner().invoke(app, ["train", str(cfg_file), *[x for s in sets + ["train.epochs=1"]
+                                                                for x in ("--set", s)]])
+    assert result.exit_code == 2 and "train.lr: 0.01 -> 0.003" in result.output and "--overwrite" in result.output
+    assert {p.name: p.stat().st_mtime_ns for p in student.iterdir()} == files
+    # --overwrite: a new run starts from step 1 with the new settings.
+    monkeypatch.setattr(TorchTrainer, "fit", fit)
+    fresh = run_train(load(cfg_file, sets + ["train.epochs=1"]), overwrite=True)
     assert fresh["steps"] == per_epoch
     rows = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in rows] == list(range(1, per_epoch + 1))
@@ -307,7 +341,7 @@ def test_interrupted_training_removes_the_old_student(tiny_model, tmp_path, ray_
 
     monkeypatch.setattr(TorchTrainer, "fit", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_train(load(cfg_file, sets + ["train.epochs=2"]))
+        run_train(load(cfg_file, sets + ["train.epochs=2"]), overwrite=True)
     assert not (Path(cfg.output_dir) / "student").exists()
     result = CliRunner().invoke(app, ["evaluate", str(cfg_file), *[x for s in sets for x in ("--set", s)]])
     assert result.exit_code == 2 and "run `raydistill train` first" in result.output

@@ -442,13 +442,9 @@ def _check_settings(out: StoragePath, settings: dict, finished: bool = False) ->
         settings = {k: v for k, v in settings.items() if k != "filter"}
     elif "filter" not in before:
         before["filter"] = settings["filter"]
-    changed = []
-    for section in sorted(set(before) | set(settings)):
-        a, b = before.get(section), settings.get(section)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changed += [f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        elif a != b:
-            changed.append(f"{section}: {a!r} -> {b!r}")
+    from ..stages import differences
+
+    changed = differences(before, settings)
     if changed and finished:
         raise GenerationError(f"{out} is a finished corpus made with other settings ({'; '.join(changed[:8])}); "
                               "rerun with --overwrite to generate it again with these, or restore them to use it")

@@ -25,6 +25,9 @@ Layout under ``output_dir`` (local or ``s3://``, see ``raydistill.layout``):
   false). ``raydistill train`` after an interrupted run with unchanged settings
   (``train/resume_key.json``) resumes from the latest complete checkpoint (model, optimizer, step,
   data position); a worker that dies is restarted by Ray Train (``train.max_failures``) from there;
+- ``train/_stage.json``: the record of a finished training (``train_stage``): a rerun with the
+  same settings and inputs skips training, one with other settings is refused (``--overwrite``
+  trains again);
 - ``train/metrics.jsonl``: one JSON object per optimizer step (loss, ce, kd, lr, grad_norm, tokens,
   tokens_per_s, seconds; ``val_loss`` with its ``val_ce`` / ``val_kd`` parts at the end of each epoch
   when the corpus has validation rows);
@@ -555,8 +558,38 @@ def _examples_dataset(folder):
         trained_rows, batch_format="pyarrow", batch_size=None)
 
 
-def run_train(cfg: Config) -> dict:
+def train_stage(cfg: Config, manifest: dict):
+    """The train stage's completion record (``raydistill.stages``; ``train/_stage.json``).
+
+    Settings: the ``resume_key`` train settings plus the run length (``epochs``, ``max_steps``: a
+    longer run is another student) but not ``cpus_per_worker`` (threads change nothing trained),
+    the student and the teacher. Inputs: the corpus (its manifest's figures and the manifest
+    file's size and mtime: a regenerated corpus is a new input) and, for ``init=pretrained`` with
+    a local or ``s3://`` folder, that folder's files. Outputs: ``student/`` and ``train/summary.json``."""
+    from ..corpus import MANIFEST
+    from ..layout import corpus_location
+    from ..stages import RECORD, Stage, fingerprint
+    from ..storage import is_remote, storage_path
+
+    key = resume_key(cfg, manifest)
+    train = {k: v for k, v in key["train"].items() if k != "cpus_per_worker"}
+    train.update(epochs=cfg.train.epochs, max_steps=cfg.train.max_steps)
+    inputs = {"corpus": key["corpus"], "corpus_manifest": fingerprint(corpus_location(cfg) / MANIFEST)}
+    model = cfg.student.model
+    if cfg.student.init == "pretrained" and model and (is_remote(model) or Path(model).exists()):
+        inputs["student_model"] = fingerprint(storage_path(model, cfg.storage))
+    out = storage_path(cfg.output_dir, cfg.storage)
+    return Stage("train", out / "train" / RECORD, {"student": out / "student", "summary": out / "train" / "summary.json"},
+                 settings={"train": train, "student": key["student"], "teacher": key["teacher"]}, inputs=inputs)
+
+
+def run_train(cfg: Config, overwrite: bool = False) -> dict:
     """Train the student on ``corpus/`` (split=train) and write ``student/`` + ``train/``.
+
+    A finished training made from the same settings and inputs is not done again (``train_stage``:
+    its summary is returned); one made with other settings is refused (StageSettingsChanged, a
+    ValueError naming the differences) unless ``overwrite``, which also starts an interrupted run
+    afresh instead of resuming it.
 
     Raises FileNotFoundError without a finished corpus, ModelError for a student that cannot be
     built or LoRA targets it lacks, ValueError (``VocabularyMismatch``) for logit KD that cannot
@@ -582,6 +615,9 @@ def run_train(cfg: Config) -> dict:
     manifest = read_manifest(corpus)
     t = cfg.train
     train_dir = out / "train"
+    stage = train_stage(cfg, manifest)
+    if stage.done(overwrite):
+        return json.loads((train_dir / "summary.json").read_text())
     ray_dir = train_dir / "ray"
     train_dir.mkdir()
     if cfg.student.init == "prune":
@@ -614,15 +650,16 @@ def run_train(cfg: Config) -> dict:
 
     # Every refusal above comes before anything of an earlier run is deleted.
     # An interrupted run (no summary.json yet) with the same settings resumes from its latest
-    # checkpoint; a finished run, or one whose settings or corpus changed, starts afresh. Only
-    # the training length (epochs, max_steps) and checkpoint keeping may change on resume.
+    # checkpoint; one whose settings or corpus changed, or any with --overwrite, starts afresh (a
+    # finished run was skipped or refused above). Only the training length (epochs, max_steps)
+    # and checkpoint keeping may change on resume.
     key = resume_key(cfg, manifest)
     key_file = train_dir / "resume_key.json"
     found = latest_checkpoint(ray_dir)
     previous_key = json.loads(key_file.read_text()) if key_file.is_file() else None
     finished = (train_dir / "summary.json").is_file()
     resumed_from = None
-    if found and not finished and previous_key == key:
+    if found and not finished and previous_key == key and not overwrite:
         resumed_from = found[1]["step"]
         log.info("train: resuming an interrupted run from its latest checkpoint (step %d, %s)", resumed_from, found[0])
         # Ray's own record of the run may lag the folder (see latest_checkpoint) or name
@@ -634,13 +671,16 @@ def run_train(cfg: Config) -> dict:
             if d.path not in keep:
                 d.delete()
     else:
-        if found and not finished:
+        if found and not finished and overwrite:
+            log.info("train: --overwrite: the interrupted run's checkpoints are deleted; starting afresh")
+        elif found and not finished:
             log.warning("train: settings or corpus changed since the interrupted run; starting afresh")
         ray_dir.delete()
         for stale in ("summary.json", "metrics.jsonl", "loss.png", "examples"):
             (train_dir / stale).delete()
     key_file.write_text(json.dumps(key, indent=2))
     # The previous student no longer describes this training: never leave it for evaluate.
+    stage.forget()
     (out / "student").delete()
     (train_dir / "student_init.json").write_text(json.dumps(
         {"init": cfg.student.init, "baseline_student": student_ref, "teacher": cfg.teacher.model,
@@ -777,6 +817,7 @@ def run_train(cfg: Config) -> dict:
         log.info("train: deleted the training checkpoints in %s (train.delete_checkpoints)", ray_dir)
     else:
         prune(ray_dir, t.keep_checkpoints)
+    stage.finish()  # last: student/ and summary.json are complete
     log.info("train: loss %.4f -> %.4f over %d steps in %.0f s -> %s", summary["first_loss"],
              summary["last_loss"], len(history), seconds, student_out)
     return summary
