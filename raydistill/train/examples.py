@@ -320,6 +320,55 @@ def trained_rows(batch: pa.Table) -> pa.Table:
     return kept.drop_columns(["drop_reason", "n_labels", "truncated"])
 
 
+def _flat(rows, dtype) -> tuple[Any, Any]:
+    """(values, lengths) of a batch of 1-D sequences (lists, numpy arrays, a numpy object array of
+    arrays, or a 2-D array): the rows concatenated, and each row's length. No per-element loop."""
+    import numpy as np
+
+    if isinstance(rows, np.ndarray) and rows.dtype != object and rows.ndim == 2:
+        return rows.astype(dtype, copy=False).reshape(-1), np.full(rows.shape[0], rows.shape[1], dtype=np.int64)
+    n = len(rows)
+    lens = np.fromiter(map(len, rows), dtype=np.int64, count=n)
+    if not lens.sum():
+        return np.zeros(0, dtype=dtype), lens
+    return np.concatenate(list(rows), dtype=dtype, casting="unsafe"), lens  # one C loop over the rows
+
+
+def _flat2(rows, dtype) -> tuple[Any, Any, Any]:
+    """(values, lengths per inner list, inner lists per row) of a batch of 2-D ragged rows
+    (``topk_ids``: per row, one list of k per KD position; lists or numpy object arrays)."""
+    import numpy as np
+
+    inner, counts = [], np.zeros(len(rows), dtype=np.int64)
+    for i, r in enumerate(rows):  # per row (a micro-batch has batch_size of them), not per token
+        if isinstance(r, np.ndarray) and r.dtype != object and r.ndim == 2:
+            vals = r.astype(dtype, copy=False).reshape(-1)
+            lens = np.full(r.shape[0], r.shape[1], dtype=np.int64)
+        else:
+            vals, lens = _flat(r, dtype)
+        inner.append((vals, lens))
+        counts[i] = len(lens)
+    values = np.concatenate([v for v, _ in inner]) if inner else np.zeros(0, dtype=dtype)
+    lengths = np.concatenate([n for _, n in inner]) if inner else np.zeros(0, dtype=np.int64)
+    return values, lengths, counts
+
+
+def _kd_lists(column, n_pos, dtype) -> tuple[Any, Any, Any]:
+    """The top-k lists of each row's KD positions (``topk_ids`` or ``topk_logprobs``), flat:
+    (values, length of each position's list, lengths of every list given). Lists past a row's
+    ``kd_positions`` are left out; fewer lists than positions is a ValueError naming the row."""
+    import numpy as np
+
+    vals, lens, counts = _flat2(column, dtype)
+    short = np.flatnonzero(counts < n_pos)
+    if len(short):
+        i = int(short[0])
+        raise ValueError(f"micro-batch row {i}: {counts[i]} top-k lists for {n_pos[i]} kd_positions")
+    inner = np.arange(len(lens), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    keep = inner < np.repeat(n_pos, counts)
+    return vals[np.repeat(keep, lens)], lens[keep], lens
+
+
 def collate(rows: dict[str, Any], pad_id: int, packing: bool = False, with_topk: bool = True) -> dict[str, Any]:
     """Right-pad a micro-batch (columns of ``EXAMPLE_SCHEMA``, as lists or numpy object arrays)
     into tensors.
@@ -331,40 +380,93 @@ def collate(rows: dict[str, Any], pad_id: int, packing: bool = False, with_topk:
     ``topk_ids`` (batch, seq, k) long and ``topk_logprobs`` (batch, seq, k) float32 (-inf where
     absent), aligned with ``labels``. Padding is masked by position, never by token id, so an EOS
     equal to the pad token stays in the labels.
+
+    Vectorized: the rows are concatenated and scattered into the padded arrays with numpy (no
+    Python loop over tokens or KD positions; 4 × 1,536 tokens with k = 20 in a few ms instead of
+    0.11 s, ``benchmarks/collate_speed.py``); ``tests/test_collate.py`` pins it to the former
+    per-token implementation.
     """
+    import numpy as np
     import torch
 
-    seqs = [list(x) for x in rows["input_ids"]]
-    labs = [list(x) for x in rows["labels"]]
-    b, width = len(seqs), max(len(s) for s in seqs)
-    ids = torch.full((b, width), pad_id, dtype=torch.long)
-    labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((b, width), dtype=torch.long)
-    pos = torch.zeros((b, width), dtype=torch.long)
-    for i, (s, l) in enumerate(zip(seqs, labs)):
-        ids[i, : len(s)] = torch.tensor(s)
-        labels[i, : len(l)] = torch.tensor(l)
-        mask[i, : len(s)] = 1
-        p = list(rows["position_ids"][i]) if "position_ids" in rows else list(range(len(s)))
-        pos[i, : len(s)] = torch.tensor(p, dtype=torch.long)
-        pos[i, len(s):] = torch.arange(width - len(s))  # padding: a block of its own
-    out: dict[str, Any] = {"input_ids": ids, "labels": labels, "position_ids": pos,
-                           "attention_mask": None if packing else mask}
+    ids_flat, lens = _flat(rows["input_ids"], np.int64)
+    labs_flat, lab_lens = _flat(rows["labels"], np.int64)
+    b, width = len(lens), int(lens.max())
+    cols = np.arange(width, dtype=np.int64)
+    valid = cols[None, :] < lens[:, None]
+    ids = np.full((b, width), pad_id, dtype=np.int64)
+    ids[valid] = ids_flat
+    labels = np.full((b, width), IGNORE_INDEX, dtype=np.int64)
+    labels[cols[None, :] < lab_lens[:, None]] = labs_flat
+    pos = np.broadcast_to(cols, (b, width)) - np.where(valid, 0, lens[:, None])  # padding: a block of its own
+    if "position_ids" in rows:
+        pos[valid] = _flat(rows["position_ids"], np.int64)[0]
+    out: dict[str, Any] = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+                           "position_ids": torch.from_numpy(pos),
+                           "attention_mask": None if packing else torch.from_numpy(valid.astype(np.int64))}
     kd_rows = rows.get("topk_ids") if with_topk else None
     if kd_rows is not None:  # a logit-KD batch: the arrays are there even when no row has a distribution
-        k = max([len(v) for x in kd_rows for v in x] or [1])
-        top_ids = torch.zeros((b, width, k), dtype=torch.long)
-        top_lps = torch.full((b, width, k), float("-inf"), dtype=torch.float32)
-        kd_mask = torch.zeros((b, width), dtype=torch.bool)
-        for i in range(b):
-            positions = list(rows["kd_positions"][i])
-            for j, p in enumerate(positions):
-                row_ids = list(rows["topk_ids"][i][j])
-                row_lps = list(rows["topk_logprobs"][i][j])
-                if not row_ids:
-                    continue
-                top_ids[i, p, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
-                top_lps[i, p, : len(row_lps)] = torch.tensor(row_lps, dtype=torch.float32)
-                kd_mask[i, p] = True
-        out.update(kd_mask=kd_mask, topk_ids=top_ids, topk_logprobs=top_lps)
+        positions, n_pos = _flat(rows["kd_positions"], np.int64)
+        rows_of = np.repeat(np.arange(b, dtype=np.int64), n_pos)  # the row of each KD position
+        id_vals, id_lens, all_lens = _kd_lists(kd_rows, n_pos, np.int64)
+        lp_vals, lp_lens, _ = _kd_lists(rows["topk_logprobs"], n_pos, np.float32)
+        k = int(all_lens.max()) if len(all_lens) else 1
+        top_ids = np.zeros((b, width, k), dtype=np.int64)
+        top_lps = np.full((b, width, k), -np.inf, dtype=np.float32)
+        kd_mask = np.zeros((b, width), dtype=bool)
+        has = id_lens > 0  # a position without teacher ids keeps no distribution (nor its logprobs)
+        cell = rows_of * width + np.where(positions < 0, positions + width, positions)  # flat (row, position)
+        for target, values, lengths in ((top_ids, id_vals, id_lens), (top_lps, lp_vals, lp_lens)):
+            if not has.all():
+                values, lengths = values[np.repeat(has, lengths)], np.where(has, lengths, 0)
+            if len(lengths) and lengths.max() > k:
+                raise ValueError(f"a top-k list of {int(lengths.max())} entries where the ids have at most {k}")
+            j = np.arange(len(values), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            target.reshape(-1)[np.repeat(cell * k, lengths) + j] = values
+        kd_mask.reshape(-1)[cell[has]] = True
+        out.update(kd_mask=torch.from_numpy(kd_mask), topk_ids=torch.from_numpy(top_ids),
+                   topk_logprobs=torch.from_numpy(top_lps))
     return out
+
+
+def prefetched(batches, fn, depth: int = 2, skip: int = 0):
+    """Yield ``fn(batch)`` for each batch of the iterable ``batches``, computed ``depth`` batches
+    ahead in a background thread, so the next micro-batch is collated (``collate``: numpy and torch
+    release the GIL) while the current one trains. The first ``skip`` batches are consumed but not
+    passed to ``fn`` (yielded as None: what a resumed run trained already). An exception in the
+    thread is raised here; closing the generator stops the thread after its current batch."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def work():
+        try:
+            for i, raw in enumerate(batches):
+                item = None if i < skip else fn(raw)
+                while not stop.is_set():
+                    try:
+                        q.put(("ok", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("ok", done))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(("error", e))
+
+    thread = threading.Thread(target=work, name="raydistill-collate", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = q.get()
+            if kind == "error":
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
