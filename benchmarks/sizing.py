@@ -27,8 +27,13 @@ Where each figure comes from (``--help`` lists every input):
 - Training: 6 × parameters × tokens FLOPs (forward 2, backward 4), bf16 dense peak 312 TFLOPS per
   A100 (cluster/aws.yaml's gpu_train nodes, p4de; 989 on H100/H200), model FLOPs utilization 0.35 (Llama 3 reports 0.38–0.43 for pretraining on H100,
   arXiv 2407.21783), times Ray Train's measured efficiency against a plain loop (0.88,
-  benchmarks/README.md, on CPU). Checkpoints hold float32 weights and AdamW's two moments (12 B per
-  parameter); the final one and student/ also a float32 save_pretrained copy (4 B per parameter).
+  benchmarks/README.md, on CPU). A checkpoint holds the trained weights in float32 and AdamW's two
+  moments (12 B per trained parameter; a LoRA run's frozen base is not in it), saved at the steps
+  ``raydistill.train.trainer.checkpoint_steps`` lists (every ``checkpoint_every_steps``, each epoch
+  end when validation runs, and the final step); the final one and student/ also hold the exported
+  student in the dtype of training (bf16 on GPU: 2 B per parameter).
+- LoRA (``--lora-params``, the adapters' parameters): Qwen2.5-14B with r = 16 on q/k/v/o has
+  48 layers × 16 × ((5120 + 5120) × 2 + (5120 + 1024) × 2) = 25.2 M.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Nam
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("teacher_tokens_per_s", "raydistill_efficiency", "logprobs_slowdown", "prefill_tokens_per_s",
                  "decode_tokens_per_s", "student_params", "peak_tflops", "mfu", "train_efficiency",
+                 "lora_params", "export_bytes",
                  "upload_gb_per_s", "input_tokens", "output_tokens"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
@@ -112,6 +118,10 @@ def _parser() -> argparse.ArgumentParser:
     a("--batch-size", type=int, default=4, help="train.batch_size per worker")
     a("--grad-accum", type=int, default=4, help="train.grad_accum_steps")
     a("--checkpoint-every", type=int, default=200, help="train.checkpoint_every_steps")
+    a("--lora-params", type=float, default=48 * 16 * (2 * (5120 + 5120) + 2 * (5120 + 1024)),
+      help="trained parameters of a LoRA run (the LoRA row): Qwen2.5-14B, r = 16 on q/k/v/o")
+    a("--export-bytes", type=float, default=2, help="bytes per parameter of the exported student (the dtype of "
+      "training: 2 for bf16 on GPU, 4 for fp32 on CPU)")
     a("--peak-tflops", type=float, default=312, help="bf16 dense peak per GPU: 312 for A100 (the gpu_train "
       "group of cluster/aws.yaml, p4de), 989 for H100/H200 SXM")
     a("--mfu", type=float, default=0.35, help="model FLOPs utilization")
@@ -153,13 +163,18 @@ def size(args: argparse.Namespace) -> tuple[list[tuple[str, str, str]], dict]:
     flops = 6 * args.student_params * train_tokens
     gpu_flops = args.peak_tflops * 1e12 * args.mfu * args.train_efficiency
     train_gpu_h = flops / gpu_flops / 3600
-    from raydistill.train.trainer import plan_steps  # the trainer's own count (equal split, last step short)
+    # the trainer's own counts: steps (equal split, last step of an epoch short) and the steps it saves at
+    from raydistill.train.trainer import checkpoint_steps, plan_steps
 
-    steps = args.epochs * plan_steps(train_rows, args.train_gpus, args.batch_size, args.grad_accum)[2]
-    n_ckpt = math.ceil(steps / args.checkpoint_every) if args.checkpoint_every else args.epochs
+    per_epoch = plan_steps(train_rows, args.train_gpus, args.batch_size, args.grad_accum)[2]
+    steps = args.epochs * per_epoch
+    saved = checkpoint_steps(steps, per_epoch, args.checkpoint_every, has_validation=args.validation > 0)
+    n_ckpt = len(saved)
     ckpt = 12 * args.student_params
-    student = 4 * args.student_params
+    student = args.export_bytes * args.student_params
     ckpt_total = n_ckpt * ckpt + 2 * student  # + the final checkpoint's hf/ and student/
+    lora_ckpt = 12 * args.lora_params
+    lora_total = n_ckpt * lora_ckpt + 2 * student
     stall_gpu_h = ckpt_total / (args.upload_gb_per_s * 1e9) / 3600 * args.train_gpus
     total_gpu_h = gen_run_gpu_h + train_gpu_h + stall_gpu_h + eval_gpu_h
     row0 = corpus_row_bytes(tok_in, tok_out, args.reference_tokens, 0)
@@ -206,8 +221,16 @@ def size(args: argparse.Namespace) -> tuple[list[tuple[str, str, str]], dict]:
          f"{_mb(corpus0)} / {_mb(pq0)}; top-{kk}: {_mb(corpus20)} / {_mb(pq20)}"),
         ("S3 traffic, generate", "3 × prompts + 4 × corpus parquet (generated/, filter passes, data/)",
          f"{_mb(gen_s3_0)}; top-{kk}: {_mb(gen_s3_20)}"),
-        ("checkpoints (+ student) written to S3", f"⌈{steps} steps / {args.checkpoint_every}⌉ × 12 B × params + 2 × 4 B × params",
-         f"{n_ckpt} × {_mb(ckpt)} + 2 × {_mb(student)} = {_mb(ckpt_total)}"),
+        ("checkpoints saved (steps)", ", ".join(
+            ([f"every {args.checkpoint_every} steps"] if args.checkpoint_every else [])
+            + ([f"each epoch end (every {per_epoch} steps{', where validation runs' if args.validation > 0 else ''})"]
+               if args.validation > 0 or not args.checkpoint_every else []) + ["the final step"]),
+         f"{n_ckpt}: {', '.join(map(str, saved))}"),
+        ("checkpoints (+ student) written to S3", f"checkpoints × 12 B × params + 2 × {args.export_bytes:g} B × params "
+         "(final hf/ and student/)", f"{n_ckpt} × {_mb(ckpt)} + 2 × {_mb(student)} = {_mb(ckpt_total)}"),
+        ("the same with LoRA (adapters + AdamW state only)", "checkpoints × 12 B × LoRA params + 2 × "
+         f"{args.export_bytes:g} B × params (merged student)",
+         f"{n_ckpt} × {_mb(lora_ckpt)} + 2 × {_mb(student)} = {_mb(lora_total)}"),
         ("S3 traffic, train", "corpus + examples × (1 + epochs) + checkpoints", _mb(train_s3)),
         ("S3 traffic, evaluate", "student/ copied to the evaluating node", _mb(student)),
         ("object store, generate: through / in flight",
@@ -221,7 +244,8 @@ def size(args: argparse.Namespace) -> tuple[list[tuple[str, str, str]], dict]:
            "generation_gpu_hours_floor": floor_gpu_h, "training_tokens": train_tokens, "training_flops": flops,
            "training_gpu_hours": train_gpu_h, "checkpoint_stall_gpu_hours": stall_gpu_h,
            "evaluation_gpu_hours": eval_gpu_h, "total_gpu_hours": total_gpu_h, "steps": steps,
-           "checkpoints": n_ckpt, "checkpoint_bytes": ckpt, "corpus_bytes_arrow": corpus0,
+           "checkpoints": n_ckpt, "checkpoint_steps": saved, "checkpoint_bytes": ckpt,
+           "checkpoint_total_bytes": ckpt_total, "lora_checkpoint_bytes": lora_ckpt, "lora_total_bytes": lora_total, "corpus_bytes_arrow": corpus0,
            "corpus_bytes_arrow_top20": corpus20, "corpus_bytes_parquet": pq0, "corpus_bytes_parquet_top20": pq20,
            "s3_generate_bytes": gen_s3_0, "s3_generate_bytes_top20": gen_s3_20, "s3_train_bytes": train_s3,
            "s3_evaluate_bytes": student, "inputs": vars(args)}

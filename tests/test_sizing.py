@@ -76,3 +76,32 @@ def test_logprob_bytes_match_arrow_buffers_of_the_corpus_columns():
     per_token = pq.read_table(pa.BufferReader(buf.getvalue())).nbytes / tokens
     assert per_token == pytest.approx(sizing.logprob_bytes_per_token(k), rel=0.01)
     assert sizing.logprob_bytes_per_token(0) == 0
+
+
+def test_checkpoints_counted_as_the_trainer_saves_them(capsys):
+    """The support config saves at 200, 400, 600 (every 200 steps), at the end of epoch 1 (368:
+    validation runs there) and at the last step: 5 full states, not ⌈736 / 200⌉ = 4. The last one
+    and student/ also hold the bf16 student; a LoRA run's checkpoints hold adapters + AdamW only."""
+    table, raw = _run(capsys)
+    params, lora = 14.7e9, raw["inputs"]["lora_params"]
+    assert raw["steps"] == 736 and raw["checkpoint_steps"] == [200, 368, 400, 600, 736] and raw["checkpoints"] == 5
+    assert raw["checkpoint_total_bytes"] == pytest.approx(5 * 12 * params + 2 * 2 * params)
+    assert lora == 48 * 16 * (2 * (5120 + 5120) + 2 * (5120 + 1024)) == 25_165_824  # Qwen2.5-14B, r 16, q/k/v/o
+    assert raw["lora_total_bytes"] == pytest.approx(5 * 12 * lora + 2 * 2 * params)
+    assert "| 5: 200, 368, 400, 600, 736 |" in table
+    assert raw["checkpoint_stall_gpu_hours"] == pytest.approx(raw["checkpoint_total_bytes"] / 0.5e9 / 3600 * 8)
+    _, quiet = _run(capsys, "--validation", "0")  # no validation: an epoch end off the 200-step grid is not saved
+    assert quiet["checkpoint_steps"] == [200, 400, 600, quiet["steps"]] and quiet["steps"] == 750
+    _, fp32 = _run(capsys, "--export-bytes", "4")
+    assert fp32["checkpoint_total_bytes"] == pytest.approx(5 * 12 * params + 2 * 4 * params)
+
+
+def test_checkpoint_steps_cases():
+    from raydistill.train.trainer import checkpoint_steps
+
+    assert checkpoint_steps(736, 368, 200, has_validation=True) == [200, 368, 400, 600, 736]
+    assert checkpoint_steps(750, 375, 200, has_validation=False) == [200, 400, 600, 750]
+    assert checkpoint_steps(750, 375, 0, has_validation=False) == [375, 750]  # each epoch end without `every`
+    assert checkpoint_steps(10, 5, 5, has_validation=False) == [5, 10]  # an epoch end on the grid: once
+    assert checkpoint_steps(3, 3, 0, has_validation=True) == [3]  # one epoch: the final checkpoint only
+    assert checkpoint_steps(5, 2, 1, has_validation=False) == [1, 2, 3, 4, 5]

@@ -99,6 +99,22 @@ def plan_steps(rows: int, workers: int, batch_size: int, grad_accum_steps: int) 
     return per_rank, micro, math.ceil(micro / grad_accum_steps)
 
 
+def checkpoint_steps(total: int, steps_per_epoch: int, every: int, has_validation: bool) -> list[int]:
+    """The optimizer steps after which the training loop saves a checkpoint (model + optimizer
+    state; the last also holds the exported student), as the loop decides: every ``every`` steps
+    (``train.checkpoint_every_steps``) within an epoch; at each epoch end before ``total`` when
+    ``every`` is 0, falls on it, or validation ran (so the best by validation loss can be kept);
+    and at ``total`` (the final one). Sorted, each step once."""
+    steps = set()
+    for s in range(1, total):
+        if s % steps_per_epoch == 0:  # an epoch end
+            if not every or s % every == 0 or has_validation:
+                steps.add(s)
+        elif every and s % every == 0:
+            steps.add(s)
+    return sorted(steps | {total})
+
+
 def resume_key(cfg: Config, manifest: dict) -> dict:
     """What must be unchanged for an interrupted run to resume: the train settings except its
     length, checkpoint keeping, logging and where the workers run (``accelerator_type``: moving
