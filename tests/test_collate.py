@@ -7,6 +7,7 @@ a plain loop would, in order, skipping without collating."""
 from __future__ import annotations
 
 import random
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -146,7 +147,21 @@ def test_prefetched_yields_in_order_skips_without_calling_and_raises_from_the_th
         for item in prefetched(iter(range(5)), failing):
             got.append(item)
     assert got == [0, 1]
-    # a consumer that stops early (a break) ends the thread instead of leaving it blocked
-    gen = prefetched(iter(range(1000)), lambda x: x, depth=1)
+    # a consumer that stops early (a break) ends the thread instead of leaving it blocked, and the
+    # source generator is closed (Ray Data's iter_batches stops its executor on close)
+    closed = []
+
+    def source():
+        try:
+            yield from range(1000)
+        finally:
+            closed.append(True)
+
+    gen = prefetched(source(), lambda x: x, depth=1)
     assert next(gen) == 0
     gen.close()
+    for _ in range(50):
+        if closed:
+            break
+        time.sleep(0.05)
+    assert closed == [True]

@@ -457,6 +457,10 @@ def prefetched(batches, fn, depth: int = 2, skip: int = 0):
             q.put(("ok", done))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             q.put(("error", e))
+        finally:  # a generator source (Ray Data's iter_batches) stops its work when closed, in this thread
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
 
     thread = threading.Thread(target=work, name="raydistill-collate", daemon=True)
     thread.start()
