@@ -76,6 +76,10 @@ class DataConfig(_Section):
                                         "from a row is an error.")
     id_field: str | None = Field("id", description="Column with a stable prompt id; rows without the "
                                  "column get an id hashed from the prompt text.")
+    group_field: str | None = Field(None, description="Column naming a group of rows that must share one split "
+                                    "(e.g. a conversation id for its turns): the split is decided by the group's "
+                                    "value instead of the row's messages. A row with a null or blank value splits "
+                                    "by its messages; a named column missing from a row is an error.")
     task: TaskName = Field("conversation", description="Task type of every row unless task_field names a column "
                            "(--set data.task=... on the command line clears a task_field set in the file).")
     task_field: str | None = Field(None, description="Column holding a per-row task type (mixed datasets).")

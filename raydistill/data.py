@@ -21,6 +21,7 @@ import math
 import os
 import re
 import string
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -235,9 +236,27 @@ def _template_fields(template: str) -> list[str]:
     return [re.split(r"[.\[]", name, maxsplit=1)[0] for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
-def split_of(prompt_id: str, seed: int, validation: float, test: float) -> str:
-    """Stable split of one prompt: a hash of (seed, prompt id) mapped to [0, 1)."""
-    h = hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()
+#: How ``make_prompts`` decides splits; recorded in ``corpus/prompts/_COMPLETE`` (``split_rule``). A
+#: corpus whose record has none was split by prompt id (an earlier rule).
+SPLIT_RULE = "messages-or-group-sha256"
+
+
+def split_key(messages: list[dict], group: str | None = None) -> str:
+    """What decides a prompt's split (``split_of``'s key): ``group:<value>`` when the row has a
+    ``data.group_field`` value, else ``messages:`` + the SHA-256 of its normalized messages (roles and
+    contents; contents NFC-normalized, lowercased, whitespace collapsed), so the same prompt under two
+    ids, or spaced or cased differently, lands in one split. ``messages``: the row's history before
+    the task's system prompt is added (a system message of its own counts)."""
+    if group is not None:
+        return f"group:{group}"
+    norm = [[m["role"], " ".join(unicodedata.normalize("NFC", m["content"]).lower().split())] for m in messages]
+    return "messages:" + hashlib.sha256(json.dumps(norm, ensure_ascii=False).encode()).hexdigest()
+
+
+def split_of(key: str, seed: int, validation: float, test: float) -> str:
+    """Stable split of one prompt: a hash of (seed, ``key``) mapped to [0, 1). ``key``: ``split_key``
+    of the row (any text: the same key always gets the same split)."""
+    h = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     u = int.from_bytes(h[:8], "big") / 2**64
     if u < test:
         return "test"
@@ -286,7 +305,9 @@ def make_prompts(records: list[dict], data: DataConfig, task_prompts: TaskPrompt
     blank = None); ``task`` from ``data.task_field`` or ``data.task``; ``prompt_id`` from
     ``data.id_field``, else the first 16 hex digits of the SHA-256 of the prompt text (of the
     history's JSON for a conversation; a history of one user message hashes like that text);
-    ``split`` by ``split_of``.
+    ``split`` by ``split_of`` of ``split_key``: the value of ``data.group_field`` when set and not
+    blank (a group's rows share a split), else the normalized messages (the same prompt under
+    several ids shares a split), never the id.
 
     Where errors point: a record's ``__where__`` ("line 12", "row 3") after ``source`` (the file;
     a record's ``__source__``, when present, replaces it); without ``__where__``, ``source`` and
@@ -296,8 +317,9 @@ def make_prompts(records: list[dict], data: DataConfig, task_prompts: TaskPrompt
     not text (null, NaN, a number, a list; chat messages in a prompt column point to
     ``data.messages_field``); a template naming an absent or empty field; a history that is not a
     non-empty list of messages with a known role and text content, that has a system message
-    other than first, or that ends with an assistant turn; a reference or id that is ±Infinity or
-    a list/object; an unknown or empty task type; duplicate prompt ids within ``records``.
+    other than first, or that ends with an assistant turn; a reference, id or group that is
+    ±Infinity or a list/object; a missing ``data.group_field`` column; an unknown or empty task
+    type; duplicate prompt ids within ``records``.
     """
     if data.prompt_template and not data.messages_field:
         try:
@@ -380,12 +402,19 @@ def make_prompts(records: list[dict], data: DataConfig, task_prompts: TaskPrompt
                                f"this {what} repeats"))
         seen[pid] = here
 
+        group = None
+        if data.group_field:
+            if data.group_field not in rec:
+                raise DataError(f"{where}: group field {data.group_field!r} (named by data.group_field) is missing; "
+                                f"row has {_columns(rec)}")
+            group = _cell_text(rec[data.group_field], where, f"group field {data.group_field!r}")
+
         system = data.system_prompt or system_prompts.get(task)
         messages = list(history)
         if system and history[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system})
         out["prompt_id"].append(pid)
-        out["split"].append(split_of(pid, data.seed, data.split.validation, data.split.test))
+        out["split"].append(split_of(split_key(history, group), data.seed, data.split.validation, data.split.test))
         out["task"].append(task)
         out["messages"].append(messages)
         out["reference"].append(reference)

@@ -3,8 +3,9 @@
 Prompts: the ``eval.split`` rows of ``corpus/prompts/``, the split written once by generate
 (``raydistill.corpus.read_prompts``), never ``data.path`` re-read with today's ``data.*``: a changed
 ``data.seed`` (or id field, path, template) would otherwise put training prompts into the test set.
-Evaluate fails when an evaluated prompt id is a train row of the corpus, and logs (and warns in the
-report) when the current ``data.*`` settings differ from those in ``corpus/config.yaml``.
+Evaluate fails when an evaluated prompt's id or messages (normalized, see ``check_unseen``) are a train
+row's of the corpus, naming counts and example ids, and logs (and warns in the report) when the
+current ``data.*`` settings differ from those in ``corpus/config.yaml``.
 ``eval.limit`` keeps a seeded sample spread over the task types (``data.sample_by_task`` with
 ``data.seed``), not the first rows.
 
@@ -873,19 +874,73 @@ def data_changes(corpus, cfg: Config) -> dict[str, dict]:
             if then.get(k) != now.get(k)}
 
 
+def _messages_key(messages: list[dict]) -> str:
+    """The overlap check's key of a prompt: ``data.split_key`` of its non-system messages (the task
+    system prompt that generate adds differs by task; the question asked is what counts)."""
+    from .data import split_key
+
+    return split_key([m for m in messages if m["role"] != "system"])
+
+
+def check_unseen(corpus, prompts: pa.Table, split: str = "test") -> None:
+    """Raise SchemaError when an evaluated prompt was trained on: its id, or its messages (``_messages_key``:
+    roles and normalized contents, the task system prompt left out), equal a train row's of the corpus
+    (``data/``). The message names the counts and up to 10 example ids of each kind.
+
+    Streams the train rows' ``prompt_id`` and ``messages`` shard by shard with the split filter pushed
+    into the parquet reader; the driver holds the evaluated prompts' keys only, not the train set."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from .corpus import PROMPTS_DIR, location, read_manifest
+    from .schema import SchemaError
+
+    loc = location(corpus)
+    ids = prompts.column("prompt_id").to_pylist()
+    keys: dict[str, str] = {}
+    for pid, msgs in zip(ids, prompts.column("messages").to_pylist()):
+        keys.setdefault(_messages_key(msgs), pid)
+    wanted = set(ids)
+    same_id: list[str] = []
+    same_msgs: list[tuple[str, str]] = []
+    shards = [(loc / f).path for f in read_manifest(loc).get("shards", [])]
+    if shards:
+        dataset = pads.dataset(shards, format="parquet", filesystem=loc.fs)
+        for batch in dataset.to_batches(columns=["prompt_id", "messages"], filter=pc.field("split") == "train"):
+            for pid, msgs in zip(batch.column("prompt_id").to_pylist(), batch.column("messages").to_pylist()):
+                if pid in wanted:
+                    same_id.append(pid)
+                elif (test_id := keys.get(_messages_key(msgs))) is not None:
+                    same_msgs.append((test_id, pid))
+    if not same_id and not same_msgs:
+        return
+    parts = []
+    if same_id:
+        parts.append(f"{len(same_id)} share a train row's prompt id ({', '.join(sorted(same_id)[:10])}"
+                     f"{' …' if len(same_id) > 10 else ''})")
+    if same_msgs:
+        tests = {t for t, _ in same_msgs}
+        parts.append(f"{len(tests)} have the same messages as {len(same_msgs)} train row(s) under other ids ("
+                     + ", ".join(f"{split} {t} = train {r}" for t, r in sorted(same_msgs)[:10])
+                     + f"{' …' if len(same_msgs) > 10 else ''})")
+    raise SchemaError(f"{len(set(same_id) | {t for t, _ in same_msgs})} of the {prompts.num_rows} {split} prompt(s) of "
+                      f"{loc / PROMPTS_DIR} were trained on (train rows of the corpus in {loc / 'data'}): "
+                      f"{'; '.join(parts)}. Regenerate the corpus (`raydistill generate --overwrite`: the split "
+                      "now keeps identical prompts, and data.group_field's groups, in one split)")
+
+
 def load_eval_prompts(cfg: Config) -> tuple[pa.Table, dict[str, dict]]:
     """The prompts to evaluate and the data settings changed since the corpus.
 
     Reads the ``eval.split`` rows of ``corpus/prompts/`` (the split written by generate),
     keeps a sample of ``eval.limit`` spread over tasks (``data.sample_by_task``, seed ``data.seed``).
     Raises FileNotFoundError without a finished corpus or prompts/, SchemaError when an
-    evaluated id is in two splits or is a train row of the corpus (the ids are listed), and
-    ValueError when the split is empty.
+    evaluated id is in two splits, or an evaluated prompt's id or messages are a train row's of the
+    corpus (``check_unseen``: counts and example ids), and ValueError when the split is empty.
     """
-    from .corpus import PROMPTS_DIR, corpus_ids, read_prompts
+    from .corpus import PROMPTS_DIR, read_prompts
     from .data import sample_by_task
     from .layout import corpus_location
-    from .schema import SchemaError
 
     corpus = corpus_location(cfg)  # local or s3://
     prompts = read_prompts(corpus, (cfg.eval.split,))
@@ -893,11 +948,7 @@ def load_eval_prompts(cfg: Config) -> tuple[pa.Table, dict[str, dict]]:
     for key, change in changes.items():
         log.warning("evaluate: %s is %r now but %r when the corpus was made; the corpus's own %s split is "
                     "evaluated (%s)", key, change["now"], change["corpus"], cfg.eval.split, corpus / PROMPTS_DIR)
-    clash = sorted(set(prompts.column("prompt_id").to_pylist()) & corpus_ids(corpus, "train"))
-    if clash:
-        raise SchemaError(f"{len(clash)} {cfg.eval.split} prompt(s) of {corpus / PROMPTS_DIR} are train rows of the "
-                          f"corpus in {corpus / 'data'}, so the student was trained on them: {', '.join(clash[:20])}"
-                          f"{' …' if len(clash) > 20 else ''}; regenerate the corpus (`raydistill generate`)")
+    check_unseen(corpus, prompts, cfg.eval.split)
     if prompts.num_rows == 0:
         raise ValueError(f"the {cfg.eval.split} split of {corpus / PROMPTS_DIR} is empty; raise "
                          f"data.split.{cfg.eval.split} and rerun `raydistill generate`")

@@ -90,7 +90,7 @@ def test_evaluated_prompt_that_is_a_train_row_of_the_corpus_fails(tmp_path, tiny
     with pytest.raises(SchemaError) as err:
         load_eval_prompts(cfg)
     msg = str(err.value)
-    assert "2 test prompt(s)" in msg and "are train rows of the corpus" in msg
+    assert "test prompt(s)" in msg and "were trained on" in msg and "2 share a train row's prompt id" in msg
     assert all(pid in msg for pid in moved)
 
 
@@ -100,12 +100,14 @@ def test_eval_limit_is_a_sample_spread_over_tasks(tmp_path, tiny_model):
 
     cfg_file, sets = _config(tmp_path, tiny_model, mixed_prompts(5), ["eval.limit=10"])
     cfg = load(cfg_file, sets)
-    msgs = [{"role": "user", "content": "q"}]
-    rows = ([{"prompt_id": f"m{i}", "split": "test", "task": "math", "messages": msgs, "reference": "1"}
+    def msgs(pid):  # distinct questions: evaluate refuses a test prompt whose messages are a train row's
+        return [{"role": "user", "content": f"q {pid}"}]
+
+    rows = ([{"prompt_id": f"m{i}", "split": "test", "task": "math", "messages": msgs(f"m{i}"), "reference": "1"}
              for i in range(14)]
-            + [{"prompt_id": f"n{i}", "split": "test", "task": "nli", "messages": msgs, "reference": "neutral"}
+            + [{"prompt_id": f"n{i}", "split": "test", "task": "nli", "messages": msgs(f"n{i}"), "reference": "neutral"}
                for i in range(6)]
-            + [{"prompt_id": f"t{i}", "split": "train", "task": "math", "messages": msgs, "reference": "1"}
+            + [{"prompt_id": f"t{i}", "split": "train", "task": "math", "messages": msgs(f"t{i}"), "reference": "1"}
                for i in range(5)])
     write_corpus(cfg, pa.Table.from_pylist(rows, schema=PROMPTS_SCHEMA))
     prompts, _ = load_eval_prompts(cfg)

@@ -278,12 +278,15 @@ def test_run_generate_writes_the_split_and_its_provenance(tiny_model, tmp_path, 
     from raydistill.chat import prompt_ids, stop_token_ids, tokenizer_fingerprint
     from raydistill.config import load
     from raydistill.corpus import read_corpus, read_prompts
-    from raydistill.data import split_of
+    from raydistill.data import split_key, split_of
     from raydistill.generate import run_generate
 
+    def split(text):  # the split hashes the messages, not the id
+        return split_of(split_key([{"role": "user", "content": text}]), 3, 0.2, 0.3)
+
     rows = [{"qid": f"q{i}", "question": f"Tell me fact number {i} about Paris."} for i in range(24)]
-    special_id = next(f"s{k}" for k in range(100) if split_of(f"s{k}", 3, 0.2, 0.3) == "train")
-    rows.append({"qid": special_id, "question": SPECIAL})
+    assert split(SPECIAL) == "train"  # data.seed=3 puts it there: its answer is in the corpus
+    rows.append({"qid": "special", "question": SPECIAL})
     data = write_jsonl(tmp_path / "p.jsonl", rows)
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(yaml.safe_dump({
@@ -302,7 +305,7 @@ def test_run_generate_writes_the_split_and_its_provenance(tiny_model, tmp_path, 
     prompts = read_prompts(corpus)
     assert sorted(p.name for p in corpus.iterdir()) == ["_runs", "_settings.json", "config.yaml", "data", "manifest.json",
                                                         "prompts", "rejects"]
-    want = {r["qid"]: split_of(r["qid"], 3, 0.2, 0.3) for r in rows}
+    want = {r["qid"]: split(r["question"]) for r in rows}
     assert dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("split").to_pylist())) == want
     assert "test" in want.values()
     test_ids = {p for p, s in want.items() if s == "test"}
@@ -319,7 +322,7 @@ def test_run_generate_writes_the_split_and_its_provenance(tiny_model, tmp_path, 
     d = manifest["data"]
     assert (d["path"], d["seed"], d["split"], d["id_field"], d["prompt_field"], d["prompt_template"], d["limit"]) == \
         (str(data), 3, {"validation": 0.2, "test": 0.3}, "qid", "question", None, None)
-    row = next(r for r in table.to_pylist() if r["prompt_id"] == special_id)
+    row = next(r for r in table.to_pylist() if r["prompt_id"] == "special")
     assert row["messages"][-1]["content"] == SPECIAL and row["error"] is None
     assert row["prompt_tokens"] == len(prompt_ids(tok, row["messages"]))
     check_special_prompt(tok, prompt_ids(tok, row["messages"]))

@@ -38,9 +38,7 @@ def _config(tmp_path: Path, model: Path, data: str, output_dir: str, **extra) ->
 
 
 def _expected_ids(rows: list[dict], seed: int = 0) -> set[str]:
-    from raydistill.data import split_of
-
-    return {r["qid"] for r in rows if split_of(r["qid"], seed, 0.1, 0.2) != "test"}
+    return {r["qid"] for r in rows if _split(r, seed) != "test"}
 
 
 def _all_answer_ids(corpus) -> list[str]:
@@ -154,14 +152,15 @@ def test_s3_in_and_out(tiny_model, tmp_path, s3_server, ray_local):
     assert (corpus / "config.yaml").is_file() and not (tmp_path / "runs").exists()
     # a glob over the same shards gives the same prompts
     cfg2 = load(_config(tmp_path, tiny_model, f"{bucket}/prompts/part-[01].jsonl", f"{bucket}/runs/b"))
-    assert run_generate(cfg2)["prompts_by_split"] == {s: sum(1 for r in rows[:16] if _split(r["qid"]) == s)
+    assert run_generate(cfg2)["prompts_by_split"] == {s: sum(1 for r in rows[:16] if _split(r) == s)
                                                        for s in ("train", "validation", "test")}
 
 
-def _split(qid: str) -> str:
-    from raydistill.data import split_of
+def _split(row: dict, seed: int = 0) -> str:
+    """The split of a one-question row (the split hashes the messages, not the id)."""
+    from raydistill.data import split_key, split_of
 
-    return split_of(qid, 0, 0.1, 0.2)
+    return split_of(split_key([{"role": "user", "content": row["question"]}]), seed, 0.1, 0.2)
 
 
 def test_error_share_stops_the_job_and_rows_below_it_are_rejects(tiny_model, tmp_path, ray_local):
@@ -172,10 +171,11 @@ def test_error_share_stops_the_job_and_rows_below_it_are_rejects(tiny_model, tmp
     from raydistill.generate.stage import GenerationError
 
     rows = _prompts(20)
-    long_ids = [r["qid"] for r in rows if _split(r["qid"]) != "test"][:4]
+    long_ids = [r["qid"] for r in rows][:4]
     for r in rows:
-        if r["qid"] in long_ids:
-            r["question"] = "Paris " * 200  # far past max_model_len=128
+        if r["qid"] in long_ids:  # far past max_model_len=128; not a test prompt (the split hashes the text)
+            r["question"] = next(t for k in range(100) for t in [f"{'Paris ' * 200}{r['qid']} {k}"]
+                                 if _split({"question": t}) != "test")
     data = write_jsonl(tmp_path / "p.jsonl", rows)
     answered = len(_expected_ids(rows))
     cfg = load(_config(tmp_path, tiny_model, str(data), str(tmp_path / "run"), generation={"max_error_share": 0.1}))

@@ -25,11 +25,12 @@ REPORT_MODEL_KEYS = {"metrics", "agreement_rougeL", "latency_ms_p50", "latency_m
 
 def user_config(tmp_path: Path, tiny_model: Path, n_prompts: int, engine: str) -> tuple[Path, list[str]]:
     """A user's own JSONL (own field names) and a config file, plus the --set overrides."""
-    from raydistill.data import split_of
+    from raydistill.data import split_key, split_of
 
-    # One over-long prompt (in the train split) must become an error row, not fail the run.
-    long_id = next(f"long{k}" for k in range(100) if split_of(f"long{k}", 0, 0.1, 0.2) == "train")
-    long_row = {"qid": long_id, "kind": "qa", "question": "Paris " * 300, "answer": "Paris"}
+    # One over-long prompt (in the train split: the split hashes the messages) must become an error row, not fail the run.
+    long_text = next(t for k in range(100) for t in ["Paris " * 300 + str(k)]
+                     if split_of(split_key([{"role": "user", "content": t}]), 0, 0.1, 0.2) == "train")
+    long_row = {"qid": "long", "kind": "qa", "question": long_text, "answer": "Paris"}
     data = write_jsonl(tmp_path / "my_prompts.jsonl", mixed_prompts(n_prompts) + [long_row])
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(yaml.safe_dump({

@@ -209,12 +209,13 @@ def _write_prompts(cfg: Config, out: StoragePath) -> dict:
     """Step 1: ``corpus/prompts/`` (every prompt with its split); returns its ``_COMPLETE`` record."""
     import ray
 
-    from ..data import DataError
+    from ..data import SPLIT_RULE, DataError
 
     folder = out / PROMPTS_DIR
     if (folder / COMPLETE).is_file():
         info = json.loads((folder / COMPLETE).read_text())
-        log.info("generate: prompts/ already written (%d prompts); reusing its split", info["rows"])
+        log.info("generate: prompts/ already written (%d prompts); reusing its split (rule: %s)", info["rows"],
+                 info.get("split_rule", "by prompt id, an older rule"))
         return info
     folder.delete()
     files, suffix = prompt_files(cfg)
@@ -250,7 +251,8 @@ def _write_prompts(cfg: Config, out: StoragePath) -> dict:
     if not by_split:
         raise DataError(f"{cfg.data.path}: the dataset is empty (no rows)")
     info = {"rows": sum(by_split.values()), "by_split": {s: by_split.get(s, 0) for s in ("train", "validation", "test")},
-            "inputs": {"files": len(files), "format": suffix, "first": files[0].uri, "last": files[-1].uri}}
+            "inputs": {"files": len(files), "format": suffix, "first": files[0].uri, "last": files[-1].uri},
+            "split_rule": SPLIT_RULE}  # how the split was decided (none recorded: by prompt id, an older rule)
     (folder / COMPLETE).write_text(json.dumps(info))
     return info
 
