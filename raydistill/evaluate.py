@@ -14,8 +14,9 @@ Timing in interleaved rounds: the prompts are cut into ``eval.rounds`` parts (ev
 student and the student answer that part, one after another, then the next round starts. Background
 load on the machine thus falls on all three models alike, and each round gives its own
 student/teacher ratios. Every model answers through ``generate.generate_table`` with engine
-``eval.engine`` (the teacher with the ``teacher.*`` resources, the students with ``eval.*``), one
-engine batch at a time; an API teacher (``teacher.engine: openai``) answers from its endpoint
+``eval.engine`` under the same load (``timed_engines``): every model at ``eval.batch_size`` and
+``eval.replicas``, one batch in flight per replica; the teacher keeps what its model needs (tensor and
+pipeline parallelism, GPUs per replica, dtype, max length), and throughput is also given per GPU; an API teacher (``teacher.engine: openai``) answers from its endpoint
 through the same ``openai`` engine as at generation, and has no memory probe (null figures, noted). Each call starts an engine (vLLM: 10–30 s), which is not in any latency:
 latency is per request. The answers of all rounds together give the quality figures.
 
@@ -74,14 +75,19 @@ fetches them on its own node (``_probe``).
 - ``thresholds``: ``max_ratio_spread``, ``warn_retained_below``, ``repeat_coverage``,
   ``degenerate_share`` (the values the warnings used);
 - ``timing``: ``rounds`` (number of rounds run), ``per_round``: list of ``{round, prompts,
-  models: {name: {latency_ms_p50, output_tokens_per_s, answers}}}``;
+  models: {name: {latency_ms_p50, output_tokens_per_s, answers}}}``, ``settings``: per model the timed
+  engine's ``engine``, ``batch_size``, ``replicas``, ``concurrency`` (batches in flight) and ``gpus``
+  (``timed_engines``: every model runs at ``eval.batch_size`` and ``eval.replicas`` with one batch in
+  flight per replica, so latency and tokens/s ratios compare the same load; report.md states these
+  next to each ratio);
 - ``compared_to_teacher``: per student (``baseline_student``, ``student``): ``params``,
   ``size_mb_eval_dtype`` and ``model_memory_mb`` ratios (student / teacher, null when either is
   missing), and ``latency_ms_p50`` and ``output_tokens_per_s`` ratio summaries over rounds, each
   ``{median, min, max, spread, per_round, trusted}``: ``per_round`` the ratio in each round (null
   where either model answered nothing that round), ``median`` / ``min`` / ``max`` over the rounds
   that have one, ``spread`` = (max − min) / median (null with fewer than two rounds), ``trusted`` =
-  spread ≤ ``eval.max_ratio_spread`` (null when the spread is unknown);
+  spread ≤ ``eval.max_ratio_spread`` (null when the spread is unknown); ``output_tokens_per_s_per_gpu``:
+  the same summary of the per-GPU ratio (null on CPU or for an API teacher);
 - ``retained`` (and ``retained_baseline``): student metric / teacher metric for each
   ``task.metric`` and ``quality``; null where the teacher scored 0 or either is missing; math
   uses strict ``accuracy`` (a stated final answer only), ``accuracy_lenient`` is not in it;
@@ -111,7 +117,8 @@ fetches them on its own node (``_probe``).
 - ``latency_ms_per_token_p50``: median over answers of latency / answer tokens (ms/token); with the
   hf engine a batch's answers return together, so a short answer carries its batch's time;
 - ``output_tokens_per_s``: generated tokens / engine time, the sum over engine batches (run one
-  at a time) of the batch's slowest answer (engine start-up excluded);
+  at a time) of the batch's slowest answer (engine start-up excluded); ``output_tokens_per_s_per_gpu``:
+  that / the GPUs the engine holds (``timing.settings``; null on CPU or for an API endpoint);
 - ``repetitive_share``: share of answers whose most repeated n-gram (n ≤ 4 tokens, at least 3
   occurrences) covers more than ``repeat_coverage`` (0.5) of the answer's tokens;
   ``max_repeat_run``: the longest run of one n-gram repeated back to back in any answer (repeats);
@@ -375,7 +382,7 @@ def timing_ratios(per_round: list[dict[str, dict]], student: str, max_spread: fl
 def build_report(answers: dict[str, pa.Table], model_info: dict[str, dict], *, split: str, teacher: str,
                  engine: str, label_map: dict | None, max_ratio_spread: float, warn_retained_below: float,
                  extra: dict | None = None, marker: str = "####",
-                 timing: dict[str, pa.Table | None] | None = None) -> dict:
+                 timing: dict[str, pa.Table | None] | None = None, settings: dict[str, dict] | None = None) -> dict:
     """The report dict (see module docstring) from the answers of the three models.
 
     Args:
@@ -389,6 +396,9 @@ def build_report(answers: dict[str, pa.Table], model_info: dict[str, dict], *, s
         timing: model name → the table its latency and throughput figures come from instead of its
             answers (served requests: ``latency_s``, ``response_tokens``, ``batch_id``, ``error``,
             ``round``), or None for no timing figures (null); models not in it are timed by their answers.
+        settings: model name → the timed engine's settings (``timing_settings``: batch_size, replicas,
+            concurrency, gpus), reported as ``timing.settings``; ``gpus`` > 0 gives
+            ``output_tokens_per_s_per_gpu`` and its student/teacher ratio.
     Returns:
         A dict that ``json.dumps(..., allow_nan=False)`` accepts.
     """
@@ -404,6 +414,9 @@ def build_report(answers: dict[str, pa.Table], model_info: dict[str, dict], *, s
             rep[key] = info.get(key)
         per_param = BYTES_PER_PARAM.get(rep["dtype"] or "")
         rep["size_mb_eval_dtype"] = round(rep["params"] * per_param / 1e6, 2) if rep["params"] and per_param else None
+        gpus = (settings or {}).get(name, {}).get("gpus")
+        rep["output_tokens_per_s_per_gpu"] = (rep["output_tokens_per_s"] / gpus
+                                              if gpus and rep["output_tokens_per_s"] is not None else None)
         models[name] = rep
 
     import pyarrow.compute as pc
@@ -433,6 +446,10 @@ def build_report(answers: dict[str, pa.Table], model_info: dict[str, dict], *, s
             "model_memory_mb": _ratio(s["model_memory_mb"], t["model_memory_mb"]),
             **timing_ratios([p["models"] for p in per_round], name, max_ratio_spread),
         }
+        s_gpus, t_gpus = ((settings or {}).get(n, {}).get("gpus") for n in (name, "teacher"))
+        tps = compared[name]["output_tokens_per_s"]["per_round"]
+        compared[name]["output_tokens_per_s_per_gpu"] = ratio_spread(
+            [v * t_gpus / s_gpus if v is not None and s_gpus and t_gpus else None for v in tps], max_ratio_spread)
     tasks = teacher_rows.column("task").to_pylist()
     report = {
         "split": split, "prompts": teacher_rows.num_rows,
@@ -447,7 +464,7 @@ def build_report(answers: dict[str, pa.Table], model_info: dict[str, dict], *, s
                        "repeat_coverage": REPEAT_COVERAGE, "degenerate_share": DEGENERATE_SHARE},
         "warnings": [],
         "models": models,
-        "timing": {"rounds": len(per_round), "per_round": per_round},
+        "timing": {"rounds": len(per_round), "per_round": per_round, "settings": settings},
         "compared_to_teacher": compared,
         "retained": retained(models["student"], models["teacher"]),
         "retained_baseline": retained(models["baseline_student"], models["teacher"]),
@@ -556,6 +573,23 @@ def _fmt_ratio(r: dict, what: str) -> str:
     return text
 
 
+def _settings_text(report: dict) -> str:
+    """' (every model at batch 16, 1 replica, 1 batch in flight; GPUs: teacher 8, student 1)' from
+    ``timing.settings``, or '' without settings; says so when the models' loads differ."""
+    settings = report["timing"].get("settings")
+    if not settings or "teacher" not in settings or "student" not in settings:
+        return ""
+    t, s = settings["teacher"], settings["student"]
+    load = (f"batch {s['batch_size']}, {s['replicas']} replica(s), {s['concurrency']} batch(es) in flight")
+    same = all(t[k] == s[k] for k in ("batch_size", "replicas", "concurrency"))
+    if same:
+        text = f"every model at {load}"
+    else:
+        text = (f"**different loads**: student at {load}, teacher at batch {t['batch_size']}, {t['replicas']} "
+                f"replica(s), {t['concurrency']} batch(es) in flight")
+    return f" ({text}; GPUs: teacher {_fmt(t['gpus'])}, student {_fmt(s['gpus'])})"
+
+
 def corpus_rejects(corpus) -> dict | None:
     """``report.json``'s ``corpus_rejects`` from the corpus manifest (``corpus.read_manifest``):
     ``{"rows_kept": int | None, "rows_rejected": int, "rejects": {reason: count}}``, or None when
@@ -628,6 +662,7 @@ def write_markdown(report: dict, answers: dict[str, pa.Table], path: Path) -> No
             ("latency p50 per answer (ms)", "latency_ms_p50", 1), ("latency p95 per answer (ms)", "latency_ms_p95", 1),
             ("latency p50 per output token (ms/token)", "latency_ms_per_token_p50", 1),
             ("output tokens/s", "output_tokens_per_s", 1),
+            ("output tokens/s per GPU", "output_tokens_per_s_per_gpu", 1),
             ("model memory: weights + activations (MB)", "model_memory_mb", 1),
             ("process baseline: interpreter + libraries (MB)", "process_baseline_mb", 1),
             ("peak process memory (MB)", "peak_memory_mb", 1), ("eval dtype", "dtype", 0),
@@ -676,8 +711,10 @@ def write_markdown(report: dict, answers: dict[str, pa.Table], path: Path) -> No
               f"{_fmt(cmp['size_mb_eval_dtype'], 2)}×; model memory {_fmt(cmp['model_memory_mb'], 2)}× "
               f"({_fmt(s['model_memory_mb'], 0)} vs {_fmt(t['model_memory_mb'], 0)} MB, besides a process "
               f"baseline of about {_fmt(t['process_baseline_mb'], 0)} MB).",
-              f"- Latency p50 (median over rounds): {_fmt_ratio(cmp['latency_ms_p50'], theirs)}.",
-              f"- Output tokens/s (median over rounds): {_fmt_ratio(cmp['output_tokens_per_s'], theirs)}.",
+              f"- Latency p50 (median over rounds): {_fmt_ratio(cmp['latency_ms_p50'], theirs)}"
+              f"{_settings_text(report)}.",
+              f"- Output tokens/s (median over rounds): {_fmt_ratio(cmp['output_tokens_per_s'], theirs)}"
+              f"{_settings_text(report)}; per GPU: {_fmt_ratio(cmp['output_tokens_per_s_per_gpu'], theirs)}.",
               f"- Answers that ended by themselves: student {_pct(s['finish_stop_share'])}, teacher "
               f"{_pct(t['finish_stop_share'])}; mean length {_fmt(s['mean_output_tokens'], 1)} vs "
               f"{_fmt(t['mean_output_tokens'], 1)} tokens.", "",
@@ -957,6 +994,41 @@ def load_eval_prompts(cfg: Config) -> tuple[pa.Table, dict[str, dict]]:
     return prompts, changes
 
 
+def timed_engines(cfg: Config) -> dict[str, EngineConfig]:
+    """The engine each model answers with in the timed rounds: one generation path for all three
+    (``eval.engine``; an API teacher through ``openai``), and the same load for every model, so the
+    ratios compare like with like: ``eval.batch_size`` prompts per batch, ``eval.replicas`` replicas,
+    one batch in flight per replica (per-batch timings then add up to engine time). The teacher keeps
+    what its model needs (tensor/pipeline parallelism, GPUs per replica, dtype, max length); the
+    students use ``eval.*``. ``timing_settings`` states the result per model."""
+    same = {"batch_size": cfg.eval.batch_size, "replicas": cfg.eval.replicas, "max_concurrent_batches": 1}
+    engine = "openai" if cfg.teacher.engine == "openai" else cfg.eval.engine
+    return {"teacher": cfg.teacher.model_copy(update={"engine": engine, **same}),
+            "baseline_student": cfg.eval.model_copy(update=same), "student": cfg.eval.model_copy(update=same)}
+
+
+def engine_gpus(engine: EngineConfig) -> float | None:
+    """GPUs one engine holds: replicas × GPUs per replica (vLLM: at least tensor × pipeline parallel
+    size); 0 on CPU; None for an API endpoint (unknown)."""
+    if engine.engine == "openai":
+        return None
+    if _engine_device(engine)[1] != "cuda":
+        return 0
+    per = engine.gpus_per_replica
+    if engine.engine == "vllm":
+        per = max(per, engine.tensor_parallel_size * getattr(engine, "pipeline_parallel_size", 1))
+    return engine.replicas * per
+
+
+def timing_settings(engines: dict[str, EngineConfig]) -> dict[str, dict]:
+    """``report.json``'s ``timing.settings``: per model the engine, ``batch_size``, ``replicas``,
+    ``concurrency`` (batches in flight at once: replicas × max_concurrent_batches) and ``gpus``
+    (``engine_gpus``: the divisor of ``output_tokens_per_s_per_gpu``; 0 on CPU, null for an API)."""
+    return {name: {"engine": e.engine, "batch_size": e.batch_size, "replicas": e.replicas,
+                   "concurrency": e.replicas * e.max_concurrent_batches, "gpus": engine_gpus(e)}
+            for name, e in engines.items()}
+
+
 def _engine_device(engine: EngineConfig) -> tuple[str, str]:
     """(dtype, device) the evaluation engine runs a model in (as ``generate`` decides)."""
     from .runtime import on_gpu_machine
@@ -1048,13 +1120,7 @@ def run_evaluate(cfg: Config, overwrite: bool = False) -> dict:
         check_served_models(cfg, endpoint)  # the endpoint's student and teacher are this run's
     init_ray()
     gen = cfg.generation.model_copy(update={"top_k_logprobs": 0})
-    # One generation path for all three (eval.engine); the teacher keeps its own resources
-    # (tensor parallelism, dtype, max length), the students use eval.*.
-    # Batches one at a time, so that per-batch timings add up to engine time (tokens/s).
-    one = {"max_concurrent_batches": 1}
-    engines = {"teacher": cfg.teacher.model_copy(update={"engine": "openai" if api_teacher else cfg.eval.engine,
-                                                          **one}),
-               "baseline_student": cfg.eval.model_copy(update=one), "student": cfg.eval.model_copy(update=one)}
+    engines = timed_engines(cfg)
     parts = split_rounds(prompts, cfg.eval.rounds)
     if len(parts) < cfg.eval.rounds:
         log.warning("evaluate: %d prompts, so %d timing rounds instead of eval.rounds=%d", prompts.num_rows,
@@ -1200,7 +1266,8 @@ def finish_evaluation(cfg: Config, prompts: pa.Table, answers: dict[str, pa.Tabl
             warn_retained_below=cfg.eval.warn_retained_below, marker=cfg.task_prompts.final_answer_marker,
             extra={"prompt_source": str(corpus_location(cfg) / PROMPTS_DIR), "limit": cfg.eval.limit,
                    "data_changed_since_corpus": changes, "corpus_rejects": corpus_rejects(corpus_location(cfg)),
-                   "timing_source": source, "provenance": provenance()}, timing=timing)
+                   "timing_source": source, "provenance": provenance()}, timing=timing,
+            settings=timing_settings(engines))
         write_report(tmp, report, answers)
         (tmp / "config.yaml").write_text(cfg.dump())
         if staging:

@@ -378,3 +378,50 @@ def test_finite_makes_reports_strict_json():
     out = finite(report)
     assert out == {"a": None, "b": [1.5, None, {"c": None, "d": [2, None]}], "e": "x", "f": None, "g": 3}
     assert json.loads(json.dumps(out, allow_nan=False)) == out
+
+
+def test_timed_engines_run_every_model_at_the_same_load():
+    """Teacher batch 128 × 2 replicas on TP8 vs students batch 64 × 1 on one GPU made the ratios compare
+    different loads; the timed rounds give every model eval's batch size, replicas and concurrency."""
+    from raydistill.config import Config
+    from raydistill.evaluate import timed_engines, timing_settings
+
+    cfg = Config.model_validate({
+        "teacher": {"model": "t", "engine": "vllm", "batch_size": 128, "replicas": 2, "tensor_parallel_size": 8,
+                    "max_concurrent_batches": 4},
+        "eval": {"engine": "vllm", "batch_size": 64, "replicas": 1, "gpus_per_replica": 1}})
+    engines = timed_engines(cfg)
+    assert engines["teacher"].tensor_parallel_size == 8  # what the model needs stays
+    settings = timing_settings(engines)
+    for name in MODEL_NAMES:
+        assert {k: settings[name][k] for k in ("engine", "batch_size", "replicas", "concurrency")} == \
+            {"engine": "vllm", "batch_size": 64, "replicas": 1, "concurrency": 1}, name
+    assert (settings["teacher"]["gpus"], settings["student"]["gpus"]) == (8, 1)
+
+
+def test_report_gives_throughput_per_gpu_and_states_the_settings(tmp_path):
+    rows = _rows(2)
+    teacher = [dict(r, latency_s=1.0, response_tokens=40, batch_id=f"t{i}") for i, r in enumerate(rows)]
+    student = [dict(r, latency_s=1.0, response_tokens=20, batch_id=f"s{i}") for i, r in enumerate(rows)]
+    answers = {"teacher": _table(teacher, [0, 1]), "baseline_student": _table(student, [0, 1]),
+               "student": _table(student, [0, 1])}
+    load = {"engine": "vllm", "batch_size": 64, "replicas": 1, "concurrency": 1}
+    settings = {"teacher": dict(load, gpus=8), "baseline_student": dict(load, gpus=1), "student": dict(load, gpus=1)}
+    report = _report(answers, settings=settings)
+    m = report["models"]
+    assert m["teacher"]["output_tokens_per_s"] == pytest.approx(40.0)
+    assert m["teacher"]["output_tokens_per_s_per_gpu"] == pytest.approx(5.0)
+    assert m["student"]["output_tokens_per_s_per_gpu"] == pytest.approx(20.0)
+    cmp = report["compared_to_teacher"]["student"]
+    assert cmp["output_tokens_per_s"]["median"] == pytest.approx(0.5)
+    assert cmp["output_tokens_per_s_per_gpu"]["median"] == pytest.approx(4.0)  # 20 / 5 tokens/s per GPU
+    assert report["timing"]["settings"] == settings
+    write_report(tmp_path, report, answers)
+    md = (tmp_path / "report.md").read_text()
+    said = "(every model at batch 64, 1 replica(s), 1 batch(es) in flight; GPUs: teacher 8, student 1)"
+    assert f"Output tokens/s (median over rounds): 0.50× the teacher's (rounds 0.50–0.50, spread 0%) {said}" in md
+    assert "per GPU: 4.00× the teacher's" in md and f"Latency p50 (median over rounds): 1.00× the teacher's" in md
+    # without settings (e.g. an older caller) nothing is claimed
+    plain = _report(answers)
+    assert plain["models"]["teacher"]["output_tokens_per_s_per_gpu"] is None
+    assert plain["compared_to_teacher"]["student"]["output_tokens_per_s_per_gpu"]["median"] is None
