@@ -137,9 +137,13 @@ def pack(examples: list[dict[str, list]], max_len: int) -> list[dict[str, list]]
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(folder: str):
+    """The tokenizer of the model reference ``folder`` (its tokenizer files only: an ``s3://`` or hub
+    student is fetched where this task runs, not read from the driver's disk)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder)
+    from ..models import model_metadata
+
+    return AutoTokenizer.from_pretrained(model_metadata(folder))
 
 
 def tokenize_batch(batch: pa.Table, *, tokenizer_dir: str, max_len: int, source: str, stop_ids: list[int],

@@ -210,6 +210,9 @@ def check_logit_kd(cfg: Config, manifest: dict, student_tokenizer, student_dir: 
     tokenizers differ (``chat.tokenizer_fingerprint``), or a teacher id would fall outside the
     student's embedding matrix. An embedding matrix larger than the tokenizer is fine: the ids the
     tokenizers share map to the same rows. The message names both sizes and suggests sequence_kd.
+    Runs for every kind of model reference (local folder, ``embedded:``, hub id, ``s3://``): the
+    student is read from ``student_dir``, its metadata folder (``models.model_metadata``), and an
+    online teacher from its own metadata files; no weight is read.
     """
     from ..chat import tokenizer_fingerprint
 
@@ -237,11 +240,16 @@ def check_logit_kd(cfg: Config, manifest: dict, student_tokenizer, student_dir: 
         tok = local_teacher_tokenizer(cfg.teacher.model)
         teacher_size = manifest.get("teacher_vocab_size") or (len(tok) if tok is not None else "an unknown number of")
     else:
-        tok = local_teacher_tokenizer(cfg.teacher.model)
-        if tok is None:
-            raise ValueError(f"train.kd.teacher=online needs teacher.model ({cfg.teacher.model}) on this machine "
-                             "(a local folder, an embedded model or a hub id in the local cache)")
-        teacher_rows = _embedding_rows(Path(str(_resolved(cfg.teacher.model))))
+        from transformers import AutoTokenizer
+
+        from ..models import ModelError, model_metadata
+
+        try:
+            teacher_meta = model_metadata(cfg.teacher.model, cfg.storage)  # config and tokenizer files only
+        except ModelError as e:
+            raise ValueError(f"train.kd.teacher=online: teacher.model: {e}") from e
+        tok = AutoTokenizer.from_pretrained(teacher_meta)
+        teacher_rows = _embedding_rows(teacher_meta)
         if tokenizer_fingerprint(tok) == tokenizer_fingerprint(student_tokenizer) and \
                 (teacher_rows is None or rows is None or min(teacher_rows, rows) >= student_size):
             return
@@ -621,7 +629,7 @@ def run_train(cfg: Config, overwrite: bool = False) -> dict:
     from ..chat import stop_token_ids
     from ..corpus import read_manifest
     from ..layout import corpus_location
-    from ..models import require_chat_template, resolve_model
+    from ..models import model_metadata, require_chat_template, resolve_model
     from ..runtime import init_ray, provenance
     from ..storage import storage_path, upload_dir
     from .observe import plot_losses
@@ -644,11 +652,12 @@ def run_train(cfg: Config, overwrite: bool = False) -> dict:
             upload_dir(student_dir, out / "baseline_student")
     else:
         student_ref = resolve_model(cfg.student.model)
-        student_dir = Path(student_ref)
-        if student_dir.exists():
+        if Path(student_ref).exists():
             # Ray Train workers do not run in the driver's working directory: hand them absolute paths.
-            student_dir = student_dir.resolve()
-            student_ref = str(student_dir)
+            student_ref = str(Path(student_ref).resolve())
+        # Its config and tokenizer files (a hub id or s3:// student: fetched, without its weights),
+        # so that every check below runs for every kind of reference; the workers load the weights.
+        student_dir = model_metadata(student_ref, cfg.storage)
     check_lora_targets(cfg, student_dir)
 
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
@@ -712,7 +721,7 @@ def run_train(cfg: Config, overwrite: bool = False) -> dict:
             # the interrupted run's examples, in their order: the resumed run skips exactly what it trained
             counts[split] = example_counts(folder)
             continue
-        counts[split] = write_examples(data_files, corpus.fs, split, folder, tokenizer_dir=str(student_dir), cfg=cfg,
+        counts[split] = write_examples(data_files, corpus.fs, split, folder, tokenizer_dir=student_ref, cfg=cfg,
                                        source=source, stop_ids=stop_ids, with_topk=with_topk)
     n_train, n_val = counts["train"]["rows"], counts["validation"]["rows"]
     dropped = dict(counts["train"]["dropped"])
