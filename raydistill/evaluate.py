@@ -9,16 +9,17 @@ current ``data.*`` settings differ from those in ``corpus/config.yaml``.
 ``eval.limit`` keeps a seeded sample spread over the task types (``data.sample_by_task`` with
 ``data.seed``), not the first rows.
 
-Timing in interleaved rounds: the prompts are cut into ``eval.rounds`` parts (every
-``rounds``-th prompt, so each part mixes the tasks); in each round the teacher, the baseline
-student and the student answer that part, one after another, then the next round starts. Background
-load on the machine thus falls on all three models alike, and each round gives its own
-student/teacher ratios. Every model answers through ``generate.generate_table`` with engine
+Timing in rounds: the prompts are cut into ``eval.rounds`` parts of whole engine batches
+(``split_rounds``: an interleaved order, so each part mixes the tasks). Each model starts one engine
+for the whole evaluation and answers every round in it, round after round (``answer_rounds``; a batch
+never holds two rounds), then the next model: ``eval.rounds`` no longer multiplies engine loads (hours
+for a 405B teacher). Each round gives its own student/teacher ratios, and their spread shows load
+that changed while timing. Every model answers through ``generate.answer_dataset`` with engine
 ``eval.engine`` under the same load (``timed_engines``): every model at ``eval.batch_size`` and
 ``eval.replicas``, one batch in flight per replica; the teacher keeps what its model needs (tensor and
 pipeline parallelism, GPUs per replica, dtype, max length), and throughput is also given per GPU; an API teacher (``teacher.engine: openai``) answers from its endpoint
-through the same ``openai`` engine as at generation, and has no memory probe (null figures, noted). Each call starts an engine (vLLM: 10–30 s), which is not in any latency:
-latency is per request. The answers of all rounds together give the quality figures.
+through the same ``openai`` engine as at generation, and has no memory probe (null figures, noted).
+Engine start (vLLM: 10 s to hours by model size) is not in any latency: latency is per request. The answers of all rounds together give the quality figures.
 
 ``eval.latency_source: serve``: the answers, and so every quality figure, come from the engines as
 above, but the latency and throughput figures of the teacher and the student come from the running
@@ -314,11 +315,58 @@ def retained(student: dict, teacher: dict) -> dict[str, float | None]:
 
 # ----------------------------------------------------------------------------- rounds
 
-def split_rounds(prompts: pa.Table, rounds: int) -> list[pa.Table]:
-    """Cut ``prompts`` into ``min(rounds, rows)`` parts: part r holds rows r, r + R, r + 2R, …
-    (so each part mixes the task types). Every row lands in exactly one part."""
-    n = max(1, min(rounds, prompts.num_rows))
-    return [prompts.take(list(range(r, prompts.num_rows, n))) for r in range(n)]
+def split_rounds(prompts: pa.Table, rounds: int, batch_size: int | None = None) -> list[pa.Table]:
+    """Cut ``prompts`` into timing rounds; every row lands in exactly one part, no part is empty.
+
+    Without ``batch_size``: ``min(rounds, rows)`` parts, part r holds rows r, r + R, r + 2R, … (so
+    each part mixes the task types). With ``batch_size`` (B): rounds of whole engine batches, so that
+    one engine answering all rounds in a row never puts two rounds in one batch: ``R = min(rounds,
+    ⌈rows / B⌉)`` parts, each a run of B × k rows of the interleaved order (rows 0, R, 2R, …, then 1,
+    1 + R, …), k = ⌈rows / B⌉ / R (the first parts one batch more when it does not divide); the one
+    short batch, if any, ends the last part."""
+    rows = prompts.num_rows
+    if batch_size is None:
+        n = max(1, min(rounds, rows))
+        return [prompts.take(list(range(r, rows, n))) for r in range(n)]
+    batches = max(1, math.ceil(rows / batch_size))
+    n = max(1, min(rounds, batches))
+    order = [i for r in range(n) for i in range(r, rows, n)]
+    per = [batches // n + (r < batches % n) for r in range(n)]
+    parts, start = [], 0
+    for r in range(n):
+        end = rows if r == n - 1 else start + per[r] * batch_size
+        parts.append(prompts.take(order[start:end]))
+        start = end
+    return parts
+
+
+def answer_rounds(parts: list[pa.Table], model: str, engine: EngineConfig, gen, storage=None) -> pa.Table:
+    """One model answers every round with one engine: the rounds' prompts go, round after round, as
+    blocks of ``engine.batch_size`` rows (a block never holds two rounds; ``split_rounds`` with that
+    batch size makes every round but the last whole batches) into one ``answer_dataset`` (one engine
+    start, one actor pool) instead of one engine per round.
+
+    Returns the answers (``GENERATED_SCHEMA`` + ``round``: int32, the part's index), in the order of
+    the parts. Raises RuntimeError when a prompt is missing from the answers or answered twice."""
+    import ray
+
+    from .generate import GENERATED_SCHEMA
+    from .generate.answer import answer_dataset
+
+    size = engine.batch_size
+    blocks = [part.slice(i, size) for part in parts for i in range(0, part.num_rows, size)]
+    out = answer_dataset(ray.data.from_arrow(blocks), model, engine, gen, storage)
+    batches = list(out.iter_batches(batch_format="pyarrow", batch_size=None))
+    table = pa.concat_tables(batches) if batches else GENERATED_SCHEMA.empty_table()
+    where = {pid: (r, i) for r, part in enumerate(parts) for i, pid in enumerate(part.column("prompt_id").to_pylist())}
+    ids = table.column("prompt_id").to_pylist()
+    if len(ids) != len(where) or set(ids) != set(where):
+        raise RuntimeError(f"{model}: the engine returned {len(ids)} answers for {len(where)} prompts (missing e.g. "
+                           f"{sorted(set(where) - set(ids))[:10]}, duplicated e.g. "
+                           f"{sorted({i for i in ids if ids.count(i) > 1})[:10]})")
+    table = table.take(sorted(range(len(ids)), key=lambda k: where[ids[k]]))
+    return table.append_column("round", pa.array([where[i][0] for i in table.column("prompt_id").to_pylist()],
+                                                 pa.int32()))
 
 
 def round_figures(table: pa.Table) -> dict:
@@ -647,7 +695,7 @@ def write_markdown(report: dict, answers: dict[str, pa.Table], path: Path) -> No
     dtypes = ", ".join(f"{n} {probe['models'][n]['dtype'] or 'n/a'} on {probe['models'][n]['device'] or 'n/a'}"
                        for n in names)
     lines += [f"Split `{report['split']}`, {report['prompts']} prompts ({by_task}); teacher `{report['teacher']}`; "
-              f"engine `{report['engine']}`, timed in {report['timing']['rounds']} interleaved round(s). "
+              f"engine `{report['engine']}`, timed in {report['timing']['rounds']} round(s), one engine per model. "
               f"Memory measured with {probe['engine']} (batch {_fmt(probe['batch'])}, {probe['max_new_tokens']} new "
               f"tokens) in each model's evaluation dtype: {dtypes}.", "",
               *_timing_source_markdown(report.get("timing_source")),
@@ -677,7 +725,7 @@ def write_markdown(report: dict, answers: dict[str, pa.Table], path: Path) -> No
 
     lines += _rejects_markdown(report.get("corpus_rejects"))
     lines += ["", "## Timing rounds", "",
-              "Each round, every model answers the same part of the prompts, one after another.", "",
+              "Every model answers the same parts of the prompts (rounds), each in one engine for all its rounds.", "",
               "| round | prompts | " + " | ".join(f"{n} p50 (ms)" for n in names) +
               " | student/teacher latency | student/teacher tokens/s |", "|---|---|" + "---|" * (len(names) + 2)]
     for r in report["timing"]["per_round"]:
@@ -1079,7 +1127,6 @@ def run_evaluate(cfg: Config, overwrite: bool = False) -> dict:
     and a later failure keeps ``eval.partial/`` (the log says so). With an ``s3://`` output_dir the
     students are read through a local copy and ``eval/`` is uploaded (see the module docstring).
     """
-    from .generate import generate_table
     from .layout import baseline_student_ref, student_dir
     from .models import resolve_model
     from .runtime import init_ray
@@ -1121,26 +1168,20 @@ def run_evaluate(cfg: Config, overwrite: bool = False) -> dict:
     init_ray()
     gen = cfg.generation.model_copy(update={"top_k_logprobs": 0})
     engines = timed_engines(cfg)
-    parts = split_rounds(prompts, cfg.eval.rounds)
+    parts = split_rounds(prompts, cfg.eval.rounds, cfg.eval.batch_size)
     if len(parts) < cfg.eval.rounds:
-        log.warning("evaluate: %d prompts, so %d timing rounds instead of eval.rounds=%d", prompts.num_rows,
-                    len(parts), cfg.eval.rounds)
-    got: dict[str, list[pa.Table]] = {n: [] for n in MODEL_NAMES}
-    for r, part in enumerate(parts):
-        for name in MODEL_NAMES:
-            log.info("evaluate: round %d/%d: %s answers %d %s prompts", r + 1, len(parts), name, part.num_rows,
-                     cfg.eval.split)
-            t0 = time.perf_counter()
-            # an S3 student goes to the engines as its URI: each replica fetches it on its own node
-            table = generate_table(part, shown[name] if is_remote(shown[name]) else paths[name], engines[name], gen,
-                                   cfg.storage)
-            got[name].append(table.append_column("round", pa.array([r] * table.num_rows, pa.int32())))
-            log.info("evaluate: round %d: %s done in %.1f s (engine start included)", r + 1, name,
-                     time.perf_counter() - t0)
+        log.warning("evaluate: %d prompts in batches of %d, so %d timing rounds instead of eval.rounds=%d",
+                    prompts.num_rows, cfg.eval.batch_size, len(parts), cfg.eval.rounds)
     order = {pid: i for i, pid in enumerate(prompts.column("prompt_id").to_pylist())}
     answers = {}
-    for name in MODEL_NAMES:
-        table = pa.concat_tables(got[name])
+    for name in MODEL_NAMES:  # one engine per model for all its rounds (a 405B teacher loads once)
+        log.info("evaluate: %s answers %d %s prompts in %d rounds with one engine", name, prompts.num_rows,
+                 cfg.eval.split, len(parts))
+        t0 = time.perf_counter()
+        # an S3 student goes to the engines as its URI: each replica fetches it on its own node
+        table = answer_rounds(parts, shown[name] if is_remote(shown[name]) else paths[name], engines[name], gen,
+                              cfg.storage)
+        log.info("evaluate: %s done in %.1f s (engine start included)", name, time.perf_counter() - t0)
         ids = table.column("prompt_id").to_pylist()
         answers[name] = table.take(sorted(range(table.num_rows), key=lambda i: order[ids[i]]))
     served = served_timing(cfg, parts, endpoint) if endpoint else None

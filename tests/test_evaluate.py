@@ -149,6 +149,8 @@ def test_evaluate_hf_engine_in_interleaved_rounds(tmp_path, tiny_model, ray_loca
     per_round = {(a["model"], a["round"]) for a in answers}
     assert per_round == {(n, r) for n in MODEL_NAMES for r in (0, 1)}
     assert report["timing"]["rounds"] == 2 and [r["prompts"] for r in report["timing"]["per_round"]] == [4, 4]
+    settings = report["timing"]["settings"]  # every model timed at eval's batch size and replicas
+    assert {(s["batch_size"], s["replicas"], s["concurrency"], s["gpus"]) for s in settings.values()} == {(4, 1, 1, 0)}
     assert report["data_changed_since_corpus"] == {"data.seed": {"corpus": 0, "now": 3}}
     assert any(w.startswith("data.seed differs from the corpus's settings") for w in report["warnings"])
     assert report["prompts"] == 8 and sum(report["prompts_by_task"].values()) == 8

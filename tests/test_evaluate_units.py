@@ -425,3 +425,63 @@ def test_report_gives_throughput_per_gpu_and_states_the_settings(tmp_path):
     plain = _report(answers)
     assert plain["models"]["teacher"]["output_tokens_per_s_per_gpu"] is None
     assert plain["compared_to_teacher"]["student"]["output_tokens_per_s_per_gpu"]["median"] is None
+
+
+def test_split_rounds_of_whole_batches():
+    prompts = pa.table({"prompt_id": [f"p{i}" for i in range(23)], "task": ["math"] * 12 + ["nli"] * 11})
+    parts = split_rounds(prompts, 3, batch_size=4)  # 6 batches (the last of 3 rows): 2 per round
+    assert [p.num_rows for p in parts] == [8, 8, 7]
+    ids = [i for p in parts for i in p.column("prompt_id").to_pylist()]
+    assert sorted(ids) == sorted(prompts.column("prompt_id").to_pylist())  # every prompt once
+    assert all({"math", "nli"} <= set(p.column("task").to_pylist()) for p in parts)
+    assert [p.num_rows for p in split_rounds(prompts, 10, batch_size=8)] == [8, 8, 7]  # never an empty round
+    assert [p.num_rows for p in split_rounds(prompts, 2, batch_size=4)] == [12, 11]  # 3 + 3 batches
+
+
+class _CountingEngine:
+    """A test-only engine behind ``answer_dataset``: counts engine constructions, answers each block
+    as one batch (batch id, the rows it held)."""
+
+    def __init__(self):
+        self.constructions = 0
+        self.batches = []
+
+    def answer_dataset(self, blocks, model, engine, gen, storage=None):
+        self.constructions += 1
+        outer = self
+
+        class Answers:
+            def iter_batches(self, **_):
+                for k, block in enumerate(blocks):
+                    assert block.num_rows <= engine.batch_size
+                    outer.batches.append(block.column("prompt_id").to_pylist())
+                    rows = [dict(r, response="ok", response_tokens=1, latency_s=0.1, batch_id=f"{model}-{k}")
+                            for r in block.to_pylist()]
+                    yield _table(rows)
+
+        return Answers()
+
+
+@pytest.mark.parametrize("rounds", [1, 3, 5])
+def test_one_engine_per_model_whatever_eval_rounds(monkeypatch, rounds):
+    """Evaluate started every engine again in every round (eval.rounds × 3 engine loads)."""
+    import ray.data
+
+    import raydistill.generate.answer as answer
+    from raydistill.config import EvalConfig
+    from raydistill.evaluate import answer_rounds
+
+    fake = _CountingEngine()
+    monkeypatch.setattr(answer, "answer_dataset", fake.answer_dataset)
+    monkeypatch.setattr(ray.data, "from_arrow", lambda blocks: blocks)  # the blocks as the engine gets them
+    engine = EvalConfig(engine="hf", batch_size=4)
+    prompts = _table([{"prompt_id": f"p{i}", "task": "qa", "reference": None, "response": "", "response_tokens": 0,
+                       "latency_s": None, "batch_id": ""} for i in range(22)])
+    parts = split_rounds(prompts, rounds, engine.batch_size)
+    answers = {name: answer_rounds(parts, name, engine, None) for name in MODEL_NAMES}
+    assert fake.constructions == len(MODEL_NAMES)  # one per model, not rounds × models
+    round_of = {pid: r for r, p in enumerate(parts) for pid in p.column("prompt_id").to_pylist()}
+    assert all(len({round_of[pid] for pid in batch}) == 1 for batch in fake.batches)  # no batch mixes rounds
+    for table in answers.values():
+        assert dict(zip(table.column("prompt_id").to_pylist(), table.column("round").to_pylist())) == round_of
+    assert len(set(round_of.values())) == min(rounds, 6)
