@@ -119,11 +119,15 @@ def read_prompts(path: Where, splits: tuple[str, ...] | None = None) -> pa.Table
     """The prompts written with the corpus (optionally only ``splits``) into memory.
 
     For evaluation's held-out prompts; the whole prompt set of a large run belongs in Ray Data
-    (``ray.data.read_parquet`` of ``prompts/``). Raises FileNotFoundError without a finished
-    corpus or when ``prompts/`` is missing, SchemaError when held-out prompts share an id with
-    the train prompts.
+    (``ray.data.read_parquet`` of ``prompts/``). With ``splits`` only those rows are read (the split
+    filter is pushed into the parquet scan), and the other splits are scanned for their
+    ``prompt_id`` and ``split`` columns only, batch by batch, to check that no read id is in another
+    split: the driver holds the read rows, never the whole prompt set. Raises FileNotFoundError without
+    a finished corpus or when ``prompts/`` is missing, SchemaError when held-out prompts share an id
+    with the train prompts.
     """
     import pyarrow.compute as pc
+    import pyarrow.dataset as pads
 
     loc = location(path)
     read_manifest(loc)
@@ -131,13 +135,28 @@ def read_prompts(path: Where, splits: tuple[str, ...] | None = None) -> pa.Table
     if not prompts_complete(loc):
         raise FileNotFoundError(f"corpus at {loc} has no complete {PROMPTS_DIR}/ (the split of the run): rerun "
                                 "`raydistill generate --overwrite`")
-    tables = _read_tables(folder, [f.path[len(folder.path):].lstrip("/") for f in folder.files(".parquet")])
-    table = pa.concat_tables(tables) if tables else PROMPTS_SCHEMA.empty_table()
+    files = [f.path for f in folder.files(".parquet")]
+    if not files:
+        table = PROMPTS_SCHEMA.empty_table()
+        return table if splits is None else table.filter(pc.is_in(table.column("split"),
+                                                                   value_set=pa.array(list(splits), pa.string())))
+    dataset = pads.dataset(files, format="parquet", filesystem=folder.fs)
+    if not {"prompt_id", "split"} <= set(dataset.schema.names):  # the missing columns, named
+        validate(dataset.schema.empty_table(), PROMPTS_SCHEMA, str(folder))
+    wanted = None if splits is None else pc.field("split").isin(list(splits))
+    table = dataset.to_table(filter=wanted)
     validate(table, PROMPTS_SCHEMA, str(folder))
     table = table.select(PROMPTS_SCHEMA.names).cast(PROMPTS_SCHEMA)
     check_disjoint(table, str(folder))
-    if splits is not None:
-        table = table.filter(pc.is_in(table.column("split"), value_set=pa.array(list(splits))))
+    if wanted is not None:
+        ids = dict(zip(table.column("prompt_id").to_pylist(), table.column("split").to_pylist()))
+        clashes = []
+        for batch in dataset.to_batches(columns=["prompt_id", "split"], filter=~wanted):
+            clashes += [f"{p} ({ids[p]} and {s})" for p, s in zip(batch.column("prompt_id").to_pylist(),
+                                                                 batch.column("split").to_pylist()) if p in ids]
+        if clashes:
+            raise SchemaError(f"{folder}: {len(clashes)} prompt id(s) appear in two splits, so held-out prompts "
+                              f"would be trained on: {', '.join(clashes[:10])}")
     return table
 
 

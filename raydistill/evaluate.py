@@ -1,8 +1,10 @@
 """The evaluate stage: teacher, baseline student and distilled student on held-out prompts.
 
 Prompts: the ``eval.split`` rows of ``corpus/prompts/``, the split written once by generate
-(``raydistill.corpus.read_prompts``), never ``data.path`` re-read with today's ``data.*``: a changed
-``data.seed`` (or id field, path, template) would otherwise put training prompts into the test set.
+(``raydistill.corpus.read_prompts``: only that split's rows are read, the filter pushed into the
+parquet scan; the overlap checks stream ids and messages, so the driver never holds the train
+set), never ``data.path`` re-read with today's ``data.*``: a changed ``data.seed`` (or id field,
+path, template) would otherwise put training prompts into the test set.
 Evaluate fails when an evaluated prompt's id or messages (normalized, see ``check_unseen``) are a train
 row's of the corpus, naming counts and example ids, and logs (and warns in the report) when the
 current ``data.*`` settings differ from those in ``corpus/config.yaml``.

@@ -118,3 +118,47 @@ def test_check_unseen_pushes_the_split_filter_into_the_reader(tmp_path, monkeypa
     check_unseen(corpus, prompts.slice(4), "test")
     assert len(seen) == 1 and seen[0]["columns"] == ["prompt_id", "messages"]
     assert str(seen[0]["filter"]) == str(pa.compute.field("split") == "train")
+
+
+def test_read_prompts_reads_only_the_asked_split(tmp_path, monkeypatch):
+    """Evaluate and bench-serve read one split: the filter goes into the parquet scan, the other splits
+    are scanned for ids only, and the rows equal the whole table filtered afterwards."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from raydistill.corpus import read_prompts
+
+    rows = [_prompt(f"p{i}", ("train", "validation", "test")[i % 3], f"Q{i}") for i in range(30)]
+    prompts = pa.Table.from_pylist(rows, schema=PROMPTS_SCHEMA)
+    corpus = _corpus(tmp_path, prompts)
+    whole = pq.read_table(corpus / "prompts").select(PROMPTS_SCHEMA.names).cast(PROMPTS_SCHEMA)
+    scans = []
+    real = pads.dataset
+
+    class Spy:
+        def __init__(self, *args, **kwargs):
+            self.ds = real(*args, **kwargs)
+            self.schema = self.ds.schema
+
+        def to_table(self, **kwargs):
+            scans.append(("rows", kwargs))
+            return self.ds.to_table(**kwargs)
+
+        def to_batches(self, **kwargs):
+            scans.append(("ids", kwargs))
+            return self.ds.to_batches(**kwargs)
+
+    monkeypatch.setattr(pads, "dataset", Spy)
+    test = read_prompts(corpus, ("test",))
+    assert test.equals(whole.filter(pc.equal(whole.column("split"), "test")))
+    assert test.num_rows == 10
+    (kind, rows_scan), (kind2, ids_scan) = scans
+    assert (kind, kind2) == ("rows", "ids")
+    assert str(rows_scan["filter"]) == str(pc.field("split").isin(["test"]))
+    assert ids_scan["columns"] == ["prompt_id", "split"] and str(ids_scan["filter"]) == str(~rows_scan["filter"])
+    # an id in test and in train is still refused
+    clash = pa.Table.from_pylist(rows + [_prompt("p2", "train", "other")], schema=PROMPTS_SCHEMA)
+    write_prompts(tmp_path / "c2", clash)
+    (tmp_path / "c2" / "manifest.json").write_text((corpus / "manifest.json").read_text())
+    with pytest.raises(SchemaError, match=r"1 prompt id\(s\) appear in two splits.*p2 \(test and train\)"):
+        read_prompts(tmp_path / "c2", ("test",))
