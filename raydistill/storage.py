@@ -20,11 +20,13 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from .config import StorageConfig
+if TYPE_CHECKING:  # pydantic stays out of a Ray-free training run (raydistill.train.smoke)
+    from .config import StorageConfig
 
 S3 = "s3://"
 
@@ -220,6 +222,8 @@ def local_copy(ref: str, storage: StorageConfig | dict | None = None, weights: b
     if not is_remote(ref):
         return ref
     if isinstance(storage, dict):
+        from .config import StorageConfig
+
         storage = StorageConfig.model_validate(storage)
     import hashlib
     import json

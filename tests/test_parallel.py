@@ -60,6 +60,8 @@ def _worker(c: dict) -> None:
         model, opt = build(r)
         norms = [step(r, model, opt, i) for i in range(2)]
         state, optim = P.full_state_dict(model), P.optimizer_state(model, opt)
+        # what a checkpoint holds: the trainable weights (a LoRA run's adapters only)
+        trainable = P.full_state_dict(model, trainable_only=True)
         model.eval()
         with torch.no_grad():  # a forward is a collective under FSDP: every rank runs it
             logits = model(input_ids=torch.tensor(PROBE)).logits
@@ -67,16 +69,16 @@ def _worker(c: dict) -> None:
         if rank == 0:
             P.save_hf(P.unwrap(model), state, out / "hf")
             torch.save(logits, out / "logits.pt")
-            torch.save({"model": state, "optimizer": optim}, out / "ckpt.pt")
+            torch.save({"model": trainable, "optimizer": optim}, out / "ckpt.pt")
             (out / "norms.json").write_text(json.dumps(norms))
         else:
-            assert state is None and optim is None
+            assert state is None and optim is None and trainable is None
         step(r, model, opt, 2)
         uninterrupted = P.full_state_dict(model)
 
         model, opt = build(r)
-        ckpt = torch.load(out / "ckpt.pt", weights_only=False) if rank == 0 else None  # rank 0 reads, all load
-        P.load_full_state_dict(model, ckpt and ckpt["model"])
+        ckpt = torch.load(out / "ckpt.pt", weights_only=True) if rank == 0 else None  # rank 0 reads, all load
+        P.load_full_state_dict(model, ckpt and ckpt["model"], trainable_only=True)
         P.load_optimizer_state(model, opt, ckpt and ckpt["optimizer"])
         step(r, model, opt, 2)
         resumed = P.full_state_dict(model)
@@ -136,9 +138,13 @@ def test_gathered_state_dict_loads_with_from_pretrained(run, tiny_model):
 def test_resumed_step_matches_the_uninterrupted_step(run):
     import torch
 
-    r = torch.load(run["out"] / "resume.pt", weights_only=False)
+    r = torch.load(run["out"] / "resume.pt", weights_only=True)
     assert set(r["resumed"]) == set(r["uninterrupted"])
-    moved = [n for n in r["resumed"] if not torch.equal(r["resumed"][n], r["checkpoint"][n])]
+    if run["lora"]:  # the checkpoint held the adapters only; the frozen base came from the student
+        assert r["checkpoint"] and all(".lora_" in n for n in r["checkpoint"])
+    else:
+        assert set(r["checkpoint"]) == set(r["resumed"])
+    moved = [n for n in r["checkpoint"] if not torch.equal(r["resumed"][n], r["checkpoint"][n])]
     assert moved, "the resumed step changed no weight"
     for name, value in r["uninterrupted"].items():
         assert torch.equal(r["resumed"][name], value), name

@@ -1,8 +1,8 @@
 """Training checkpoints in the run's storage (local or ``s3://``): find, read, keep.
 
 Ray Train writes each reported checkpoint to ``<output_dir>/train/ray/checkpoint_<time>/``. A
-raydistill checkpoint holds ``state.pt`` (the full model and optimizer state, step, metric
-history), ``history.json`` (the metric history alone), ``hf/`` on the final one (the exported student) and ``META_FILE``, written last: the
+raydistill checkpoint holds ``state.pt`` (the trainable weights: a LoRA run's adapters only, the
+optimizer state, step, metric history, every rank's RNG state; read with ``weights_only=True``), ``history.json`` (the metric history alone), ``hf/`` on the final one (the exported student) and ``META_FILE``, written last: the
 step, whether it is final, the validation loss when one was measured, and every file's size.
 """
 
@@ -132,13 +132,35 @@ def download(folder: StoragePath, dest: Path) -> Path:
     return dest
 
 
-def load_state(folder: StoragePath) -> dict:
-    """``state.pt`` of a checkpoint (model, optimizer, step, history), on CPU."""
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read safely (it holds more than tensors and plain values)."""
+
+
+def _safe_load(path: Path, shown: str) -> dict:
+    import pickle
+
     import torch
 
+    try:
+        # weights_only: tensors, dicts, lists, numbers and strings only; an object whose unpickling
+        # would run code (written by whoever can write the bucket) is refused, never built
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{shown}: refused: the checkpoint holds objects other than tensors and plain values, "
+                              f"and loading them could run code ({str(e).splitlines()[0]}); delete the checkpoint "
+                              "folder to start afresh") from None
+
+
+def load_state(folder: StoragePath) -> dict:
+    """``state.pt`` of a checkpoint (trainable weights, optimizer, step, history, RNG states), on CPU.
+
+    Read with ``torch.load(weights_only=True)``: nothing in it runs code. Raises CheckpointError
+    (naming the file) for a file holding any other object."""
+    folder = _loc(folder)
+    shown = (folder / STATE_FILE).uri
     if not folder.remote:
-        return torch.load(folder.local() / STATE_FILE, map_location="cpu", weights_only=False)
+        return _safe_load(folder.local() / STATE_FILE, shown)
     with tempfile.TemporaryDirectory() as d:
         local = Path(d) / STATE_FILE
         local.write_bytes((folder / STATE_FILE).read_bytes())
-        return torch.load(local, map_location="cpu", weights_only=False)
+        return _safe_load(local, shown)

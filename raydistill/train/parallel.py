@@ -71,7 +71,7 @@ def _layer_classes(model) -> set[type]:
     return {type(m) for m in model.modules() if type(m).__name__ in names}
 
 
-def wrap_model(model, strategy: str, use_gpu: bool):
+def wrap_model(model, strategy: str, use_gpu: bool, device=None):
     """Place ``model`` on this worker's device and wrap it for data parallelism.
 
     Call it once per worker, inside a Ray Train worker (the process group is up), before the
@@ -85,6 +85,8 @@ def wrap_model(model, strategy: str, use_gpu: bool):
             gathered only while it runs).
         use_gpu: True on GPU workers (NCCL, one GPU per worker: the device comes from
             ``ray.train.torch.get_device()``); False on CPU (gloo).
+        device: the worker's device when the process group is not Ray Train's (a Ray-free run:
+            ``raydistill.train.smoke``); None: Ray Train's device, and Ray's ``prepare_model`` for ddp.
     Returns:
         The model to train: DDP-wrapped (unwrapped with one worker) for ddp; the same object,
         sharded in place, for fsdp. Use ``unwrap`` for its config or for ``save_hf``.
@@ -93,7 +95,6 @@ def wrap_model(model, strategy: str, use_gpu: bool):
             ``_no_split_modules`` (nothing to shard layer by layer).
         RuntimeError: ``use_gpu`` is True but this worker sees no CUDA device.
     """
-    import ray.train.torch
     import torch
 
     if strategy not in STRATEGIES:
@@ -101,8 +102,22 @@ def wrap_model(model, strategy: str, use_gpu: bool):
     if use_gpu and not torch.cuda.is_available():
         raise RuntimeError("train.use_gpu is true but this Ray Train worker sees no CUDA device "
                            "(check ScalingConfig(use_gpu=True) and CUDA_VISIBLE_DEVICES)")
-    if strategy == "ddp":
-        return ray.train.torch.prepare_model(model, parallel_strategy="ddp")
+    if device is None:
+        import ray.train.torch
+
+        if strategy == "ddp":
+            return ray.train.torch.prepare_model(model, parallel_strategy="ddp")
+        device = ray.train.torch.get_device()
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if strategy == "ddp":  # what Ray's prepare_model does: move, and wrap when there is another rank
+        model = model.to(device)
+        if _world() > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return model
 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -114,9 +129,6 @@ def wrap_model(model, strategy: str, use_gpu: bool):
     # No prepare_model here: it would move the whole model to the GPU before sharding. fully_shard
     # moves each module's own weights to the mesh's device as it shards them, layer by layer, so a
     # GPU holds at most one full layer beside the shards.
-    device = ray.train.torch.get_device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     mesh = init_device_mesh(device.type, (_world(),))
     for module in model.modules():
         if type(module) in classes:
@@ -135,26 +147,39 @@ def unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def full_state_dict(model) -> dict[str, Any] | None:
+def _frozen_names(model) -> set[str]:
+    """State-dict names of the frozen parameters (``requires_grad`` False) of the unwrapped model."""
+    return {n for n, p in unwrap(model).named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def full_state_dict(model, trainable_only: bool = False) -> dict[str, Any] | None:
     """The full, unsharded model state dict, on CPU, on rank 0; None on the other ranks.
+
+    ``trainable_only``: leave out the frozen parameters (a LoRA run's base weights: a checkpoint
+    then holds the adapters alone; buffers and every trained weight stay).
 
     A collective under FSDP (every rank must call it, in the same order as the other
     collectives). Keys are the unwrapped model's names (``model.layers.0.self_attn.q_proj.weight``;
     peft's names under LoRA), with every tied name present (``lm_head.weight`` beside
-    ``model.embed_tokens.weight``); values are plain fp32 CPU tensors.
+    ``model.embed_tokens.weight``); values are CPU tensors in the parameters' own dtypes.
     """
     import torch
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if _dist() is None:
+        frozen = _frozen_names(model) if trainable_only else set()
         return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()
-                if isinstance(v, torch.Tensor)}
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                if isinstance(v, torch.Tensor) and k not in frozen}
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                 ignore_frozen_params=trainable_only))
     return state if _rank() == 0 else None
 
 
-def load_full_state_dict(model, state_dict: dict[str, Any] | None) -> None:
+def load_full_state_dict(model, state_dict: dict[str, Any] | None, trainable_only: bool = False) -> None:
     """Load a full state dict (``full_state_dict``'s keys) into the wrapped model, on every rank.
+
+    ``trainable_only``: the dict may lack the frozen parameters (``full_state_dict(...,
+    trainable_only=True)``); those keep their loaded values. Any other missing key is an error.
 
     Rank 0's dict is broadcast and each rank keeps its own shard (FSDP) or copy (DDP); the other
     ranks' argument is ignored (pass None: only rank 0 needs to read the checkpoint). A collective.
@@ -167,11 +192,20 @@ def load_full_state_dict(model, state_dict: dict[str, Any] | None) -> None:
 
     if _rank() == 0 and state_dict is None:
         raise ValueError("load_full_state_dict: rank 0 needs the full state dict (got None)")
+    if _rank() == 0:
+        frozen = _frozen_names(model) if trainable_only else set()
+        expected = set(unwrap(model).state_dict()) - frozen
+        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - set(unwrap(model).state_dict()))
+        if missing or unexpected:
+            raise RuntimeError(f"load_full_state_dict: the state dict does not fit the model: missing "
+                               f"{missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected "
+                               f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
     if _dist() is None:
-        unwrap(model).load_state_dict(state_dict)
+        unwrap(model).load_state_dict(state_dict, strict=not trainable_only)
         return
     set_model_state_dict(model, dict(state_dict) if _rank() == 0 else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                  strict=not trainable_only))
 
 
 def optimizer_state(model, opt) -> dict[str, Any] | None:
@@ -260,7 +294,7 @@ def autocast(use_gpu: bool, precision: str):
     return contextlib.nullcontext()
 
 
-def save_hf(model_unwrapped, state_dict: dict[str, Any], out_dir: str | Path) -> Path:
+def save_hf(model_unwrapped, state_dict: dict[str, Any], out_dir: str | Path, dtype=None) -> Path:
     """Rank 0 only: write ``state_dict`` (from ``full_state_dict``) as a ``save_pretrained`` folder
     (config, generation config, safetensors) that ``AutoModelForCausalLM.from_pretrained`` loads.
 
@@ -269,7 +303,9 @@ def save_hf(model_unwrapped, state_dict: dict[str, Any], out_dir: str | Path) ->
     weight inside the state dict (``W + scaling · B @ A``, peft's formula, with each layer's own
     ``scaling``) and the base model's names are written: no second model is built. The tokenizer
     is the caller's. ``state_dict`` itself is left as it was (transformers deletes tied names from
-    the dict it saves; it gets a copy). Returns ``out_dir``.
+    the dict it saves; it gets a copy). ``dtype`` (a torch dtype, e.g. bf16 when training ran in
+    bf16 on GPU): floating tensors are written in it and ``config.json`` says so; None keeps each
+    tensor's dtype. Returns ``out_dir``.
 
     Raises:
         NotImplementedError: a LoRA variant other than plain LoRA on ``nn.Linear`` (DoRA, LoRA on
@@ -278,11 +314,24 @@ def save_hf(model_unwrapped, state_dict: dict[str, Any], out_dir: str | Path) ->
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(model_unwrapped, "merge_and_unload"):
-        base = model_unwrapped.get_base_model()
-        base.save_pretrained(out, state_dict=_merged_lora_state(model_unwrapped, state_dict))
+        target = model_unwrapped.get_base_model()
+        state = _merged_lora_state(model_unwrapped, state_dict)
     else:
-        # a copy: save_pretrained deletes the tied names (lm_head.weight) from the dict it gets
-        model_unwrapped.save_pretrained(out, state_dict=dict(state_dict))
+        target = model_unwrapped
+        state = dict(state_dict)  # a copy: save_pretrained deletes the tied names (lm_head.weight) from it
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    target.save_pretrained(out, state_dict=state)
+    if dtype is not None:  # config.json names the dtype of the weights written, not of the model in memory
+        import json
+
+        cfg_file = out / "config.json"
+        cfg = json.loads(cfg_file.read_text())
+        name = str(dtype).removeprefix("torch.")
+        cfg["dtype"] = name
+        if "torch_dtype" in cfg:
+            cfg["torch_dtype"] = name
+        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return out
 
 

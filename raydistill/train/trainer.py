@@ -62,6 +62,7 @@ from .checkpoints import (HF_SUBDIR, HISTORY_FILE, META_FILE, STATE_FILE, best_c
 from .examples import (COMPLETE, RETOKENIZED, TEACHER_IDS, build_example, choose_label_source,  # noqa: F401
                        collate, example_counts, local_teacher_tokenizer, read_trained_rows, trained_rows,
                        write_examples)
+from .loop import lr_lambda  # noqa: F401  (the worker loop's schedule, Ray-free)
 from .losses import IGNORE_INDEX  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -72,17 +73,6 @@ WORKER_ERROR_FILE = "worker_config_error.json"
 
 class VocabularyMismatch(ValueError):
     """Logit KD asked for with a teacher and student that do not share one token-id space."""
-
-
-def lr_lambda(step: int, total: int, warmup: int) -> float:
-    """Linear warmup for ``warmup`` steps, then cosine decay to 0 at ``total`` (a multiplier of
-    the peak rate for the 0-based optimizer ``step``). A pure function of (step, total, warmup):
-    a run resumed with another length follows the schedule of the new length from the resume
-    step on, exactly as an uninterrupted run of that length would."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def warmup_steps(total: int, warmup_ratio: float) -> int:
@@ -269,41 +259,11 @@ def _resolved(ref: str) -> str:
     return resolve_model(ref)
 
 
-def _step_loss(model, teacher, batch: dict, t, kd_on: bool, vocab: int | None):
-    """Forward one micro-batch; returns the loss sums (``losses.LossSums``) of it."""
-    import torch
-
-    from .losses import distill_loss_sums
-
-    # use_cache=False: with a cache, transformers skips telling packed examples apart by their position ids
-    kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    if batch["attention_mask"] is not None:
-        kwargs["attention_mask"] = batch["attention_mask"]
-    logits = model(**kwargs).logits
-    kd = t.kd
-    if not kd_on:
-        return distill_loss_sums(logits, batch["labels"], chunk_size=kd.chunk_size)
-    if teacher is None:
-        return distill_loss_sums(logits, batch["labels"], kd_mask=batch.get("kd_mask"),
-                                 teacher_topk_ids=batch.get("topk_ids"), teacher_topk_logprobs=batch.get("topk_logprobs"),
-                                 temperature=kd.temperature, divergence=kd.divergence, beta=kd.beta,
-                                 chunk_size=kd.chunk_size)
-    with torch.no_grad():
-        hidden = teacher.base_model(**kwargs).last_hidden_state
-    head = teacher.get_output_embeddings()
-
-    def teacher_logits(start: int, end: int):
-        with torch.no_grad():
-            return head(hidden[:, start:end])[..., :vocab]
-
-    return distill_loss_sums(logits[..., :vocab], batch["labels"], teacher_logits=teacher_logits,
-                             temperature=kd.temperature, divergence=kd.divergence, beta=kd.beta,
-                             chunk_size=kd.chunk_size)
-
-
 def train_loop_per_worker(c: dict[str, Any]) -> None:
-    """Ray Train worker loop (one per rank). ``c`` carries the plain settings built by run_train."""
-    import tempfile
+    """Ray Train worker loop (one per rank): the Ray adapter of ``loop.train_loop``. ``c`` carries
+    the plain settings built by run_train; the process group, the dataset shards, the device and
+    the checkpoint reports are Ray Train's."""
+    import functools
 
     import ray.train
     import ray.train.torch
@@ -314,7 +274,8 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
     from ..models import ModelError
     from ..storage import local_copy, storage_path
     from . import parallel
-    from .losses import combine
+    from .loop import CheckpointStore, Collectives, Plan, student_load_dtype, train_loop
+    from .observe import MlflowLogger
 
     t: TrainConfig = TrainConfig.model_validate(c["train"])
     storage = StorageConfig.model_validate(c["storage"])
@@ -327,7 +288,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(local_copy(c["student"], storage), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(local_copy(c["student"], storage), dtype=student_load_dtype(t))
         if t.lora.enabled:
             from peft import LoraConfig, get_peft_model
 
@@ -346,169 +307,31 @@ def train_loop_per_worker(c: dict[str, Any]) -> None:
             storage_path(c["error_file"], storage).write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}))
         return
     model = parallel.wrap_model(model, t.strategy, t.use_gpu)
-    unwrapped = parallel.unwrap(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    total, warmup = c["total_steps"], c["warmup_steps"]
 
-    step, history = 0, []
-    found = latest_checkpoint(ray_dir)
-    if found is not None:
-        # Only rank 0 reads the state (model + optimizer: the largest file of the run); its copy is
-        # broadcast (a collective: every rank calls it). Only rank 0 keeps the metric history.
-        state = load_state(found[0]) if rank == 0 else {"model": None, "optimizer": None, "history": []}
-        parallel.load_full_state_dict(model, state["model"])
-        parallel.load_optimizer_state(model, opt, state["optimizer"])
-        step, history = int(found[1]["step"]), state["history"]
-        del state
-        if rank == 0:
-            print(f"[raydistill] resumed from checkpoint at step {step} ({found[0].name})", flush=True)
+    def train_batches(epoch: int):
+        shard = ray.train.get_dataset_shard("train")
+        yield from shard.iter_batches(batch_size=t.batch_size, batch_format="numpy",
+                                      local_shuffle_buffer_size=t.shuffle_buffer_rows,
+                                      local_shuffle_seed=t.seed * 100003 + epoch)
 
-    def save_state(final: bool, val_loss: float | None) -> None:
-        metrics = history[-1] if history else {"step": step}
-        model_state = parallel.full_state_dict(model)  # collectives: every rank takes part
-        opt_state = parallel.optimizer_state(model, opt)
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            if rank == 0:
-                torch.save({"model": model_state, "optimizer": opt_state, "step": step, "history": history},
-                           Path(d) / STATE_FILE)
-                (Path(d) / HISTORY_FILE).write_text(json.dumps(history))  # the driver reads this, not state.pt
-                if final:  # the student as save_pretrained writes it (LoRA merged)
-                    parallel.save_hf(unwrapped, model_state, Path(d) / HF_SUBDIR)
-                write_meta(Path(d), step, final, val_loss)
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report({**metrics, "final": final}, checkpoint=checkpoint)
-            if rank == 0 and not final:
-                prune(ray_dir, t.keep_checkpoints)
+    def validation_batches():
+        return read_trained_rows(storage_path(c["validation_dir"], storage), t.batch_size)
 
-    def batches(name: str, epoch: int):
-        it = ray.train.get_dataset_shard(name)
-        shuffle = {"local_shuffle_buffer_size": t.shuffle_buffer_rows, "local_shuffle_seed": t.seed * 100003 + epoch} \
-            if name == "train" else {}
-        yield from it.iter_batches(batch_size=t.batch_size, batch_format="numpy", **shuffle)
+    def report(metrics: dict, folder: Path | None) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
 
-    offline_kd = kd_on and t.kd.teacher == "corpus"  # the teacher's top-k come with the rows
-
-    def micro_batch(raw) -> dict:
-        return collate(raw, c["pad_id"], packing=t.packing, with_topk=offline_kd)
-
-    def to_device(batch: dict) -> dict:
-        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-    def autocast():
-        return parallel.autocast(t.use_gpu, t.precision)
-
-    def validation_loss() -> tuple[float, float, float | None]:
-        """(loss, ce, kd): token means of the training objective and its parts over every validation
-        row (kd None for sequence_kd); under DDP rank r scores the micro-batches r, r + world, ... of
-        the whole validation set; none is left out."""
-        model.eval()
-        sums = torch.zeros(4, dtype=torch.float64)
-        sharded = t.strategy == "fsdp"  # every rank must run every forward: each scores all rows
-        with torch.no_grad():
-            for i, raw in enumerate(read_trained_rows(storage_path(c["validation_dir"], storage), t.batch_size)):
-                if i % world != rank and not sharded:
-                    continue
-                vb = micro_batch(raw)
-                with autocast():
-                    # DDP: the unwrapped module, ranks score different numbers of batches (no collective)
-                    s = _step_loss(model if sharded else unwrapped, teacher, to_device(vb), t, kd_on, c["vocab"])
-                sums += torch.tensor([float(s.ce_sum), float(s.ce_tokens), float(s.kd_sum), float(s.kd_tokens)],
-                                     dtype=torch.float64)
-        if world > 1 and not sharded:
-            torch.distributed.all_reduce(sums)
-        model.train()
-        alpha = t.kd.alpha if kd_on else 0.0
-        ce = float(sums[0] / sums[1].clamp(min=1))
-        kd = float(sums[2] / sums[3].clamp(min=1))
-        return round(alpha * kd + (1 - alpha) * ce, 6), round(ce, 6), round(kd, 6) if kd_on else None
-
-    steps_per_epoch, accum = c["steps_per_epoch"], t.grad_accum_steps
-    every = t.checkpoint_every_steps
-    from .observe import MlflowLogger
-
+    plan = Plan(total_steps=c["total_steps"], warmup_steps=c["warmup_steps"], steps_per_epoch=c["steps_per_epoch"],
+                micro_per_epoch=c["micro_per_epoch"], vocab=c["vocab"], has_validation=c["has_validation"])
     tracker = MlflowLogger(c["mlflow"], run_name=c["run_name"], params=c["params"])  # rank 0 logs; a no-op if off
-    model.train()
-    t_start = time.perf_counter()
-    while step < total:
-        epoch = step // steps_per_epoch
-        skip = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch trained before a resume
-        group: list[dict] = []
-        stream = batches("train", epoch)
-        for i, raw in enumerate(stream):
-            if i < skip:  # trained before the resume: not even collated
-                continue
-            group.append(micro_batch(raw))
-            last_of_epoch = i + 1 >= c["micro_per_epoch"]
-            if len(group) < accum and not last_of_epoch:
-                continue
-            t0 = time.perf_counter()
-            lr = t.lr * lr_lambda(step, total, warmup)  # the rate of this step, never a restored state
-            for g in opt.param_groups:
-                g["lr"] = lr
-            # The step's loss is the token mean over all its micro-batches and ranks: normalize by the
-            # global counts (times world: gradient averaging over ranks divides by it again).
-            counts = torch.tensor([sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in group),
-                                   # KD positions: those with a stored teacher distribution (corpus), else every
-                                   # label position (online teacher; unused for sequence_kd)
-                                   sum(int(m["kd_mask"][:, 1:].sum()) if offline_kd else
-                                       int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in group),
-                                   sum(int(m["input_ids"].numel() if m["attention_mask"] is None
-                                           else m["attention_mask"].sum()) for m in group)],
-                                  dtype=torch.float64)
-            if world > 1:
-                torch.distributed.all_reduce(counts)
-            alpha = t.kd.alpha if kd_on else 0.0
-            sums = torch.zeros(4, dtype=torch.float64)
-            opt.zero_grad(set_to_none=True)
-            for j, m in enumerate(group):
-                with parallel.no_grad_sync(model, skip=j < len(group) - 1):
-                    with autocast():
-                        s = _step_loss(model, teacher, to_device(m), t, kd_on, c["vocab"])
-                    (combine(s, alpha, counts[0], counts[1]) * world).backward()
-                sums += torch.tensor([float(s.ce_sum), float(s.ce_tokens), float(s.kd_sum), float(s.kd_tokens)],
-                                     dtype=torch.float64)
-            grad_norm = parallel.clip_grad_norm(model, t.grad_clip)
-            opt.step()
-            step += 1
-            group = []
-            if world > 1:
-                torch.distributed.all_reduce(sums)
-            ce = float(sums[0] / sums[1].clamp(min=1))
-            kd = float(sums[2] / sums[3].clamp(min=1)) if kd_on else None
-            seconds = time.perf_counter() - t0
-            rec = {"step": step, "epoch": epoch, "loss": round(alpha * (kd or 0.0) + (1 - alpha) * ce, 6),
-                   "ce": round(ce, 6), "kd": None if kd is None else round(kd, 6), "lr": lr,
-                   "grad_norm": round(float(grad_norm), 4), "tokens": int(sums[1]),
-                   "tokens_per_s": round(float(counts[2]) / seconds, 1), "seconds": round(seconds, 3)}
-            history.append(rec)
-            tracker.log_step(rec)
-            if rank == 0:
-                eta = (time.perf_counter() - t_start) / max(1, len(history)) * (total - step)
-                print(f"[raydistill] step {step}/{total} epoch {epoch} loss {rec['loss']:.4f} "
-                      f"lr {rec['lr']:.2e} {rec['seconds']:.1f}s/step eta {eta:.0f}s", flush=True)
-            end_of_epoch = step >= total or step % steps_per_epoch == 0
-            val = None
-            if end_of_epoch and c["has_validation"]:
-                val, rec["val_ce"], rec["val_kd"] = validation_loss()
-                rec["val_loss"] = val
-                tracker.log_step({"step": step, "val_loss": val, "val_ce": rec["val_ce"], "val_kd": rec["val_kd"]})
-                if rank == 0:
-                    print(f"[raydistill] epoch {epoch} validation loss {val:.4f}", flush=True)
-            if step >= total or end_of_epoch:
-                break
-            if every and step % every == 0:
-                save_state(final=False, val_loss=val)
-        else:  # the shard ended before the planned steps: continuing would loop or hang the other ranks
-            raise RuntimeError(f"rank {rank} got fewer than the {c['micro_per_epoch']} micro-batches planned for "
-                               f"epoch {epoch} (step {step} of {total})")
-        if step < total:
-            # at each epoch end without checkpoint_every_steps, and whenever validation ran (so the best
-            # checkpoint by validation loss can be kept)
-            if not every or step % every == 0 or c["has_validation"]:
-                save_state(final=False, val_loss=history[-1].get("val_loss") if history else None)
-    save_state(final=True, val_loss=history[-1].get("val_loss") if history else None)
+    train_loop(model, opt, t=t, plan=plan, rank=rank, world=world, device=device,
+               collectives=Collectives(device, world), train_batches=train_batches,
+               collate=functools.partial(collate, pad_id=c["pad_id"], packing=t.packing,
+                                         with_topk=kd_on and t.kd.teacher == "corpus"),
+               validation_batches=validation_batches, teacher=teacher,
+               store=CheckpointStore(ray_dir, t.keep_checkpoints, report=report), tracker=tracker,
+               say=lambda msg: print(msg, flush=True))
     tracker.close()
 
 
