@@ -63,7 +63,8 @@ def prompt_files(cfg: Config) -> tuple[list[StoragePath], str]:
 
     ``data.path`` is a file, a folder (every file with a prompt-file suffix under it) or a glob
     in its last component (``s3://bucket/prompts/part-*.jsonl``); local or ``s3://``.
-    Raises DataError when nothing matches or the files mix formats.
+    Raises DataError when nothing matches, the files mix formats, or a parquet file has a
+    pickled-object column (``data.check_parquet_files``: every file's footer is read).
     """
     import os
     from pathlib import Path
@@ -95,6 +96,10 @@ def prompt_files(cfg: Config) -> tuple[list[StoragePath], str]:
         raise DataError(f"data.path {cfg.data.path} mixes formats {suffixes}; give one format per run")
     if suffixes[0] not in FORMATS:
         raise DataError(f"{files[0]}: unsupported format {suffixes[0]!r}; use one of {', '.join(FORMATS)}")
+    if suffixes[0] == ".parquet":
+        from ..data import check_parquet_files
+
+        check_parquet_files(files)  # footers only, before any reader: a pickled-object column is code
     return files, suffixes[0]
 
 
@@ -165,10 +170,11 @@ def _prompt_batch(batch: pa.Table, data: dict, task_prompts: dict, rank_seed: in
                   suffix: str, source: str, with_paths: bool) -> pa.Table:
     """One Ray Data batch -> prompt rows: records of a parquet batch, or the parsed files of a
     batch of (``bytes``, ``path``) rows."""
-    from ..data import make_prompts, parse_records
+    from ..data import _parquet_rows, make_prompts, parse_records
 
     if suffix == ".parquet":
-        records = batch.to_pylist()
+        files = sorted({_shown(p, remote) for p in batch.column("path").to_pylist()}) if with_paths else [source]
+        records = _parquet_rows(batch, ", ".join(files), first_row=None)
         if with_paths:
             for r in records:
                 r["__source__"] = _shown(r.pop("path"), remote)
