@@ -81,7 +81,9 @@ def read_corpus(path: Where) -> tuple[pa.Table, dict]:
     tables = _read_tables(loc, info["shards"])
     table = pa.concat_tables(tables) if tables else CORPUS_SCHEMA.empty_table()
     validate(table, CORPUS_SCHEMA, str(loc))
-    return table, info
+    # Only the schema's (type-checked) columns: an extra column could hold pickled objects, which
+    # pyarrow unpickles (runs) on conversion to Python when ray.data is imported.
+    return table.select(CORPUS_SCHEMA.names), info
 
 
 def corpus_ids(path: Where, split: str) -> set[str]:

@@ -177,3 +177,30 @@ def test_parquet_string_that_is_not_utf8_names_file_row_and_field(tmp_path):
     with pytest.raises(DataError, match=rf"^{path}: a row \(batch row 2\): field 'question' is not UTF-8 text"):
         _prompt_batch(batch, data=cfg.model_dump(), task_prompts={}, rank_seed=None, remote=False,
                       suffix=".parquet", source=str(path), with_paths=True)
+
+
+def test_read_corpus_keeps_only_the_schema_columns(tmp_path):
+    """A corpus shard with an extra pickled-object column (someone who can write the bucket): the
+    driver's corpus reader returns the schema's type-checked columns only, so converting its rows
+    to Python runs nothing."""
+    import json
+
+    import ray.data  # noqa: F401
+
+    from raydistill.corpus import read_corpus
+    from raydistill.schema import CORPUS_SCHEMA, SCHEMA_VERSION, conform
+
+    marker = tmp_path / "marker"
+    extra = _pickled_parquet(tmp_path / "x.parquet", marker)
+    row = {"prompt_id": "a", "split": "train", "task": "qa", "messages": [{"role": "user", "content": "Hi?"}],
+           "response": "Hello.", "teacher": "t", "generation_params": "{}"}
+    table = conform(pa.Table.from_pylist([row] * 2), CORPUS_SCHEMA).append_column(
+        "extra", pq.read_table(extra).column("extra"))
+    (tmp_path / "corpus" / "data").mkdir(parents=True)
+    pq.write_table(table, tmp_path / "corpus" / "data" / "part-0.parquet")
+    (tmp_path / "corpus" / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION,
+                                                                    "shards": ["data/part-0.parquet"]}))
+    got, _ = read_corpus(tmp_path / "corpus")
+    assert got.column_names == CORPUS_SCHEMA.names
+    assert got.to_pylist()[0]["response"] == "Hello."
+    assert not marker.exists()
