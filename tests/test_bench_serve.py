@@ -110,6 +110,57 @@ def test_nothing_on_the_port_is_a_clear_error(tmp_path):
     assert not (tmp_path / "run" / "bench").exists()
 
 
+# ----------------------------------------------------------------------------- S3 output_dir
+
+def test_bench_reads_its_prompts_from_and_writes_its_report_to_s3(s3_server, tmp_path, monkeypatch):
+    """An s3:// output_dir (as on the documented cluster): the prompts come from <output_dir>/corpus on
+    S3 and serve.{json,md,png} + config.yaml land in <output_dir>/bench on S3, serve.json last; nothing
+    is written locally. The report is made-up figures in run_bench's shape (no endpoint needed)."""
+    from raydistill.corpus import write_prompts
+    from raydistill.data import load_prompts
+    from raydistill.layout import corpus_location
+    from raydistill.schema import SCHEMA_VERSION
+    from raydistill.serve.bench import bench_prompts, machine, markdown, write_report
+    from raydistill.storage import storage_path
+
+    from .conftest import make_bucket
+
+    monkeypatch.chdir(tmp_path)
+    bucket = make_bucket("bench-report")
+    data = write_jsonl(tmp_path / "prompts.jsonl", mixed_prompts(30))
+    cfg = load(None, [f"output_dir={bucket}/run", f"data.path={data}", "data.prompt_field=question",
+                      "data.id_field=qid", "data.task_field=kind", "data.reference_field=answer"])
+    prompts = load_prompts(cfg.data, cfg.task_prompts)
+    corpus = corpus_location(cfg)
+    write_prompts(corpus, prompts)
+    (corpus / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "rows": 0, "shards": []}))
+    sent, distinct = bench_prompts(cfg, 12)
+    test = [r for r in prompts.to_pylist() if r["split"] == "test"]
+    assert distinct == len(test) and len(sent) == 12
+    assert {m[-1]["content"] for m in sent} <= {r["messages"][-1]["content"] for r in test}
+
+    stats = {arm: arm_stats([RequestRecord(arm=arm, index=0, start_s=0.0, latency_s=0.2, ttft_s=0.05,
+                                           output_tokens=8)], 0.2) for arm in ("teacher", "student")}
+    level = {"concurrency": 1, "parts": 1, "arms": stats, **level_ratios(stats)}
+    result = {"overhead": None, "latency_ratio": level["latency_ratio"], "throughput_ratio": level["throughput_ratio"],
+              "ratio_level": 1, "per_level": {"1": level_ratios(stats)}, "levels": [level],
+              "overhead_detail": {"overhead": None, "error": "skipped: serve.bench.overhead_requests is 0"},
+              "endpoint": "http://127.0.0.1:8000/v1", "served_models": ["teacher", "student", "ab"],
+              "settings": {"concurrency": [1], "requests_per_level": 12, "max_tokens": 8, "split": "test",
+                           "distinct_prompts": distinct, "teacher": "t", "student": "s"},
+              "machine": {**machine(), "load_avg_start": [0.0, 0.0, 0.0]}, "started": "now"}
+    out = write_report(cfg, result)
+    bench = storage_path(f"{bucket}/run/bench")
+    assert [f.name for f in bench.files()] == ["config.yaml", "serve.json", "serve.md", "serve.png"]
+    assert out["files"] == {"json": f"{bucket}/run/bench/serve.json", "markdown": f"{bucket}/run/bench/serve.md",
+                            "plot": f"{bucket}/run/bench/serve.png"}
+    assert json.loads((bench / "serve.json").read_text()) == out
+    assert (bench / "serve.md").read_text() == markdown(out) and "| 1 | student | direct | 1 | 0 |" in markdown(out)
+    assert (bench / "serve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert yaml.safe_load((bench / "config.yaml").read_text())["output_dir"] == f"{bucket}/run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]  # no local bench/ or s3:/ folder
+
+
 # ----------------------------------------------------------------------------- a real server
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,7 @@ asserted). The served side streams through the client above; the in-process side
 0`` skips it (no third engine on the machine); an engine that fails to start leaves ``overhead``
 null with the error in ``overhead_detail.error``.
 
-Written under ``<output_dir>/bench/``: ``serve.md`` (tables per level and arm, ratios, overhead,
+Written under ``<output_dir>/bench/`` (local or ``s3://``, ``write_report``): ``serve.md`` (tables per level and arm, ratios, overhead,
 the machine and settings), ``serve.json`` (everything ``run_bench`` returns), ``serve.png``
 (latency p50/p95 and output tokens/s against concurrency, both arms) and ``config.yaml`` (the
 resolved config).
@@ -411,12 +411,13 @@ def bench_prompts(cfg: Config, n: int) -> tuple[list[list[dict]], int]:
     Raises FileNotFoundError without a finished corpus, ValueError when the split is empty."""
     from ..corpus import read_prompts
     from ..data import sample_by_task
-    from ..layout import corpus_dir
+    from ..layout import corpus_location
 
     split = cfg.serve.bench.split
-    table = read_prompts(corpus_dir(cfg), (split,))
+    corpus = corpus_location(cfg)  # local or s3://
+    table = read_prompts(corpus, (split,))
     if table.num_rows == 0:
-        raise ValueError(f"the {split} split of {corpus_dir(cfg) / 'prompts'} is empty: set serve.bench.split "
+        raise ValueError(f"the {split} split of {corpus / 'prompts'} is empty: set serve.bench.split "
                          f"to a split that has prompts, or raise data.split.{split} and rerun `raydistill generate`")
     table = sample_by_task(table, n, cfg.data.seed)
     msgs = [[{"role": m["role"], "content": m["content"]} for m in row] for row in table.column("messages").to_pylist()]
@@ -588,20 +589,15 @@ def run_bench(cfg: Config) -> dict:
     Returns the ``serve.json`` dict: ``overhead`` (float or None), ``latency_ratio`` and
     ``throughput_ratio`` at the highest concurrency level (``ratio_level``), ``per_level`` (level →
     both ratios), ``levels`` (raw figures per level and arm), ``overhead_detail``, ``settings``,
-    ``machine``, ``endpoint``, ``served_models`` and ``files``.
+    ``machine``, ``endpoint``, ``served_models`` and ``files`` (``write_report``).
 
     Raises EndpointError when nothing answers on ``serve.host:serve.port`` or it lacks ``teacher`` or
-    ``student``; FileNotFoundError without a finished corpus; ValueError for an empty split or a
-    remote ``output_dir``.
+    ``student``; FileNotFoundError without a finished corpus; ValueError for an empty split; OSError
+    when ``<output_dir>/bench/`` cannot be written.
     """
-    from ..layout import bench_dir
     from ..runtime import finite, provenance
-    from ..storage import is_remote
     from .app import arm_refs
 
-    if is_remote(cfg.output_dir):
-        raise ValueError(f"output_dir {cfg.output_dir} is on S3: bench-serve writes its report into a local "
-                         "output_dir; use a local one")
     b = cfg.serve.bench
     base_url = endpoint_url(cfg)
     key = api_key(cfg)
@@ -635,21 +631,50 @@ def run_bench(cfg: Config) -> dict:
         "machine": {**machine(), "load_avg_start": load_start}, "started": started,
         "load_wall_s": round(load_wall, 2), "provenance": provenance(),
     }
-    result = finite(result)
-    folder = bench_dir(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yaml").write_text(cfg.dump())
-    files = {"json": str(folder / "serve.json"), "markdown": str(folder / "serve.md"), "plot": str(folder / "serve.png")}
-    result["files"] = files
+    return write_report(cfg, finite(result))
+
+
+def write_report(cfg: Config, result: dict) -> dict:
+    """Write ``<output_dir>/bench/`` (local or ``s3://``, as every stage): ``config.yaml``,
+    ``serve.png``, ``serve.md`` and ``serve.json`` (written last: a folder without it is unfinished).
+    The files are made in a local folder (``bench/`` itself, or a temporary one for S3, then
+    uploaded in that order). Sets and returns ``result`` with ``files`` (``json``, ``markdown``,
+    ``plot``: their URIs; ``plot`` absent and ``plot_error`` set when the figure failed).
+
+    Raises OSError when the folder cannot be written (S3 errors name the bucket)."""
+    import shutil
+    import tempfile
+
+    from ..storage import storage_path
+
+    dest = storage_path(cfg.output_dir, cfg.storage) / "bench"
+    local = Path(tempfile.mkdtemp(prefix="raydistill-bench-")) if dest.remote else dest.local()
+    local.mkdir(parents=True, exist_ok=True)
     try:
-        write_plot(result, folder / "serve.png")
-    except Exception as e:  # a figure must not cost the figures
-        log.exception("bench: plot failed")
-        result["plot_error"] = f"{type(e).__name__}: {e}"
-        files.pop("plot")
-    (folder / "serve.json").write_text(json.dumps(result, indent=2, allow_nan=False))
-    (folder / "serve.md").write_text(markdown(result))
-    log.info("bench: wrote %s", folder)
+        files = {"json": (dest / "serve.json").uri, "markdown": (dest / "serve.md").uri,
+                 "plot": (dest / "serve.png").uri}
+        result["files"] = files
+        (local / "config.yaml").write_text(cfg.dump())
+        try:
+            write_plot(result, local / "serve.png")
+        except Exception as e:  # a figure must not cost the figures
+            log.exception("bench: plot failed")
+            result["plot_error"] = f"{type(e).__name__}: {e}"
+            files.pop("plot")
+        (local / "serve.md").write_text(markdown(result))
+        report = json.dumps(result, indent=2, allow_nan=False)
+        if dest.remote:
+            (dest / "serve.json").delete()  # an earlier finished report must not outlive a half-made folder
+            for name in ("config.yaml", "serve.png", "serve.md"):
+                if (local / name).is_file():
+                    (dest / name).write_bytes((local / name).read_bytes())
+            (dest / "serve.json").write_text(report)
+        else:
+            (local / "serve.json").write_text(report)
+    finally:
+        if dest.remote:
+            shutil.rmtree(local, ignore_errors=True)
+    log.info("bench: wrote %s", dest.uri)
     return result
 
 
