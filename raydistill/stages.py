@@ -57,17 +57,20 @@ def fingerprint(path: StoragePath) -> list[int] | dict[str, list[int]] | None:
     """What a file or folder holds, cheaply: [size in bytes, mtime in ns] of a file; relative name
     -> [size, mtime] of every file under a folder (names starting with ``_`` or ``.`` left out);
     None when absent. Reads listings only, never file contents."""
-    if path.is_file():
-        info = path.fs.get_file_info(path.path)
+    import pyarrow.fs as pafs
+
+    info = path.fs.get_file_info(path.path)
+    if info.type == pafs.FileType.File:
         return [info.size, info.mtime_ns]
-    if not path.is_dir():
+    if info.type != pafs.FileType.Directory:
         return None
     listing = {}
     base = path.path.rstrip("/")
-    for f in path.files():
-        info = f.fs.get_file_info(f.path)
-        listing[f.path[len(base):].lstrip("/")] = [info.size, info.mtime_ns]
-    return listing
+    for f in path.fs.get_file_info(pafs.FileSelector(base, recursive=True)):  # one listing (one S3 LIST)
+        rel = f.path[len(base):].lstrip("/")
+        if f.type == pafs.FileType.File and not any(part.startswith(("_", ".")) for part in rel.split("/")):
+            listing[rel] = [f.size, f.mtime_ns]
+    return dict(sorted(listing.items()))
 
 
 @dataclass

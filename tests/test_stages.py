@@ -146,3 +146,18 @@ def test_train_and_evaluate_take_overwrite():
     for command in ("run", "generate", "train", "evaluate"):
         result = CliRunner().invoke(app, [command, "--help"])
         assert result.exit_code == 0 and "--overwrite" in result.output, command
+
+
+def test_a_record_on_s3_skips_and_sees_a_rewritten_file(s3_server):
+    """The same decisions on an s3:// run folder: one listing gives names, sizes and mtimes."""
+    from .conftest import make_bucket
+
+    out = storage_path(f"{make_bucket('stages')}/run")
+    (out / "student" / "model.safetensors").write_bytes(b"weights")
+    (out / "student" / "config.json").write_text("{}")
+    stage = Stage("train", out / "train" / "_stage.json", {"student": out / "student"}, settings={"a": 1})
+    stage.finish()
+    assert set(fingerprint(out / "student")) == {"config.json", "model.safetensors"}
+    assert stage.done()
+    (out / "student" / "model.safetensors").write_bytes(b"other weights")  # another size
+    assert not stage.done()
