@@ -298,6 +298,13 @@ class TrainConfig(_Section):
         "keep", description="Teacher answers cut at max_new_tokens or max_model_len (finish_reason 'length'): "
         "'keep' trains on them with no end-of-turn label after the cut; 'drop' leaves them out. "
         "train/summary.json counts them either way.")
+    export: Literal["last", "best"] = Field(
+        "last", description="Which weights become student/: 'last' (the final step) or 'best' (the checkpoint "
+        "with the lowest validation loss; without validation rows, the last). train/summary.json names the step "
+        "exported (exported_step).")
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop training when the validation loss (measured at each epoch end) has not "
+        "improved for this many evaluations in a row; null = off. Needs validation rows.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 

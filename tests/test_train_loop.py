@@ -151,3 +151,59 @@ def test_losses_ignore_index_is_the_examples_one():
     from raydistill.train.losses import IGNORE_INDEX as LOSSES
 
     assert LOSSES == IGNORE_INDEX == -100
+
+
+def test_early_stopping_and_export_of_the_best_checkpoint(student, tmp_path):
+    """Training on tokens 3..40 while validating on 50..90 with a high rate: the validation loss
+    soon rises. Patience 2 stops two evaluations after the lowest one (of 6 planned), and
+    export=best writes that checkpoint's weights into hf/."""
+    from safetensors.torch import load_file
+
+    t = settings(export="best", early_stopping_patience=2, lr=3e-2)
+    g = torch.Generator().manual_seed(0)
+
+    def rows(lo, hi, n):
+        out = []
+        for _ in range(n):
+            ids = torch.randint(lo, hi, (2, 12), generator=g)
+            out.append({"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(12).expand(2, 12),
+                        "attention_mask": torch.ones(2, 12, dtype=torch.long)})
+        return out
+
+    train, val = rows(3, 40, 1), rows(50, 90, 2)
+    model = __import__("transformers").AutoModelForCausalLM.from_pretrained(student)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr)
+    plan = L.Plan(total_steps=6, warmup_steps=0, steps_per_epoch=1, micro_per_epoch=1, has_validation=True)
+    hist = L.train_loop(model, opt, t=t, plan=plan, rank=0, world=1, device=torch.device("cpu"),
+                        collectives=L.Collectives("cpu", 1), train_batches=lambda e: iter(train),
+                        collate=lambda m: m, validation_batches=lambda: iter(val),
+                        store=L.CheckpointStore(tmp_path / "ray", keep=5), say=lambda s: None)
+    vals = [h["val_loss"] for h in hist]
+    best = vals.index(min(vals)) + 1  # the step of the lowest validation loss (one evaluation per step)
+    # the run stops at the first evaluation 2 past the best one: every later loss was not lower
+    assert len(hist) == best + 2 < 6 and min(vals[best:]) >= vals[best - 1], vals
+    final, meta = latest_checkpoint(tmp_path / "ray")
+    assert meta["final"] and meta["step"] == len(hist) and meta["stopped_early"] is True
+    assert meta["exported_step"] == best
+    from raydistill.storage import storage_path
+
+    best_weights = load_state(storage_path(tmp_path / "ray" / f"checkpoint_{best:09d}"))["model"]
+    exported = load_file(final.local() / "hf" / "model.safetensors")
+    for name, value in exported.items():
+        assert torch.equal(value, best_weights[name]), name
+    # state.pt keeps the last step's weights (a resume would continue from there)
+    assert not torch.equal(load_state(final)["model"]["model.norm.weight"], best_weights["model.norm.weight"])
+
+
+def test_export_last_without_early_stopping_runs_every_step(student, tmp_path):
+    t = settings()
+    data = synthetic_batches(2, 2, 12, VOCAB)
+    model = __import__("transformers").AutoModelForCausalLM.from_pretrained(student)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr)
+    plan = L.Plan(total_steps=2, warmup_steps=0, steps_per_epoch=1, micro_per_epoch=1, has_validation=True)
+    hist = L.train_loop(model, opt, t=t, plan=plan, rank=0, world=1, device=torch.device("cpu"),
+                        collectives=L.Collectives("cpu", 1), train_batches=lambda e: iter(data[e:e + 1]),
+                        collate=lambda m: m, validation_batches=lambda: iter(data),
+                        store=L.CheckpointStore(tmp_path / "ray", keep=5), say=lambda s: None)
+    _, meta = latest_checkpoint(tmp_path / "ray")
+    assert len(hist) == 2 and meta["exported_step"] == 2 and meta["stopped_early"] is False

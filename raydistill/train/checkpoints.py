@@ -3,7 +3,8 @@
 Ray Train writes each reported checkpoint to ``<output_dir>/train/ray/checkpoint_<time>/``. A
 raydistill checkpoint holds ``state.pt`` (the trainable weights: a LoRA run's adapters only, the
 optimizer state, step, metric history, every rank's RNG state; read with ``weights_only=True``), ``history.json`` (the metric history alone), ``hf/`` on the final one (the exported student) and ``META_FILE``, written last: the
-step, whether it is final, the validation loss when one was measured, and every file's size.
+step, whether it is final, the validation loss when one was measured, and every file's size (the
+final one also: ``exported_step``, the step whose weights are in ``hf/``, and ``stopped_early``).
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ def _loc(folder: str | os.PathLike | StoragePath) -> StoragePath:
     return folder if isinstance(folder, StoragePath) else storage_path(folder)
 
 
-def write_meta(folder: Path, step: int, final: bool, val_loss: float | None = None) -> None:
-    """Write ``META_FILE`` into a local checkpoint folder, last (it lists every other file)."""
+def write_meta(folder: Path, step: int, final: bool, val_loss: float | None = None, **extra) -> None:
+    """Write ``META_FILE`` into a local checkpoint folder, last (it lists every other file).
+    ``extra``: more JSON fields (the final checkpoint's ``exported_step``, ``stopped_early``)."""
     files = {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
-    (folder / META_FILE).write_text(json.dumps({"step": step, "final": final, "val_loss": val_loss,
+    (folder / META_FILE).write_text(json.dumps({"step": step, "final": final, "val_loss": val_loss, **extra,
                                                 "files": files}))
 
 

@@ -40,7 +40,8 @@ from typing import Any
 import torch
 
 from . import parallel
-from .checkpoints import HF_SUBDIR, HISTORY_FILE, STATE_FILE, latest_checkpoint, load_state, prune, write_meta
+from .checkpoints import (HF_SUBDIR, HISTORY_FILE, STATE_FILE, best_checkpoint, latest_checkpoint, load_state, prune,
+                          write_meta)
 from .losses import IGNORE_INDEX, combine
 
 
@@ -203,6 +204,10 @@ class CheckpointStore:
         """(folder, its meta dict) of the latest complete checkpoint, or None."""
         return latest_checkpoint(self.ray_dir)
 
+    def best(self):
+        """(folder, its meta dict) of the complete checkpoint with the lowest validation loss, or None."""
+        return best_checkpoint(self.ray_dir)
+
     def publish(self, folder: Path | None, metrics: dict, final: bool, step: int, rank: int) -> None:
         if self.report is not None:
             self.report(metrics, folder)
@@ -272,6 +277,12 @@ def train_loop(model, opt, *, t, plan: Plan, rank: int, world: int, device, coll
     """Train ``model`` (wrapped by ``parallel.wrap_model``, on ``device``) with ``opt`` for
     ``plan.total_steps`` optimizer steps, resuming from ``store``'s latest checkpoint.
 
+    With validation rows, ``t.early_stopping_patience`` (None: off) stops at the epoch end where
+    the validation loss has not been lower than its minimum for that many evaluations, and
+    ``t.export == "best"`` writes the weights of the checkpoint with the lowest validation loss
+    into the final checkpoint's ``hf/`` (its ``state.pt`` keeps the last step's state). The final
+    checkpoint's meta records ``exported_step`` and ``stopped_early``.
+
     Args:
         t: ``TrainConfig`` (or an object with its attributes).
         train_batches: ``epoch -> iterable`` of this rank's raw micro-batches of that epoch, in a
@@ -295,6 +306,8 @@ def train_loop(model, opt, *, t, plan: Plan, rank: int, world: int, device, coll
     steps_per_epoch, accum, every = plan.steps_per_epoch, t.grad_accum_steps, t.checkpoint_every_steps
     unwrapped = parallel.unwrap(model)
     alpha = t.kd.alpha if kd_on else 0.0
+    export_best = getattr(t, "export", "last") == "best" and plan.has_validation
+    patience = getattr(t, "early_stopping_patience", None) if plan.has_validation else None
 
     step, history = 0, []
     found = store.latest()
@@ -311,14 +324,36 @@ def train_loop(model, opt, *, t, plan: Plan, rank: int, world: int, device, coll
             say(f"[raydistill] resumed from checkpoint at step {step} ({found[0].name})"
                 f"{'' if rng_ok else '; it holds no RNG state of this world size: dropout draws differ'}")
 
-    def save_state(final: bool, val_loss: float | None) -> None:
+    def flag(value: int) -> int:
+        """Rank 0's ``value`` on every rank (a collective)."""
+        return int(collectives.broadcast(torch.tensor([value], dtype=torch.int64, device=device))[0])
+
+    def evaluations_since_best() -> int:
+        """Rank 0: validation losses measured since the lowest one (0: the latest is the lowest)."""
+        vals = [r["val_loss"] for r in history if r.get("val_loss") is not None]
+        return len(vals) - 1 - vals.index(min(vals)) if vals else 0
+
+    def load_best_for_export(val_loss: float | None) -> int:
+        """``train.export: best``: put the weights of the checkpoint with the lowest validation loss
+        into the model (unless the final step's own is lower) and return that step. Collectives."""
+        best = store.best() if rank == 0 else None
+        use = rank == 0 and best is not None and not (val_loss is not None and val_loss < best[1]["val_loss"])
+        if not flag(int(use)):
+            return step
+        state = load_state(best[0]) if rank == 0 else {"model": None}
+        parallel.load_full_state_dict(model, state["model"], trainable_only=True)
+        return flag(int(best[1]["step"]) if rank == 0 else 0)
+
+    def save_state(final: bool, val_loss: float | None, stopped_early: bool = False) -> None:
         metrics = history[-1] if history else {"step": step}
         rng = gather_rng_state(collectives)  # a collective: every rank's generators, gathered to rank 0
         model_state = parallel.full_state_dict(model, trainable_only=True)  # collectives: every rank
         opt_state = parallel.optimizer_state(model, opt)
+        exported_step = load_best_for_export(val_loss) if final and export_best else step
         frozen = any(not p.requires_grad for p in model.parameters())
-        # the whole student, for export (a full fine-tune's trainable state is the whole student)
-        full = (parallel.full_state_dict(model) if frozen else model_state) if final else None
+        # the whole student, for export (a full fine-tune's trainable state is the whole student, unless
+        # the best checkpoint's weights were loaded for export)
+        full = (parallel.full_state_dict(model) if frozen or exported_step != step else model_state) if final else None
         with tempfile.TemporaryDirectory() as d:
             folder = None
             if rank == 0:
@@ -328,7 +363,8 @@ def train_loop(model, opt, *, t, plan: Plan, rank: int, world: int, device, coll
                 (folder / HISTORY_FILE).write_text(json.dumps(history))  # the driver reads this, not state.pt
                 if final:  # the student as save_pretrained writes it (LoRA merged), in the dtype of training
                     parallel.save_hf(unwrapped, full, folder / HF_SUBDIR, dtype=export_dtype(t))
-                write_meta(folder, step, final, val_loss)
+                write_meta(folder, step, final, val_loss,
+                           **({"exported_step": exported_step, "stopped_early": stopped_early} if final else {}))
             store.publish(folder, {**metrics, "final": final}, final, step, rank)
 
     def to_device(batch: dict) -> dict:
@@ -363,7 +399,8 @@ def train_loop(model, opt, *, t, plan: Plan, rank: int, world: int, device, coll
     model.train()
     t_start = time.perf_counter()
     steps_here = 0
-    while step < total:
+    stop = False
+    while step < total and not stop:
         epoch = step // steps_per_epoch
         skip = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch trained before a resume
         group: list[dict] = []
@@ -426,6 +463,11 @@ def train_loop(model, opt, *, t, plan: Plan, rank: int, world: int, device, coll
                     tracker.log_step({"step": step, "val_loss": val, "val_ce": rec["val_ce"], "val_kd": rec["val_kd"]})
                 if rank == 0:
                     say(f"[raydistill] epoch {epoch} validation loss {val:.4f}")
+                if patience and flag(int(rank == 0 and evaluations_since_best() >= patience)):
+                    stop = True
+                    if rank == 0:
+                        say(f"[raydistill] early stop at step {step}: no lower validation loss in the last "
+                            f"{patience} evaluations (train.early_stopping_patience)")
             if step >= total or end_of_epoch:
                 break
             if every and step % every == 0:
@@ -433,10 +475,10 @@ def train_loop(model, opt, *, t, plan: Plan, rank: int, world: int, device, coll
         else:  # the shard ended before the planned steps: continuing would loop or hang the other ranks
             raise RuntimeError(f"rank {rank} got fewer than the {plan.micro_per_epoch} micro-batches planned for "
                                f"epoch {epoch} (step {step} of {total})")
-        if step < total:
+        if step < total and not stop:
             # at each epoch end without checkpoint_every_steps, and whenever validation ran (so the best
             # checkpoint by validation loss can be kept)
             if not every or step % every == 0 or plan.has_validation:
                 save_state(final=False, val_loss=history[-1].get("val_loss") if history else None)
-    save_state(final=True, val_loss=history[-1].get("val_loss") if history else None)
+    save_state(final=True, val_loss=history[-1].get("val_loss") if history else None, stopped_early=stop)
     return history

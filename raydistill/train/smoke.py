@@ -41,7 +41,7 @@ def settings(**kw) -> SimpleNamespace:
     lora = SimpleNamespace(enabled=False, r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"])
     base = dict(use_gpu=False, strategy="ddp", precision="auto", loss="sequence_kd", kd=kd, batch_size=2,
                 grad_accum_steps=1, packing=False, lr=5e-4, weight_decay=0.0, grad_clip=1.0, seed=0,
-                checkpoint_every_steps=0, keep_checkpoints=2, lora=lora)
+                checkpoint_every_steps=0, keep_checkpoints=2, export="last", early_stopping_patience=None, lora=lora)
     for k, v in kw.items():
         if k in ("kd", "lora"):
             for kk, vv in v.items():

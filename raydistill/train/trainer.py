@@ -619,7 +619,8 @@ def run_train(cfg: Config, overwrite: bool = False) -> dict:
                          f"{' or the online teacher ' + teacher_ref if teacher_ref else ''} (a config error; "
                          f"not retried): {msg}")
     final = latest_checkpoint(ray_dir)
-    if final is None or not final[1].get("final") or final[1]["step"] != total:
+    stopped_early = bool(final and final[1].get("stopped_early"))  # train.early_stopping_patience
+    if final is None or not final[1].get("final") or (final[1]["step"] != total and not stopped_early):
         raise RuntimeError(f"training ended without a final checkpoint in {ray_dir} (latest: "
                            f"{final[1] if final else None})")
     final_dir = final[0]
@@ -656,7 +657,10 @@ def run_train(cfg: Config, overwrite: bool = False) -> dict:
                "dropped": dropped, "dropped_validation": counts["validation"]["dropped"],
                "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
                "val_loss": [r["val_loss"] for r in history if r.get("val_loss") is not None],
-               "resumed_from_step": resumed_from, "seconds": round(seconds, 1), "student": student_out.uri,
+               "resumed_from_step": resumed_from, "export": t.export,  # loop.train_loop: last | best
+               "exported_step": final[1].get("exported_step", final[1]["step"]),
+               "stopped_early": stopped_early,
+               "seconds": round(seconds, 1), "student": student_out.uri,
                "baseline_student": student_ref, "provenance": provenance()}
     (train_dir / "config.yaml").write_text(cfg.dump())
     (train_dir / "summary.json").write_text(json.dumps(summary, indent=2))
