@@ -14,6 +14,21 @@ log = logging.getLogger(__name__)
 GENERATED_SCHEMA = pa.schema(list(PROMPTS_SCHEMA) + GENERATION_FIELDS)
 
 
+#: Logical CPUs of one prompt-tokenizer actor (chat template + tokenizer, no model).
+TOKENIZER_CPUS = 0.25
+
+
+def prompt_tokenizer_pool(engine: EngineConfig) -> dict:
+    """``map_batches`` arguments of the prompt tokenizer in front of the engine replicas: an
+    autoscaling actor pool of 1 to ``engine.replicas`` actors of ``TOKENIZER_CPUS`` each (Ray LLM
+    sizes its own tokenize stage from the processor's concurrency the same way), so 8 teacher
+    replicas are fed by up to 8 tokenizers, not one. Returns ``compute`` and ``num_cpus``."""
+    import ray
+
+    return dict(compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, engine.replicas)),
+                num_cpus=TOKENIZER_CPUS)
+
+
 def _dtype(engine: EngineConfig, gpu: bool) -> str:
     if engine.dtype != "auto":
         return engine.dtype

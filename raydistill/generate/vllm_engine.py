@@ -15,7 +15,7 @@ from ..config import EngineConfig, GenerationConfig, StorageConfig
 
 log = logging.getLogger(__name__)
 
-from .common import _dtype, _finish_reason, _messages, _stop_ids, _top_logprobs
+from .common import _dtype, _finish_reason, _messages, _stop_ids, _top_logprobs, prompt_tokenizer_pool
 
 
 class _PromptTokenizer:
@@ -50,7 +50,7 @@ def _vllm_config(model_dir: str, engine: EngineConfig, gen: GenerationConfig, gp
     boto3 pointed at ``storage``'s endpoint (``storage.s3_env``)."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    from ..runtime import vllm_env
+    from ..runtime import vllm_runtime_env
     from ..storage import s3_env
 
     engine_kwargs: dict[str, Any] = dict(
@@ -81,7 +81,8 @@ def _vllm_config(model_dir: str, engine: EngineConfig, gen: GenerationConfig, gp
         concurrency=(engine.replicas, engine.replicas),
         log_engine_metrics=False,
         should_continue_on_error=True,  # one over-long prompt must not fail the dataset
-        runtime_env={"env_vars": {**vllm_env(engine.kv_cache_gib), **s3_env(storage)}},
+        # vLLM's CPU settings; its core binding is computed in the engine's process, on its node
+        runtime_env=vllm_runtime_env(engine.kv_cache_gib, s3_env(storage)),
         # Prompts arrive as token ids (chat.prompt_ids): no template rendering, no tokenizing
         # (either would add a BOS a template already wrote, or read text spelling <|im_end|> as the token).
         chat_template_stage={"enabled": False},
@@ -97,7 +98,6 @@ def _vllm_outputs(ds, model_dir: str, engine: EngineConfig, gen: GenerationConfi
     prompt columns plus ``prompt_token_ids`` (what the engine read), ``generated_tokens``,
     ``generated_text``, ``num_generated_tokens``, ``logprobs``, ``time_taken_llm``,
     ``batch_uuid`` and ``__inference_error__``."""
-    import ray
     from ray.data.llm import build_processor
 
     from ..storage import s3_env
@@ -107,7 +107,7 @@ def _vllm_outputs(ds, model_dir: str, engine: EngineConfig, gen: GenerationConfi
     tokenizer_args = dict(model_dir=model_dir, storage=storage.model_dump() if storage else None)
     ds = ds.map_batches(_PromptTokenizer, fn_constructor_kwargs=tokenizer_args,
                         batch_size=engine.batch_size, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
+                        **prompt_tokenizer_pool(engine))  # scales with the teacher replicas
 
     def preprocess(row: dict) -> dict:
         # Our prompt columns travel through the stage untouched; the engine reads tokenized_prompt.
