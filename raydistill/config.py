@@ -117,7 +117,22 @@ class GenerationConfig(_Section):
     max_error_share: float = Field(0.1, ge=0.0, le=1.0, description="Fail the job when more than this share "
                                    "of the answered prompts failed in the engine (e.g. longer than "
                                    "max_model_len); below it, failed rows are recorded in corpus/rejects/ "
-                                   "and the job goes on.")
+                                   "and the job goes on. Failed rows are never final: a rerun of an "
+                                   "unfinished corpus answers them again.")
+    max_error_rate: float = Field(0.5, ge=0.0, le=1.0, description="Stop generation early, keeping every "
+                                  "answer written, when more than this share of the last error_window "
+                                  "requests failed (an API outage, a dead engine); the failed and unreached "
+                                  "prompts are answered by the next run. 1 = never stop early.")
+    error_window: int = Field(100, gt=0, description="Requests (answered prompts, in completion order) "
+                              "over which max_error_rate is measured; no early stop before this many.")
+    min_kept_share: float = Field(0.0, ge=0.0, le=1.0, description="Fail generate when fewer than this share "
+                                  "of the answers pass the filters (the message gives the reject reasons, the "
+                                  "finish reasons and the setting to change); generate always fails when no "
+                                  "train answer is kept, and warns below 70 %.")
+    rows_per_file: int = Field(2000, gt=0, description="Answers per parquet file of corpus/generated/, each "
+                               "committed with one checkpoint file (Ray Data's min_rows_per_file), instead of one "
+                               "file per engine batch: 10M prompts make ~5,000 files, not ~300,000. A killed run "
+                               "answers again at most the files it was writing (up to this many rows each).")
 
 
 class EngineConfig(_Section):

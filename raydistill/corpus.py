@@ -11,8 +11,9 @@
 
 While generation runs (or after it was interrupted) the folder also holds ``generated/`` (every
 answer, written shard by shard), ``_checkpoint/`` (Ray Data's record of the prompt ids written),
+``errors/`` (the rows that failed in the latest run: not checkpointed, a rerun answers them again),
 ``_runs/`` (one file per run) and ``_settings.json`` (what a resumed run must match); generate
-removes ``generated/`` and ``_checkpoint/`` once the manifest is written.
+removes ``generated/``, ``errors/`` and ``_checkpoint/`` once the manifest is written.
 
 Every function takes a local path, an ``s3://`` URI or a ``storage.StoragePath``.
 """

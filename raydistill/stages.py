@@ -144,7 +144,7 @@ def evaluate_stage(cfg) -> Stage:
     """The evaluate stage's completion record (``eval/_stage.json``).
 
     Settings (what evaluate itself decides): ``eval``, ``generation`` (less what only generate
-    reads: ``top_k_logprobs``, ``max_error_share``), the teacher it runs (less price and API
+    reads: ``top_k_logprobs``, error/kept/file settings), the teacher it runs (less price and API
     retry/credential settings), what scoring reads (``data.label_map``; ``data.seed`` with
     ``eval.limit``: it picks the sample; ``task_prompts.final_answer_marker``) and ``serve`` when timings come
     from the endpoint. Inputs (what earlier stages made): the files of ``student/`` and of the
@@ -161,7 +161,8 @@ def evaluate_stage(cfg) -> Stage:
     corpus = corpus_location(cfg)
     settings = {
         "eval": cfg.eval.model_dump(mode="json"),
-        "generation": cfg.generation.model_dump(mode="json", exclude={"top_k_logprobs", "max_error_share"}),
+        "generation": cfg.generation.model_dump(mode="json", exclude={  # what only generate reads
+            "top_k_logprobs", "max_error_share", "max_error_rate", "error_window", "min_kept_share", "rows_per_file"}),
         "teacher": cfg.teacher.model_dump(mode="json", exclude={"price_per_mtok", "api_key_env", "timeout_s",
                                                                 "max_retries", "retry_wait_s"}),
         "data": {"label_map": cfg.data.label_map, **({"seed": cfg.data.seed} if cfg.eval.limit else {})},

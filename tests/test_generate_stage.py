@@ -68,7 +68,8 @@ def test_generation_killed_part_way_resumes_with_every_prompt_exactly_once(tiny_
 
     rows = _prompts(400)
     data = write_jsonl(tmp_path / "p.jsonl", rows)
-    cfg_file = _config(tmp_path, tiny_model, str(data), str(tmp_path / "run"), generation={"max_new_tokens": 24})
+    cfg_file = _config(tmp_path, tiny_model, str(data), str(tmp_path / "run"),
+                       generation={"max_new_tokens": 24, "rows_per_file": 8})  # commits every 2 engine batches
     corpus = tmp_path / "run" / "corpus"
     env = dict(os.environ, RAY_ADDRESS="")  # its own private Ray, not the test session's
     proc = subprocess.Popen([sys.executable, "-m", "raydistill.cli", "generate", str(cfg_file)], env=env,
@@ -165,7 +166,8 @@ def _split(row: dict, seed: int = 0) -> str:
 
 def test_error_share_stops_the_job_and_rows_below_it_are_rejects(tiny_model, tmp_path, ray_local):
     """Prompts longer than max_model_len fail on their row; past generation.max_error_share the
-    job stops with the share and the first errors, below it they are counted as rejects."""
+    job stops with the share and the first errors, below it they are counted as rejects. Failed
+    rows are not committed: the rerun tries those prompts again (and only those)."""
     from raydistill.config import load
     from raydistill.generate import run_generate
     from raydistill.generate.stage import GenerationError
@@ -180,12 +182,13 @@ def test_error_share_stops_the_job_and_rows_below_it_are_rejects(tiny_model, tmp
     answered = len(_expected_ids(rows))
     cfg = load(_config(tmp_path, tiny_model, str(data), str(tmp_path / "run"), generation={"max_error_share": 0.1}))
     with pytest.raises(GenerationError, match=rf"4 of {answered} answers failed \(.*%\), more than "
-                                              r"generation.max_error_share=10%; first errors: q\d+: prompt has"):
+                                              r"generation.max_error_share=10%; first errors: q\d+: prompt has"
+                                              r".*answered again by the next run"):
         run_generate(cfg)
     ok = load(_config(tmp_path, tiny_model, str(data), str(tmp_path / "run"), generation={"max_error_share": 0.5}))
-    manifest = run_generate(ok)  # continues the same corpus: nothing regenerated
+    manifest = run_generate(ok)  # continues the same corpus: only the failed prompts are asked again
     assert manifest["rejects"]["error"] == 4 and manifest["finish_reasons"]["error"] == 4
-    assert [r["rows_added"] for r in manifest["runs"]] == [answered, 0]
+    assert [r["rows_added"] for r in manifest["runs"]] == [answered - 4, 4]
     rejects = pq.read_table(tmp_path / "run" / "corpus" / "rejects").to_pylist()
     assert sorted(r["prompt_id"] for r in rejects if r["reject_reason"] == "error") == sorted(long_ids)
 

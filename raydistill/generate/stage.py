@@ -11,12 +11,18 @@ of exact duplicates). Steps, each resumable:
    (the ``data.sample_by_task`` rule, computed with per-task thresholds in Ray Data). Before the
    job, the first file's first rows get the line-exact checks of ``raydistill validate``.
 2. **Answers.** The train and validation prompts go through the teacher engine
-   (``answer.answer_dataset``) and are written shard by shard to ``corpus/generated/``. Ray Data's
+   (``answer.answer_dataset``) in blocks of one engine batch and are written to
+   ``corpus/generated/`` in files of ``generation.rows_per_file`` answers. Ray Data's
    row-level checkpointing (``ray.data.checkpoint.CheckpointConfig``, keyed by ``prompt_id``,
    two-phase commit per shard) records what was written, so a rerun after a crash or a kill
    answers only the prompts not yet written: every prompt id ends up exactly once.
-3. **Errors.** A row the engine failed on is kept with its error; the job stops when more than
-   ``generation.max_error_share`` of the rows failed (the message gives the share and the first errors).
+3. **Errors.** A row the engine failed on is never committed as done: it goes to ``corpus/errors/``
+   (this run's failures, outside the checkpoint), so the next run answers it again. When more
+   than ``generation.max_error_rate`` of the last ``generation.error_window`` requests failed (an
+   API outage, a dead engine), the run stops early, keeping every answer written, with the rate and
+   what was kept. At the end of a run, when more than ``generation.max_error_share`` of the
+   prompts failed, the job stops (the message gives the share and the first errors); below it the
+   failed rows become rejects with reason ``error``.
 4. **Filter.** Each answer is kept (``corpus/data/``) or rejected with its reason
    (``corpus/rejects/``, see ``generate.filters``).
 5. **Manifest**, written last: what the corpus holds and how it was made, rows added by each run.
@@ -44,16 +50,23 @@ from ..storage import StoragePath
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "_checkpoint"
+ERRORS_DIR = "errors"  # this run's failed rows: outside the checkpoint, so a rerun answers them again
 RUNS_DIR = "_runs"
 SETTINGS = "_settings.json"
 PRECHECK_ROWS = 1000  # rows of the first file checked line by line before the job
 PRECHECK_MAX_BYTES = 64 * 2**20  # a first file larger than this is not read on the driver
+#: generation settings that decide when to stop or fail and how files are cut, not what is generated
+_CHECKS_ONLY = {"max_error_share", "max_error_rate", "error_window", "min_kept_share", "rows_per_file"}
 SHARD_ROWS = 50_000  # rows per file of data/ and rejects/ (at least; the last may be smaller)
 
 
 class GenerationError(ValueError):
     """Generation cannot go on: too many failed rows, settings changed under a resumed corpus,
     duplicate prompt ids. Rows already written are kept."""
+
+
+class _StopGeneration(GenerationError):
+    """Raised inside the Ray Data job when the recent error rate passed ``generation.max_error_rate``."""
 
 
 # ----------------------------------------------------------------------------- prompt files
@@ -278,13 +291,91 @@ def _not_test(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.not_equal(batch.column("split"), "test"))
 
 
+class _ErrorWindow:
+    """A Ray actor counting the outcomes of the last ``window`` requests (answered prompts, in the
+    order their batches finished); ``add`` returns the stop message once more than ``max_rate`` of
+    them failed, and keeps returning it."""
+
+    def __init__(self, window: int, max_rate: float):
+        from collections import deque
+
+        self.window, self.max_rate = window, max_rate
+        self.recent: deque[bool] = deque()
+        self.in_window = self.seen = self.failed = 0
+        self.stop: str | None = None
+
+    def add(self, failed: list[bool], last_error: str | None) -> str | None:
+        if self.stop:
+            return self.stop
+        for f in failed:
+            self.recent.append(f)
+            self.in_window += f
+            if len(self.recent) > self.window:
+                self.in_window -= self.recent.popleft()
+            self.seen += 1
+            self.failed += f
+            if len(self.recent) == self.window and self.in_window > self.max_rate * self.window:
+                self.stop = (f"{self.in_window} of the last {self.window} requests failed "
+                             f"({self.in_window / self.window:.0%}, more than generation.max_error_rate="
+                             f"{self.max_rate:.0%} over generation.error_window={self.window}) after {self.seen} "
+                             f"requests of this run; last error: {str(last_error)[:300]}")
+                break
+        return self.stop
+
+
+def _route_errors(batch: pa.Table, monitor, errors: StoragePath) -> pa.Table:
+    """After the engine: failed rows go to ``errors/`` (not checkpointed, so a rerun answers them
+    again) and are counted by the ``_ErrorWindow`` actor ``monitor``; answers go on to be written.
+    Raises _StopGeneration when the recent error rate passed ``generation.max_error_rate``."""
+    import io
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    import ray
+
+    failed = pc.fill_null(pc.or_kleene(pc.equal(batch.column("finish_reason"), "error"),
+                                       pc.is_valid(batch.column("error"))), False)
+    bad = batch.filter(failed)
+    last_error = None
+    # Named by the batch's ids: a retried task replaces its own file (or removes it when the retry
+    # failed nowhere), so errors/ holds each batch's last attempt, disjoint from the answers written.
+    name = hashlib.sha256("\n".join(sorted(batch.column("prompt_id").to_pylist())).encode()).hexdigest()[:32]
+    if bad.num_rows:
+        last_error = next((e for e in reversed(bad.column("error").to_pylist()) if e), "no error message")
+        buf = io.BytesIO()
+        pq.write_table(bad, buf)
+        (errors / f"{name}.parquet").write_bytes(buf.getvalue())
+    else:
+        (errors / f"{name}.parquet").delete()
+    stop = ray.get(monitor.add.remote(failed.to_pylist(), last_error))
+    if stop:
+        raise _StopGeneration(stop)
+    return batch.filter(pc.invert(failed))
+
+
+def _cause(e: BaseException, kind: type) -> BaseException | None:
+    """The innermost exception of type ``kind`` in ``e``'s chain, or None. Ray raises a worker's
+    exception as a RayTaskError that is also a ``kind`` but whose text is the traceback; the
+    original (with the message) is its ``cause``."""
+    found, seen = None, set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, kind):
+            found = e
+        seen.add(id(e))
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return found
+
+
 def _generate(cfg: Config, out: StoragePath, teacher_model: str, to_answer: int) -> None:
-    """Step 2: answer the train/validation prompts not yet written into ``corpus/generated/``."""
+    """Step 2: answer the train/validation prompts not yet written into ``corpus/generated/``;
+    failed rows go to ``corpus/errors/``. Raises GenerationError when the run stopped early on
+    ``generation.max_error_rate`` (what was kept and what is left are in the message)."""
     import ray
     from ray.data.checkpoint import CheckpointConfig
 
     from .answer import answer_dataset
 
+    stop = None
     ctx = ray.data.DataContext.get_current()
     ctx.checkpoint_config = CheckpointConfig(
         id_column="prompt_id", checkpoint_path=(out / CHECKPOINT_DIR).uri, override_filesystem=out.fs,
@@ -292,20 +383,56 @@ def _generate(cfg: Config, out: StoragePath, teacher_model: str, to_answer: int)
     try:
         prompts = out / PROMPTS_DIR
         ds = ray.data.read_parquet(prompts.uri, filesystem=prompts.fs)
-        # Blocks of one engine batch: every replica gets work, and a kill loses at most the
-        # batches in flight (each written shard is committed on its own).
+        # Blocks of one engine batch, so that every replica gets work; the writer bundles them
+        # into files of generation.rows_per_file answers.
         ds = ds.map_batches(_not_test, batch_format="pyarrow", batch_size=None)
         ds = ds.repartition(target_num_rows_per_block=cfg.teacher.batch_size)
         answered = answer_dataset(ds, teacher_model, cfg.teacher, cfg.generation)
         params = json.dumps(cfg.generation.model_dump(), sort_keys=True)
         answered = answered.map_batches(_corpus_batch, batch_format="pyarrow", batch_size=None,
                                         fn_kwargs=dict(teacher=cfg.teacher.model, params=params))
+        monitor = ray.remote(num_cpus=0)(_ErrorWindow).remote(cfg.generation.error_window,
+                                                               cfg.generation.max_error_rate)
+        answered = answered.map_batches(_route_errors, batch_format="pyarrow", batch_size=None,
+                                        fn_kwargs=dict(monitor=monitor, errors=out / ERRORS_DIR))
         gen = out / GENERATED_DIR
         log.info("generate: answering up to %d prompts with %s (engine %s) -> %s", to_answer, cfg.teacher.model,
                  cfg.teacher.engine, gen)
-        answered.write_parquet(gen.uri, filesystem=gen.fs)
+        try:
+            # Files of generation.rows_per_file answers, each committed on its own: far fewer objects
+            # than one per engine batch, and a kill redoes only the files being written.
+            answered.write_parquet(gen.uri, filesystem=gen.fs, min_rows_per_file=cfg.generation.rows_per_file)
+        except Exception as e:
+            found = _cause(e, _StopGeneration)
+            if found is None:
+                raise
+            ray.kill(monitor)
+            stop = str(found).split("\nFailed to apply UDF transform")[0]  # Ray appends retry advice
     finally:
         ctx.checkpoint_config = None
+    if stop:
+        kept = _committed_rows(out)
+        failed = _count_rows(out / ERRORS_DIR)
+        total = _prompt_count(out)
+        raise GenerationError(
+            f"generation stopped early: {stop}. Kept: {kept} answers of {total} prompts in corpus/generated/ "
+            f"(committed); {total - kept} prompts ({failed} failed, {max(0, total - kept - failed)} not "
+            "reached) are answered by the next run: fix the cause (the endpoint, the engine) and rerun "
+            "`raydistill generate` with the same settings")
+
+
+def _count_rows(folder: StoragePath) -> int:
+    """Rows in the parquet files under ``folder`` (from their footers, in Ray Data); 0 if none."""
+    import ray
+
+    files = [f.uri for f in folder.files(".parquet")]
+    return ray.data.read_parquet(files, filesystem=folder.fs).count() if files else 0
+
+
+def _prompt_count(out: StoragePath) -> int:
+    """Train + validation prompts of the corpus (``prompts/_COMPLETE``)."""
+    by_split = json.loads((out / PROMPTS_DIR / COMPLETE).read_text())["by_split"]
+    return by_split["train"] + by_split["validation"]
 
 
 def _settle_checkpoints(out: StoragePath) -> None:
@@ -355,11 +482,75 @@ def _check_errors(gen, stats: list[dict], max_share: float) -> None:
         examples = "; ".join(f"{r['prompt_id']}: {str(r['error'])[:200]}" for r in first)
         raise GenerationError(
             f"{failed} of {total} answers failed ({failed / total:.1%}), more than generation.max_error_share="
-            f"{max_share:.0%}; first errors: {examples}. The rows written are kept in corpus/generated/; fix the "
-            "cause (e.g. teacher.max_model_len) and rerun with --overwrite, or raise generation.max_error_share")
+            f"{max_share:.0%}; first errors: {examples}. The answers written are kept; the failed prompts are "
+            "answered again by the next run: fix the cause (e.g. teacher.max_model_len) and rerun, or raise "
+            "generation.max_error_share to keep them as rejects")
     if failed:
         log.warning("generate: %d of %d answers failed (%.1f%%; generation.max_error_share=%.0f%%); they go to "
                     "corpus/rejects/ with reason 'error'", failed, total, 100 * failed / total, 100 * max_share)
+
+
+WARN_KEPT_SHARE = 0.7  # below this kept share generate warns (Azure's batch jobs fail under 70 % success)
+
+_ADVICE = {
+    "error": "the engine failed on these prompts: see the first errors in corpus/errors/ and fix the cause",
+    "empty": "the teacher answered with nothing: check its chat template and the prompts, or set filter.empty=false",
+    "truncated": "answers were cut: raise generation.max_new_tokens (or teacher.max_model_len), or set "
+                 "filter.truncated=false to keep cut answers",
+    "no_final_answer": "the teacher's math/QA/NLI answers state no final answer (task_prompts.final_answer_marker): "
+                       "check the task prompts (task_prompts, data.system_prompt) or set filter.no_final_answer=false",
+    "reference_mismatch": "the teacher disagrees with the references: check data.reference_field and "
+                          "data.label_map, or set filter.match_reference=false",
+    "duplicate": "the teacher gave identical answers to identical prompts: deduplicate the prompts, or set "
+                 "filter.duplicates=false",
+}
+
+
+def _check_kept(stats: list[dict], cfg: Config) -> None:
+    """Refuse a corpus the filters leave (almost) nothing of, before anything is written to
+    ``data/``: no train answer kept, or a kept share below ``generation.min_kept_share``; warn
+    below ``WARN_KEPT_SHARE``. The message gives the reject counts per reason, the finish-reason
+    counts and the setting to change (``generation.max_new_tokens`` when most answers were cut).
+
+    ``stats``: rows of ``_stats`` (``split``, ``finish_reason``, ``outcome``, ``count()``).
+    Raises GenerationError."""
+    total = sum(r["count()"] for r in stats)
+    if not total:
+        return
+    kept = sum(r["count()"] for r in stats if r["outcome"] == "kept")
+    kept_train = sum(r["count()"] for r in stats if r["outcome"] == "kept" and r["split"] == "train")
+    floor = cfg.generation.min_kept_share
+    share = kept / total
+    if kept_train and share >= floor and share >= WARN_KEPT_SHARE:
+        return
+    rejects: dict[str, int] = {}
+    finish: dict[str, int] = {}
+    for r in stats:
+        finish[r["finish_reason"]] = finish.get(r["finish_reason"], 0) + r["count()"]
+        if r["outcome"] != "kept":
+            rejects[r["outcome"]] = rejects.get(r["outcome"], 0) + r["count()"]
+    cut = finish.get("length", 0)
+    advice = []
+    if cut * 2 > total:  # most answers ran into the length limit: the usual cause of every other reason
+        advice.append(f"{'every' if cut == total else 'most'} answer{'' if cut == total else 's'} ({cut} of {total}) "
+                      f"ran into generation.max_new_tokens={cfg.generation.max_new_tokens} (finish_reason 'length'): "
+                      "raise generation.max_new_tokens (or teacher.max_model_len, when prompts are long)")
+    for reason, n in sorted(rejects.items(), key=lambda kv: -kv[1]):
+        if not (advice and reason in ("truncated", "no_final_answer")):
+            advice.append(f"{reason}: {_ADVICE[reason]}")
+            break
+    what = (f"{kept} of {total} answers ({share:.0%}) pass the filters"
+            + ("" if kept_train or not kept else ", none of them in the train split")
+            + f"; rejected: {', '.join(f'{k} {v}' for k, v in sorted(rejects.items(), key=lambda kv: -kv[1]))}"
+            + f"; finish reasons: {', '.join(f'{k} {v}' for k, v in sorted(finish.items(), key=lambda kv: -kv[1]))}"
+            + f". To change: {'; '.join(advice)}")
+    if not kept_train or share < floor:
+        why = "no usable train answer" if not kept_train else f"below generation.min_kept_share={floor:.0%}"
+        raise GenerationError(
+            f"generate: {why}: {what}. The answers stay in corpus/generated/: a filter change applies on the "
+            "next run without generating again; a generation or teacher change needs --overwrite")
+    log.warning("generate: only %s (below %.0f%%; generation.min_kept_share fails the job below a floor)", what,
+                100 * WARN_KEPT_SHARE)
 
 
 def _tag(batch: pa.Table, cfg_json: str, duplicates: frozenset[str]) -> pa.Table:
@@ -395,17 +586,32 @@ def _filter_config(cfg: Config) -> Config:
     return cfg
 
 
-def _tagged(cfg: Config, out: StoragePath):
-    """Every answer in ``generated/`` with ``reject_reason`` (null = kept; see ``filters``).
-    Duplicates are looked for among the answers the other reasons keep, so an answer is never
-    rejected as the duplicate of a rejected one."""
+def _generated(out: StoragePath):
+    """Every answer of ``generated/`` and this run's failed rows of ``errors/``, lazily (disjoint:
+    see ``_route_errors``; ``run_generate`` checks that they add up to the prompts)."""
     import ray
 
+    gen, errs = out / GENERATED_DIR, out / ERRORS_DIR
+    answers = [f.uri for f in gen.files(".parquet")]
+    failed = [f.uri for f in errs.files(".parquet")]
+    parts = []
+    if answers:
+        parts.append(ray.data.read_parquet(answers, filesystem=gen.fs))
+    if failed:
+        parts.append(ray.data.read_parquet(failed, filesystem=errs.fs))
+    if not parts:
+        return ray.data.from_arrow(CORPUS_SCHEMA.empty_table())
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _tagged(cfg: Config, out: StoragePath):
+    """Every answer in ``generated/`` (and failed row in ``errors/``) with ``reject_reason``
+    (null = kept; see ``filters``). Duplicates are looked for among the answers the other reasons
+    keep, so an answer is never rejected as the duplicate of a rejected one."""
     from .filters import duplicate_ids
 
     cfg = _filter_config(cfg)
-    gen = out / GENERATED_DIR
-    ds = ray.data.read_parquet(gen.uri, filesystem=gen.fs)
+    ds = _generated(out)
     dupes: frozenset[str] = frozenset()
     if cfg.filter.duplicates:
         first = ds.map_batches(_tag, batch_format="pyarrow",
@@ -432,7 +638,7 @@ def _settings(cfg: Config, teacher_tokenizer: str | None) -> dict:
     """What every run adding rows to one corpus must share (``data.label_map`` only affects
     scoring; ``filter`` is compared for a finished corpus only: an unfinished one filters again)."""
     return {"teacher": cfg.teacher.model, "engine": cfg.teacher.engine, "teacher_tokenizer": teacher_tokenizer,
-            "generation": cfg.generation.model_dump(exclude={"max_error_share"}),
+            "generation": cfg.generation.model_dump(exclude=_CHECKS_ONLY),
             "data": cfg.data.model_dump(mode="json", exclude={"label_map"}),
             "task_prompts": cfg.task_prompts.model_dump(mode="json"), "filter": cfg.filter.model_dump()}
 
@@ -469,7 +675,7 @@ def _run_history(out: StoragePath, rows_now: int) -> list[dict]:
 
 
 def _cleanup(out: StoragePath) -> None:
-    for name in (GENERATED_DIR, CHECKPOINT_DIR):
+    for name in (GENERATED_DIR, CHECKPOINT_DIR, ERRORS_DIR):
         (out / name).delete()
 
 
@@ -537,6 +743,7 @@ def run_generate(cfg: Config, overwrite: bool = False) -> dict:
     _check_settings(out, settings)
     init_ray()
     _settle_checkpoints(out)
+    (out / ERRORS_DIR).delete()  # an earlier run's failures: not committed, answered again now
     run_id = f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     rows_before = _committed_rows(out)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -564,6 +771,7 @@ def run_generate(cfg: Config, overwrite: bool = False) -> dict:
         raise GenerationError(f"corpus/generated/ holds {rows_generated} answers for {to_answer} prompts; rerun to "
                               "continue, or --overwrite to start again")
     _check_errors(tagged, stats, cfg.generation.max_error_share)
+    _check_kept(stats, _filter_config(cfg))
     _write_filtered(tagged, out)
     kept: dict[str, int] = {}
     rejects: dict[str, int] = {}
