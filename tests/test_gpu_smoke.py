@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +45,27 @@ def test_smoke_on_gpu(capsys):
     out = _last_json(capsys.readouterr().out)
     assert rc == 0 and out["ok"] is True, out
     assert out["backend"] == "nccl" and out["checks"]["export_loads"]["dtype"] == "bfloat16"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()")
+@pytest.mark.parametrize("strategy,lora", [("ddp", False), ("fsdp", True)])
+def test_ray_train_logit_kd_on_gpus_with_nccl(tiny_model, tmp_path, ray_local, strategy, lora):
+    """The Ray path on a GPU machine with Ray installed: Ray Train with use_gpu (NCCL, one GPU per
+    worker, up to 2), logit KD from the corpus; the student is exported in bf16."""
+    import torch
+
+    from raydistill.train.trainer import run_train
+
+    from .test_train_kd import kd_config, write_topk_corpus
+
+    workers = min(2, torch.cuda.device_count())
+    sets = [f"train.strategy={strategy}", f"train.workers={workers}", "train.use_gpu=true", "train.epochs=1"]
+    if lora:
+        sets += ["train.lora.enabled=true", "train.lora.dropout=0.1"]
+    cfg = kd_config(tmp_path, tiny_model, 24, sets)
+    write_topk_corpus(cfg, tiny_model)
+    summary = run_train(cfg)
+    assert summary["steps"] >= 1 and summary["exported_step"] == summary["steps"]
+    config = json.loads((Path(cfg.output_dir) / "student" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
