@@ -89,8 +89,8 @@ class DataConfig(_Section):
                                              "e.g. integer NLI labels {'0': entailment, '1': neutral, "
                                              "'2': contradiction}; applied to references before scoring.")
     split: SplitConfig = Field(default_factory=SplitConfig)
-    seed: int = Field(0, description="Seed of the stable split (hash of seed and prompt id) and of the "
-                      "data.limit sample.")
+    seed: int = Field(0, description="Seed of the stable split (hash of seed and the prompt's messages, or "
+                      "its data.group_field value; not its id) and of the data.limit sample.")
 
     @model_validator(mode="after")
     def _has_prompt(self) -> "DataConfig":
