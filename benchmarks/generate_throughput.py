@@ -207,7 +207,7 @@ def run_vllm(prompts_dir: Path, work: Path, log_name: str, max_new_tokens: int) 
 
     out_json = work / f"{log_name}.json"
     logfile = work / f"{log_name}.log"
-    env = dict(child_env(work), **vllm_env(KV_CACHE_GIB))
+    env = dict(child_env(work), **vllm_env(KV_CACHE_GIB, here=True))
     cmd = [sys.executable, str(Path(__file__).resolve()), "_vllm_worker", str(prompts_dir), str(out_json),
            str(max_new_tokens)]
     t0 = time.perf_counter()

@@ -16,12 +16,56 @@ def on_gpu_machine() -> bool:
     return torch.cuda.is_available()
 
 
-def vllm_env(kv_cache_gib: float | None = None) -> dict[str, str]:
-    """Environment for vLLM engine processes (passed as the engine's Ray ``runtime_env``).
+#: vLLM's CPU core binding (``VLLM_CPU_OMP_THREADS_BIND``): computed on the node where an engine
+#: runs (``bind_vllm_threads``), never on the driver and shipped.
+BIND_KEY = "VLLM_CPU_OMP_THREADS_BIND"
+
+
+def local_cpus() -> list[int]:
+    """Ids of the logical CPUs this process may run on (``os.sched_getaffinity``: the machine's
+    cores, or its container's cpuset), sorted."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def cpu_binding(cpus) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for one engine that may use the logical CPUs ``cpus`` (ids):
+    their ranges, e.g. ``[0, 1, 2, 3]`` → ``"0-3"``, ``[0, 1, 4, 5, 6]`` → ``"0-1,4-6"``. Raises
+    ValueError for no CPUs."""
+    ids = sorted(set(int(c) for c in cpus))
+    if not ids:
+        raise ValueError("no CPUs to bind vLLM's threads to")
+    runs = [[ids[0], ids[0]]]
+    for cpu in ids[1:]:
+        if cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
+
+
+def bind_vllm_threads() -> None:
+    """Ray ``worker_process_setup_hook`` of vLLM engine actors on CPU (``vllm_runtime_env``): runs
+    in the engine's own worker process on its node, before vLLM starts, and sets
+    ``VLLM_CPU_OMP_THREADS_BIND`` to every CPU that process may use (``cpu_binding(local_cpus())``),
+    so one engine uses all of that node's cores. A binding already in the process's environment (a
+    user's own, shipped in ``env_vars`` or set on the node) wins."""
+    if BIND_KEY not in os.environ:
+        os.environ[BIND_KEY] = cpu_binding(local_cpus())
+
+
+def vllm_env(kv_cache_gib: float | None = None, here: bool = False) -> dict[str, str]:
+    """Environment for vLLM engine processes.
 
     On CPU, vLLM's backend reserves one core and pins itself to another unless told otherwise;
-    these settings let one engine use every core of the machine. Values of those already set in
-    the caller's environment win (a user's own core binding).
+    ``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` and a core binding over every core let one engine use the
+    whole machine. The binding depends on the machine the engine runs on, so it is only included
+    with ``here=True`` (an engine this process starts on this machine: a subprocess, an in-process
+    ``vllm.LLM``); engines started by Ray on any node get it from ``bind_vllm_threads`` there
+    (``vllm_runtime_env``). Values of these keys already set in the caller's environment win (a
+    user's own core binding is passed on as it is).
 
     Args:
         kv_cache_gib: the engine's CPU KV cache (GiB, from ``teacher.kv_cache_gib`` or
@@ -29,20 +73,37 @@ def vllm_env(kv_cache_gib: float | None = None) -> dict[str, str]:
             rounded up (at least 1). The config value always wins over a ``VLLM_CPU_KVCACHE_SPACE``
             in the shell, so each engine gets its own size. None leaves the key out (settings
             shared by every process, as ``init_ray`` sets them).
+        here: include ``VLLM_CPU_OMP_THREADS_BIND`` for this machine's CPUs.
     """
-    ncpu = os.cpu_count() or 1
     env = {
-        "VLLM_CPU_OMP_THREADS_BIND": f"0-{ncpu - 1}",
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
         "TOKENIZERS_PARALLELISM": "false",
     }
-    for key in list(env):
+    if here:
+        env[BIND_KEY] = cpu_binding(local_cpus())
+    for key in list(env) + [BIND_KEY]:
         if key in os.environ:
             env[key] = os.environ[key]
     if kv_cache_gib is not None:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(kv_cache_gib)))
     return env
+
+
+def vllm_runtime_env(kv_cache_gib: float | None, env_vars: dict[str, str] | None = None) -> dict:
+    """The Ray ``runtime_env`` of a vLLM engine actor on CPU (ray.data.llm's stage, a Ray Serve LLM
+    replica): ``vllm_env(kv_cache_gib)`` plus ``env_vars``, and the core binding computed in the
+    engine's own process on its node (``bind_vllm_threads``, as the worker's setup hook) instead
+    of on the driver."""
+    return {"env_vars": {**vllm_env(kv_cache_gib), **(env_vars or {}),
+                         # the hook by module name (what Ray's worker runs at start-up; Ray fills
+                         # this variable itself only for ray.init's job-level runtime_env)
+                         _SETUP_HOOK_ENV: f"{__name__}.{bind_vllm_threads.__name__}"}}
+
+
+#: ``ray._private.ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR`` (Ray 2.60): a Ray worker
+#: started with it imports and calls the named function before any task or actor runs there.
+_SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
 
 
 def init_ray(num_cpus: int | None = None) -> None:

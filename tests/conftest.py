@@ -208,7 +208,7 @@ def vllm_server(tiny_model, tmp_path_factory):
 
     port = _free_port()
     folder = tmp_path_factory.mktemp("vllm-server")
-    env = dict(os.environ, **vllm_env(1), TMPDIR=str(folder))
+    env = dict(os.environ, **vllm_env(1, here=True), TMPDIR=str(folder))
     log = (folder / "server.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),

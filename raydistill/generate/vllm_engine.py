@@ -50,7 +50,7 @@ def _vllm_config(model_dir: str, engine: EngineConfig, gen: GenerationConfig, gp
     boto3 pointed at ``storage``'s endpoint (``storage.s3_env``)."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    from ..runtime import vllm_env
+    from ..runtime import vllm_runtime_env
     from ..storage import s3_env
 
     engine_kwargs: dict[str, Any] = dict(
@@ -81,7 +81,8 @@ def _vllm_config(model_dir: str, engine: EngineConfig, gen: GenerationConfig, gp
         concurrency=(engine.replicas, engine.replicas),
         log_engine_metrics=False,
         should_continue_on_error=True,  # one over-long prompt must not fail the dataset
-        runtime_env={"env_vars": {**vllm_env(engine.kv_cache_gib), **s3_env(storage)}},
+        # vLLM's CPU settings; its core binding is computed in the engine's process, on its node
+        runtime_env=vllm_runtime_env(engine.kv_cache_gib, s3_env(storage)),
         # Prompts arrive as token ids (chat.prompt_ids): no template rendering, no tokenizing
         # (either would add a BOS a template already wrote, or read text spelling <|im_end|> as the token).
         chat_template_stage={"enabled": False},

@@ -327,14 +327,14 @@ def llm_config(name: str, model: str, arm: ServeArmConfig) -> dict[str, Any]:
     ``generate/vllm_engine.py``), replicas and Serve's per-replica concurrency limits.
 
     CPU (``gpus_per_replica == 0``): float32, eager mode, one bundle of ``cpus_per_replica`` CPUs,
-    the vLLM CPU env (``runtime.vllm_env(kv_cache_gib)``; its core binding is this machine's, so
-    CPU arms suit a single machine). GPU: ``tensor_parallel_size`` GPUs per replica (one bundle
+    the vLLM CPU env (``runtime.vllm_runtime_env(kv_cache_gib)``: the core binding is computed in
+    each replica's engine process, from its own node's CPUs). GPU: ``tensor_parallel_size`` GPUs per replica (one bundle
     each, ``STRICT_PACK``: one node); with tensor_parallel_size 1 a fractional ``gpus_per_replica``
     packs several engines on one GPU and scales vLLM's ``gpu_memory_utilization`` to match;
     ``accelerator_type`` when set; no environment of this machine is passed on. Ray Serve LLM adds
     1 CPU for the replica actor to the first bundle.
     """
-    from ..runtime import vllm_env
+    from ..runtime import vllm_runtime_env
 
     gpu = arm.gpus_per_replica > 0
     engine_kwargs: dict[str, Any] = dict(dtype=_dtype(arm, gpu), max_model_len=arm.max_model_len)
@@ -356,7 +356,7 @@ def llm_config(name: str, model: str, arm: ServeArmConfig) -> dict[str, Any]:
     else:
         engine_kwargs["enforce_eager"] = True
         out["placement_group_config"] = {"bundles": [{"CPU": arm.cpus_per_replica}]}
-        out["runtime_env"] = {"env_vars": vllm_env(arm.kv_cache_gib)}
+        out["runtime_env"] = vllm_runtime_env(arm.kv_cache_gib)
     return dict(
         model_loading_config={"model_id": name, "model_source": model},
         engine_kwargs=engine_kwargs,

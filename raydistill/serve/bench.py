@@ -463,7 +463,7 @@ def _inprocess_engine(cfg: Config, model: str):
 
     arm = cfg.serve.student
     engine_kwargs = dict(llm_config("student", model, arm)["engine_kwargs"])
-    os.environ.update(vllm_env(arm.kv_cache_gib))  # read by the engine process vLLM starts
+    os.environ.update(vllm_env(arm.kv_cache_gib, here=True))  # read by the engine process vLLM starts, here
     from vllm import LLM
 
     return LLM(model=model, disable_log_stats=True, **engine_kwargs), engine_kwargs
