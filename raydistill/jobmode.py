@@ -11,7 +11,14 @@ must name shared storage:
   same path (NFS, EFS, a Lustre mount), or a one-machine cluster (a local ``ray start --head``).
 
 A relative path is refused in job mode even with ``storage.shared_local``, since it would still
-resolve inside Ray's temporary folder. Local commands (no job) are unaffected.
+resolve inside Ray's temporary folder.
+
+The same holds for a local command connected to a cluster (``RAY_ADDRESS``): once the cluster has
+more than one node, or an autoscaler that may add some, training workers and engines run on other
+machines and would write their shards to, or read the run's files from, their own disks. So the
+one rule (``output_problem``) is applied twice: before anything starts (a job is known from its
+environment) and once connected (``resources.ensure_ray``: the node count and the autoscaler are
+known). A private local Ray (no ``RAY_ADDRESS``) is one machine: anything goes.
 
 Light on purpose: imports nothing heavy (no ray), so the CLI checks before any stage starts.
 """
@@ -48,8 +55,9 @@ def submission_id(environ: dict[str, str] | None = None) -> str | None:
     return str(meta.get("job_submission_id") or "unknown")
 
 
-def output_problem(output_dir: str, shared_local: bool, job: str | None, cwd: str | None = None) -> str | None:
-    """Why ``output_dir`` cannot hold a job's outputs (None when it can, or when ``job`` is None).
+def output_problem(output_dir: str, shared_local: bool, job: str | None, cwd: str | None = None,
+                   nodes: int | None = None, may_add_nodes: bool = False) -> str | None:
+    """Why ``output_dir`` cannot hold a run's outputs (None when it can).
 
     Args:
         output_dir: ``cfg.output_dir`` as written (``s3://...``, absolute or relative local path).
@@ -57,12 +65,23 @@ def output_problem(output_dir: str, shared_local: bool, job: str | None, cwd: st
             every node mounts.
         job: the job submission id (``submission_id()``), or None outside a job.
         cwd: the driver's working directory (named in the message; default ``os.getcwd()``).
+        nodes: live nodes of the connected cluster (None: not connected yet, or a private local
+            Ray); outside a job, a local ``output_dir`` without ``shared_local`` is refused when
+            ``nodes > 1`` or ``may_add_nodes`` (the cluster's autoscaler may add nodes).
     """
-    if job is None or output_dir.startswith("s3://"):
+    if output_dir.startswith("s3://"):
         return None
     fix = ("name shared storage: --set output_dir=s3://BUCKET/PREFIX (or an absolute path on a filesystem "
            "every node mounts at the same path, with --set storage.shared_local=true)")
     expanded = os.path.expanduser(output_dir)
+    if job is None:
+        if shared_local or nodes is None or (nodes <= 1 and not may_add_nodes):
+            return None
+        size = f"{nodes} nodes" if nodes > 1 else "1 node and an autoscaler that may add more"
+        return (f"output_dir {output_dir!r} is a local path, and the Ray cluster this run is connected to "
+                f"(RAY_ADDRESS={os.environ.get('RAY_ADDRESS', '')!r}) has {size}: training workers and engines on "
+                "other nodes would write their shards to, and read the run's files from, their own disks. "
+                f"{fix[0].upper() + fix[1:]}")
     if not os.path.isabs(expanded):
         cwd = cwd or os.getcwd()
         return (f"output_dir {output_dir!r} is a relative path, and this is a Ray job ({job}): it would resolve "
@@ -97,11 +116,13 @@ def input_problem(data_path: str, shared_local: bool, job: str | None, cwd: str 
             "storage.shared_local=true when every node mounts it at the same path")
 
 
-def check_output_dir(output_dir: str, shared_local: bool) -> str | None:
-    """Raise ``JobModeError`` when this process is a Ray job and ``output_dir`` is not shared
-    storage (see ``output_problem``); returns the job submission id (None outside a job)."""
+def check_output_dir(output_dir: str, shared_local: bool, nodes: int | None = None,
+                     may_add_nodes: bool = False) -> str | None:
+    """Raise ``JobModeError`` when ``output_dir`` is not storage every node of the run reaches
+    (``output_problem``: in a Ray job, or, with ``nodes``, on a connected cluster of several nodes);
+    returns the job submission id (None outside a job)."""
     job = submission_id()
-    problem = output_problem(output_dir, shared_local, job)
+    problem = output_problem(output_dir, shared_local, job, nodes=nodes, may_add_nodes=may_add_nodes)
     if problem:
         raise JobModeError(problem)
     return job

@@ -496,6 +496,25 @@ def local_cpus_needed(cfg: Config, stages: tuple[str, ...], gpus: float = 0.0) -
     return math.ceil(max((a.total().get("CPU", 0.0) for a in _asks(cfg, stages, gpus)), default=0.0) - _EPS)
 
 
+def _check_shared_storage(cfg: Config) -> None:
+    """On a connected cluster (not a private local Ray): raise ``ResourceError`` when the run's
+    ``output_dir`` is a local path and the cluster has several nodes or may add some
+    (``jobmode.output_problem``, the rule a Ray job's driver is held to)."""
+    import ray
+
+    from .jobmode import JobModeError, check_output_dir
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    may_add = False
+    if nodes <= 1 and not cfg.storage.shared_local and not str(cfg.output_dir).startswith("s3://"):
+        capacity = cluster_capacity(local=False)  # one node now: may its autoscaler add more?
+        may_add = bool(capacity.node_types or capacity.unknown_autoscaler)
+    try:
+        check_output_dir(str(cfg.output_dir), cfg.storage.shared_local, nodes=nodes, may_add_nodes=may_add)
+    except JobModeError as e:
+        raise ResourceError(str(e)) from None
+
+
 def ensure_ray(cfg: Config, stages: tuple[str, ...]) -> None:
     """Start or join Ray (``runtime.init_ray``) and check that ``stages`` fit; raises ``ResourceError``.
 
@@ -519,6 +538,7 @@ def ensure_ray(cfg: Config, stages: tuple[str, ...]) -> None:
         init_ray(num_cpus=max(default, need))
     else:
         init_ray()
+        _check_shared_storage(cfg)
     if os.environ.get(SKIP_ENV, "").lower() in ("1", "true", "yes"):
         log.info("resource check skipped (%s is set)", SKIP_ENV)
         return
