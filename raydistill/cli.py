@@ -320,6 +320,10 @@ def preflight(cfg: Config, counts: dict[str, int] | None) -> list[str]:
             problem, _ = check_reference(cfg.teacher.tokenizer)
             if problem:
                 problems.append(f"teacher.tokenizer: {problem}")
+        from .generate.openai_engine import exact_ids_problem
+
+        if problem := exact_ids_problem(cfg):  # logit KD only with exact token ids (asks GET /models)
+            problems.append(problem)
     else:
         problem, teacher_layers = check_reference(cfg.teacher.model)
         if problem:

@@ -83,3 +83,23 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
         else:
             raise SchemaError(f"missing column {field.name!r} ({field.type})")
     return pa.Table.from_arrays(cols, schema=schema)
+
+
+def topk_problem(row_id: str, token_ids, topk_ids, topk_logprobs) -> str | None:
+    """Why a corpus row's top-k columns cannot be paired with its answer's token ids (None when
+    they can, or when the row has no top-k ids): ``top_logprobs_ids`` and ``top_logprobs`` must
+    hold one row per id of ``response_token_ids`` (shape ``(len(ids), k)``), of equal widths, and
+    every top-k id must be a real id (>= 0). Checked where generate writes a row and where train
+    reads one for logit KD."""
+    if topk_ids is None:
+        return None
+    n = len(token_ids or [])
+    if len(topk_ids) != n or topk_logprobs is None or len(topk_logprobs) != n:
+        return (f"row {row_id}: {n} answer token ids but {len(topk_ids)} top-k id rows and "
+                f"{'no' if topk_logprobs is None else len(topk_logprobs)} top-k logprob rows (one per token needed)")
+    for i, (ids, lps) in enumerate(zip(topk_ids, topk_logprobs)):
+        if len(ids) != len(lps):
+            return f"row {row_id}: token {i} has {len(ids)} top-k ids but {len(lps)} logprobs"
+        if any(t is None or t < 0 for t in ids):
+            return f"row {row_id}: token {i} has a top-k id that is not a token id ({list(ids)})"
+    return None

@@ -346,8 +346,10 @@ def _answer_row(row: dict, k: int, tokenizer: str | None) -> dict:
     ``prompt_tokens``/``response_tokens`` come from the API's ``usage``. Token ids need
     ``tokenizer`` (``teacher.tokenizer``): exact ids from a vLLM server (its
     ``return_tokens_as_token_ids``), else the answer re-tokenized, with the tokenizer's EOS
-    appended when it stopped by itself; top-k ids map each top token (-1 when one token's text is
-    not one token of the tokenizer). Without a tokenizer: empty ids and null top-k ids.
+    appended when it stopped by itself. Top-k ids only with exact ids (one row per answer id,
+    ``schema.topk_problem``; a row that breaks it is an error row naming it): another endpoint's
+    top tokens are text whose ids, and the rows they follow, need not match the re-tokenized
+    answer, so its top-k ids stay null (its logprobs are kept). Without a tokenizer: empty ids.
     """
     reply = row.get("http_response") or {}
     out = {
@@ -371,8 +373,9 @@ def _answer_row(row: dict, k: int, tokenizer: str | None) -> dict:
     content = (choice.get("logprobs") or {}).get("content") or []
     tok = _tokenizer(tokenizer) if tokenizer else None
     ids: list[int] = []
+    exact = bool(content) and all(str(c.get("token", "")).startswith("token_id:") for c in content)
     if tok is not None:
-        if content and all(str(c.get("token", "")).startswith("token_id:") for c in content):
+        if exact:
             ids = [_token_id(c["token"], tok) for c in content]
         else:
             ids = tok.encode(text, add_special_tokens=False)
@@ -381,8 +384,14 @@ def _answer_row(row: dict, k: int, tokenizer: str | None) -> dict:
     top_ids = top_lps = None
     if k and content and any(c.get("top_logprobs") for c in content):
         top_lps = [[float(t["logprob"]) for t in (c.get("top_logprobs") or [])[:k]] for c in content]
-        if tok is not None:
+        if tok is not None and exact:
             top_ids = [[_token_id(str(t["token"]), tok) for t in (c.get("top_logprobs") or [])[:k]] for c in content]
+    from ..schema import topk_problem
+
+    problem = topk_problem(row["prompt_id"], ids, top_ids, top_lps)
+    if problem:
+        out["error"] = f"the endpoint's top-k logprobs do not pair with its token ids: {problem}"
+        return out
     out.update(
         response=text, response_token_ids=ids,
         finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
@@ -390,6 +399,28 @@ def _answer_row(row: dict, k: int, tokenizer: str | None) -> dict:
         response_tokens=int(usage.get("completion_tokens") or len(ids) or len(content)),
         latency_s=float(reply["latency_s"]), top_logprobs_ids=top_ids, top_logprobs=top_lps, error=None)
     return out
+
+
+def exact_ids_problem(cfg) -> str | None:
+    """Why this run's logit KD cannot use its ``openai`` teacher (None when it can, or when the run
+    is not logit KD from an API teacher): logit KD needs the teacher's exact token ids, and only
+    a vLLM server gives them (``return_tokens_as_token_ids``, detected from ``GET /models``).
+    Another API's top-k tokens are text, which ``teacher.tokenizer`` may read as another id or as
+    several, and its answer is re-tokenized; KD targets would not line up with the ids trained."""
+    t = cfg.teacher
+    if t.engine != "openai" or cfg.train.loss != "logit_kd":
+        return None
+    try:
+        key = api_key(t)
+    except ValueError:
+        key = None  # the missing key is reported on its own; ask /models without one
+    if t.tokenizer and _is_vllm_server(t, key):
+        return None
+    return (f"train.loss=logit_kd needs the teacher's exact token ids, and teacher.base_url {t.base_url} is not a "
+            f"vLLM server serving {t.model!r} (GET /models names no such model owned by vllm; only vLLM's "
+            "return_tokens_as_token_ids gives ids): an API's top-k tokens are text that teacher.tokenizer may split "
+            "into other ids, so the KD targets would not line up with the answer's tokens. Use "
+            "train.loss=sequence_kd (and generation.top_k_logprobs: 0), or serve the teacher with vLLM")
 
 
 def openai_dataset(ds, teacher: TeacherConfig, gen: GenerationConfig):

@@ -713,6 +713,10 @@ def run_generate(cfg: Config, overwrite: bool = False) -> dict:
         from .openai_engine import api_key
 
         api_key(cfg.teacher)  # a missing key fails now, before any prompt is read
+        from .openai_engine import exact_ids_problem
+
+        if problem := exact_ids_problem(cfg):  # logit KD only with exact token ids
+            raise GenerationError(problem)
         teacher_model = cfg.teacher.model
         tokenizer_ref = cfg.teacher.tokenizer
         stop_ids: list[int] = []

@@ -142,6 +142,12 @@ def _vllm_row(row: dict, k: int, stop_ids: set[int]) -> dict:
     tokens = row.get("generated_tokens")  # a numpy array or list (vLLM keeps the stop token in it)
     tokens = [int(t) for t in tokens] if tokens is not None else []
     ids, lps = _top_logprobs(row.get("logprobs"), k)
+    if not error:
+        from ..schema import topk_problem
+
+        problem = topk_problem(row["prompt_id"], tokens, ids, lps)
+        if problem:  # never written: a row whose KD targets would shift
+            error = f"the engine's top-k logprobs do not pair with its token ids: {problem}"
     return {
         "prompt_id": row["prompt_id"], "split": row["split"], "task": row["task"],
         "messages": _messages(row["messages"]), "reference": row["reference"],

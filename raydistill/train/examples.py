@@ -146,6 +146,20 @@ def _tokenizer(folder: str):
     return AutoTokenizer.from_pretrained(model_metadata(folder))
 
 
+def _check_topk(r: dict) -> None:
+    """Raise SchemaError (naming the row) when a corpus row's top-k columns do not pair one row per
+    answer token id (``schema.topk_problem``): logit KD would shift its targets against the ids."""
+    from ..schema import SchemaError, topk_problem
+
+    ids, top = r["response_token_ids"] or [], r["top_logprobs_ids"]
+    problem = (topk_problem(r["prompt_id"], ids, top, r["top_logprobs"]) if top is not None
+               else f"row {r['prompt_id']}: {len(ids)} answer token ids but no top-k ids" if ids else None)
+    if problem:
+        raise SchemaError(f"train.loss=logit_kd: the corpus's {problem}; the teacher's top-k logprobs cannot be "
+                          "paired with its token ids. Regenerate the corpus (`raydistill generate --overwrite`) with "
+                          "a teacher that returns exact token ids, or use train.loss=sequence_kd")
+
+
 def tokenize_batch(batch: pa.Table, *, tokenizer_dir: str, max_len: int, source: str, stop_ids: list[int],
                    truncated_answers: str, with_topk: bool, packing: bool) -> pa.Table:
     """Ray Data ``map_batches`` function: corpus rows (``CORPUS_COLUMNS``) → ``EXAMPLE_SCHEMA`` rows.
@@ -172,6 +186,8 @@ def tokenize_batch(batch: pa.Table, *, tokenizer_dir: str, max_len: int, source:
             ids = r["response_token_ids"]
             # A row whose ids were not kept (an empty list for a non-empty answer) is tokenized from text.
             use_ids = source == TEACHER_IDS and bool(ids or not r["response"])
+            if with_topk and use_ids:
+                _check_topk(r)
             ex = build_example(tok, r["messages"], r["response"] or "", "length" if truncated else "stop",
                                list(ids or []) if use_ids else None, max_len,
                                eot_ids=end_of_turn_ids(tok, r["messages"]), stop_ids=stops,
