@@ -1020,7 +1020,8 @@ def load_eval_prompts(cfg: Config) -> tuple[pa.Table, dict[str, dict]]:
     """The prompts to evaluate and the data settings changed since the corpus.
 
     Reads the ``eval.split`` rows of ``corpus/prompts/`` (the split written by generate),
-    keeps a sample of ``eval.limit`` spread over tasks (``data.sample_by_task``, seed ``data.seed``).
+    keeps a sample of ``eval.limit`` spread over tasks (``data.sample_by_task``, seed ``data.seed``),
+    in the order of ``train.examples.order_keys`` (``data.seed``, prompt id) whatever the files' order.
     Raises FileNotFoundError without a finished corpus or prompts/, SchemaError when an
     evaluated id is in two splits, or an evaluated prompt's id or messages are a train row's of the
     corpus (``check_unseen``: counts and example ids), and ValueError when the split is empty.
@@ -1041,7 +1042,14 @@ def load_eval_prompts(cfg: Config) -> tuple[pa.Table, dict[str, dict]]:
                          f"data.split.{cfg.eval.split} and rerun `raydistill generate`")
     if cfg.eval.limit:
         prompts = sample_by_task(prompts, cfg.eval.limit, cfg.data.seed)
-    return prompts, changes
+    # One order (a hash of data.seed and the id), not the order generate's Ray tasks wrote prompts/
+    # in: the engines' batches, whose numerics depend on their rows, are the same on every run.
+    import pyarrow.compute as pc
+
+    from .train.examples import order_keys
+
+    return prompts.take(pc.sort_indices(order_keys(prompts.column("prompt_id").to_pylist(), cfg.data.seed))), changes
+
 
 
 def timed_engines(cfg: Config) -> dict[str, EngineConfig]:

@@ -296,6 +296,36 @@ def read_trained_rows(folder, batch_size: int):
         yield pa.concat_tables(pending).to_pydict()
 
 
+ORDER_KEY = "_order_key"  # int64 column of the rows being sorted (not written)
+ORDER_ROWS_PER_PART = 20_000  # rows of one sort partition (a Ray Data block of the sorted corpus)
+MAX_ORDER_PARTS = 1024  # sort partitions at most
+
+
+def order_keys(prompt_ids, seed: int) -> pa.Array:
+    """The train order's sort key of each prompt id: the first 8 bytes of
+    ``sha256(f"{seed}:{prompt_id}")`` as a signed int64 (uniform over the int64 range). A pure
+    function of (``train.seed``, id): the rows' order does not depend on the corpus's files, their
+    listing or which Ray task read them."""
+    import hashlib
+
+    return pa.array([int.from_bytes(hashlib.sha256(f"{seed}:{pid}".encode()).digest()[:8], "big", signed=True)
+                     for pid in prompt_ids], pa.int64())
+
+
+def order_boundaries(parts: int) -> list[int]:
+    """``parts - 1`` int64 values cutting the range of ``order_keys`` into ``parts`` equal ranges
+    (the keys are uniform, so the partitions hold about equally many rows). Fixed boundaries, not
+    Ray's sampled ones: the partitions, hence the example files and Ray Train's blocks, are the
+    same on every run. At least 2 parts (``[0]``): given no boundaries, Ray samples its own."""
+    parts = max(2, parts)
+    step = 2**64 // parts
+    return [-(2**63) + i * step for i in range(1, parts)]
+
+
+def _with_order_key(batch: pa.Table, seed: int) -> pa.Table:
+    return batch.append_column(ORDER_KEY, order_keys(batch.column("prompt_id").to_pylist(), seed))
+
+
 def write_examples(corpus_files: list, corpus_fs, split: str, out, *, tokenizer_dir: str, cfg: Config, source: str,
                    stop_ids: set[int], with_topk: bool) -> dict[str, Any]:
     """Tokenize the corpus rows of ``split`` into ``out`` (a ``StoragePath`` folder, replaced; its
