@@ -1051,7 +1051,6 @@ def load_eval_prompts(cfg: Config) -> tuple[pa.Table, dict[str, dict]]:
     return prompts.take(pc.sort_indices(order_keys(prompts.column("prompt_id").to_pylist(), cfg.data.seed))), changes
 
 
-
 def timed_engines(cfg: Config) -> dict[str, EngineConfig]:
     """The engine each model answers with in the timed rounds: one generation path for all three
     (``eval.engine``; an API teacher through ``openai``), and the same load for every model, so the
