@@ -172,7 +172,12 @@ def full_state_dict(model, trainable_only: bool = False) -> dict[str, Any] | Non
                 if isinstance(v, torch.Tensor) and k not in frozen}
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                  ignore_frozen_params=trainable_only))
-    return state if _rank() == 0 else None
+    if _rank() != 0:
+        return None
+    if trainable_only:  # DCP keeps a tied frozen weight under its second name (lm_head.weight): drop it too
+        frozen = _frozen_names(model)
+        state = {k: v for k, v in state.items() if k not in frozen}
+    return state
 
 
 def load_full_state_dict(model, state_dict: dict[str, Any] | None, trainable_only: bool = False) -> None:
