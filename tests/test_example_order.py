@@ -4,9 +4,12 @@ fresh `make demo` runs trained different first batches, step-1 loss 8.03 vs 7.83
 import random
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from raydistill.config import load
-from raydistill.train.examples import order_boundaries, order_keys
+from raydistill.storage import storage_path
+from raydistill.train.examples import (RETOKENIZED, order_boundaries, order_keys, read_trained_rows,
+                                       write_examples)
 
 
 def test_order_keys_do_not_depend_on_input_order_and_follow_the_seed():
@@ -30,6 +33,53 @@ def test_order_boundaries_cut_the_int64_range_into_equal_parts():
     keys = order_keys([f"p{i}" for i in range(4000)], 0).to_pylist()
     counts = [sum(lo <= k < hi for k in keys) for lo, hi in zip([-(2**63)] + b, b + [2**63])]
     assert all(800 < c < 1200 for c in counts), counts  # uniform keys: about 1000 rows each
+
+
+def _corpus_files(folder, rows, n_files):
+    from raydistill.schema import CORPUS_SCHEMA, conform
+
+    folder.mkdir(parents=True)
+    paths = []
+    for i in range(n_files):
+        part = rows[i::n_files]
+        path = folder / f"part-{i:05d}.parquet"
+        pq.write_table(conform(pa.Table.from_pylist(part), CORPUS_SCHEMA), path)
+        paths.append(str(path))
+    return paths
+
+
+def test_write_examples_order_is_the_same_whatever_the_corpus_files(tiny_model, tmp_path, ray_local):
+    """The same corpus rows, spread over 3 files or (shuffled) over 4 listed in reverse: the examples
+    read back in the trainer's order (file names, then rows) are the same rows in the same order,
+    packed the same way, and that order is the order of ``order_keys`` (train.seed)."""
+    rows = [{"prompt_id": f"p{i:03d}", "split": "train" if i % 5 else "validation",
+             "messages": [{"role": "user", "content": f"Tell me fact {i} about Paris."}],
+             "response": f"Fact {i}: " + "Paris is big. " * (i % 4 + 1), "response_token_ids": [],
+             "finish_reason": "stop", "error": None, "top_logprobs_ids": None, "top_logprobs": None}
+            for i in range(120)]
+    fs = pa.fs.LocalFileSystem()
+    n_train = sum(r["split"] == "train" for r in rows)
+    for packing in (False, True):
+        cfg = load(None, [f"output_dir={tmp_path}", "train.max_seq_len=96", f"train.packing={packing}",
+                          "train.seed=7"])
+        got = []
+        for n, layout in ((3, rows), (4, random.Random(2).sample(rows, len(rows)))):
+            files = _corpus_files(tmp_path / f"corpus-{packing}-{n}", layout, n)[::-1]
+            out = storage_path(str(tmp_path / f"examples-{packing}-{n}"))
+            counts = write_examples(files, fs, "train", out, tokenizer_dir=str(tiny_model), cfg=cfg,
+                                    source=RETOKENIZED, stop_ids=set(), with_topk=False, rows=n_train)
+            assert counts["rows"] > 0
+            got.append([(pid, ids) for batch in read_trained_rows(out, 16)
+                        for pid, ids in zip(batch["prompt_id"], batch["input_ids"])])
+        assert got[0] == got[1]
+        train_ids = [r["prompt_id"] for r in rows if r["split"] == "train"]
+        keys = dict(zip(train_ids, order_keys(train_ids, 7).to_pylist()))
+        firsts = [pid.split(",")[0] for pid, _ in got[0]]
+        assert firsts == sorted(firsts, key=keys.get)
+        if not packing:
+            assert len(got[0]) == len(train_ids)
+        else:
+            assert len(got[0]) < len(train_ids)  # rows were packed (the same ones in both layouts)
 
 
 def test_eval_prompts_come_in_one_order_whatever_the_order_of_prompts_files(tmp_path, tiny_model):

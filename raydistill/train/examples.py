@@ -327,10 +327,20 @@ def _with_order_key(batch: pa.Table, seed: int) -> pa.Table:
 
 
 def write_examples(corpus_files: list, corpus_fs, split: str, out, *, tokenizer_dir: str, cfg: Config, source: str,
-                   stop_ids: set[int], with_topk: bool) -> dict[str, Any]:
+                   stop_ids: set[int], with_topk: bool, rows: int | None = None) -> dict[str, Any]:
     """Tokenize the corpus rows of ``split`` into ``out`` (a ``StoragePath`` folder, replaced; its
     ``_COMPLETE`` marker written last) and return their ``example_counts``. ``corpus_files``: the
-    corpus's data shards (paths in ``corpus_fs``)."""
+    corpus's data shards (paths in ``corpus_fs``); ``rows``: the split's corpus rows (the
+    manifest's ``splits``), which sizes the sort's partitions (None: one per corpus file).
+
+    Deterministic: the rows are sorted by ``order_keys`` (``train.seed``, prompt id) with Ray
+    Data's distributed sort over fixed ``order_boundaries`` (one partition per
+    ``ORDER_ROWS_PER_PART`` rows, 2 to ``MAX_ORDER_PARTS``) before tokenizing, and the pipeline
+    runs with ``preserve_order``, so the examples' files, their row order (what Ray Train reads in
+    file-name order) and which rows are packed together are a function of the corpus's rows and
+    ``train.seed`` only, whatever order Ray's tasks finish in or the corpus's files hold the rows
+    in. The driver holds no rows.
+    """
     import ray
 
     def of_split(batch: pa.Table) -> pa.Table:
@@ -341,12 +351,16 @@ def write_examples(corpus_files: list, corpus_fs, split: str, out, *, tokenizer_
     out.delete()
     if corpus_files:
         t = cfg.train
+        parts = len(corpus_files) if rows is None else -(-rows // ORDER_ROWS_PER_PART)
         columns = CORPUS_COLUMNS if with_topk else [c for c in CORPUS_COLUMNS if not c.startswith("top_")]
         ds = ray.data.read_parquet(corpus_files, filesystem=corpus_fs).select_columns(columns)
         if not with_topk:
             ds = ds.map_batches(_no_topk, batch_format="pyarrow", batch_size=None)
-        (ds.map_batches(of_split, batch_format="pyarrow", batch_size=None)
-         .map_batches(tokenize_batch, batch_format="pyarrow", batch_size=256,
+        ds = (ds.map_batches(of_split, batch_format="pyarrow", batch_size=None)
+              .map_batches(_with_order_key, batch_format="pyarrow", batch_size=None, fn_kwargs={"seed": t.seed})
+              .sort(ORDER_KEY, boundaries=order_boundaries(min(parts, MAX_ORDER_PARTS))))
+        ds.context.execution_options.preserve_order = True  # this dataset's own context (a copy)
+        (ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=256,
                       fn_kwargs={"tokenizer_dir": tokenizer_dir, "max_len": t.max_seq_len, "source": source,
                                  "stop_ids": sorted(stop_ids), "truncated_answers": t.truncated_answers,
                                  "with_topk": with_topk, "packing": t.packing})

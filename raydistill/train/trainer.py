@@ -545,7 +545,8 @@ def run_train(cfg: Config, overwrite: bool = False) -> dict:
             counts[split] = example_counts(folder)
             continue
         counts[split] = write_examples(data_files, corpus.fs, split, folder, tokenizer_dir=student_ref, cfg=cfg,
-                                       source=source, stop_ids=stop_ids, with_topk=with_topk)
+                                       source=source, stop_ids=stop_ids, with_topk=with_topk,
+                                       rows=manifest.get("splits", {}).get(split))
     n_train, n_val = counts["train"]["rows"], counts["validation"]["rows"]
     dropped = dict(counts["train"]["dropped"])
     if not n_train and not any(dropped.values()):
