@@ -207,3 +207,31 @@ def test_export_last_without_early_stopping_runs_every_step(student, tmp_path):
                         store=L.CheckpointStore(tmp_path / "ray", keep=5), say=lambda s: None)
     _, meta = latest_checkpoint(tmp_path / "ray")
     assert len(hist) == 2 and meta["exported_step"] == 2 and meta["stopped_early"] is False
+
+
+class _Rank1Ops(RefusingOps):
+    """Rank 1 of 2: each broadcast delivers the next of rank 0's tensors."""
+
+    def __init__(self, delivered):
+        super().__init__("cpu", 2)
+        self.delivered = list(delivered)
+
+    def broadcast(self, x, src):
+        self._check("broadcast", x)
+        x.copy_(self.delivered.pop(0))
+
+
+def test_rng_state_of_a_rank_past_0_is_restored(tmp_path):
+    """Rank 1 restores its own row of the gathered states (a row with a storage offset: torch's
+    set_rng_state crashed on it before the copy)."""
+    import random
+
+    torch.manual_seed(5)
+    random.seed(5)
+    saved = L.gather_rng_state(L.Collectives("cpu", 2, ops=RefusingOps("cpu", 2)))
+    want = (torch.rand(3), random.random())
+    torch.manual_seed(99)
+    random.seed(99)
+    ops = _Rank1Ops([torch.tensor([1])] + [saved[k] for k in saved])
+    assert L.restore_rng_state(None, L.Collectives("cpu", 2, ops=ops), rank=1)
+    assert torch.equal(torch.rand(3), want[0]) and random.random() == want[1]

@@ -147,7 +147,9 @@ def _rng_parts(device: torch.device) -> dict[str, torch.Tensor]:
 def _set_rng_parts(parts: dict[str, torch.Tensor], device: torch.device) -> None:
     import numpy as np
 
-    parts = {k: v.cpu() for k, v in parts.items()}
+    # clone: a row of the gathered (world, n) tensor has a storage offset, and torch.set_rng_state
+    # reads the storage from its start (torch 2.13 segfaults on rank 1 otherwise)
+    parts = {k: v.cpu().clone() for k, v in parts.items()}
     torch.set_rng_state(parts["torch"].to(torch.uint8))
     if device.type == "cuda" and parts["cuda"].numel():
         torch.cuda.set_rng_state(parts["cuda"].to(torch.uint8), device)
