@@ -45,7 +45,7 @@ _TWO_NODES = textwrap.dedent("""
     from raydistill.config import Config
     from raydistill.resources import ResourceError, ensure_ray
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "_temp_dir": sys.argv[1]})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "temp_dir": sys.argv[1]})
     cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     os.environ["RAY_ADDRESS"] = cluster.address

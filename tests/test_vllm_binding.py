@@ -26,7 +26,8 @@ def test_cpu_binding_lists_the_cpus_as_ranges():
 
 def test_the_hook_binds_the_cpus_of_the_process_it_runs_in(monkeypatch):
     """What an engine actor on a 16-core node whose container may use cores 0-11 sets."""
-    monkeypatch.delenv(BIND_KEY, raising=False)
+    monkeypatch.setenv(BIND_KEY, "")  # so that monkeypatch puts the original state back afterwards
+    monkeypatch.delenv(BIND_KEY)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)))
     bind_vllm_threads()
     assert os.environ[BIND_KEY] == "0-11"
