@@ -55,7 +55,8 @@ def test_write_examples_order_is_the_same_whatever_the_corpus_files(tiny_model, 
     rows = [{"prompt_id": f"p{i:03d}", "split": "train" if i % 5 else "validation",
              "messages": [{"role": "user", "content": f"Tell me fact {i} about Paris."}],
              "response": f"Fact {i}: " + "Paris is big. " * (i % 4 + 1), "response_token_ids": [],
-             "finish_reason": "stop", "error": None, "top_logprobs_ids": None, "top_logprobs": None}
+             "finish_reason": "stop", "error": None, "top_logprobs_ids": None, "top_logprobs": None,
+             "task": "qa", "teacher": "t", "generation_params": "{}"}
             for i in range(120)]
     fs = pa.fs.LocalFileSystem()
     n_train = sum(r["split"] == "train" for r in rows)
