@@ -224,6 +224,21 @@ def test_the_resume_key_ignores_where_the_workers_run():
     assert resume_key(load(None, ["train.use_gpu=true", "train.workers=4"]), {"rows": 3}) != keys[0]
 
 
+def test_export_and_early_stopping_change_the_student_but_not_the_resume_key(tmp_path):
+    """Changing train.export or train.early_stopping_patience on an interrupted run keeps its
+    checkpoints (the resume key ignores them: what was trained so far is the same), while a
+    finished training made with other values is a different student (the stage record differs)."""
+    from raydistill.train.trainer import resume_key, train_stage
+
+    base = [f"output_dir={tmp_path}"]
+    other = base + ["train.export=best", "train.early_stopping_patience=2"]
+    assert resume_key(load(None, base), {"rows": 3}) == resume_key(load(None, other), {"rows": 3})
+    a, b = (train_stage(load(None, sets), {"rows": 3}).settings["train"] for sets in (base, other))
+    assert (a["export"], a["early_stopping_patience"]) != (b["export"], b["early_stopping_patience"])
+    assert {k: v for k, v in a.items() if k not in ("export", "early_stopping_patience")} == \
+        {k: v for k, v in b.items() if k not in ("export", "early_stopping_patience")}
+
+
 def test_resuming_with_a_run_shorter_than_the_checkpoint_is_refused_up_front(tiny_model, tmp_path):
     """An interrupted run at step 50 resumed with train.max_steps=2 used to "finish" and then fail
     without a final checkpoint; now it says what to change before Ray starts."""

@@ -107,11 +107,14 @@ def checkpoint_steps(total: int, steps_per_epoch: int, every: int, has_validatio
 
 def resume_key(cfg: Config, manifest: dict) -> dict:
     """What must be unchanged for an interrupted run to resume: the train settings except its
-    length, checkpoint keeping, logging and where the workers run (``accelerator_type``: moving
-    to another GPU type changes nothing trained), the student, the teacher and the corpus (rows,
-    tokens, generation settings, tokenizer)."""
+    length and when it stops (``early_stopping_patience``), which checkpoint is exported
+    (``export``), checkpoint keeping, logging and where the workers run (``accelerator_type``:
+    moving to another GPU type changes nothing trained), the student, the teacher and the corpus
+    (rows, tokens, generation settings, tokenizer). ``train_stage`` adds the length, the stopping
+    rule and the export back: they change the finished student."""
     train = cfg.train.model_dump(exclude={"epochs", "max_steps", "checkpoint_every_steps", "keep_checkpoints",
-                                          "delete_checkpoints", "max_failures", "mlflow", "accelerator_type"})
+                                          "delete_checkpoints", "max_failures", "mlflow", "accelerator_type",
+                                          "export", "early_stopping_patience"})
     corpus = {k: manifest.get(k) for k in ("rows", "response_tokens", "teacher", "generation_params",
                                            "teacher_tokenizer")}
     return {"train": train, "student": cfg.student.model_dump(), "teacher": cfg.teacher.model, "corpus": corpus}
@@ -420,7 +423,8 @@ def train_stage(cfg: Config, manifest: dict):
 
     key = resume_key(cfg, manifest)
     train = {k: v for k, v in key["train"].items() if k != "cpus_per_worker"}
-    train.update(epochs=cfg.train.epochs, max_steps=cfg.train.max_steps)
+    train.update(epochs=cfg.train.epochs, max_steps=cfg.train.max_steps, export=cfg.train.export,
+                 early_stopping_patience=cfg.train.early_stopping_patience)
     inputs = {"corpus": key["corpus"], "corpus_manifest": fingerprint(corpus_location(cfg) / MANIFEST)}
     model = cfg.student.model
     if cfg.student.init == "pretrained" and model and (is_remote(model) or Path(model).exists()):
