@@ -125,6 +125,12 @@ def test_outage_stops_early_and_the_rerun_answers_exactly_the_rest(tiny_model, t
     assert sorted(final) == sorted(ids), "every prompt exactly once"
     assert manifest["rows_generated"] == len(ids) and manifest["rows_with_error"] == 0
     assert [r["rows_added"] for r in manifest["runs"]] == [kept, len(ids) - kept]
+    # both runs' error-window actors are gone (Ray Data's plan kept a handle: they used to stay alive
+    # for the whole Ray session, one per generate run)
+    from ray.util.state import list_actors
+
+    alive = list_actors(filters=[("class_name", "=", "_ErrorWindow"), ("state", "=", "ALIVE")])
+    assert not alive, alive
 
 
 def test_error_window_counts_the_last_requests_only():

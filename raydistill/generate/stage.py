@@ -375,7 +375,7 @@ def _generate(cfg: Config, out: StoragePath, teacher_model: str, to_answer: int)
 
     from .answer import answer_dataset
 
-    stop = None
+    stop = monitor = None
     ctx = ray.data.DataContext.get_current()
     ctx.checkpoint_config = CheckpointConfig(
         id_column="prompt_id", checkpoint_path=(out / CHECKPOINT_DIR).uri, override_filesystem=out.fs,
@@ -406,10 +406,11 @@ def _generate(cfg: Config, out: StoragePath, teacher_model: str, to_answer: int)
             found = _cause(e, _StopGeneration)
             if found is None:
                 raise
-            ray.kill(monitor)
             stop = str(found).split("\nFailed to apply UDF transform")[0]  # Ray appends retry advice
     finally:
         ctx.checkpoint_config = None
+        if monitor is not None:  # Ray Data's plan keeps a handle: without this the actor outlives the run
+            ray.kill(monitor)
     if stop:
         kept = _committed_rows(out)
         failed = _count_rows(out / ERRORS_DIR)
