@@ -5,6 +5,7 @@ import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from raydistill.config import load
 from raydistill.storage import storage_path
@@ -48,6 +49,7 @@ def _corpus_files(folder, rows, n_files):
     return paths
 
 
+@pytest.mark.slow  # a Ray Data sort and write (about 1 min here); the ordering keys are unit-tested above
 def test_write_examples_order_is_the_same_whatever_the_corpus_files(tiny_model, tmp_path, ray_local):
     """The same corpus rows, spread over 3 files or (shuffled) over 4 listed in reverse: the examples
     read back in the trainer's order (file names, then rows) are the same rows in the same order,

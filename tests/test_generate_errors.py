@@ -71,6 +71,7 @@ def _train_val_ids(tmp_path: Path) -> set[str]:
     return {r["prompt_id"] for r in table.to_pylist() if r["split"] != "test"}
 
 
+@pytest.mark.slow  # whole generate/Ray Data runs (1-3 min here); the unit tests above cover the rule
 def test_outage_stops_early_and_the_rerun_answers_exactly_the_rest(tiny_model, tmp_path, ray_local, monkeypatch):
     """An outage from prompt q040 on: the run stops once more than max_error_rate of the last
     error_window requests failed, naming the rate and what it kept; failed rows are not committed.
@@ -190,6 +191,7 @@ def test_kept_share_floor_fails_below_it_and_warns_below_70_percent(caplog):
     assert caplog.text == ""  # 80 % kept: silent
 
 
+@pytest.mark.slow  # whole generate/Ray Data runs (1-3 min here); the unit tests above cover the rule
 def test_generate_fails_when_every_answer_was_cut(tiny_model, tmp_path, ray_local, monkeypatch):
     """Wired into the stage: math prompts whose answers all end at max_new_tokens without a final
     answer fail generate (no manifest, nothing in data/), naming the reason and the setting."""
