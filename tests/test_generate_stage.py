@@ -102,6 +102,7 @@ def test_generation_killed_part_way_resumes_with_every_prompt_exactly_once(tiny_
     assert not (corpus / "generated").exists() and not (corpus / "_checkpoint").exists()
 
 
+@pytest.mark.slow  # three generate runs (about 10 min on a loaded 2-core machine); the pipeline tests rerun a finished generate by default
 def test_rerun_keeps_a_finished_corpus_and_overwrite_starts_again(tiny_model, tmp_path, ray_local):
     from raydistill.config import load
     from raydistill.generate import run_generate
@@ -164,6 +165,7 @@ def _split(row: dict, seed: int = 0) -> str:
     return split_of(split_key([{"role": "user", "content": row["question"]}]), seed, 0.1, 0.2)
 
 
+@pytest.mark.slow  # two generate runs with failing rows (6-10 min here); by default the error-window and kept-share rules are unit-tested (test_generate_errors)
 def test_error_share_stops_the_job_and_rows_below_it_are_rejects(tiny_model, tmp_path, ray_local):
     """Prompts longer than max_model_len fail on their row; past generation.max_error_share the
     job stops with the share and the first errors, below it they are counted as rejects. Failed
