@@ -172,7 +172,7 @@ def test_pipeline_job_writes_everything_to_s3(job_head, tiny_model, tmp_path):
     client = JobSubmissionClient(job_head.dashboard)
     t0 = time.time()
     job_id = client.submit_job(entrypoint=entry, runtime_env=_runtime_env())
-    status = _wait(client, job_id, 600)
+    status = _wait(client, job_id, 1200)  # generate, train and evaluate on S3; 600 s was too tight for generate after issue 15 on a loaded machine
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-5000:]
     print(f"pipeline job: {time.time() - t0:.0f} s")
