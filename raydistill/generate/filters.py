@@ -112,7 +112,7 @@ def _all_but_smallest(groups: pa.Table) -> pa.Table:
     return pa.table({"prompt_id": flat.filter(pc.not_equal(flat, keep)).cast(pa.string())})
 
 
-def duplicate_ids(ds: "ray.data.Dataset") -> set[str]:
+def duplicate_ids(ds: "ray.data.Dataset", partitions: int | None = None) -> set[str]:
     """Prompt ids of the exact duplicates in ``ds``: rows whose ``messages`` and ``response`` equal
     those of a row with a smaller ``prompt_id`` (string order). The smallest id of each group is
     not returned (it is kept).
@@ -124,11 +124,13 @@ def duplicate_ids(ds: "ray.data.Dataset") -> set[str]:
     rows the other reasons keep (null ``reject_reasons``), so that a row is never a duplicate of a
     rejected one. ``ds`` is executed here: pass written or materialized rows, not a lazy dataset
     that still runs the engine. Raises ValueError (from the Ray task) naming the columns ``ds`` lacks.
+    ``partitions``: the groupby's hash partitions (None: Ray's default of 200;
+    ``runtime.shuffle_partitions`` sizes them from the row count).
     """
     from ray.data.aggregate import AsList, Count, Min
 
     keyed = ds.map_batches(_dup_keys, batch_format="pyarrow")
-    groups = keyed.groupby(_KEY).aggregate(Count(alias_name="n"), Min("prompt_id", alias_name="keep"),
+    groups = keyed.groupby(_KEY, num_partitions=partitions).aggregate(Count(alias_name="n"), Min("prompt_id", alias_name="keep"),
                                           AsList("prompt_id", alias_name="ids"))
     extra = groups.map_batches(_all_but_smallest, batch_format="pyarrow")
     return {pid for batch in extra.iter_batches(batch_format="pyarrow")

@@ -44,6 +44,7 @@ from ..config import DataConfig, TaskPromptsConfig
 from ..config import Config
 from ..corpus import (COMPLETE, DATA_DIR, GENERATED_DIR, MANIFEST, PROMPTS_DIR, REJECTS_DIR, REJECTS_SCHEMA,
                       read_manifest)
+from ..runtime import group_totals, shuffle_partitions
 from ..schema import CORPUS_SCHEMA, SCHEMA_VERSION, conform
 from ..storage import StoragePath
 
@@ -244,7 +245,7 @@ def _write_prompts(cfg: Config, out: StoragePath) -> dict:
     if limit:
         from ..data import task_quotas
 
-        counts = {r["task"]: int(r["count()"]) for r in ds.groupby("task", num_partitions=1).count().take_all()}
+        counts = {r["task"]: r["count"] for r in group_totals(ds, ["task"])}
         quotas = task_quotas(counts, limit)
         rows = (ds.select_columns(["task", "_rank"]).groupby("task", num_partitions=1)
                 .map_groups(partial(_threshold, quotas=quotas), batch_format="pyarrow").take_all())
@@ -261,12 +262,13 @@ def _write_prompts(cfg: Config, out: StoragePath) -> dict:
         text = str(cause if isinstance(cause, DataError) else e)
         raise DataError(text.split("\nFailed to apply UDF transform")[0]) from None  # Ray appends retry advice
     written = ray.data.read_parquet(folder.uri, filesystem=folder.fs)
-    dupes = written.groupby("prompt_id").count().filter(lambda r: r["count()"] > 1).take(10)
+    dupes = (written.groupby("prompt_id", num_partitions=shuffle_partitions(written.count())).count()
+             .filter(lambda r: r["count()"] > 1).take(10))
     if dupes:
         folder.delete()
         raise DataError(f"{cfg.data.path}: duplicate prompt id(s) {[d['prompt_id'] for d in dupes]}; prompt ids must "
                         "be unique (without data.id_field they are hashed from the prompt text, so the text repeats)")
-    by_split = {r["split"]: int(r["count()"]) for r in written.groupby("split", num_partitions=1).count().take_all()}
+    by_split = {r["split"]: r["count"] for r in group_totals(written, ["split"])}
     if not by_split:
         raise DataError(f"{cfg.data.path}: the dataset is empty (no rows)")
     info = {"rows": sum(by_split.values()), "by_split": {s: by_split.get(s, 0) for s in ("train", "validation", "test")},
@@ -462,17 +464,17 @@ def _committed_rows(out: StoragePath) -> int:
 def _stats(tagged) -> list[dict]:
     """Rows and token sums per (split, finish_reason, reject reason or "kept"): a few rows, whatever
     the corpus size (one small groupby in Ray Data)."""
-    from ray.data.aggregate import Count, Sum
-
     def outcome(batch: pa.Table) -> pa.Table:
         import pyarrow.compute as pc
 
         return batch.select(["split", "finish_reason", "prompt_tokens", "response_tokens"]).append_column(
             "outcome", pc.fill_null(batch.column("reject_reason"), "kept"))
 
-    return (tagged.map_batches(outcome, batch_format="pyarrow", batch_size=None)
-            .groupby(["split", "finish_reason", "outcome"], num_partitions=1)
-            .aggregate(Count(), Sum("prompt_tokens"), Sum("response_tokens")).take_all())
+    rows = group_totals(tagged.map_batches(outcome, batch_format="pyarrow", batch_size=None),
+                        ["split", "finish_reason", "outcome"], ("prompt_tokens", "response_tokens"))
+    return [{"split": r["split"], "finish_reason": r["finish_reason"], "outcome": r["outcome"], "count()": r["count"],
+             "sum(prompt_tokens)": r["sum_prompt_tokens"], "sum(response_tokens)": r["sum_response_tokens"]}
+            for r in rows]
 
 
 def _check_errors(gen, stats: list[dict], max_share: float) -> None:
@@ -617,7 +619,8 @@ def _tagged(cfg: Config, out: StoragePath):
     if cfg.filter.duplicates:
         first = ds.map_batches(_tag, batch_format="pyarrow",
                                fn_kwargs=dict(cfg_json=cfg.model_dump_json(), duplicates=frozenset()))
-        dupes = frozenset(duplicate_ids(first.map_batches(_kept, batch_format="pyarrow", batch_size=None)))
+        dupes = frozenset(duplicate_ids(first.map_batches(_kept, batch_format="pyarrow", batch_size=None),
+                                        partitions=shuffle_partitions(ds.count())))
     return ds.map_batches(_tag, batch_format="pyarrow", fn_kwargs=dict(cfg_json=cfg.model_dump_json(), duplicates=dupes))
 
 
