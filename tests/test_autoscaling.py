@@ -58,12 +58,17 @@ def _generate_job(head, cfg_file: Path, *sets: str, timeout_s: float = 600) -> t
     """Submit ``python jobs/generate.py CONFIG --set ...`` to ``head``; returns (final status, log)."""
     from ray.job_submission import JobSubmissionClient
 
-    from .test_jobs import _runtime_env, _wait
+    from .test_jobs import REPO, _runtime_env, _wait
 
-    runtime_env = _runtime_env()
+    # No working_dir: the fake nodes share the head's session folder, so a released node's agent
+    # deletes the job's unpacked working_dir under the other nodes' workers ("FileNotFoundError"
+    # from os.getcwd() in a new actor, seen here). Every fake node runs this machine's install of
+    # raydistill; test_jobs covers working_dir on a real head.
+    runtime_env = {"env_vars": _runtime_env()["env_vars"]}
     runtime_env["env_vars"]["RAYDISTILL_AUTOSCALER_CONFIG"] = str(head.temp_dir / "autoscaling.yaml")
     client = JobSubmissionClient(head.dashboard)
-    entry = shlex.join(["python", "jobs/generate.py", str(cfg_file), *[a for s in sets for a in ("--set", s)]])
+    entry = shlex.join(["python", str(REPO / "jobs" / "generate.py"), str(cfg_file),
+                        *[a for s in sets for a in ("--set", s)]])
     job_id = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
     status = _wait(client, job_id, timeout_s)
     return str(status), client.get_job_logs(job_id)
