@@ -381,7 +381,8 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     try:
         files, _ = prompt_files(cfg)
         if len(files) == 1 and not files[0].remote:
-            prompts = load_prompts(cfg.data, cfg.task_prompts)
+            # the one file prompt_files found (data.path may be a folder or glob around it)
+            prompts = load_prompts(cfg.data.model_copy(update={"path": str(files[0].local())}), cfg.task_prompts)
         else:
             prompts = precheck_sample(cfg)
             sampled = (f" (a sample: the first {prompts.num_rows} rows of {files[0]}, 1 of {len(files)} file(s); "

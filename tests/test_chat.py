@@ -68,7 +68,7 @@ def test_fingerprint_is_the_same_in_every_process(tiny_model, tmp_path):
     code = ("import sys; from transformers import AutoTokenizer; from raydistill.chat import tokenizer_fingerprint;"
             f"print(tokenizer_fingerprint(AutoTokenizer.from_pretrained({str(tmp_path / 'tok')!r})))")
     seen = set()
-    for seed in ("1", "2", "3", "4"):
+    for seed in ("1", "2"):  # and this process, whose seed is random
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env=dict(os.environ, PYTHONHASHSEED=seed))
         seen.add(out.stdout.strip().splitlines()[-1])

@@ -154,3 +154,43 @@ def test_validate_an_api_teacher_and_a_folder_of_shards(tmp_path, cfg_file, tiny
     monkeypatch.delenv("OPENAI_API_KEY")
     r = invoke("validate", str(cfg_file), *user_sets(folder), *api)
     assert r.exit_code == 2 and "teacher.api_key_env: environment variable OPENAI_API_KEY is not set" in r.output
+
+
+def test_validate_reads_a_spark_folder_the_way_generate_lists_it(tmp_path, cfg_file):
+    """A folder as Spark writes it (one part file, ``_SUCCESS``, hidden ``.crc`` files) is one
+    prompt file for both commands: generate's ``prompt_files`` lists it, validate checks it whole."""
+    from raydistill.config import load
+    from raydistill.generate.stage import prompt_files
+
+    folder = tmp_path / "spark-out"
+    folder.mkdir()
+    write_jsonl(folder / "part-00000.jsonl", mixed_prompts(30))
+    (folder / "_SUCCESS").write_text("")
+    (folder / ".part-00000.jsonl.crc").write_bytes(b"\x00crc")
+    r = invoke("validate", str(cfg_file), *user_sets(folder))
+    assert r.exit_code == 0, r.output
+    assert "config OK: 30 prompts" in r.output and "a sample" not in r.output
+    files, suffix = prompt_files(load(cfg_file, [s for s in user_sets(folder) if s != "--set"]))
+    assert [f.name for f in files] == ["part-00000.jsonl"] and suffix == ".jsonl"
+
+
+def test_a_truncated_parquet_shard_is_named_by_validate_and_generate(tmp_path, cfg_file):
+    """A shard cut short (its footer lost) stops both commands with the file's name, before any job."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raydistill.config import load
+    from raydistill.data import DataError
+    from raydistill.generate.stage import prompt_files
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    rows = mixed_prompts(20)
+    pq.write_table(pa.Table.from_pylist(rows[:10]), folder / "part-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[10:]), folder / "part-00001.parquet")
+    cut = folder / "part-00001.parquet"
+    cut.write_bytes(cut.read_bytes()[:-40])
+    r = invoke("validate", str(cfg_file), *user_sets(folder))
+    assert r.exit_code == 2 and f"{cut}: cannot read parquet" in r.output, r.output
+    with pytest.raises(DataError, match=f"{cut}: cannot read parquet"):
+        prompt_files(load(cfg_file, [s for s in user_sets(folder) if s != "--set"]))

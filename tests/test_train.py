@@ -34,21 +34,32 @@ def _steps_on_disk(out: Path) -> list[int]:
     return sorted(checkpoint_step(d) for d in checkpoint_dirs(out / "train" / "ray"))
 
 
-def test_baseline_student_is_rebuilt_when_what_made_it_changes(tiny_model, tmp_path):
+def test_baseline_student_is_rebuilt_when_what_made_it_changes(tiny_model, tmp_path, ray_local, monkeypatch):
+    """Pruned in a Ray task: the driver (where prune_student is made to fail) reads no weights."""
+    from raydistill import models
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the driver pruned the teacher")
+
+    monkeypatch.setattr(models, "prune_student", not_here)
     cfg_file, sets = user_config(tmp_path, tiny_model, 10, "hf")
     out = tmp_path / "run"
-    base = _ensure_baseline(load(cfg_file, sets), out)
+    assert load(cfg_file, sets).output_dir == str(out)
+    base = _ensure_baseline(load(cfg_file, sets))
+    assert base == (out / "baseline_student").resolve()
     recipe = json.loads((base / BASELINE_RECIPE).read_text())
     assert recipe["teacher"] == str(tiny_model) and recipe["keep_layers"] == [0, 3] and recipe["kept"] == [0, 3]
+    assert recipe["teacher_weights"] == {"model.safetensors": (tiny_model / "model.safetensors").stat().st_size}
     stamp = (base / "model.safetensors").stat().st_mtime_ns
-    assert _ensure_baseline(load(cfg_file, sets), out) == base
+    assert _ensure_baseline(load(cfg_file, sets)) == base
     assert (base / "model.safetensors").stat().st_mtime_ns == stamp  # same recipe: reused
-    _ensure_baseline(load(cfg_file, sets + ["student.keep_layers=[0, 2, 3]"]), out)
+    _ensure_baseline(load(cfg_file, sets + ["student.keep_layers=[0, 2, 3]"]))
     assert json.loads((base / "config.json").read_text())["num_hidden_layers"] == 3
     other = build_tiny_model(tmp_path / "other-teacher", num_layers=6, seed=1)
-    _ensure_baseline(load(cfg_file, sets + [f"teacher.model={other}", "student.keep_layers=null"]), out)
+    _ensure_baseline(load(cfg_file, sets + [f"teacher.model={other}", "student.keep_layers=null"]))
     assert json.loads((base / BASELINE_RECIPE).read_text())["kept"] == [0, 3, 5]  # the new teacher's default
     assert json.loads((base / "config.json").read_text())["num_hidden_layers"] == 3
+    assert not list(out.glob("baseline_student.partial*"))
 
 
 def test_lora_targets_the_student_lacks_fail_before_ray(tiny_model, tmp_path):

@@ -120,58 +120,87 @@ def resume_key(cfg: Config, manifest: dict) -> dict:
     return {"train": train, "student": cfg.student.model_dump(), "teacher": cfg.teacher.model, "corpus": corpus}
 
 
-def baseline_recipe(teacher_ref: str, teacher_dir: str, keep_layers: list[int] | None) -> dict:
+def baseline_recipe(teacher_ref: str, teacher_dir: str | None, keep_layers: list[int] | None) -> dict:
     """What a pruned baseline student is made from: the teacher reference, the names and sizes of
-    its weight files (a local folder whose weights changed makes another student), and
+    its weight files when it is a local folder (a folder whose weights changed makes another
+    student; None for a hub id or ``s3://`` teacher, whose reference names it), and
     ``student.keep_layers`` as configured (None = the default choice)."""
     from ..models import _WEIGHT_SUFFIXES
 
-    folder = Path(teacher_dir)
+    folder = Path(teacher_dir) if teacher_dir else None
     files = ({f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.name.endswith(_WEIGHT_SUFFIXES)}
-             if folder.is_dir() else None)
+             if folder is not None and folder.is_dir() else None)
     return {"teacher": teacher_ref, "teacher_weights": files, "keep_layers": keep_layers}
 
 
-def _local_baseline_dir(cfg: Config) -> Path:
-    """Where the pruned baseline is built on this machine: ``output_dir/baseline_student`` for a
-    local run; for an ``s3://`` run a folder of the local cache (it is then uploaded)."""
-    import hashlib
-
-    from ..layout import pruned_baseline_dir
-    from ..models import cache_dir
+def _local_teacher_dir(ref: str) -> str | None:
+    """The teacher's folder when it is on this machine (a local path or an embedded model, converted
+    here once), else None: a hub id or ``s3://`` teacher is never fetched by the driver."""
+    from ..models import EMBEDDED_PREFIX, resolve_model
     from ..storage import is_remote
 
-    if not is_remote(cfg.output_dir):
-        return pruned_baseline_dir(cfg)
-    return cache_dir() / "runs" / hashlib.sha256(str(cfg.output_dir).encode()).hexdigest()[:16] / "baseline_student"
+    if is_remote(ref):
+        return None
+    resolved = resolve_model(ref)
+    return resolved if ref.startswith(EMBEDDED_PREFIX) or Path(resolved).is_dir() else None
 
 
-def _ensure_baseline(cfg: Config, out: Path | None = None) -> Path:
-    """The local ``baseline_student/`` for init=prune, (re)built when what made it differs from now.
-    For an ``s3://`` run it is also uploaded to ``output_dir/baseline_student`` (see
-    ``baseline_student_uri``)."""
+def _prune_to(teacher_ref: str, keep_layers: list[int] | None, dest_uri: str, storage: dict,
+              recipe: dict) -> list[int]:
+    """Ray task body: fetch the teacher where this task runs (``models.resolve_model``; an ``s3://``
+    teacher: ``storage.local_copy``), write its depth-pruned copy with ``BASELINE_RECIPE`` into a
+    temporary folder, then replace ``dest_uri`` (local or ``s3://``) with it. Returns the kept layers."""
+    import tempfile
+
+    from ..config import StorageConfig
     from ..models import prune_student, resolve_model
+    from ..storage import local_copy, storage_path, upload_dir
 
-    student_dir = _local_baseline_dir(cfg)
-    teacher_dir = resolve_model(cfg.teacher.model)
-    recipe = baseline_recipe(cfg.teacher.model, teacher_dir, cfg.student.keep_layers)
-    recipe_file = student_dir / BASELINE_RECIPE
+    dest = storage_path(dest_uri, StorageConfig.model_validate(storage))
+    teacher_dir = resolve_model(local_copy(teacher_ref, storage))
+    parent = None if dest.remote else dest.local().parent
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=parent, prefix="baseline_student.partial.") as tmp:
+        built = Path(tmp) / "student"
+        keep = prune_student(teacher_dir, keep_layers, built)
+        (built / BASELINE_RECIPE).write_text(json.dumps(dict(recipe, kept=keep), indent=2))
+        if dest.remote:
+            upload_dir(built, dest)
+        else:
+            shutil.rmtree(dest.local(), ignore_errors=True)
+            built.rename(dest.local())
+    return keep
+
+
+def _ensure_baseline(cfg: Config) -> Path:
+    """``output_dir/baseline_student`` for init=prune, (re)built when what made it differs from now
+    (``baseline_recipe``). The pruning runs in a Ray task (Ray must be running), so the teacher's
+    weights reach a worker, never the driver. Returns a local folder with the baseline's metadata
+    files (for an ``s3://`` run a copy of only those, ``models.model_metadata``); raises ModelError
+    (from the task) when the teacher cannot be pruned."""
+    import ray
+
+    from ..layout import pruned_baseline_dir
+    from ..models import model_metadata
+    from ..storage import storage_path
+
+    out = storage_path(cfg.output_dir, cfg.storage)
+    dest = out / "baseline_student" if out.remote else storage_path(pruned_baseline_dir(cfg).resolve())
+    recipe = baseline_recipe(cfg.teacher.model, _local_teacher_dir(cfg.teacher.model), cfg.student.keep_layers)
+    recipe_file = dest / BASELINE_RECIPE
     previous = json.loads(recipe_file.read_text()) if recipe_file.is_file() else None
-    if (student_dir / "config.json").is_file() and previous is not None and \
-            {k: previous.get(k) for k in recipe} == recipe:
-        return student_dir
-    if (student_dir / "config.json").is_file():
-        changed = [k for k in recipe if previous is None or previous.get(k) != recipe[k]]
-        log.warning("train: rebuilding %s: it was made from another %s", student_dir,
-                    " and ".join(changed) if previous else "recipe (no record of what made it)")
-    tmp = student_dir.with_name("baseline_student.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    keep = prune_student(teacher_dir, cfg.student.keep_layers, tmp)
-    (tmp / BASELINE_RECIPE).write_text(json.dumps(dict(recipe, kept=keep), indent=2))
-    shutil.rmtree(student_dir, ignore_errors=True)
-    tmp.rename(student_dir)
-    log.info("train: pruned student keeps teacher layers %s -> %s", keep, student_dir)
-    return student_dir
+    made = (dest / "config.json").is_file()
+    if not (made and previous is not None and {k: previous.get(k) for k in recipe} == recipe):
+        if made:
+            changed = [k for k in recipe if previous is None or previous.get(k) != recipe[k]]
+            log.warning("train: rebuilding %s: it was made from another %s", dest.uri,
+                        " and ".join(changed) if previous else "recipe (no record of what made it)")
+        task = ray.remote(num_cpus=1, max_retries=0)(_prune_to)
+        keep = ray.get(task.remote(cfg.teacher.model, cfg.student.keep_layers, dest.uri,
+                                   cfg.storage.model_dump(), recipe))
+        log.info("train: pruned student keeps teacher layers %s -> %s", keep, dest.uri)
+    return dest.local() if not dest.remote else model_metadata(dest.uri, cfg.storage)
 
 
 def check_lora_targets(cfg: Config, student_dir: Path) -> None:
@@ -472,11 +501,10 @@ def run_train(cfg: Config, overwrite: bool = False) -> dict:
     ray_dir = train_dir / "ray"
     train_dir.mkdir()
     if cfg.student.init == "prune":
-        student_dir = _ensure_baseline(cfg).resolve()  # absolute: Ray tasks and workers run elsewhere
-        student_ref = str(student_dir)
-        if out.remote:  # workers on other nodes read it from the run's storage
-            student_ref = (out / "baseline_student").uri
-            upload_dir(student_dir, out / "baseline_student")
+        init_ray()  # the pruning runs in a Ray task
+        student_dir = _ensure_baseline(cfg)
+        # absolute (Ray tasks and workers run elsewhere); an s3:// run's workers read the run's storage
+        student_ref = (out / "baseline_student").uri if out.remote else str(student_dir)
     else:
         student_ref = resolve_model(cfg.student.model)
         if Path(student_ref).exists():
