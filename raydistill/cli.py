@@ -196,9 +196,10 @@ def serve(config: ConfigArg, set_: SetOpt = None) -> None:
     """Serve teacher and student side by side (OpenAI API, A/B model `ab`) on Ray Serve until Ctrl-C.
 
     Deploys raydistill.serve.app on the local Ray (or RAY_ADDRESS) at http://serve.host:serve.port,
-    writes the resolved config to <output_dir>/serve/config.yaml. Ctrl-C shuts Serve down (on a
-    RAY_ADDRESS cluster: deletes only this application) and exits 0."""
+    writes the resolved config to <output_dir>/serve/config.yaml. Ctrl-C or SIGTERM shuts Serve
+    down (on a RAY_ADDRESS cluster: deletes only this application), frees the port and exits 0."""
     import os
+    import signal
 
     from .models import ModelError
     from .serve import AB_MODEL, ARMS
@@ -231,6 +232,9 @@ def serve(config: ConfigArg, set_: SetOpt = None) -> None:
         from .serve.app import build_app
 
         init_ray()
+        # SIGTERM (systemd, docker stop, Kubernetes, `ray job stop`) stops like Ctrl-C; set after
+        # ray.init, whose own handler dumped the stack and exited 134
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             app_ = build_app(cfg)
         except ModelError as e:
@@ -267,6 +271,11 @@ def serve(config: ConfigArg, set_: SetOpt = None) -> None:
                 ray.shutdown()
     if not started:
         raise typer.Exit(code=130)
+
+
+def _interrupt(signum, frame) -> None:
+    """A signal handler that stops the command as Ctrl-C does (raises KeyboardInterrupt)."""
+    raise KeyboardInterrupt
 
 
 @app.command("bench-serve")

@@ -204,7 +204,7 @@ def check_parquet_files(files: list) -> None:
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def _first_bad_text(value: Any, path: str = "") -> tuple[str, str, int] | None:
+def first_bad_text(value: Any, path: str = "") -> tuple[str, str, int] | None:
     """(field path, text, index) of the first string in ``value`` (nested dicts and lists) that
     is not valid Unicode (a lone surrogate), or None."""
     if isinstance(value, str):
@@ -214,12 +214,12 @@ def _first_bad_text(value: Any, path: str = "") -> tuple[str, str, int] | None:
             return path, value, e.start
     elif isinstance(value, dict):
         for k, v in value.items():
-            found = _first_bad_text(str(k), path or "(a field name)") or _first_bad_text(v, f"{path}.{k}" if path else str(k))
+            found = first_bad_text(str(k), path or "(a field name)") or first_bad_text(v, f"{path}.{k}" if path else str(k))
             if found:
                 return found
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            found = _first_bad_text(v, f"{path}[{i}]")
+            found = first_bad_text(v, f"{path}[{i}]")
             if found:
                 return found
     return None
@@ -229,7 +229,7 @@ def _check_unicode(rec: dict[str, Any], where: str) -> None:
     """Refuse a record holding a lone UTF-16 surrogate (JSON's ``"\ud83d"`` without its pair):
     no UTF-8 text can hold it, so pyarrow, tokenizers and the corpus would fail on it later.
     Raises DataError naming ``where`` (file and line), the field and the character."""
-    found = _first_bad_text(rec)
+    found = first_bad_text(rec)
     if found:
         field, text, i = found
         context = text[max(0, i - 20):i].encode("utf-8", "replace").decode("utf-8")

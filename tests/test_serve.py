@@ -2,7 +2,8 @@
 127.0.0.1, driven through the official ``openai`` client.
 
 One ``raydistill serve`` subprocess serves the whole module (``served``; two tiny engines start in
-≈ 3 min here); the last test stops it with Ctrl-C (SIGINT to its process group, as a terminal does).
+≈ 3 min here); the last test stops it with SIGTERM (the fixture's teardown, when tests are
+deselected, with Ctrl-C: SIGINT to its process group, as a terminal does).
 Teacher = ``tiny_model`` (4 layers), student = another tiny model (2 layers, seed 1); both with
 max_model_len 128 and 1 GiB of KV cache; the student takes 1 running + 2 queued requests, so a
 burst overflows it. Requests ask for few tokens. Module time ≈ 4–5 min on 2 cores.
@@ -92,10 +93,14 @@ def _config(base: Path, teacher: Path, port: int) -> Path:
     return path
 
 
-def _stop(proc) -> int:
-    """Ctrl-C as a terminal sends it (SIGINT to the process group); SIGKILL after 120 s."""
+def _stop(proc, sig: int = signal.SIGINT) -> int:
+    """Ctrl-C as a terminal sends it (SIGINT to the process group; or ``sig`` to the process
+    alone, as systemd or Kubernetes send SIGTERM); SIGKILL after 120 s."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         try:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
@@ -217,6 +222,7 @@ def test_models_health_and_port_in_use(served, tmp_path):
     assert {m.id for m in served.client().models.list().data} == {"teacher", "student", "ab"}
     status, body = served.get("/health")
     assert status == 200 and body["status"] == "ok" and len(body["deployments"]) == 3
+    assert body["engines"] == {"teacher": "ok", "student": "ok"}  # each arm's engine asked, not only Serve
     text = served.log.read_text()
     assert f"http://127.0.0.1:{served.port}/v1" in text and "ab: weights" in text
     assert load(served.run / "serve" / "config.yaml").serve.port == served.port
@@ -311,15 +317,26 @@ BAD = [
                          "max_tokens": 4}, None, 400, f"maximum context length is {MAX_LEN}"),
     ("prompt + answer too long", {"model": "ab", "messages": [{"role": "user", "content": "Paris " * 90}],
                                   "max_tokens": 100}, None, 400, f"maximum context length is {MAX_LEN}"),
+    # an emoji cut in half by a client: a 400 naming the field, not a 500 with a traceback
+    ("lone surrogate", None, b'{"model": "student", "messages": [{"role": "user", "content": "great job \\ud83d"}], '
+     b'"max_tokens": 4}', 400, "messages"),
+    ("misspelt field", {"model": "student", "messages": HI, "max_completion_token": 3}, None, 400,
+     "max_completion_token"),
+    ("wrong type", {"model": "student", "messages": HI, "max_tokens": "many"}, None, 400, "max_tokens"),
 ]
 
 
 @pytest.mark.parametrize("what,body,raw,status,needle", BAD, ids=[b[0] for b in BAD])
 def test_bad_requests_get_openai_style_errors(served, what, body, raw, status, needle):
+    """Every error has OpenAI's one shape, code = the HTTP status, and shows no traceback or path."""
     code, _, out = served.post("/v1/chat/completions", body, raw)
     assert code == status, out
     err = out["error"]
-    assert needle in err["message"] and err["type"] and ("code" in err or "param" in err), out
+    assert set(out) == {"error"} and set(err) == {"message", "type", "param", "code"}, out
+    assert err["code"] == status and err["type"], out
+    assert needle in err["message"] and (needle in str(err["param"]) or what not in (
+        "lone surrogate", "misspelt field", "wrong type")), out
+    assert "Traceback" not in err["message"] and "/tmp" not in err["message"] and ".py" not in err["message"], out
 
 
 def test_bad_request_through_the_openai_client(served):
@@ -444,11 +461,44 @@ def test_per_arm_metrics_reach_prometheus(served):
     assert all('via="' in ln for ln in lines if 'arm="' in ln), lines[:20]  # no series without the tag
 
 
-def test_ctrl_c_stops_serve_with_exit_0_and_frees_the_port(served):
-    """Runs last: the module's server is stopped here."""
+@pytest.mark.slow  # waits for Serve to replace the replica (about 95 s here)
+def test_a_dead_engine_is_503_with_retry_after_until_serve_replaces_it(served):
+    """The engine process of one arm killed under its live replica: /health says which arm is
+    down, its requests get 503 with Retry-After (not 500), the other arm answers, and once Serve
+    has replaced the replica both answer again."""
+    import psutil
+
+    ours = psutil.Process(served.proc.pid).children(recursive=True)  # this server's Ray, not another test's vLLM
+    engines = [p for p in ours if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())]
+    assert len(engines) == 2, [p.name() for p in ours]
+    victim = engines[0]
+    victim.kill()
+    deadline = time.time() + 60
+    down = []
+    while time.time() < deadline and not down:
+        status, body = served.get("/health")
+        down = [arm for arm, state in body.get("engines", {}).items() if state != "ok"]
+        time.sleep(1)
+    assert status == 503 and len(down) == 1, body
+    dead, alive = down[0], next(a for a in ("teacher", "student") if a != down[0])
+    code, headers, out = served.post("/v1/chat/completions", {"model": dead, "messages": HI, "max_tokens": 2})
+    assert code == 503 and int(headers["retry-after"]) > 0 and out["error"]["code"] == 503, out
+    code, _, out = served.post("/v1/chat/completions", {"model": alive, "messages": HI, "max_tokens": 2})
+    assert code == 200, out
+    deadline = time.time() + 300
+    while time.time() < deadline and served.health_status() != 200:
+        time.sleep(3)
+    assert served.health_status() == 200
+    code, _, out = served.post("/v1/chat/completions", {"model": dead, "messages": HI, "max_tokens": 2})
+    assert code == 200, out
+
+
+def test_sigterm_stops_serve_with_exit_0_and_frees_the_port(served):
+    """Runs last: the module's server is stopped here, with SIGTERM (what systemd, docker stop,
+    Kubernetes and `ray job stop` send), which stops it as Ctrl-C does (same handler)."""
     assert served.proc.poll() is None
     t0 = time.perf_counter()
-    assert _stop(served.proc) == 0, served.log.read_text()[-3000:]
+    assert _stop(served.proc, signal.SIGTERM) == 0, served.log.read_text()[-3000:]
     assert time.perf_counter() - t0 < 120
     from raydistill.serve.app import port_problem
 

@@ -404,6 +404,11 @@ def build_app(cfg: Config):
     # runs on a head node that advertises no CPU, and the resource check counts it as nothing.
     options["ray_actor_options"] = {**options.get("ray_actor_options", {}), "num_cpus": 0}
     fastapi_app = init_fastapi()  # Ray's own app (its middleware), then the key check outermost
+    from fastapi.exceptions import RequestValidationError
+
+    from .ingress import validation_error
+
+    fastapi_app.add_exception_handler(RequestValidationError, validation_error)  # the one error shape
     if key_digest is not None:
         fastapi_app.add_middleware(BearerAuth, key_digest=key_digest)
     ingress = make_fastapi_ingress(ABIngress, endpoint_map=ENDPOINTS, app=fastapi_app)

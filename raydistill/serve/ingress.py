@@ -8,9 +8,11 @@ delegating, because the engine only knows its own model id.
 """
 
 import asyncio
+import json
 import logging
 import re
 import time
+import uuid
 from typing import Any, Dict, Optional
 
 from fastapi import Request
@@ -22,6 +24,7 @@ from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
 from ..config import ABConfig
+from ..data import first_bad_text
 from . import AB_MODEL, ARM_HEADER, ARMS
 from .app import auth_problem, pick_arm, request_via
 
@@ -33,11 +36,50 @@ S3_URI = re.compile(r"s3://[^\s'\"]+")
 LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000]
 
 
+class AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII characters escaped: renders any text, a lone surrogate included
+    (Starlette's ``JSONResponse`` encodes UTF-8 and fails on one, which turned a 400 into a 500)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def error_response(status: int, message: str, type_: str = "invalid_request_error",
                    param: Optional[str] = None, headers: Optional[Dict[str, str]] = None) -> JSONResponse:
-    """An OpenAI-style error: ``{"error": {"message", "type", "param", "code"}}`` (code = HTTP status)."""
-    return JSONResponse(status_code=status, headers=headers,
-                        content={"error": {"message": message, "type": type_, "param": param, "code": status}})
+    """The one error shape of every 4xx and 5xx answer, OpenAI's:
+    ``{"error": {"message", "type", "param", "code"}}``; ``param`` names the request field at
+    fault (None when none is), ``code`` is the HTTP status."""
+    return AsciiJSONResponse(status_code=status, headers=headers,
+                             content={"error": {"message": message, "type": type_, "param": param, "code": status}})
+
+
+def _first_part(message: str, limit: int = 2000) -> str:
+    """An engine's message without any traceback it carries, at most ``limit`` characters."""
+    return message.split("\nTraceback (most recent call last)")[0].split("\n  File \"")[0][:limit]
+
+
+def _field(loc) -> Optional[str]:
+    """A pydantic error location (``("body", "messages", 0, "content")``) as ``messages[0].content``."""
+    out = ""
+    for part in loc or ():
+        if part == "body" and not out:
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or None
+
+
+async def validation_error(request: Request, exc) -> JSONResponse:
+    """FastAPI's handler of a request body that does not parse (``RequestValidationError``): a 400
+    in the one error shape, naming the field and never echoing its value (Ray's handler put the
+    value in ``param``, and a value holding a lone surrogate could not be rendered: a 500)."""
+    errors = exc.errors() if hasattr(exc, "errors") else []
+    first = errors[0] if errors else {}
+    field = _field(first.get("loc"))
+    if first.get("type") == "json_invalid":
+        message = f"the request body is not valid JSON (JSON decode error: {first.get('msg', '')})"
+    else:
+        message = f"{field or 'the request body'}: {first.get('msg', 'invalid request')}"
+    return error_response(400, message, param=field)
 
 
 UNAVAILABLE = (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)
@@ -78,6 +120,37 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as plain dicts, lists and strings (messages may be pydantic models or TypedDicts)."""
+    if hasattr(value, "model_dump"):
+        return value.model_dump()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+#: Exception type names meaning an arm's engine process is gone (vLLM's ``EngineDeadError``);
+#: Serve replaces the replica (about 95 s here), so the answer is a 503 to retry, not a 500.
+DEAD_ENGINE = ("EngineDeadError",)
+RETRY_AFTER_S = 30
+
+
+def _dead_engine(e: BaseException) -> bool:
+    seen, hops = e, 0
+    while seen is not None and hops < 20:
+        if type(seen).__name__ in DEAD_ENGINE or any(n in str(type(seen)) for n in DEAD_ENGINE):
+            return True
+        cause = getattr(seen, "cause", None)
+        seen = cause if isinstance(cause, BaseException) else seen.__cause__
+        hops += 1
+    # Ray's LLM server hands an engine failure to the ingress as an error answer (an
+    # OpenAIHTTPException with the engine's message and type), not as the exception itself
+    text = " ".join(str(x) for x in (e, getattr(e, "message", ""), getattr(e, "type", "")))
+    return any(n in text for n in DEAD_ENGINE)
+
+
 def _cause(e: BaseException) -> BaseException:
     """The overload or unavailability error (``UNAVAILABLE``) inside a Ray error chain, else ``e``."""
     seen = e
@@ -103,7 +176,11 @@ class ABIngress(OpenAiIngress):
     - checks Ray and vLLM leave unclear (no messages, ``max_tokens`` < 1 or past the arm's
       ``max_model_len``), and a 503 saying which arm is full when its replicas' running + queued
       limits are reached (Ray Serve's ``BackPressureError``);
-    - ``GET /health``: 200 when every deployment of the application is HEALTHY, else 503 listing them;
+    - ``GET /health``: 200 when every deployment of the application is HEALTHY and each arm's
+      engine answers its health check, else 503 (with ``Retry-After``) listing them;
+    - one error shape for every 4xx and 5xx (``error_response``), request validation errors
+      included (``validation_error``); an arm whose engine died answers 503 with ``Retry-After``;
+      unknown request fields and text that is not Unicode are 400s naming the field;
     - no storage location in any answer: the model cards carry a ``fingerprint``
       (``app.model_fingerprint``), request errors have the arms' model paths and ``s3://`` URIs
       replaced, and 5xx errors name only the exception type (details go to the log).
@@ -158,7 +235,22 @@ class ABIngress(OpenAiIngress):
             self._latency.observe((time.perf_counter() - t0) * 1000, tags={"arm": arm, "via": via, "route": route})
 
     def _check(self, body, arm: str) -> Optional[JSONResponse]:
-        """A 400 for what the engine would reject unclearly, or None."""
+        """A 400 for what the engine would reject unclearly or ignore silently, or None: an unknown
+        field (OpenAI's API refuses one; vLLM would drop it, so a misspelt ``max_completion_token``
+        let the answer run to the model's own stop), text that is not Unicode (a lone UTF-16
+        surrogate such as ``"\\ud83d"``: half an emoji), no messages, ``max_tokens`` < 1 or past
+        the arm's ``max_model_len``."""
+        unknown = sorted(getattr(body, "model_extra", None) or {})
+        if unknown:
+            return error_response(400, f"unknown field(s) {', '.join(map(repr, unknown))} in the request body; "
+                                  "see the OpenAI API reference for the fields of this route", param=unknown[0])
+        for field in ("messages", "prompt"):
+            found = first_bad_text(_plain(getattr(body, field, None)), field)
+            if found:
+                where, text, i = found
+                return error_response(400, f"{where} holds a lone UTF-16 surrogate \\u{ord(text[i]):04x} at "
+                                      f"character {i + 1}: half of a pair is not Unicode text; send the whole pair "
+                                      "(e.g. \\ud83d\\ude00) or remove it", param=where)
         if isinstance(body, ChatCompletionRequest) and not body.messages:
             return error_response(400, "messages is empty: give at least one message, e.g. "
                                   '[{"role": "user", "content": "Hello"}]', param="messages")
@@ -212,18 +304,25 @@ class ABIngress(OpenAiIngress):
                 return error_response(503, f"model {arm!r} is unavailable right now ({type(cause).__name__}: "
                                       f"{self._redact(str(cause))}); retry later", type_="unavailable_error",
                                       headers=headers)
+            if _dead_engine(e):  # Serve restarts the replica; until then the arm cannot answer
+                self._record(arm, via, method, 503, t0)
+                log.error("model %r: its engine is dead (%s); Serve replaces the replica", arm, type(e).__name__)
+                return error_response(503, f"model {arm!r} is restarting (its engine stopped); retry in "
+                                      f"{RETRY_AFTER_S} s", type_="unavailable_error",
+                                      headers={**headers, "Retry-After": str(RETRY_AFTER_S)})
             status = int(getattr(e, "status_code", None) or 500)
             message = getattr(e, "message", None) or getattr(e, "detail", None)
             if 400 <= status < 500 and message:
                 self._record(arm, via, method, status, t0)
-                return error_response(status, self._redact(str(message)), type_=getattr(e, "type", None)
-                                      or "invalid_request_error", headers=headers)
+                return error_response(status, self._redact(_first_part(str(message))),
+                                      type_=getattr(e, "type", None) or "invalid_request_error", headers=headers)
             self._record(arm, via, method, status, t0)
-            log.exception("model %r failed to answer", arm)
-            # the details (paths, stack) go to the server log only
+            request_id = uuid.uuid4().hex
+            log.exception("model %r failed to answer request %s", arm, request_id)
+            # the details (paths, stack) go to the server log only, under the request id
             return error_response(status if status >= 500 else 500, f"model {arm!r} failed to answer "
-                                  f"({type(e).__name__}); the server log has the details", type_="server_error",
-                                  headers=headers)
+                                  f"({type(e).__name__}); the server log has the details under request id "
+                                  f"{request_id}", type_="server_error", headers={**headers, "x-request-id": request_id})
         response.headers[ARM_HEADER] = arm
         if isinstance(response, StreamingResponse):
             response.body_iterator = self._timed(response.body_iterator, arm, via, method, t0)
@@ -268,8 +367,28 @@ class ABIngress(OpenAiIngress):
         deployments = {name: str(getattr(d.status, "value", d.status)) for name, d in (app.deployments if app else {}).items()}
         # scaling up or down still serves every request
         ok = bool(deployments) and all(s in SERVING for s in deployments.values())
+        engines = await self._engines() if ok else {}
+        ok = ok and all(v == "ok" for v in engines.values())
         return JSONResponse(status_code=200 if ok else 503,
-                            content={"status": "ok" if ok else "unavailable", "deployments": deployments})
+                            headers=None if ok else {"Retry-After": str(RETRY_AFTER_S)},
+                            content={"status": "ok" if ok else "unavailable", "deployments": deployments,
+                                     "engines": engines})
+
+    async def _engines(self) -> Dict[str, str]:
+        """Each arm's engine as one of its replicas sees it (``LLMServer.check_health``, what Serve's
+        own health check calls, about every 10 s): ``ok``, or why not. A replica whose engine
+        process died answers 500s until Serve's next check marks it unhealthy; this asks now."""
+        async def one(arm: str) -> str:
+            try:
+                await asyncio.wait_for(self._default_serve_handles[arm].check_health.remote(), HEALTH_TIMEOUT_S)
+                return "ok"
+            except asyncio.TimeoutError:
+                return f"no answer in {HEALTH_TIMEOUT_S:g} s"
+            except Exception as e:  # noqa: BLE001 - reported, not raised
+                return f"down ({type(_cause(e)).__name__}{', engine dead' if _dead_engine(e) else ''})"
+
+        arms = [a for a in ARMS if a in self._default_serve_handles]
+        return dict(zip(arms, await asyncio.gather(*(one(a) for a in arms))))
 
 
 def _route(method: str, path: str, **kwargs):
