@@ -283,6 +283,29 @@ def test_bad_row_past_the_precheck_names_its_shard_and_line(tmp_path, ray_local)
     assert not (tmp_path / "run" / "corpus" / "prompts" / "_COMPLETE").exists()
 
 
+def test_parquet_shards_are_read_by_row_group_and_a_corrupt_one_is_named(tmp_path, ray_local):
+    """Every row of every row group arrives; a shard whose footer reads but whose pages do not
+    (bytes overwritten) stops the prompts step with a DataError naming that file."""
+    import pyarrow as pa
+
+    from raydistill.data import DataError
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist(_prompts(30)), folder / "part-0.parquet", row_group_size=7)
+    pq.write_table(pa.Table.from_pylist(_prompts(12, start=30)), folder / "part-1.parquet", row_group_size=5)
+    _, info, table = _prompts_step(tmp_path, str(folder), reference_field=None)
+    assert info["rows"] == 42 and sorted(table.column("prompt_id").to_pylist()) == [f"q{i:05d}" for i in range(42)]
+    bad = folder / "part-1.parquet"
+    data = bytearray(bad.read_bytes())
+    data[8:200] = b"\xab" * 192  # the first data page; the footer is intact
+    bad.write_bytes(bytes(data))
+    assert pq.read_schema(bad).names  # the footer still reads: only the pages are broken
+    (tmp_path / "again").mkdir()
+    with pytest.raises(DataError, match=f"^{bad}: cannot read parquet \\(row group 0\\)"):
+        _prompts_step(tmp_path / "again", str(folder), reference_field=None)
+
+
 def test_half_committed_s3_checkpoints_are_settled(tmp_path):
     """A kill between the copy and the delete of an S3 rename leaves X.pending.parquet beside
     X.parquet: that shard is committed, and the pending file goes (Ray's recovery would otherwise

@@ -164,15 +164,48 @@ def _prompt_dataset(files: list[StoragePath], suffix: str, cfg: Config, rank_see
     kwargs = dict(data=cfg.data.model_dump(), task_prompts=cfg.task_prompts.model_dump(), rank_seed=rank_seed,
                   remote=files[0].remote, suffix=suffix, source=cfg.data.path)
     if suffix == ".parquet":
+        from concurrent.futures import ThreadPoolExecutor
+
         import pyarrow.parquet as pq
 
+        from ..schema import PROMPTS_SCHEMA
+
         names = pq.read_schema(files[0].path, filesystem=fs).names
-        with_paths = "path" not in names  # Ray Data's include_paths writes a column named "path"
-        ds = ray.data.read_parquet(uris, filesystem=fs, include_paths=with_paths)
+        with_paths = "path" not in names  # the file column is named "path" unless the data has one
+        with ThreadPoolExecutor(max_workers=16) as pool:  # footers only (prompt_files read them already)
+            groups = list(pool.map(lambda f: pq.read_metadata(f.path, filesystem=fs).num_row_groups, files))
+        units = [{"file": f.path, "row_group": g} for f, n in zip(files, groups) for g in range(n)]
+        if not units:
+            return ray.data.from_arrow(PROMPTS_SCHEMA.empty_table())
+        ds = ray.data.from_items(units).map_batches(
+            _read_row_groups, batch_format="pyarrow", batch_size=1,
+            fn_kwargs=dict(fs=fs, remote=files[0].remote, with_paths=with_paths))
         return ds.map_batches(_prompt_batch, batch_format="pyarrow", batch_size=1024,
                               fn_kwargs=dict(kwargs, with_paths=with_paths))
     ds = ray.data.read_binary_files(uris, filesystem=fs, include_paths=True)
     return ds.map_batches(_prompt_batch, batch_format="pyarrow", batch_size=1, fn_kwargs=dict(kwargs, with_paths=True))
+
+
+def _read_row_groups(units: pa.Table, fs, remote: bool, with_paths: bool) -> pa.Table:
+    """The rows of each (``file``, ``row_group``) of ``units``, plus their file in a ``path``
+    column when ``with_paths``: parquet prompt files read one row group per task, so that a file
+    whose footer reads but whose data does not (cut or corrupted pages) is a DataError naming it."""
+    import pyarrow.parquet as pq
+
+    from ..data import DataError
+
+    out = []
+    for path, group in zip(units.column("file").to_pylist(), units.column("row_group").to_pylist()):
+        shown = _shown(path, remote)
+        try:
+            with fs.open_input_file(path) as f:
+                table = pq.ParquetFile(f).read_row_group(group)
+        except Exception as e:  # pyarrow raises several types for corrupt files
+            raise DataError(f"{shown}: cannot read parquet (row group {group}): {e}") from None
+        if with_paths:
+            table = table.append_column("path", pa.array([path] * table.num_rows, pa.string()))
+        out.append(table)
+    return pa.concat_tables(out) if len(out) > 1 else out[0]
 
 
 def _sample_rank(pid: str, seed: int) -> int:
