@@ -339,6 +339,18 @@ def test_bad_requests_get_openai_style_errors(served, what, body, raw, status, n
     assert "Traceback" not in err["message"] and "/tmp" not in err["message"] and ".py" not in err["message"], out
 
 
+def test_unknown_routes_and_methods_get_the_same_error_shape(served):
+    for method, path, status in (("GET", "/v1/nothing-here", 404), ("GET", "/v1/chat/completions", 405)):
+        req = urllib.request.Request(served.root + path, headers=AUTH, method=method)
+        try:
+            urllib.request.urlopen(req, timeout=30)
+            raise AssertionError(f"{method} {path} answered 2xx")
+        except urllib.error.HTTPError as e:
+            code, out = e.code, json.loads(e.read())
+        assert code == status and set(out) == {"error"} and out["error"]["code"] == status, out
+        assert path in out["error"]["message"], out
+
+
 def test_bad_request_through_the_openai_client(served):
     import openai
 

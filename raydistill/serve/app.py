@@ -405,10 +405,14 @@ def build_app(cfg: Config):
     options["ray_actor_options"] = {**options.get("ray_actor_options", {}), "num_cpus": 0}
     fastapi_app = init_fastapi()  # Ray's own app (its middleware), then the key check outermost
     from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
 
-    from .ingress import validation_error
+    from .ingress import http_error, validation_error
 
-    fastapi_app.add_exception_handler(RequestValidationError, validation_error)  # the one error shape
+    # the one error shape for what FastAPI itself answers (a body that does not parse, a route that
+    # does not exist, a wrong method)
+    fastapi_app.add_exception_handler(RequestValidationError, validation_error)
+    fastapi_app.add_exception_handler(HTTPException, http_error)
     if key_digest is not None:
         fastapi_app.add_middleware(BearerAuth, key_digest=key_digest)
     ingress = make_fastapi_ingress(ABIngress, endpoint_map=ENDPOINTS, app=fastapi_app)

@@ -68,6 +68,16 @@ def _field(loc) -> Optional[str]:
     return out or None
 
 
+async def http_error(request: Request, exc) -> JSONResponse:
+    """Starlette's ``HTTPException`` (an unknown route: 404, a wrong method: 405) in the one error
+    shape instead of FastAPI's ``{"detail": ...}``."""
+    status = int(getattr(exc, "status_code", 500))
+    kind = "not_found_error" if status == 404 else ("invalid_request_error" if status < 500 else "server_error")
+    detail = getattr(exc, "detail", None)
+    message = f"{request.method} {request.url.path}: {detail if isinstance(detail, str) else 'request refused'}"
+    return error_response(status, message, type_=kind, headers=getattr(exc, "headers", None))
+
+
 async def validation_error(request: Request, exc) -> JSONResponse:
     """FastAPI's handler of a request body that does not parse (``RequestValidationError``): a 400
     in the one error shape, naming the field and never echoing its value (Ray's handler put the
