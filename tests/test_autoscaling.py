@@ -20,6 +20,7 @@ import shlex
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from raydistill.config import load
@@ -74,6 +75,7 @@ def _generate_job(head, cfg_file: Path, *sets: str, timeout_s: float = 600) -> t
     return str(status), client.get_job_logs(job_id)
 
 
+@pytest.mark.slow  # 2.5-5 min, and on a loaded machine the fake nodes' timing varies (failed once in a full run)
 def test_generation_scales_the_cluster_up_and_back_down(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "prompts.jsonl", mixed_prompts(16))
     cfg_file = tmp_path / "gen.yaml"
@@ -90,13 +92,12 @@ def test_generation_scales_the_cluster_up_and_back_down(tiny_model, tmp_path):
     with ray_head(1, dashboard=True, autoscaling_config=AUTOSCALING) as head:
         # Too big even for the autoscaler: 6 replicas + tokenizer + Ray Data = 7.25 CPU; 1 + 2 × 2 = 5
         # at most. The job fails fast, and nothing is launched for it.
-        t0 = time.perf_counter()
-        status, log = _generate_job(head, cfg_file, "teacher.replicas=6", timeout_s=180)
+        status, log = _generate_job(head, cfg_file, "teacher.replicas=6", timeout_s=300)
         assert status == "FAILED", log[-3000:]
         log = " ".join(log.split())
         assert "= 7.25 CPU, but the cluster has 1 CPU (1 node) and can scale to 5 CPU (cpu_node: 2 CPU × up to 2 more" in log
-        assert time.perf_counter() - t0 < 120
-        assert len(head.nodes()) == 1
+        assert "answering up to" not in log  # refused before any generation
+        assert len(head.nodes()) == 1  # and nothing was launched for it
 
         t0 = time.perf_counter()
         status, log = _generate_job(head, cfg_file)
