@@ -225,6 +225,7 @@ def serve(config: ConfigArg, set_: SetOpt = None) -> None:
     on_cluster = bool(os.environ.get("RAY_ADDRESS"))
     name = cfg.serve.app_name
     started = False
+    original_sigterm = None
     try:
         from ray import serve as ray_serve
 
@@ -234,7 +235,7 @@ def serve(config: ConfigArg, set_: SetOpt = None) -> None:
         init_ray()
         # SIGTERM (systemd, docker stop, Kubernetes, `ray job stop`) stops like Ctrl-C; set after
         # ray.init, whose own handler dumped the stack and exited 134
-        signal.signal(signal.SIGTERM, _interrupt)
+        original_sigterm = signal.signal(signal.SIGTERM, _interrupt)
         try:
             app_ = build_app(cfg)
         except ModelError as e:
@@ -259,16 +260,21 @@ def serve(config: ConfigArg, set_: SetOpt = None) -> None:
     finally:
         import ray
 
-        if ray.is_initialized():
-            from ray import serve as ray_serve
+        # a second SIGTERM (an impatient supervisor) must not cut the teardown short
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            if ray.is_initialized():
+                from ray import serve as ray_serve
 
-            try:
-                if on_cluster:
-                    ray_serve.delete(name)
-                else:
-                    ray_serve.shutdown()
-            finally:
-                ray.shutdown()
+                try:
+                    if on_cluster:
+                        ray_serve.delete(name)
+                    else:
+                        ray_serve.shutdown()
+                finally:
+                    ray.shutdown()
+        finally:
+            signal.signal(signal.SIGTERM, previous if original_sigterm is None else original_sigterm)
     if not started:
         raise typer.Exit(code=130)
 

@@ -203,7 +203,7 @@ def group_totals(ds, keys: list[str], sums: tuple[str, ...] = ()) -> list[dict]:
     For a few groups over any number of rows (a corpus's split × finish reason × outcome): each
     block is aggregated by a task (``pyarrow.Table.group_by``) and the driver adds up the partial
     tables, blocks × groups rows, so no shuffle actors start and the driver never sees a row.
-    Null keys form their own group. Raises KeyError (from the task) for a missing column."""
+    Null keys form their own group. A missing column raises pyarrow's ``ArrowInvalid`` (from the task)."""
     import pyarrow as pa
 
     aggs = [([], "count_all")] + [(c, "sum") for c in sums]

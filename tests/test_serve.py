@@ -339,6 +339,14 @@ def test_bad_requests_get_openai_style_errors(served, what, body, raw, status, n
     assert "Traceback" not in err["message"] and "/tmp" not in err["message"] and ".py" not in err["message"], out
 
 
+def test_fields_of_openais_api_that_vllm_lacks_are_accepted(served):
+    """Only a field neither OpenAI nor vLLM knows is refused: ``store`` and ``metadata`` (sent by
+    frameworks) are accepted and ignored, as vLLM ignores them."""
+    code, _, out = served.post("/v1/chat/completions", {"model": "student", "messages": HI, "max_tokens": 2,
+                                                        "store": False, "metadata": {"team": "a"}})
+    assert code == 200 and out["choices"], out
+
+
 def test_unknown_routes_and_methods_get_the_same_error_shape(served):
     for method, path, status in (("GET", "/v1/nothing-here", 404), ("GET", "/v1/chat/completions", 405)):
         req = urllib.request.Request(served.root + path, headers=AUTH, method=method)

@@ -55,8 +55,10 @@ def test_baseline_student_is_rebuilt_when_what_made_it_changes(tiny_model, tmp_p
     assert (base / "model.safetensors").stat().st_mtime_ns == stamp  # same recipe: reused
     _ensure_baseline(load(cfg_file, sets + ["student.keep_layers=[0, 2, 3]"]))
     assert json.loads((base / "config.json").read_text())["num_hidden_layers"] == 3
-    other = build_tiny_model(tmp_path / "other-teacher", num_layers=6, seed=1)
-    _ensure_baseline(load(cfg_file, sets + [f"teacher.model={other}", "student.keep_layers=null"]))
+    build_tiny_model(tmp_path / "other-teacher", num_layers=6, seed=1)
+    (out / "baseline_student.partial.killed").mkdir()  # left by a build that was killed
+    monkeypatch.chdir(tmp_path)  # a relative teacher path: the task (elsewhere) gets it absolute
+    _ensure_baseline(load(cfg_file, sets + ["teacher.model=./other-teacher", "student.keep_layers=null"]))
     assert json.loads((base / BASELINE_RECIPE).read_text())["kept"] == [0, 3, 5]  # the new teacher's default
     assert json.loads((base / "config.json").read_text())["num_hidden_layers"] == 3
     assert not list(out.glob("baseline_student.partial*"))

@@ -155,9 +155,12 @@ def _prompt_dataset(files: list[StoragePath], suffix: str, cfg: Config, rank_see
 
     .jsonl, .json and .csv files are read as bytes, one file per task, and parsed with
     ``data.parse_records`` (what ``raydistill validate`` uses), so an error names the file and the
-    line; shard big inputs into several files. Parquet is read by Ray Data's reader in row groups;
-    its errors name the file and the row's id."""
+    line; shard big inputs into several files. Parquet is read row group by row group in Ray tasks
+    (``_read_row_groups``): an unreadable one is named with its file and row group, a bad row with
+    its file and id. Raises DataError when the parquet files hold no row at all."""
     import ray
+
+    from ..data import DataError
 
     uris = [f.uri for f in files]
     fs = files[0].fs
@@ -168,15 +171,13 @@ def _prompt_dataset(files: list[StoragePath], suffix: str, cfg: Config, rank_see
 
         import pyarrow.parquet as pq
 
-        from ..schema import PROMPTS_SCHEMA
-
-        names = pq.read_schema(files[0].path, filesystem=fs).names
-        with_paths = "path" not in names  # the file column is named "path" unless the data has one
         with ThreadPoolExecutor(max_workers=16) as pool:  # footers only (prompt_files read them already)
-            groups = list(pool.map(lambda f: pq.read_metadata(f.path, filesystem=fs).num_row_groups, files))
-        units = [{"file": f.path, "row_group": g} for f, n in zip(files, groups) for g in range(n)]
+            metas = list(pool.map(lambda f: pq.read_metadata(f.path, filesystem=fs), files))
+        # the file column is named "path" unless a file has a column of that name
+        with_paths = not any("path" in m.schema.names for m in metas)
+        units = [{"file": f.path, "row_group": g} for f, m in zip(files, metas) for g in range(m.num_row_groups)]
         if not units:
-            return ray.data.from_arrow(PROMPTS_SCHEMA.empty_table())
+            raise DataError(f"{cfg.data.path}: the dataset is empty (no rows in {len(files)} parquet file(s))")
         ds = ray.data.from_items(units).map_batches(
             _read_row_groups, batch_format="pyarrow", batch_size=1,
             fn_kwargs=dict(fs=fs, remote=files[0].remote, with_paths=with_paths))
@@ -186,22 +187,35 @@ def _prompt_dataset(files: list[StoragePath], suffix: str, cfg: Config, rank_see
     return ds.map_batches(_prompt_batch, batch_format="pyarrow", batch_size=1, fn_kwargs=dict(kwargs, with_paths=True))
 
 
+#: Tries of one row group whose read failed with an error Ray Data itself retries
+#: (``DataContext.retried_io_errors``: S3 throttling, a dropped connection), before giving up.
+READ_TRIES = 4
+
+
 def _read_row_groups(units: pa.Table, fs, remote: bool, with_paths: bool) -> pa.Table:
     """The rows of each (``file``, ``row_group``) of ``units``, plus their file in a ``path``
-    column when ``with_paths``: parquet prompt files read one row group per task, so that a file
-    whose footer reads but whose data does not (cut or corrupted pages) is a DataError naming it."""
+    column when ``with_paths``. A row group that cannot be read (a file whose footer reads but whose
+    pages do not) is a DataError naming the file and the row group; transient storage errors (those
+    Ray Data retries, ``DataContext.retried_io_errors``) are retried first, with 1, 2, 4 s pauses."""
     import pyarrow.parquet as pq
+    from ray.data import DataContext
 
     from ..data import DataError
 
+    transient = tuple(DataContext.get_current().retried_io_errors)
     out = []
     for path, group in zip(units.column("file").to_pylist(), units.column("row_group").to_pylist()):
         shown = _shown(path, remote)
-        try:
-            with fs.open_input_file(path) as f:
-                table = pq.ParquetFile(f).read_row_group(group)
-        except Exception as e:  # pyarrow raises several types for corrupt files
-            raise DataError(f"{shown}: cannot read parquet (row group {group}): {e}") from None
+        for attempt in range(READ_TRIES):
+            try:
+                with fs.open_input_file(path) as f:
+                    table = pq.ParquetFile(f).read_row_group(group)
+                break
+            except Exception as e:  # pyarrow raises several types for corrupt files
+                if attempt + 1 < READ_TRIES and any(t in str(e) for t in transient):
+                    time.sleep(2 ** attempt)
+                    continue
+                raise DataError(f"{shown}: cannot read parquet (row group {group}): {e}") from None
         if with_paths:
             table = table.append_column("path", pa.array([path] * table.num_rows, pa.string()))
         out.append(table)
@@ -496,7 +510,7 @@ def _committed_rows(out: StoragePath) -> int:
 
 def _stats(tagged) -> list[dict]:
     """Rows and token sums per (split, finish_reason, reject reason or "kept"): a few rows, whatever
-    the corpus size (one small groupby in Ray Data)."""
+    the corpus size (``runtime.group_totals``: per-block aggregates, summed on the driver)."""
     def outcome(batch: pa.Table) -> pa.Table:
         import pyarrow.compute as pc
 

@@ -141,6 +141,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
+#: Request fields of OpenAI's chat and completions APIs that vLLM's request models do not declare
+#: (so they land in ``model_extra``): accepted and ignored, as vLLM does, since clients and
+#: frameworks send them; any other undeclared field is a 400 (a misspelt one would be ignored).
+OPENAI_ONLY_FIELDS = frozenset({
+    "store", "metadata", "service_tier", "audio", "modalities", "prediction", "prompt_cache_key",
+    "prompt_cache_retention", "prompt_cache_options", "safety_identifier", "verbosity", "web_search_options",
+    "moderation", "functions", "function_call", "best_of", "reasoning", "text", "include",
+})
+
 #: Exception type names meaning an arm's engine process is gone (vLLM's ``EngineDeadError``);
 #: Serve replaces the replica (about 95 s here), so the answer is a 503 to retry, not a 500.
 DEAD_ENGINE = ("EngineDeadError",)
@@ -250,7 +259,11 @@ class ABIngress(OpenAiIngress):
         let the answer run to the model's own stop), text that is not Unicode (a lone UTF-16
         surrogate such as ``"\\ud83d"``: half an emoji), no messages, ``max_tokens`` < 1 or past
         the arm's ``max_model_len``."""
-        unknown = sorted(getattr(body, "model_extra", None) or {})
+        extra = getattr(body, "model_extra", None) or {}
+        ignored = sorted(k for k in extra if k in OPENAI_ONLY_FIELDS)
+        if ignored:
+            log.info("request fields of OpenAI's API that vLLM does not use, ignored: %s", ", ".join(ignored))
+        unknown = sorted(k for k in extra if k not in OPENAI_ONLY_FIELDS)
         if unknown:
             return error_response(400, f"unknown field(s) {', '.join(map(repr, unknown))} in the request body; "
                                   "see the OpenAI API reference for the fields of this route", param=unknown[0])
@@ -360,9 +373,11 @@ class ABIngress(OpenAiIngress):
         return await self._answer(body, request, "completions")
 
     async def health(self) -> Response:
-        """GET /health: 200 ``{"status": "ok", "deployments": {name: status}}`` when every deployment
-        of this application is HEALTHY (or scaling up or down) (both arms' engines up, as Serve's controller sees them),
-        else 503 with each deployment's status (e.g. UPDATING while the engines start).
+        """GET /health: 200 ``{"status": "ok", "deployments": {name: status}, "engines": {arm: state}}``
+        when every deployment of this application is HEALTHY (or scaling up or down) and each arm's
+        engine answers its health check (``ok``; ``busy`` when the check waited behind requests:
+        a loaded arm is not a down one); else 503 with ``Retry-After`` and each deployment's status
+        (e.g. UPDATING while the engines start) and each engine's state (``down (...)``).
 
         Ray's own routes say less: the proxy's ``/-/healthz`` answers once the proxy runs (engines
         may still be loading) and ``/-/routes`` lists route prefixes."""
@@ -370,7 +385,8 @@ class ABIngress(OpenAiIngress):
         try:
             status = await asyncio.wait_for(asyncio.to_thread(serve.status), timeout=HEALTH_TIMEOUT_S)
         except asyncio.TimeoutError:
-            return JSONResponse(status_code=503, content={"status": "unavailable", "deployments": {},
+            return JSONResponse(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
+                                content={"status": "unavailable", "deployments": {},
                                                           "error": f"Serve's controller did not answer in "
                                                                    f"{HEALTH_TIMEOUT_S:g} s"})
         app = status.applications.get(app_name)
@@ -378,7 +394,7 @@ class ABIngress(OpenAiIngress):
         # scaling up or down still serves every request
         ok = bool(deployments) and all(s in SERVING for s in deployments.values())
         engines = await self._engines() if ok else {}
-        ok = ok and all(v == "ok" for v in engines.values())
+        ok = ok and all(v == "ok" or v.startswith("busy") for v in engines.values())
         return JSONResponse(status_code=200 if ok else 503,
                             headers=None if ok else {"Retry-After": str(RETRY_AFTER_S)},
                             content={"status": "ok" if ok else "unavailable", "deployments": deployments,
@@ -392,9 +408,11 @@ class ABIngress(OpenAiIngress):
             try:
                 await asyncio.wait_for(self._default_serve_handles[arm].check_health.remote(), HEALTH_TIMEOUT_S)
                 return "ok"
-            except asyncio.TimeoutError:
-                return f"no answer in {HEALTH_TIMEOUT_S:g} s"
+            except asyncio.TimeoutError:  # the check queues behind requests like any call: busy, not down
+                return f"busy (no answer in {HEALTH_TIMEOUT_S:g} s)"
             except Exception as e:  # noqa: BLE001 - reported, not raised
+                if isinstance(_cause(e), BackPressureError):
+                    return "busy (queue full)"
                 return f"down ({type(_cause(e)).__name__}{', engine dead' if _dead_engine(e) else ''})"
 
         arms = [a for a in ARMS if a in self._default_serve_handles]

@@ -148,26 +148,36 @@ def _local_teacher_dir(ref: str) -> str | None:
 def _prune_to(teacher_ref: str, keep_layers: list[int] | None, dest_uri: str, storage: dict,
               recipe: dict) -> list[int]:
     """Ray task body: fetch the teacher where this task runs (``models.resolve_model``; an ``s3://``
-    teacher: ``storage.local_copy``), write its depth-pruned copy with ``BASELINE_RECIPE`` into a
-    temporary folder, then replace ``dest_uri`` (local or ``s3://``) with it. Returns the kept layers."""
+    teacher: ``storage.local_copy``), write its depth-pruned copy into a temporary folder, then
+    replace ``dest_uri`` with it: a local destination by renaming a sibling folder (stale ones of
+    killed builds are removed first); an ``s3://`` one by uploading, with ``BASELINE_RECIPE``
+    written last, so that a cut upload is never taken for a finished one. Returns the kept layers.
+    ``teacher_ref``: a local folder as an absolute path (workers do not share the driver's
+    working directory)."""
     import tempfile
 
     from ..config import StorageConfig
-    from ..models import prune_student, resolve_model
+    from ..models import cache_dir, prune_student, resolve_model
     from ..storage import local_copy, storage_path, upload_dir
 
     dest = storage_path(dest_uri, StorageConfig.model_validate(storage))
     teacher_dir = resolve_model(local_copy(teacher_ref, storage))
-    parent = None if dest.remote else dest.local().parent
-    if parent is not None:
-        parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=parent, prefix="baseline_student.partial.") as tmp:
+    if dest.remote:
+        parent = cache_dir() / "tmp"
+    else:
+        parent = dest.local().parent
+        for stale in parent.glob(dest.local().name + ".partial.*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=parent, prefix=dest.name + ".partial.") as tmp:
         built = Path(tmp) / "student"
         keep = prune_student(teacher_dir, keep_layers, built)
-        (built / BASELINE_RECIPE).write_text(json.dumps(dict(recipe, kept=keep), indent=2))
+        text = json.dumps(dict(recipe, kept=keep), indent=2)
         if dest.remote:
             upload_dir(built, dest)
+            (dest / BASELINE_RECIPE).write_text(text)
         else:
+            (built / BASELINE_RECIPE).write_text(text)
             shutil.rmtree(dest.local(), ignore_errors=True)
             built.rename(dest.local())
     return keep
@@ -178,16 +188,17 @@ def _ensure_baseline(cfg: Config) -> Path:
     (``baseline_recipe``). The pruning runs in a Ray task (Ray must be running), so the teacher's
     weights reach a worker, never the driver. Returns a local folder with the baseline's metadata
     files (for an ``s3://`` run a copy of only those, ``models.model_metadata``); raises ModelError
-    (from the task) when the teacher cannot be pruned."""
+    when the teacher cannot be pruned (the task's own error, without Ray's wrapping)."""
     import ray
 
     from ..layout import pruned_baseline_dir
-    from ..models import model_metadata
+    from ..models import ModelError, model_metadata
     from ..storage import storage_path
 
     out = storage_path(cfg.output_dir, cfg.storage)
     dest = out / "baseline_student" if out.remote else storage_path(pruned_baseline_dir(cfg).resolve())
-    recipe = baseline_recipe(cfg.teacher.model, _local_teacher_dir(cfg.teacher.model), cfg.student.keep_layers)
+    local_teacher = _local_teacher_dir(cfg.teacher.model)
+    recipe = baseline_recipe(cfg.teacher.model, local_teacher, cfg.student.keep_layers)
     recipe_file = dest / BASELINE_RECIPE
     previous = json.loads(recipe_file.read_text()) if recipe_file.is_file() else None
     made = (dest / "config.json").is_file()
@@ -196,9 +207,16 @@ def _ensure_baseline(cfg: Config) -> Path:
             changed = [k for k in recipe if previous is None or previous.get(k) != recipe[k]]
             log.warning("train: rebuilding %s: it was made from another %s", dest.uri,
                         " and ".join(changed) if previous else "recipe (no record of what made it)")
+        # a local folder by its absolute path (the task's working directory is not the driver's);
+        # an embedded model, hub id or s3:// teacher by its reference
+        teacher = local_teacher if local_teacher and not cfg.teacher.model.startswith("embedded:") else cfg.teacher.model
         task = ray.remote(num_cpus=1, max_retries=0)(_prune_to)
-        keep = ray.get(task.remote(cfg.teacher.model, cfg.student.keep_layers, dest.uri,
-                                   cfg.storage.model_dump(), recipe))
+        try:
+            keep = ray.get(task.remote(teacher, cfg.student.keep_layers, dest.uri, cfg.storage.model_dump(), recipe))
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(getattr(e, "cause", None), ModelError):
+                raise e.cause from None
+            raise
         log.info("train: pruned student keeps teacher layers %s -> %s", keep, dest.uri)
     return dest.local() if not dest.remote else model_metadata(dest.uri, cfg.storage)
 
