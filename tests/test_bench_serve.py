@@ -181,7 +181,7 @@ def ab_server(tiny_model, tmp_path_factory):
          "--api-key", KEY],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder, start_new_session=True)
     try:
-        if not wait_for_http(f"http://127.0.0.1:{port}/health", proc, timeout_s=300, interval_s=1):
+        if not wait_for_http(f"http://127.0.0.1:{port}/health", proc, timeout_s=600, interval_s=1):
             raise RuntimeError(f"vLLM server did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
         yield port
     finally:
