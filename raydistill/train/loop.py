@@ -43,6 +43,7 @@ from . import parallel
 from .checkpoints import (HF_SUBDIR, HISTORY_FILE, STATE_FILE, best_checkpoint, latest_checkpoint, load_state, prune,
                           write_meta)
 from .losses import IGNORE_INDEX, combine
+from .prefetch import prefetched
 
 
 def lr_lambda(step: int, total: int, warmup: int) -> float:
@@ -406,10 +407,12 @@ def train_loop(model, opt, *, t, plan: Plan, rank: int, world: int, device, coll
         epoch = step // steps_per_epoch
         skip = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch trained before a resume
         group: list[dict] = []
-        for i, raw in enumerate(train_batches(epoch)):
-            if i < skip:  # trained before the resume: not even collated
+        # the next micro-batches are collated in a background thread while this one trains
+        # (examples.prefetched); those trained before a resume are skipped, not even collated
+        for i, m in enumerate(prefetched(train_batches(epoch), collate, depth=2, skip=skip)):
+            if i < skip:
                 continue
-            group.append(collate(raw))
+            group.append(m)
             last_of_epoch = i + 1 >= plan.micro_per_epoch
             if len(group) < accum and not last_of_epoch:
                 continue
