@@ -220,11 +220,10 @@ def test_requests_per_s_spaces_the_requests(proxy, tiny_model, ray_local):
     rows = _answer(_prompts(QUESTIONS), _teacher(proxy.base_url, tiny_model, concurrency=4, requests_per_s=4))
     assert all(r["error"] is None for r in rows.values())
     starts = sorted(r["t"] for r in proxy.completions())
-    gaps = sorted(b - a for a, b in zip(starts, starts[1:]))
-    # 1 / 4 req/s, less jitter: on a loaded machine a request can reach the proxy late and bunch up
-    # with the next one, so the median gap is checked (without the limit, 3 of every 4 gaps of
-    # 4 concurrent requests are about 0) and the whole span
-    assert gaps[len(gaps) // 2] >= 0.2 and starts[-1] - starts[0] >= 0.2 * len(gaps), starts
+    # 1 / 4 req/s: the span from the first request to the last is at least 0.8 x 3 x 0.25 s (without
+    # the limit the 4 concurrent requests start together). Single gaps are not checked: on a loaded
+    # machine requests reach the proxy late and bunch up (arrivals 0, 0.59, 0.594, 0.758 s seen).
+    assert starts[-1] - starts[0] >= 0.8 * (len(starts) - 1) / 4, starts
 
 
 @pytest.mark.vllm
