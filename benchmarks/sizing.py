@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 TEXT_BYTES_PER_TOKEN = 4.0  # UTF-8 English, ≈ 4 characters per token (the demo corpus: 3.4 in messages, 4.3 in answers)
 ROW_FIXED_BYTES = 260  # ids, split, task, finish reason, counts, latency, batch id, teacher, generation_params (demo corpus)
