@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/sizing.py --conversations 200000 --output-tokens 300 --top-k 20
 
 Nothing runs: the script multiplies the run's sizes by throughput figures and prints a markdown
-table (quantity | formula | value; README.md's "Scale on paper" is its default output), then one
+table (quantity | formula | value; docs/sizing.md's "Scale on paper" is its default output), then one
 JSON line with the raw numbers. Defaults: 50,000 customer-support conversations, DeepSeek V3
 (671B MoE, 37B active per token, FP8) as the teacher on 8×H200 nodes through vLLM, Qwen2.5-14B
 as the student, fully fine-tuned with FSDP on one 8-GPU node, the splits, epochs, batch and
@@ -20,7 +20,7 @@ Where each figure comes from (``--help`` lists every input):
   bound uses DeepSeek's own production figures (73.7k input tokens/s prefill, 14.8k output tokens/s
   decode per H800 node, github.com/deepseek-ai/open-infra-index, 202502OpenSourceWeek
   day_6_one_more_thing_deepseekV3R1_inference_system_overview.md).
-- Top-k logprobs: +45 % generation time (README.md, measured on CPU at k = 20); 2 × (4k + 4 + k/8)
+- Top-k logprobs: +45 % generation time (docs/training.md, measured on CPU at k = 20); 2 × (4k + 4 + k/8)
   bytes per answer token in Arrow (int32 ids, float32 logprobs, list offsets, validity bits: 86.6 B
   per column at k = 20, as measured on the demo corpus), 0.925 of that in snappy parquet; the rest
   of a corpus row compressed to 0.53 of its Arrow size there.
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 TEXT_BYTES_PER_TOKEN = 4.0  # UTF-8 English, ≈ 4 characters per token (the demo corpus: 3.4 in messages, 4.3 in answers)
 ROW_FIXED_BYTES = 260  # ids, split, task, finish reason, counts, latency, batch id, teacher, generation_params (demo corpus)
@@ -109,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     a("--raydistill-efficiency", type=float, default=0.80, help="raydistill generate / vLLM offline tokens/s "
       "(benchmarks/README.md)")
     a("--logprobs-slowdown", type=float, default=1.45, help="generation time with top-20 logprobs / without "
-      "(README.md)")
+      "(docs/training.md)")
     a("--prefill-tokens-per-s", type=float, default=73_700, help="DeepSeek production, per H800 node")
     a("--decode-tokens-per-s", type=float, default=14_800, help="DeepSeek production, per H800 node")
     a("--student-params", type=float, default=14.7e9, help="Qwen2.5-14B: 14.7 B parameters")

@@ -1,4 +1,4 @@
-"""benchmarks/sizing.py: README's "Scale on paper" table is its default output, and its formulas
+"""benchmarks/sizing.py: docs/sizing.md's "Scale on paper" table is its default output, and its formulas
 hold (per-token bytes against raydistill.schema's columns, GPU-hours linear in the data)."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _run(capsys, *argv: str) -> tuple[str, dict]:
 def test_readme_table_is_the_scripts_default_output(capsys):
     table, raw = _run(capsys)
     assert table.startswith("| quantity | formula | value |") and table.count("\n") > 15
-    assert table in (REPO / "README.md").read_text(), "README's Scale on paper table differs: rerun " \
+    assert table in (REPO / "docs" / "sizing.md").read_text(), "docs/sizing.md's Scale on paper table differs: rerun " \
         "benchmarks/sizing.py and paste its table"
     assert raw["answered"] == 48_000 and raw["train_rows"] == 47_000 and raw["evaluated"] == 1000
     assert raw["total_gpu_hours"] == pytest.approx(raw["generation_gpu_hours"] + raw["training_gpu_hours"]
