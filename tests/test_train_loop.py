@@ -235,3 +235,34 @@ def test_rng_state_of_a_rank_past_0_is_restored(tmp_path):
     ops = _Rank1Ops([torch.tensor([1])] + [saved[k] for k in saved])
     assert L.restore_rng_state(None, L.Collectives("cpu", 2, ops=ops), rank=1)
     assert torch.equal(torch.rand(3), want[0]) and random.random() == want[1]
+
+
+def test_gradient_accumulation_equals_a_bigger_batch_in_the_loop(student, tmp_path):
+    """The same 8 rows as one micro-batch of 8 (accumulation 1) or as 8 micro-batches of 1
+    (accumulation 8): one optimizer step each, the step loss a token mean over the step's rows, so
+    the step losses and, after 3 AdamW steps, the weights agree (logit KD on a corpus top-k: the
+    cross-entropy and KD parts both). The same through Ray Train: tests/test_train_kd.py (slow)."""
+    from raydistill.train import parallel
+
+    from .helpers import assert_same_weights
+
+    batch = synthetic_batches(1, 8, 12, VOCAB, top_k=4, seed=5)[0]
+    for i in range(8):  # answers of 3 to 6 tokens: a mean of micro-batch means would differ
+        batch["labels"][i, : 6 + i % 4] = -100
+    batch["kd_mask"] = batch["labels"] != -100
+    batch["topk_logprobs"] = torch.where(batch["kd_mask"][..., None], batch["topk_logprobs"], float("-inf"))
+    whole = [batch] * 3  # the same rows each step
+    singles = [{k: v[i: i + 1] for k, v in m.items()} for m in whole for i in range(8)]
+    runs = {}
+    for name, batches, accum in (("big", whole, 1), ("small", singles, 8)):
+        t = settings(loss="logit_kd", batch_size=8 // accum, grad_accum_steps=accum, lr=1e-2)
+        hist, model = run_phase(student, t, batches, steps=3, ray_dir=tmp_path / name, device=torch.device("cpu"))
+        runs[name] = hist, parallel.full_state_dict(model)
+    (big, sa), (small, sb) = runs["big"], runs["small"]
+    assert len(big) == len(small) == 3
+    for x, y in zip(big, small):
+        assert x["tokens"] == y["tokens"] == int((batch["labels"][:, 1:] != -100).sum())
+        for key in ("loss", "ce", "kd"):
+            assert y[key] == pytest.approx(x[key], rel=1e-4), (key, x, y)
+    assert big[-1]["loss"] < big[0]["loss"]  # the rate mattered
+    assert_same_weights(sa, sb)
