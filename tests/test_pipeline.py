@@ -297,7 +297,6 @@ def test_train_resumes_an_interrupted_run_and_restarts_a_finished_one(tiny_model
     student = Path(cfg.output_dir) / "student"
     files = {p.name: p.stat().st_mtime_ns for p in student.iterdir()}
     metrics = (train_dir / "metrics.jsonl").read_text()
-    fit = TorchTrainer.fit
 
     def no_training(self):
         raise AssertionError("a finished training ran again")
@@ -317,12 +316,23 @@ def test_train_resumes_an_interrupted_run_and_restarts_a_finished_one(tiny_model
                                                                 for x in ("--set", s)]])
     assert result.exit_code == 2 and "train.lr: 0.01 -> 0.003" in result.output and "--overwrite" in result.output
     assert {p.name: p.stat().st_mtime_ns for p in student.iterdir()} == files
-    # --overwrite: a new run starts from step 1 with the new settings.
-    monkeypatch.setattr(TorchTrainer, "fit", fit)
-    fresh = run_train(load(cfg_file, sets + ["train.epochs=1"]), overwrite=True)
-    assert fresh["steps"] == per_epoch
-    rows = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in rows] == list(range(1, per_epoch + 1))
+    # --overwrite: a new run starts from step 1 with the new settings: when Ray Train starts, no
+    # checkpoint is left to resume from and the old student and metrics are gone. (The run itself
+    # would be the first run of this test again, so it is stopped there.)
+    from raydistill.train.checkpoints import checkpoint_dirs
+
+    assert checkpoint_dirs(train_dir / "ray")  # train.delete_checkpoints=false: the finished run's are there
+    seen = {}
+
+    def fit_from_scratch(self):
+        seen.update(checkpoints=checkpoint_dirs(train_dir / "ray"), student=student.exists(),
+                    metrics=(train_dir / "metrics.jsonl").exists(), summary=(train_dir / "summary.json").exists())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TorchTrainer, "fit", fit_from_scratch)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(load(cfg_file, sets + ["train.epochs=1"]), overwrite=True)
+    assert seen == {"checkpoints": [], "student": False, "metrics": False, "summary": False}
 
 
 def test_interrupted_training_removes_the_old_student(tiny_model, tmp_path, ray_local, monkeypatch):
