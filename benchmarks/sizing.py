@@ -29,7 +29,7 @@ Where each figure comes from (``--help`` lists every input):
   arXiv 2407.21783), times Ray Train's measured efficiency against a plain loop (0.88,
   benchmarks/README.md, on CPU). A checkpoint holds the trained weights in float32 and AdamW's two
   moments (12 B per trained parameter; a LoRA run's frozen base is not in it), saved at the steps
-  ``raydistill.train.trainer.checkpoint_steps`` lists (every ``checkpoint_every_steps``, each epoch
+  ``raydistill.train.plan.checkpoint_steps`` lists (every ``checkpoint_every_steps``, each epoch
   end when validation runs, and the final step); the final one and student/ also hold the exported
   student in the dtype of training (bf16 on GPU: 2 B per parameter).
 - LoRA (``--lora-params``, the adapters' parameters): Qwen2.5-14B with r = 16 on q/k/v/o has
@@ -163,7 +163,7 @@ def size(args: argparse.Namespace) -> tuple[list[tuple[str, str, str]], dict]:
     gpu_flops = args.peak_tflops * 1e12 * args.mfu * args.train_efficiency
     train_gpu_h = flops / gpu_flops / 3600
     # the trainer's own counts: steps (equal split, last step of an epoch short) and the steps it saves at
-    from raydistill.train.trainer import checkpoint_steps, plan_steps
+    from raydistill.train.plan import checkpoint_steps, plan_steps
 
     per_epoch = plan_steps(train_rows, args.train_gpus, args.batch_size, args.grad_accum)[2]
     steps = args.epochs * per_epoch

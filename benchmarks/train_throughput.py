@@ -21,7 +21,7 @@ token-id space) long enough that the example is cut at ``train.max_seq_len`` = `
       forward, ``losses.distill_loss_sums`` + ``combine``, backward, ``clip_grad_norm_``, AdamW
       step. Step time from before the forward to after the optimizer step, as the trainer
       measures it.
-   b. *ray*: ``raydistill.train.trainer.run_train`` on that corpus with ``train.workers=1`` and
+   b. *ray*: ``raydistill.train.stage.run_train`` on that corpus with ``train.workers=1`` and
       ``train.cpus_per_worker=--threads`` (the worker sets as many torch threads): the real data
       path (Ray Data tokenization, ``get_dataset_shard``), DDP wrapping, checkpoint and export.
       Per-step figures from ``train/metrics.jsonl``.
@@ -261,7 +261,7 @@ def _rss_mib() -> float:
 def ray_arm(config: str) -> dict:
     """(Runs in a subprocess.) ``run_train`` on the config; returns its summary and metrics."""
     from raydistill.config import load
-    from raydistill.train.trainer import run_train
+    from raydistill.train.stage import run_train
 
     cfg = load(config)
     t0 = time.perf_counter()

@@ -136,7 +136,7 @@ def _run_stages(cfg: Config, stages: tuple[str, ...], overwrite: bool = False) -
 
                 run_generate(cfg, overwrite=overwrite)
             elif stage == "train":
-                from .train.trainer import run_train
+                from .train.stage import run_train
 
                 run_train(cfg, overwrite=overwrite)
             else:

@@ -224,7 +224,7 @@ def stage_asks(cfg: Config, stage: str, cluster_gpus: float = 0.0) -> list[Stage
         worker: Resources = {"CPU": tr.cpus_per_worker}
         if tr.use_gpu:
             worker["GPU"] = 1.0
-        if tr.accelerator_type:  # as Ray Train's ScalingConfig adds it (train/trainer.scaling_config)
+        if tr.accelerator_type:  # as Ray Train's ScalingConfig adds it (train/stage.scaling_config)
             worker[f"accelerator_type:{tr.accelerator_type}"] = 0.001
         return [StageAsk("train", (Demand("training worker", tr.workers, (worker,), "train.workers or train.cpus_per_worker",
                                           accel_knob="train.accelerator_type"), _data_tasks()))]

@@ -10,10 +10,13 @@ instance role, read by pyarrow itself.
 
 Writes of small files (manifests, markers, configs) are atomic: S3 makes an object visible only
 when its upload completes, and locally the text goes to a temporary file renamed into place.
+Whole folders (a student, an evaluation) are published with ``publish_folder``: renamed into place
+locally, uploaded with one chosen file last on S3.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import os
@@ -26,6 +29,8 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 if TYPE_CHECKING:  # pydantic stays out of a Ray-free training run (raydistill.train.smoke)
+    from collections.abc import Iterator
+
     from .config import StorageConfig
 
 S3 = "s3://"
@@ -199,6 +204,79 @@ def upload_dir(local: str | os.PathLike, dest: StoragePath) -> None:
         shutil.copytree(local, dest.local())
         return
     pafs.copy_files(str(local), dest.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dest.fs)
+
+
+@contextlib.contextmanager
+def staging_folder(dest: StoragePath) -> Iterator[Path]:
+    """A new empty local folder to build what ``publish_folder`` then puts at ``dest``; removed
+    with whatever is left in it on exit. For a local ``dest`` it lies beside ``dest``
+    (``<name>.partial.<random>``: same filesystem, so publishing renames without a copy), and the
+    ``<name>.partial.*`` folders of builds that were killed are removed first; for an ``s3://``
+    ``dest`` it lies under the raydistill cache (``models.cache_dir() / "tmp"``)."""
+    import shutil
+    import tempfile
+
+    if dest.remote:
+        from .models import cache_dir
+
+        parent = cache_dir() / "tmp"
+    else:
+        parent = dest.local().parent
+        for stale in parent.glob(dest.local().name + ".partial.*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=parent, prefix=dest.name + ".partial.") as tmp:
+        yield Path(tmp)
+
+
+def _same_filesystem(a: Path, b: Path) -> bool:
+    """Whether a rename from ``a`` into ``b`` stays on one filesystem (no copy)."""
+    return os.stat(a).st_dev == os.stat(b).st_dev
+
+
+def publish_folder(local: str | os.PathLike, dest: StoragePath, last: str | None = None) -> None:
+    """Put the finished local folder ``local`` at ``dest`` (local or ``s3://``), replacing what was
+    there, so that no reader ever takes an unfinished folder for a finished one.
+
+    - Local ``dest``: ``local`` is moved into place: renamed when it is on ``dest``'s filesystem
+      (build it in ``staging_folder(dest)`` to publish without a copy), else first copied into a
+      ``staging_folder(dest)`` beside ``dest`` and removed. What was at ``dest`` is removed just
+      before the rename: a reader sees the old folder, none, or the whole new one. ``last`` plays
+      no part (the folder appears whole).
+    - ``s3://`` ``dest``: S3 has no rename, so what was there is deleted and ``local`` is uploaded,
+      with the file ``last`` (a name relative to ``local``, e.g. ``report.json``; it must exist)
+      uploaded after every other file: a ``dest`` without ``last`` is an upload that was cut short
+      (or is still running) and must be treated as unfinished. ``local`` is left as it was (while
+      the rest goes up, ``last`` waits beside it, as ``<local name>.<last>``, and is put back).
+      Without ``last`` the files go up in no set order.
+    """
+    import shutil
+
+    local = Path(local)
+    if dest.remote:
+        if last is None:
+            upload_dir(local, dest)
+            return
+        held = local.with_name(f"{local.name}.{last.replace('/', '_')}")  # out of the folder while the rest goes up
+        (local / last).rename(held)
+        try:
+            upload_dir(local, dest)
+        finally:
+            held.rename(local / last)
+        (dest / last).write_bytes((local / last).read_bytes())
+        return
+    target = dest.local()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if _same_filesystem(local, target.parent):
+        shutil.rmtree(target, ignore_errors=True)
+        local.rename(target)
+        return
+    with staging_folder(dest) as tmp:
+        staged = Path(tmp) / dest.name
+        shutil.copytree(local, staged)
+        shutil.rmtree(target, ignore_errors=True)
+        staged.rename(target)
+    shutil.rmtree(local, ignore_errors=True)
 
 
 def remote_listing(ref: str, storage: StorageConfig | None = None) -> dict[str, list[int]]:

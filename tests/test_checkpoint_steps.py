@@ -1,4 +1,4 @@
-"""``trainer.checkpoint_steps`` (what benchmarks/sizing.py counts) is what the worker loop really
+"""``plan.checkpoint_steps`` (what benchmarks/sizing.py counts) is what the worker loop really
 saves: the Ray-free loop (``raydistill.train.loop``) on a tiny student, its checkpoints recorded."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 from raydistill.train import loop as L
 from raydistill.train.smoke import build_student, settings, synthetic_batches
-from raydistill.train.trainer import checkpoint_steps
+from raydistill.train.plan import checkpoint_steps
 
 
 @pytest.mark.parametrize("total,per_epoch,every,validation", [(7, 3, 2, True), (7, 3, 2, False), (5, 2, 0, False)])

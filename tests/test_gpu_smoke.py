@@ -55,7 +55,7 @@ def test_ray_train_logit_kd_on_gpus_with_nccl(tiny_model, tmp_path, ray_local, s
     worker, up to 2), logit KD from the corpus; the student is exported in bf16."""
     import torch
 
-    from raydistill.train.trainer import run_train
+    from raydistill.train.stage import run_train
 
     from .test_train_kd import kd_config, write_topk_corpus
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from raydistill.train.trainer import VocabularyMismatch, run_train
+from raydistill.train.stage import run_train
+from raydistill.train.student import VocabularyMismatch
 
 from .fake_hub import serving, with_weights
 from .test_train_kd import kd_config

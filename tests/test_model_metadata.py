@@ -60,14 +60,14 @@ def test_a_hub_teacher_brings_only_its_metadata_to_the_driver(tiny_model, tmp_pa
 def test_a_hub_teacher_to_prune_is_not_fetched_by_the_driver(tiny_model, tmp_path, monkeypatch):
     """student.init=prune: the driver's recipe of the baseline names a hub teacher by its id and
     fetches nothing (the pruning task fetches the weights on a worker)."""
-    from raydistill.train.trainer import _local_teacher_dir, baseline_recipe
+    from raydistill.train.student import baseline_recipe, local_teacher_dir
 
     with serving(monkeypatch, {REPO: with_weights(tiny_model, tmp_path / "repo")}, tmp_path / "hf-cache") as hub:
-        assert _local_teacher_dir(REPO) is None
+        assert local_teacher_dir(REPO) is None
         assert baseline_recipe(REPO, None, None) == {"teacher": REPO, "teacher_weights": None, "keep_layers": None}
         assert hub.requested == []
-    assert _local_teacher_dir(str(tiny_model)) == str(tiny_model.resolve())
-    assert _local_teacher_dir("s3://bucket/teacher") is None
+    assert local_teacher_dir(str(tiny_model)) == str(tiny_model.resolve())
+    assert local_teacher_dir("s3://bucket/teacher") is None
 
 
 def test_an_unknown_hub_model_is_a_model_error(tmp_path, monkeypatch, tiny_model):

@@ -221,7 +221,7 @@ def write_synthetic_corpus(cfg, n: int) -> None:
 def test_train_lora_merges_adapters_into_attention_only(tiny_model, tmp_path, ray_local):
     from transformers import AutoModelForCausalLM
 
-    from raydistill.train.trainer import run_train
+    from raydistill.train.stage import run_train
 
     cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
     cfg = load(cfg_file, sets + ["train.lora.enabled=true", "train.lora.r=4", "train.epochs=2", "train.lr=1e-2"])
@@ -265,7 +265,7 @@ def test_train_resumes_an_interrupted_run_and_restarts_a_finished_one(tiny_model
     from ray.train.torch import TorchTrainer
 
     import raydistill.evaluate
-    from raydistill.train.trainer import run_train
+    from raydistill.train.stage import run_train
 
     cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
     sets = sets + ["train.delete_checkpoints=false"]  # keep them: the test plays an interruption after the end
@@ -339,7 +339,7 @@ def test_interrupted_training_removes_the_old_student(tiny_model, tmp_path, ray_
     """A student from an earlier run must not outlive a training that was interrupted."""
     from ray.train.torch import TorchTrainer
 
-    from raydistill.train.trainer import run_train
+    from raydistill.train.stage import run_train
 
     from .conftest import build_tiny_model
 

@@ -221,7 +221,7 @@ def test_train_accelerator_type_keeps_training_off_an_idle_teacher_node():
     H200 teacher node the autoscaler has not released yet; with it they ask for the type as Ray
     Train's own ScalingConfig does (the check counts the bundle the trainer passes), so the
     autoscaler adds the training group instead, and a type the cluster lacks names the field."""
-    from raydistill.train.trainer import scaling_config
+    from raydistill.train.stage import scaling_config
 
     h200 = {"CPU": 192.0, "GPU": 8.0, "accelerator_type:H200": 1.0}
     a100 = {"CPU": 96.0, "GPU": 8.0, "accelerator_type:A100": 1.0}

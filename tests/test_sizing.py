@@ -97,7 +97,7 @@ def test_checkpoints_counted_as_the_trainer_saves_them(capsys):
 
 
 def test_checkpoint_steps_cases():
-    from raydistill.train.trainer import checkpoint_steps
+    from raydistill.train.plan import checkpoint_steps
 
     assert checkpoint_steps(736, 368, 200, has_validation=True) == [200, 368, 400, 600, 736]
     assert checkpoint_steps(750, 375, 200, has_validation=False) == [200, 400, 600, 750]

@@ -85,7 +85,7 @@ def test_a_changed_or_incomplete_output_is_made_again(tmp_path):
 
 
 def _train_inputs(tmp_path: Path, sets: list[str]):
-    from raydistill.train.trainer import train_stage
+    from raydistill.train.stage import train_stage
 
     cfg = load(None, [f"output_dir={tmp_path}", *sets])
     manifest = {"rows": 10, "response_tokens": 99, "teacher": "t", "generation_params": {}, "teacher_tokenizer": "x"}

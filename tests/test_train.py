@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,8 +18,11 @@ from typer.testing import CliRunner
 from raydistill.cli import app
 from raydistill.config import load
 from raydistill.models import ModelError
-from raydistill.train.trainer import (BASELINE_RECIPE, _ensure_baseline, checkpoint_dirs, checkpoint_step,
-                                      lr_lambda, run_train, warmup_steps)
+from raydistill.train.checkpoints import checkpoint_dirs, checkpoint_step
+from raydistill.train.loop import lr_lambda
+from raydistill.train.plan import warmup_steps
+from raydistill.train.stage import run_train
+from raydistill.train.student import BASELINE_RECIPE, ensure_baseline
 
 from .conftest import build_tiny_model
 from .test_pipeline import user_config, write_synthetic_corpus
@@ -45,20 +47,20 @@ def test_baseline_student_is_rebuilt_when_what_made_it_changes(tiny_model, tmp_p
     cfg_file, sets = user_config(tmp_path, tiny_model, 10, "hf")
     out = tmp_path / "run"
     assert load(cfg_file, sets).output_dir == str(out)
-    base = _ensure_baseline(load(cfg_file, sets))
+    base = ensure_baseline(load(cfg_file, sets))
     assert base == (out / "baseline_student").resolve()
     recipe = json.loads((base / BASELINE_RECIPE).read_text())
     assert recipe["teacher"] == str(tiny_model) and recipe["keep_layers"] == [0, 3] and recipe["kept"] == [0, 3]
     assert recipe["teacher_weights"] == {"model.safetensors": (tiny_model / "model.safetensors").stat().st_size}
     stamp = (base / "model.safetensors").stat().st_mtime_ns
-    assert _ensure_baseline(load(cfg_file, sets)) == base
+    assert ensure_baseline(load(cfg_file, sets)) == base
     assert (base / "model.safetensors").stat().st_mtime_ns == stamp  # same recipe: reused
-    _ensure_baseline(load(cfg_file, sets + ["student.keep_layers=[0, 2, 3]"]))
+    ensure_baseline(load(cfg_file, sets + ["student.keep_layers=[0, 2, 3]"]))
     assert json.loads((base / "config.json").read_text())["num_hidden_layers"] == 3
     build_tiny_model(tmp_path / "other-teacher", num_layers=6, seed=1)
     (out / "baseline_student.partial.killed").mkdir()  # left by a build that was killed
     monkeypatch.chdir(tmp_path)  # a relative teacher path: the task (elsewhere) gets it absolute
-    _ensure_baseline(load(cfg_file, sets + ["teacher.model=./other-teacher", "student.keep_layers=null"]))
+    ensure_baseline(load(cfg_file, sets + ["teacher.model=./other-teacher", "student.keep_layers=null"]))
     assert json.loads((base / BASELINE_RECIPE).read_text())["kept"] == [0, 3, 5]  # the new teacher's default
     assert json.loads((base / "config.json").read_text())["num_hidden_layers"] == 3
     assert not list(out.glob("baseline_student.partial*"))
@@ -93,7 +95,7 @@ def test_validate_refuses_pruning_an_unsupported_architecture(tiny_model, tmp_pa
 
 def test_a_config_error_on_the_workers_is_not_retried(tiny_model, tmp_path, ray_local, monkeypatch):
     """A bad LoRA target that got past the driver's check fails once, with peft's message."""
-    import raydistill.train.trainer as trainer
+    import raydistill.train.stage as trainer
 
     monkeypatch.setattr(trainer, "check_lora_targets", lambda cfg, student_dir: None)
     cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
@@ -229,7 +231,7 @@ def test_ctrl_c_exits_130_and_the_next_run_resumes_from_the_latest_checkpoint(ti
 def test_the_resume_key_ignores_where_the_workers_run():
     """train.accelerator_type only picks nodes: a run interrupted on A100s resumes on H100s, and a
     key saved before the field existed still matches (a mismatch would delete the checkpoints)."""
-    from raydistill.train.trainer import resume_key
+    from raydistill.train.stage import resume_key
 
     keys = [resume_key(load(None, ["train.use_gpu=true", *sets]), {"rows": 3})
             for sets in ([], ["train.accelerator_type=A100"], ["train.accelerator_type=H100"])]
@@ -241,7 +243,7 @@ def test_export_and_early_stopping_change_the_student_but_not_the_resume_key(tmp
     """Changing train.export or train.early_stopping_patience on an interrupted run keeps its
     checkpoints (the resume key ignores them: what was trained so far is the same), while a
     finished training made with other values is a different student (the stage record differs)."""
-    from raydistill.train.trainer import resume_key, train_stage
+    from raydistill.train.stage import resume_key, train_stage
 
     base = [f"output_dir={tmp_path}"]
     other = base + ["train.export=best", "train.early_stopping_patience=2"]
@@ -257,7 +259,7 @@ def test_resuming_with_a_run_shorter_than_the_checkpoint_is_refused_up_front(tin
     without a final checkpoint; now it says what to change before Ray starts."""
     from raydistill.corpus import read_manifest
     from raydistill.train.checkpoints import write_meta
-    from raydistill.train.trainer import resume_key
+    from raydistill.train.stage import resume_key
 
     cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
     cfg = load(cfg_file, sets + ["train.max_steps=2"])

@@ -17,7 +17,7 @@ from raydistill.cli import app
 from raydistill.config import load
 from raydistill.storage import local_copy, storage_path
 from raydistill.train.checkpoints import META_FILE, STATE_FILE, checkpoint_dirs, latest_checkpoint, read_meta
-from raydistill.train.trainer import run_train
+from raydistill.train.stage import run_train
 
 from .conftest import make_bucket
 from .test_pipeline import user_config, write_synthetic_corpus

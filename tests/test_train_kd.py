@@ -18,7 +18,8 @@ import torch
 import yaml
 
 from raydistill.config import load
-from raydistill.train.trainer import VocabularyMismatch, run_train
+from raydistill.train.stage import run_train
+from raydistill.train.student import VocabularyMismatch
 
 from .conftest import build_tiny_model, mixed_prompts, write_jsonl
 from .test_pipeline import write_synthetic_corpus

@@ -1,7 +1,7 @@
 """The training loop of one worker, without Ray: ``train_loop`` takes the model, the device, the
 rank and world size, the batch iterators and a checkpoint store, and runs the optimizer steps.
 
-``trainer.train_loop_per_worker`` is its Ray Train adapter (Ray's process group, dataset shards,
+``worker.train_loop_per_worker`` is its Ray Train adapter (Ray's process group, dataset shards,
 ``ray.train.report``); ``raydistill.train.smoke`` drives it with a plain ``torch.distributed``
 process group (NCCL on one GPU, or gloo on CPU) and local batches. Importing this module imports
 torch and no Ray (nor pydantic: ``t`` is any object with ``TrainConfig``'s attributes).
@@ -33,7 +33,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from . import parallel
 from .checkpoints import (HF_SUBDIR, HISTORY_FILE, STATE_FILE, best_checkpoint, latest_checkpoint, load_state, prune,
                           write_meta)
 from .losses import IGNORE_INDEX, combine
+from .plan import Plan
 from .prefetch import prefetched
 
 
@@ -55,20 +55,6 @@ def lr_lambda(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-@dataclass
-class Plan:
-    """What the driver planned: ``total_steps`` optimizer steps, ``warmup_steps`` of them warmup,
-    ``steps_per_epoch`` steps and ``micro_per_epoch`` micro-batches per rank per epoch; ``vocab``
-    the tokenizer's size (logits past it are cut for an online teacher; None: none cut);
-    ``has_validation``: score the validation rows at each epoch end."""
-    total_steps: int
-    warmup_steps: int
-    steps_per_epoch: int
-    micro_per_epoch: int
-    vocab: int | None = None
-    has_validation: bool = False
 
 
 class Collectives:

@@ -27,7 +27,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -107,7 +106,8 @@ def run_phase(student: Path, t, batches: list[dict], *, steps: int, ray_dir: Pat
     from transformers import AutoModelForCausalLM
 
     from . import parallel
-    from .loop import CheckpointStore, Collectives, Plan, student_load_dtype, train_loop
+    from .loop import CheckpointStore, Collectives, student_load_dtype, train_loop
+    from .plan import Plan
 
     torch.manual_seed(t.seed)
     model = AutoModelForCausalLM.from_pretrained(student, dtype=student_load_dtype(t))
