@@ -7,8 +7,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from raydistill.evaluate import (MODEL_NAMES, build_report, degeneracy, memory_probe, model_files, model_report,
-                                 ratio_spread, repetition, retained, split_rounds, timing_ratios, write_report)
+from raydistill.evaluate.figures import (MODEL_NAMES, degeneracy, model_report, ratio_spread, repetition, retained,
+                                         timing_ratios)
+from raydistill.evaluate.probes import memory_probe, model_files
+from raydistill.evaluate.render import write_report
+from raydistill.evaluate.report import build_report
+from raydistill.evaluate.rounds import split_rounds
 from raydistill.generate import GENERATED_SCHEMA, engine_throughput
 
 
@@ -384,7 +388,7 @@ def test_timed_engines_run_every_model_at_the_same_load():
     """Teacher batch 128 × 2 replicas on TP8 vs students batch 64 × 1 on one GPU made the ratios compare
     different loads; the timed rounds give every model eval's batch size, replicas and concurrency."""
     from raydistill.config import Config
-    from raydistill.evaluate import timed_engines, timing_settings
+    from raydistill.evaluate.rounds import timed_engines, timing_settings
 
     cfg = Config.model_validate({
         "teacher": {"model": "t", "engine": "vllm", "batch_size": 128, "replicas": 2, "tensor_parallel_size": 8,
@@ -420,7 +424,7 @@ def test_report_gives_throughput_per_gpu_and_states_the_settings(tmp_path):
     md = (tmp_path / "report.md").read_text()
     said = "(every model at batch 64, 1 replica(s), 1 batch(es) in flight; GPUs: teacher 8, student 1)"
     assert f"Output tokens/s (median over rounds): 0.50× the teacher's (rounds 0.50–0.50, spread 0%) {said}" in md
-    assert "per GPU: 4.00× the teacher's" in md and f"Latency p50 (median over rounds): 1.00× the teacher's" in md
+    assert "per GPU: 4.00× the teacher's" in md and "Latency p50 (median over rounds): 1.00× the teacher's" in md
     # without settings (e.g. an older caller) nothing is claimed
     plain = _report(answers)
     assert plain["models"]["teacher"]["output_tokens_per_s_per_gpu"] is None
@@ -469,7 +473,7 @@ def test_one_engine_per_model_whatever_eval_rounds(monkeypatch, rounds):
 
     import raydistill.generate.answer as answer
     from raydistill.config import EvalConfig
-    from raydistill.evaluate import answer_rounds
+    from raydistill.evaluate.rounds import answer_rounds
 
     fake = _CountingEngine()
     monkeypatch.setattr(answer, "answer_dataset", fake.answer_dataset)
