@@ -2,14 +2,16 @@
 
 ``build_report`` assembles ``report.json`` (every key documented in docs/report.md) from the
 answers, the probe figures and the timing tables; ``build_warnings`` lists every reason not to
-take its figures at face value; ``corpus_rejects`` reads the corpus's filtering counts. Writes
-nothing (``render`` writes the files) and runs no model.
+take its figures at face value; ``run_keys`` gives the keys that come from the run rather than the
+answers (prompt source, data changes, the corpus's filtering counts from ``corpus_rejects``, timing
+source, provenance). Writes nothing (``render`` writes the files) and runs no model.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
+from ..config import Config
 from .figures import (BYTES_PER_PARAM, DEGENERATE_SHARE, MODEL_NAMES, REPEAT_COVERAGE, STUDENTS, model_report,
                       ratio, ratio_spread, retained, round_figures, timing_figures, timing_ratios)
 from .render import pct
@@ -197,3 +199,23 @@ def corpus_rejects(corpus) -> dict | None:
         return None
     counts = {str(k): int(v) for k, v in rejects.items()}
     return {"rows_kept": manifest.get("rows"), "rows_rejected": sum(counts.values()), "rejects": counts}
+
+
+def run_keys(cfg: Config, changes: dict[str, dict], served: dict[str, pa.Table] | None = None,
+             endpoint: str | None = None) -> dict:
+    """The top-level keys of ``report.json`` that come from the run, not from the answers (``extra``
+    of ``build_report``): ``prompt_source``, ``limit``, ``data_changed_since_corpus`` (``changes``),
+    ``corpus_rejects``, ``timing_source`` (the served models and ``endpoint`` when ``served``, see
+    ``run.finish_evaluation``) and ``provenance``."""
+    from ..corpus import PROMPTS_DIR
+    from ..layout import corpus_location
+    from ..runtime import provenance
+
+    source = {"latency_source": "engine", "models": dict.fromkeys(MODEL_NAMES, "engine"), "endpoint": None,
+              "concurrency": None}
+    if served is not None:
+        source = {"latency_source": "serve", "models": {n: "serve" if n in served else None for n in MODEL_NAMES},
+                  "endpoint": endpoint, "concurrency": 1}
+    return {"prompt_source": str(corpus_location(cfg) / PROMPTS_DIR), "limit": cfg.eval.limit,
+            "data_changed_since_corpus": changes, "corpus_rejects": corpus_rejects(corpus_location(cfg)),
+            "timing_source": source, "provenance": provenance()}

@@ -22,7 +22,7 @@ from .figures import MODEL_NAMES
 from .probes import model_info
 from .prompts import load_eval_prompts
 from .render import fmt, write_report
-from .report import build_report, corpus_rejects
+from .report import build_report, run_keys
 from .rounds import answer_rounds, served_timing, split_rounds, timed_engines, timing_settings
 
 log = logging.getLogger(__name__)
@@ -139,9 +139,7 @@ def finish_evaluation(cfg: Config, prompts: pa.Table, answers: dict[str, pa.Tabl
 
     import pyarrow.parquet as pq
 
-    from ..corpus import PROMPTS_DIR
-    from ..layout import corpus_location, eval_dir
-    from ..runtime import provenance
+    from ..layout import eval_dir
     from ..storage import storage_path, upload_dir
 
     out = storage_path(cfg.output_dir, cfg.storage)
@@ -154,14 +152,10 @@ def finish_evaluation(cfg: Config, prompts: pa.Table, answers: dict[str, pa.Tabl
     pq.write_table(pa.concat_tables([answers[n].append_column("model", pa.array([n] * answers[n].num_rows))
                                      for n in MODEL_NAMES]), tmp / "answers.parquet")
     timing = None
-    source = {"latency_source": "engine", "models": dict.fromkeys(MODEL_NAMES, "engine"), "endpoint": None,
-              "concurrency": None}
     if served is not None:
         pq.write_table(pa.concat_tables([t.append_column("model", pa.array([n] * t.num_rows))
                                          for n, t in served.items()]), tmp / "served.parquet")
         timing = {n: served.get(n) for n in MODEL_NAMES}
-        source = {"latency_source": "serve", "models": {n: "serve" if n in served else None for n in MODEL_NAMES},
-                  "endpoint": endpoint, "concurrency": 1}
     try:
         if staging:  # the answers in the run's storage before anything else can fail
             upload_dir(tmp, out / "eval.partial")
@@ -176,9 +170,7 @@ def finish_evaluation(cfg: Config, prompts: pa.Table, answers: dict[str, pa.Tabl
             answers, info, split=cfg.eval.split, teacher=cfg.teacher.model, engine=cfg.eval.engine,
             label_map=cfg.data.label_map, max_ratio_spread=cfg.eval.max_ratio_spread,
             warn_retained_below=cfg.eval.warn_retained_below, marker=cfg.task_prompts.final_answer_marker,
-            extra={"prompt_source": str(corpus_location(cfg) / PROMPTS_DIR), "limit": cfg.eval.limit,
-                   "data_changed_since_corpus": changes, "corpus_rejects": corpus_rejects(corpus_location(cfg)),
-                   "timing_source": source, "provenance": provenance()}, timing=timing,
+            extra=run_keys(cfg, changes, served, endpoint), timing=timing,
             settings=timing_settings(engines))
         write_report(tmp, report, answers)
         (tmp / "config.yaml").write_text(cfg.dump())
