@@ -55,7 +55,7 @@ def write_corpus(cfg, prompts: pa.Table | None = None) -> pa.Table:
 
 def test_changed_data_seed_still_evaluates_the_corpus_test_split(tmp_path, tiny_model, caplog):
     """data.seed=1 at evaluate re-splits the same file differently: the corpus's split must win."""
-    from raydistill.evaluate import load_eval_prompts
+    from raydistill.evaluate.prompts import load_eval_prompts
 
     cfg_file, sets = _config(tmp_path, tiny_model, mixed_prompts(60))
     made = load(cfg_file, sets)
@@ -74,7 +74,7 @@ def test_changed_data_seed_still_evaluates_the_corpus_test_split(tmp_path, tiny_
 
 
 def test_evaluated_prompt_that_is_a_train_row_of_the_corpus_fails(tmp_path, tiny_model):
-    from raydistill.evaluate import load_eval_prompts
+    from raydistill.evaluate.prompts import load_eval_prompts
 
     cfg_file, sets = _config(tmp_path, tiny_model, mixed_prompts(30))
     cfg = load(cfg_file, sets)
@@ -96,7 +96,7 @@ def test_evaluated_prompt_that_is_a_train_row_of_the_corpus_fails(tmp_path, tiny
 
 def test_eval_limit_is_a_sample_spread_over_tasks(tmp_path, tiny_model):
     """eval.limit=10 over a test split of 14 math then 6 NLI prompts: 7 + 3, not the first 10 rows."""
-    from raydistill.evaluate import load_eval_prompts
+    from raydistill.evaluate.prompts import load_eval_prompts
 
     cfg_file, sets = _config(tmp_path, tiny_model, mixed_prompts(5), ["eval.limit=10"])
     cfg = load(cfg_file, sets)
@@ -125,7 +125,8 @@ def _strict_json(path: Path) -> dict:
 
 
 def test_evaluate_hf_engine_in_interleaved_rounds(tmp_path, tiny_model, ray_local):
-    from raydistill.evaluate import MODEL_NAMES, run_evaluate
+    from raydistill.evaluate import run_evaluate
+    from raydistill.evaluate.figures import MODEL_NAMES
 
     cfg_file, sets = _config(tmp_path, tiny_model, mixed_prompts(30),
                              ["data.split.test=0.5", "eval.limit=8", "eval.rounds=2"])
@@ -211,19 +212,21 @@ def _finished_answers(cfg) -> tuple[pa.Table, dict[str, pa.Table]]:
 def test_finished_answers_survive_a_model_without_answers_and_failed_probes(tmp_path, tiny_model, monkeypatch):
     """eval.max_model_len=24: a model answers nothing; hub-like paths the probe cannot load; a plot
     that fails. The report is still written, with nulls and warnings, and eval.partial/ is gone."""
-    import raydistill.evaluate as ev
+    from raydistill.evaluate import render
+    from raydistill.evaluate.figures import MODEL_NAMES
+    from raydistill.evaluate.run import finish_evaluation
 
     cfg_file, sets = _config(tmp_path, tiny_model, mixed_prompts(5))
     cfg = load(cfg_file, sets)
     prompts, answers = _finished_answers(cfg)
-    paths = {n: f"no-org/{n}-not-cached" for n in ev.MODEL_NAMES}  # not local, not in the HF cache
+    paths = {n: f"no-org/{n}-not-cached" for n in MODEL_NAMES}  # not local, not in the HF cache
     engines = {"teacher": cfg.teacher, "baseline_student": cfg.eval, "student": cfg.eval}
 
     def broken_plots(report, folder):
         raise RuntimeError("matplotlib backend exploded")
 
-    monkeypatch.setattr(ev, "write_plots", broken_plots)
-    report = ev.finish_evaluation(cfg, prompts, answers, paths, engines, {})
+    monkeypatch.setattr(render, "write_plots", broken_plots)
+    report = finish_evaluation(cfg, prompts, answers, paths, engines, {})
     out = Path(cfg.output_dir)
     assert not (out / "eval.partial").exists()
     assert _strict_json(out / "eval" / "report.json") == json.loads(json.dumps(report))
@@ -231,13 +234,13 @@ def test_finished_answers_survive_a_model_without_answers_and_failed_probes(tmp_
     assert b["answers"] == 0 and b["latency_ms_p50"] is None and b["quality"] is None
     # "It is N." states no final answer: strict accuracy 0, lenient 1
     assert report["models"]["student"]["metrics"] == {"math": {"accuracy": 0.0, "accuracy_lenient": 1.0}}
-    for name in ev.MODEL_NAMES:
+    for name in MODEL_NAMES:
         m = report["models"][name]
         assert m["size_mb"] is None and m["params"] is None and m["model_memory_mb"] is None
     w = report["warnings"]
     assert any(x.startswith("baseline_student answered none of the 4 prompts") for x in w), w
     assert sum(x.startswith(f"{n}: memory and parameter figures are null: memory probe failed for no-org/{n}")
-               for n in ev.MODEL_NAMES for x in w) == 3, w
+               for n in MODEL_NAMES for x in w) == 3, w
     assert "plots could not be drawn: RuntimeError: matplotlib backend exploded" in w
     assert len(pq.read_table(out / "eval" / "answers.parquet")) == 12
     md = (out / "eval" / "report.md").read_text()
@@ -246,22 +249,24 @@ def test_finished_answers_survive_a_model_without_answers_and_failed_probes(tmp_
 
 
 def test_a_failure_after_the_answers_keeps_them(tmp_path, tiny_model, monkeypatch, caplog):
-    import raydistill.evaluate as ev
+    from raydistill.evaluate import render
+    from raydistill.evaluate.figures import MODEL_NAMES
+    from raydistill.evaluate.run import finish_evaluation
 
     cfg_file, sets = _config(tmp_path, tiny_model, mixed_prompts(5))
     cfg = load(cfg_file, sets)
     prompts, answers = _finished_answers(cfg)
-    paths = {n: f"no-org/{n}-not-cached" for n in ev.MODEL_NAMES}
+    paths = {n: f"no-org/{n}-not-cached" for n in MODEL_NAMES}
     engines = {"teacher": cfg.teacher, "baseline_student": cfg.eval, "student": cfg.eval}
 
     def broken_markdown(report, answers, path):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ev, "write_markdown", broken_markdown)
+    monkeypatch.setattr(render, "write_markdown", broken_markdown)
     with pytest.raises(OSError, match="disk full"), caplog.at_level(logging.ERROR, logger="raydistill.evaluate"):
-        ev.finish_evaluation(cfg, prompts, answers, paths, engines, {})
+        finish_evaluation(cfg, prompts, answers, paths, engines, {})
     kept = Path(cfg.output_dir) / "eval.partial" / "answers.parquet"
     table = pq.read_table(kept)
-    assert table.num_rows == 12 and set(table.column("model").to_pylist()) == set(ev.MODEL_NAMES)
+    assert table.num_rows == 12 and set(table.column("model").to_pylist()) == set(MODEL_NAMES)
     assert not (Path(cfg.output_dir) / "eval").exists()
     assert f"the answers are kept in {kept}" in caplog.text

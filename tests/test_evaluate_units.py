@@ -7,8 +7,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from raydistill.evaluate import (MODEL_NAMES, build_report, degeneracy, memory_probe, model_files, model_report,
-                                 ratio_spread, repetition, retained, split_rounds, timing_ratios, write_report)
+from raydistill.evaluate.figures import (MODEL_NAMES, degeneracy, model_report, ratio_spread, repetition, retained,
+                                         timing_ratios)
+from raydistill.evaluate.probes import memory_probe, model_files
+from raydistill.evaluate.render import write_report
+from raydistill.evaluate.report import build_report
+from raydistill.evaluate.rounds import split_rounds
 from raydistill.generate import GENERATED_SCHEMA, engine_throughput
 
 
@@ -384,7 +388,7 @@ def test_timed_engines_run_every_model_at_the_same_load():
     """Teacher batch 128 × 2 replicas on TP8 vs students batch 64 × 1 on one GPU made the ratios compare
     different loads; the timed rounds give every model eval's batch size, replicas and concurrency."""
     from raydistill.config import Config
-    from raydistill.evaluate import timed_engines, timing_settings
+    from raydistill.evaluate.rounds import timed_engines, timing_settings
 
     cfg = Config.model_validate({
         "teacher": {"model": "t", "engine": "vllm", "batch_size": 128, "replicas": 2, "tensor_parallel_size": 8,
@@ -420,7 +424,7 @@ def test_report_gives_throughput_per_gpu_and_states_the_settings(tmp_path):
     md = (tmp_path / "report.md").read_text()
     said = "(every model at batch 64, 1 replica(s), 1 batch(es) in flight; GPUs: teacher 8, student 1)"
     assert f"Output tokens/s (median over rounds): 0.50× the teacher's (rounds 0.50–0.50, spread 0%) {said}" in md
-    assert "per GPU: 4.00× the teacher's" in md and f"Latency p50 (median over rounds): 1.00× the teacher's" in md
+    assert "per GPU: 4.00× the teacher's" in md and "Latency p50 (median over rounds): 1.00× the teacher's" in md
     # without settings (e.g. an older caller) nothing is claimed
     plain = _report(answers)
     assert plain["models"]["teacher"]["output_tokens_per_s_per_gpu"] is None
@@ -469,7 +473,7 @@ def test_one_engine_per_model_whatever_eval_rounds(monkeypatch, rounds):
 
     import raydistill.generate.answer as answer
     from raydistill.config import EvalConfig
-    from raydistill.evaluate import answer_rounds
+    from raydistill.evaluate.rounds import answer_rounds
 
     fake = _CountingEngine()
     monkeypatch.setattr(answer, "answer_dataset", fake.answer_dataset)
@@ -485,3 +489,57 @@ def test_one_engine_per_model_whatever_eval_rounds(monkeypatch, rounds):
     for table in answers.values():
         assert dict(zip(table.column("prompt_id").to_pylist(), table.column("round").to_pylist())) == round_of
     assert len(set(round_of.values())) == min(rounds, 6)
+
+
+def _documented(doc: str) -> dict[str, tuple[set[str], str]]:
+    """docs/report.md's sections (### / #### headings) → (the keys in the first column of its table, its text)."""
+    import re
+
+    sections: dict[str, tuple[set[str], str]] = {}
+    for block in re.split(r"^#{3,4} ", doc, flags=re.M)[1:]:
+        title, _, body = block.partition("\n")
+        keys = set(re.findall(r"^\| `([^`]+)` \|", body, flags=re.M))
+        sections[title.strip().strip("`")] = (keys, body)
+    return sections
+
+
+def test_every_report_key_is_documented_in_docs_report_md(tmp_path):
+    """docs/report.md documents report.json: every key of the report (top level, each model, each
+    nested object with fixed keys) has a row there, and the doc has no row for a key the report lacks."""
+    from pathlib import Path
+
+    from raydistill.config import Config
+    from raydistill.evaluate.report import run_keys
+    from raydistill.evaluate.rounds import timed_engines, timing_settings
+    from raydistill.schema import SCHEMA_VERSION
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "manifest.json").write_text(json.dumps(
+        {"schema_version": SCHEMA_VERSION, "rows": 4, "rejects": {"empty": 1}}))
+    cfg = Config.model_validate({"teacher": {"model": "t"}, "output_dir": str(tmp_path)})
+    rows = _rows(2)
+    answers = {n: _table(rows, [0, 1]) for n in MODEL_NAMES}
+    extra = run_keys(cfg, {})
+    report = json.loads(json.dumps(_report(answers, extra=extra, settings=timing_settings(timed_engines(cfg)))))
+    served = json.loads(json.dumps(run_keys(cfg, {}, {"teacher": None, "student": None}, "http://e/v1")))
+    doc = _documented((Path(__file__).parents[1] / "docs" / "report.md").read_text())
+
+    def same(section: str, obj: dict) -> None:
+        assert set(obj) == doc[section][0], (section, set(obj) ^ doc[section][0])
+
+    same("Top level", report)
+    for name in MODEL_NAMES:
+        same("models.<name>", report["models"][name])
+        same("timing.settings.<name>", report["timing"]["settings"][name])
+        assert set(report["memory_probe"]["models"][name]) == {"dtype", "device"}
+    for name in ("baseline_student", "student"):
+        same("compared_to_teacher.<student>", report["compared_to_teacher"][name])
+        for value in report["compared_to_teacher"][name].values():
+            if isinstance(value, dict):
+                same("Ratio summary", value)
+    for section in ("timing_source", "memory_probe", "thresholds", "timing", "corpus_rejects"):
+        same(section, report[section])
+    same("timing_source", served["timing_source"])
+    same("timing.per_round[]", report["timing"]["per_round"][0])
+    for figures in report["timing"]["per_round"][0]["models"].values():
+        assert all(f"`{k}`" in doc["timing.per_round[]"][1] for k in figures), figures

@@ -90,7 +90,7 @@ def test_eval_prompts_come_in_one_order_whatever_the_order_of_prompts_files(tmp_
     prompts (hence its engine batches) come in the order of order_keys(data.seed, id) both times."""
     from raydistill.corpus import write_prompts
     from raydistill.data import load_prompts
-    from raydistill.evaluate import load_eval_prompts
+    from raydistill.evaluate.prompts import load_eval_prompts
 
     from .conftest import mixed_prompts
     from .test_evaluate import _config, write_corpus

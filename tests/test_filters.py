@@ -9,7 +9,9 @@ import pyarrow as pa
 import pytest
 
 from raydistill.config import load
-from raydistill.evaluate import MODEL_NAMES, build_report, corpus_rejects, write_markdown
+from raydistill.evaluate.figures import MODEL_NAMES
+from raydistill.evaluate.render import write_markdown
+from raydistill.evaluate.report import build_report, corpus_rejects
 from raydistill.generate import GENERATED_SCHEMA
 from raydistill.generate.filters import REASONS, duplicate_ids, reject_reasons
 from raydistill.schema import SCHEMA_VERSION

@@ -166,10 +166,10 @@ def test_prune_student_with_an_api_teacher_is_refused_at_load():
 
 
 def test_an_api_teacher_has_no_memory_probe():
-    from raydistill.evaluate import _model_info
+    from raydistill.evaluate.probes import model_info
 
     teacher = TeacherConfig(engine="openai", base_url="http://127.0.0.1:9/v1", model="deepseek-chat")
-    info = _model_info("deepseek-chat", teacher, [], 4)
+    info = model_info("deepseek-chat", teacher, [], 4)
     assert info["dtype"] is None and info["size_mb"] is None and "API endpoint" in info["note"]
 
 

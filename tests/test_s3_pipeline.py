@@ -42,12 +42,12 @@ def _upload(local: Path, uri: str) -> None:
 
 
 def _eval_inputs(tmp_path: Path, tiny_model: Path, run: str):
-    import raydistill.evaluate as ev
+    from raydistill.evaluate.figures import MODEL_NAMES
 
     cfg_file, sets = _config(tmp_path, tiny_model, [{"qid": "q0", "kind": "math", "question": "q", "answer": "1"}])
     cfg = load(cfg_file, sets + [f"output_dir={run}"])
     prompts, answers = _finished_answers(cfg)
-    paths = {n: f"no-org/{n}-not-cached" for n in ev.MODEL_NAMES}  # no probe: this is about the folders
+    paths = {n: f"no-org/{n}-not-cached" for n in MODEL_NAMES}  # no probe: this is about the folders
     engines = {"teacher": cfg.teacher, "baseline_student": cfg.eval, "student": cfg.eval}
     return cfg, prompts, answers, paths, engines
 
@@ -57,7 +57,9 @@ def test_evaluate_on_s3_keeps_the_answers_and_replaces_eval_only_when_complete(t
     """output_dir on S3: a failure after the answers leaves them in ``eval.partial/`` in S3 and the
     previous ``eval/`` untouched; an upload cut short leaves an ``eval/`` without ``report.json``
     (unfinished); a finished evaluation replaces ``eval/`` whole and removes ``eval.partial/``."""
-    import raydistill.evaluate as ev
+    from raydistill.evaluate import render
+    from raydistill.evaluate.figures import MODEL_NAMES
+    from raydistill.evaluate.run import finish_evaluation
     import raydistill.storage as st
 
     run = f"{_bucket()}/run"
@@ -69,12 +71,12 @@ def test_evaluate_on_s3_keeps_the_answers_and_replaces_eval_only_when_complete(t
         raise OSError("disk full")
 
     with monkeypatch.context() as m, caplog.at_level(logging.ERROR, logger="raydistill.evaluate"):
-        m.setattr(ev, "write_markdown", broken_markdown)
+        m.setattr(render, "write_markdown", broken_markdown)
         with pytest.raises(OSError, match="disk full"):
-            ev.finish_evaluation(cfg, prompts, answers, paths, engines, {})
+            finish_evaluation(cfg, prompts, answers, paths, engines, {})
     kept = storage_path(f"{run}/eval.partial/answers.parquet")
     table = pq.read_table(kept.path, filesystem=kept.fs)
-    assert table.num_rows == 12 and set(table.column("model").to_pylist()) == set(ev.MODEL_NAMES)
+    assert table.num_rows == 12 and set(table.column("model").to_pylist()) == set(MODEL_NAMES)
     assert f"the answers are kept in {kept.uri}" in caplog.text
     assert _s3_files(f"{run}/eval") == {"stale.txt", "report.json"}  # the old eval/ as it was
 
@@ -88,11 +90,11 @@ def test_evaluate_on_s3_keeps_the_answers_and_replaces_eval_only_when_complete(t
     with monkeypatch.context() as m:
         m.setattr(st, "upload_dir", cut_short)
         with pytest.raises(OSError, match="connection reset"):
-            ev.finish_evaluation(cfg, prompts, answers, paths, engines, {})
+            finish_evaluation(cfg, prompts, answers, paths, engines, {})
     assert _s3_files(f"{run}/eval") == EVAL_FILES - {"report.json"}  # unfinished: no report.json
     assert _s3_files(f"{run}/eval.partial") == EVAL_FILES  # the complete new evaluation, uploaded first
 
-    report = ev.finish_evaluation(cfg, prompts, answers, paths, engines, {}, shown={"student": f"{run}/student"})
+    report = finish_evaluation(cfg, prompts, answers, paths, engines, {}, shown={"student": f"{run}/student"})
     assert _s3_files(f"{run}/eval") == EVAL_FILES
     assert not storage_path(f"{run}/eval.partial").exists()
     assert json.loads(storage_path(f"{run}/eval/report.json").read_text()) == json.loads(json.dumps(report))
@@ -131,15 +133,15 @@ def test_engines_read_an_s3_model_on_their_own_nodes(tmp_path, tiny_model, s3_se
 
     # evaluate's driver copies only the config and tokenizer files; the size comes from the S3
     # listing and the memory probe runs in a Ray task that fetches the model itself
-    import raydistill.evaluate as ev
+    from raydistill.evaluate.probes import model_info
     from raydistill.models import size_on_disk_mb
 
     config_only = Path(local_copy(uri, weights=False))
     assert (config_only / "config.json").is_file() and (config_only / "tokenizer_config.json").is_file()
     assert not [f for f in config_only.rglob("*") if f.suffix in (".safetensors", ".bin")]
-    info = ev._model_info(str(config_only), hf, [[{"role": "user", "content": "Hi"}]], 1, uri, StorageConfig())
+    info = model_info(str(config_only), hf, [[{"role": "user", "content": "Hi"}]], 1, uri, StorageConfig())
     assert info["size_mb"] == round(size_on_disk_mb(tiny_model), 2) > 0
-    local = ev._model_info(str(tiny_model), hf, [[{"role": "user", "content": "Hi"}]], 1)
+    local = model_info(str(tiny_model), hf, [[{"role": "user", "content": "Hi"}]], 1)
     assert info["params"] == local["params"] > 0 and info["peak_memory_mb"] > 0, info
 
 

@@ -11,7 +11,7 @@ import pytest
 from raydistill.config import DataConfig
 from raydistill.corpus import write_prompts
 from raydistill.data import DataError, make_prompts, split_key, split_of
-from raydistill.evaluate import check_unseen
+from raydistill.evaluate.prompts import check_unseen
 from raydistill.schema import CORPUS_SCHEMA, PROMPTS_SCHEMA, SCHEMA_VERSION, SchemaError, conform
 
 
