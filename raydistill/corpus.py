@@ -174,3 +174,15 @@ def check_disjoint(prompts: pa.Table, source: str) -> None:
     if clashes:
         raise SchemaError(f"{source}: {len(clashes)} prompt id(s) appear in two splits, so held-out prompts "
                           f"would be trained on: {', '.join(clashes[:10])}")
+
+
+def order_keys(prompt_ids, seed: int) -> pa.Array:
+    """The sort key of each prompt id, for an order that depends on the rows alone (train's examples
+    with ``train.seed``, evaluate's prompts with ``data.seed``): the first 8 bytes of
+    ``sha256(f"{seed}:{prompt_id}")`` as a signed int64 (uniform over the int64 range). A pure
+    function of (seed, id): the rows' order does not depend on the corpus's files, their
+    listing or which Ray task read them."""
+    import hashlib
+
+    return pa.array([int.from_bytes(hashlib.sha256(f"{seed}:{pid}".encode()).digest()[:8], "big", signed=True)
+                     for pid in prompt_ids], pa.int64())

@@ -9,7 +9,8 @@ import pytest
 
 from raydistill.config import load
 from raydistill.storage import storage_path
-from raydistill.train.examples import (RETOKENIZED, order_boundaries, order_keys, read_trained_rows,
+from raydistill.corpus import order_keys
+from raydistill.train.examples import (RETOKENIZED, order_boundaries, read_trained_rows,
                                        write_examples)
 
 

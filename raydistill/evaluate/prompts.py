@@ -104,7 +104,7 @@ def load_eval_prompts(cfg: Config) -> tuple[pa.Table, dict[str, dict]]:
 
     Reads the ``eval.split`` rows of ``corpus/prompts/`` (the split written by generate),
     keeps a sample of ``eval.limit`` spread over tasks (``data.sample_by_task``, seed ``data.seed``),
-    in the order of ``train.examples.order_keys`` (``data.seed``, prompt id) whatever the files' order.
+    in the order of ``corpus.order_keys`` (``data.seed``, prompt id) whatever the files' order.
     Raises FileNotFoundError without a finished corpus or prompts/, SchemaError when an
     evaluated id is in two splits, or an evaluated prompt's id or messages are a train row's of the
     corpus (``check_unseen``: counts and example ids), and ValueError when the split is empty.
@@ -129,6 +129,6 @@ def load_eval_prompts(cfg: Config) -> tuple[pa.Table, dict[str, dict]]:
     # in: the engines' batches, whose numerics depend on their rows, are the same on every run.
     import pyarrow.compute as pc
 
-    from ..train.examples import order_keys
+    from ..corpus import order_keys
 
     return prompts.take(pc.sort_indices(order_keys(prompts.column("prompt_id").to_pylist(), cfg.data.seed))), changes

@@ -30,6 +30,7 @@ from typing import Any
 import pyarrow as pa
 
 from ..config import Config
+from ..corpus import order_keys
 from .prefetch import prefetched  # noqa: F401 - re-exported: the loop's prefetch, with collate
 
 IGNORE_INDEX = -100  # label of positions no loss reads (the PyTorch / transformers convention)
@@ -300,17 +301,6 @@ def read_trained_rows(folder, batch_size: int):
 ORDER_KEY = "_order_key"  # int64 column of the rows being sorted (not written)
 ORDER_ROWS_PER_PART = 20_000  # rows of one sort partition (a Ray Data block of the sorted corpus)
 MAX_ORDER_PARTS = 1024  # sort partitions at most
-
-
-def order_keys(prompt_ids, seed: int) -> pa.Array:
-    """The train order's sort key of each prompt id: the first 8 bytes of
-    ``sha256(f"{seed}:{prompt_id}")`` as a signed int64 (uniform over the int64 range). A pure
-    function of (``train.seed``, id): the rows' order does not depend on the corpus's files, their
-    listing or which Ray task read them."""
-    import hashlib
-
-    return pa.array([int.from_bytes(hashlib.sha256(f"{seed}:{pid}".encode()).digest()[:8], "big", signed=True)
-                     for pid in prompt_ids], pa.int64())
 
 
 def order_boundaries(parts: int) -> list[int]:
