@@ -10,7 +10,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-all test-fast clean
+.PHONY: install demo test test-all test-fast lint clean
 
 $(STAMP): pyproject.toml requirements-cpu.lock
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# ruff: imports sorted, no unused or undefined names (pyproject.toml [tool.ruff])
+lint: install
+	$(VENV)/bin/ruff check raydistill tests jobs benchmarks cluster
 
 # everything but the benchmark smoke runs: the default tests plus those marked slow
 test-all: install
