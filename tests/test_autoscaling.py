@@ -28,6 +28,7 @@ from raydistill.data import load_prompts
 
 from ._ray_head import ray_head
 from .conftest import mixed_prompts, write_jsonl
+from .helpers import REPO, job_runtime_env, wait_for_job
 
 # 30 s. With 12 s, a loaded 2-core machine (CI beside other jobs) left a gap that long between two
 # Ray Data reads of generate's prompt step: the autoscaler released the node that Ray Data had just
@@ -59,19 +60,18 @@ def _generate_job(head, cfg_file: Path, *sets: str, timeout_s: float = 600) -> t
     """Submit ``python jobs/generate.py CONFIG --set ...`` to ``head``; returns (final status, log)."""
     from ray.job_submission import JobSubmissionClient
 
-    from .test_jobs import REPO, _runtime_env, _wait
 
     # No working_dir: the fake nodes share the head's session folder, so a released node's agent
     # deletes the job's unpacked working_dir under the other nodes' workers ("FileNotFoundError"
     # from os.getcwd() in a new actor, seen here). Every fake node runs this machine's install of
     # raydistill; test_jobs covers working_dir on a real head.
-    runtime_env = {"env_vars": _runtime_env()["env_vars"]}
+    runtime_env = {"env_vars": job_runtime_env()["env_vars"]}
     runtime_env["env_vars"]["RAYDISTILL_AUTOSCALER_CONFIG"] = str(head.temp_dir / "autoscaling.yaml")
     client = JobSubmissionClient(head.dashboard)
     entry = shlex.join(["python", str(REPO / "jobs" / "generate.py"), str(cfg_file),
                         *[a for s in sets for a in ("--set", s)]])
     job_id = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
-    status = _wait(client, job_id, timeout_s)
+    status = wait_for_job(client, job_id, timeout_s)
     return str(status), client.get_job_logs(job_id)
 
 

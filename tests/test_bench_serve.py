@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -26,6 +25,7 @@ from raydistill.serve.bench import (EndpointError, RequestRecord, arm_stats, che
                                     level_ratios, percentile, ratio, split_parts)
 
 from .conftest import _free_port, build_tiny_model, mixed_prompts, write_jsonl
+from .helpers import write_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "serve_ab.py"
@@ -192,21 +192,6 @@ def _run_config(tmp_path: Path, tiny_model: Path, port: int, extra: dict | None 
     return path
 
 
-def _write_corpus(cfg) -> pa.Table:
-    """A finished corpus as generate leaves it (prompts/ with every split, a manifest, config.yaml)."""
-    from raydistill.corpus import write_prompts
-    from raydistill.data import load_prompts
-    from raydistill.schema import SCHEMA_VERSION
-
-    prompts = load_prompts(cfg.data, cfg.task_prompts)
-    corpus = Path(cfg.output_dir) / "corpus"
-    corpus.mkdir(parents=True)
-    write_prompts(corpus, prompts)
-    (corpus / "config.yaml").write_text(cfg.dump())
-    (corpus / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "rows": 0, "shards": []}))
-    return prompts
-
-
 @pytest.mark.vllm
 def test_bench_serve_end_to_end(tmp_path, tiny_model, ab_server):
     """benchmarks/serve_ab.py at concurrency [1, 2], 4 requests per level, 2 overhead requests: the
@@ -215,7 +200,7 @@ def test_bench_serve_end_to_end(tmp_path, tiny_model, ab_server):
     sets = ["serve.bench.concurrency=[1, 2]", "serve.bench.requests_per_level=4", "serve.bench.max_tokens=8",
             "serve.bench.overhead_requests=2"]
     cfg = load(cfg_file, sets)
-    _write_corpus(cfg)
+    write_corpus(cfg, answered=(), task_prompts=True)
     cmd = [sys.executable, str(SCRIPT), str(cfg_file)] + [x for s in sets for x in ("--set", s)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path,
                           env=dict(os.environ, TMPDIR=str(tmp_path), **{KEY_ENV: KEY}))
@@ -270,7 +255,7 @@ def test_evaluate_takes_latency_from_the_endpoint(tmp_path, tiny_model, ab_serve
         "eval": {"engine": "hf", "batch_size": 4, "memory_probe_batch": 2, "limit": 4, "rounds": 2,
                  "latency_source": "serve"}})
     cfg = load(cfg_file)
-    _write_corpus(cfg)
+    write_corpus(cfg, answered=(), task_prompts=True)
     out = Path(cfg.output_dir)
     build_tiny_model(out / "baseline_student", num_layers=2, seed=1)
     build_tiny_model(out / "student", num_layers=2, seed=2)

@@ -10,9 +10,7 @@ that is none of these fails, so a new file cannot slip in unvalidated. Light tes
 from __future__ import annotations
 
 import copy
-import fnmatch
 import json
-import os
 import re
 import shlex
 import socket
@@ -24,55 +22,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raydistill.config import Config, load
+from raydistill.config import load
 
-REPO = Path(__file__).resolve().parents[1]
+from .helpers import REPO, SHIPPED, classify, rel, shipped_yaml
+
 JOBS = REPO / "jobs"
-SKIP_DIRS = {".venv", "venv", "runs", "build", "dist", "node_modules", "__pycache__", "tmp"}
-RUN_CONFIG_KEYS = set(Config.model_fields)
-RUNTIME_ENV_KEYS = {"pip", "uv", "conda", "env_vars", "working_dir", "py_modules", "excludes", "container",
-                    "image_uri", "py_executable", "java_jars", "config", "worker_process_setup_hook"}
 KUBERAY_KINDS = ("RayCluster", "RayJob", "RayService")
 #: What the rayproject/ray-llm image brings itself: the runtime env need not install these.
 IN_RAY_LLM_IMAGE = {"ray", "torch", "transformers", "pyarrow", "pydantic", "pyyaml", "psutil"}
-
-
-def _skipped_dir(name: str) -> bool:
-    return name.startswith(".") or name in SKIP_DIRS or name.endswith(".egg-info") or name.startswith("pytest-")
-
-
-def shipped_yaml() -> list[Path]:
-    """Every *.yaml / *.yml of the repository, at any depth (the recursive glob ``**/*.y{a,}ml``),
-    outside .venv, runs, hidden, build and temp folders, which the walk does not enter."""
-    found = []
-    for root, dirs, files in os.walk(REPO):
-        dirs[:] = sorted(d for d in dirs if not _skipped_dir(d))
-        found += [Path(root) / f for f in files if fnmatch.fnmatch(f, "*.yaml") or fnmatch.fnmatch(f, "*.yml")]
-    return sorted(found)
-
-
-SHIPPED = shipped_yaml()
-
-
-def classify(raw) -> str | None:
-    """The kind of a parsed YAML document: run_config, launcher, kuberay, serve, runtime_env, or None."""
-    if not isinstance(raw, dict) or not raw:
-        return None
-    if str(raw.get("apiVersion", "")).startswith("ray.io/"):
-        return "kuberay"
-    if "provider" in raw and "available_node_types" in raw:
-        return "launcher"
-    if "applications" in raw:
-        return "serve"
-    if set(raw) <= RUN_CONFIG_KEYS:
-        return "run_config"
-    if set(raw) <= RUNTIME_ENV_KEYS:
-        return "runtime_env"
-    return None
-
-
-def _rel(p: Path) -> str:
-    return str(p.relative_to(REPO))
 
 
 # --- the glob ------------------------------------------------------------------------------------
@@ -81,19 +38,21 @@ def test_the_glob_finds_every_kind_of_shipped_yaml():
     assert SHIPPED, "no YAML found: the recursive glob is broken"
     kinds = {}
     for p in SHIPPED:
-        kinds.setdefault(classify(yaml.safe_load(p.read_text())), []).append(_rel(p))
+        kinds.setdefault(classify(yaml.safe_load(p.read_text())), []).append(rel(p))
     assert None not in kinds, f"YAML files no check understands (add a check for them): {kinds.get(None)}"
     assert set(kinds) == {"run_config", "launcher", "kuberay", "serve", "runtime_env"}, kinds
     assert {"raydistill/demo/config.yaml", "jobs/configs/demo_cpu.yaml", "cluster/aws.yaml",
             "cluster/serve.yaml", "cluster/rayservice.yaml", "cluster/kuberay-raycluster.yaml",
-            "cluster/kuberay-rayjob.yaml", "cluster/runtime_env.yaml"} <= {_rel(p) for p in SHIPPED}
+            "cluster/kuberay-rayjob.yaml", "cluster/runtime_env.yaml"} <= {rel(p) for p in SHIPPED}
 
 
 def test_the_glob_skips_venv_runs_and_hidden_folders(tmp_path, monkeypatch):
-    for rel in ("a/x.yaml", ".hidden/x.yaml", ".venv/x.yml", "runs/demo/config.yaml", "b/c/y.yml"):
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text("{}")
-    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    from . import helpers
+
+    for name in ("a/x.yaml", ".hidden/x.yaml", ".venv/x.yml", "runs/demo/config.yaml", "b/c/y.yml"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    monkeypatch.setattr(helpers, "REPO", tmp_path)
     assert [str(p.relative_to(tmp_path)) for p in shipped_yaml()] == ["a/x.yaml", "b/c/y.yml"]
 
 
@@ -106,11 +65,11 @@ def test_an_unknown_yaml_is_not_classified():
 
 # --- each file, by kind ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path", SHIPPED, ids=_rel)
+@pytest.mark.parametrize("path", SHIPPED, ids=rel)
 def test_shipped_yaml_is_valid(path):
     raw = yaml.safe_load(path.read_text())
     kind = classify(raw)
-    assert kind is not None, f"{_rel(path)}: not a run config, cluster launcher, KubeRay object, Serve config or runtime env"
+    assert kind is not None, f"{rel(path)}: not a run config, cluster launcher, KubeRay object, Serve config or runtime env"
     {"run_config": check_run_config, "launcher": check_launcher, "kuberay": check_kuberay,
      "serve": check_serve_config, "runtime_env": check_runtime_env}[kind](path, raw)
 
@@ -120,22 +79,22 @@ def check_run_config(path: Path, raw: dict) -> None:
     if path.parent != JOBS / "configs":
         return
     # Job configs: outputs on shared storage, and a header comment with the exact submit command.
-    assert cfg.output_dir.startswith("s3://"), f"{_rel(path)}: a job's output_dir must be s3://, got {cfg.output_dir}"
+    assert cfg.output_dir.startswith("s3://"), f"{rel(path)}: a job's output_dir must be s3://, got {cfg.output_dir}"
     header = []
     for line in path.read_text().splitlines():
         if not line.startswith("#"):
             break
         header.append(line.lstrip("# "))
     commands = [line for line in header if "ray job submit" in line]
-    assert commands, f"{_rel(path)}: its header comment gives no `ray job submit` command"
+    assert commands, f"{rel(path)}: its header comment gives no `ray job submit` command"
     for line in commands:
         argv = shlex.split(line[line.index("ray job submit"):])
         assert "--working-dir" in argv and "--" in argv, line
         if "--runtime-env" in argv:
             assert (REPO / argv[argv.index("--runtime-env") + 1]).is_file(), line
         entry = argv[argv.index("--") + 1:]
-        assert entry[0] == "python" and (REPO / entry[1]).is_file(), f"{_rel(path)}: no script {entry[1]}"
-        assert entry[2] == _rel(path), f"{_rel(path)}: its command runs {entry[2]}"
+        assert entry[0] == "python" and (REPO / entry[1]).is_file(), f"{rel(path)}: no script {entry[1]}"
+        assert entry[2] == rel(path), f"{rel(path)}: its command runs {entry[2]}"
         sets = [entry[i + 1] for i, a in enumerate(entry) if a == "--set"]
         assert load(REPO / entry[2], sets).output_dir.startswith("s3://"), line
 
@@ -145,31 +104,31 @@ def check_launcher(path: Path, raw: dict) -> None:
 
     with pytest.MonkeyPatch.context() as mp:
         def refuse(*args, **kwargs):
-            raise AssertionError(f"{_rel(path)}: the schema check tried to reach the network {args}")
+            raise AssertionError(f"{rel(path)}: the schema check tried to reach the network {args}")
         mp.setattr(socket.socket, "connect", refuse)
         mp.setattr(socket, "create_connection", refuse)
         prepared = prepare_config(copy.deepcopy(raw))  # what `ray up` does before its own validate_config
         validate_config(prepared)
     types = raw["available_node_types"]
     head = types[raw["head_node_type"]]
-    assert head["resources"].get("CPU", 0) <= 2, f"{_rel(path)}: the head should take (almost) no work: {head['resources']}"
+    assert head["resources"].get("CPU", 0) <= 2, f"{rel(path)}: the head should take (almost) no work: {head['resources']}"
     workers = {name: t for name, t in types.items() if name != raw["head_node_type"]}
-    assert workers, f"{_rel(path)}: no worker node types"
+    assert workers, f"{rel(path)}: no worker node types"
     for name, t in workers.items():
-        assert 0 <= t.get("min_workers", 0) <= t["max_workers"], f"{_rel(path)}: {name} min/max workers"
-    assert raw.get("idle_timeout_minutes"), f"{_rel(path)}: set idle_timeout_minutes"
+        assert 0 <= t.get("min_workers", 0) <= t["max_workers"], f"{rel(path)}: {name} min/max workers"
+    assert raw.get("idle_timeout_minutes"), f"{rel(path)}: set idle_timeout_minutes"
     setup = raw.get("setup_commands", [])
-    assert any("raydistill" in c for c in setup), f"{_rel(path)}: setup_commands install no raydistill"
+    assert any("raydistill" in c for c in setup), f"{rel(path)}: setup_commands install no raydistill"
     # the dependencies installed beside a --no-deps raydistill are those of cluster/runtime_env.yaml
     shared = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())["pip"]
     listed = [shlex.split(c)[3:] for c in setup if c.startswith("pip install --quiet \"")]
-    assert listed and _pip_names(listed[0]) == _pip_names(shared), f"{_rel(path)}: {listed} vs runtime_env {shared}"
+    assert listed and _pip_names(listed[0]) == _pip_names(shared), f"{rel(path)}: {listed} vs runtime_env {shared}"
     gpu_groups = [t["resources"] for t in workers.values() if t["resources"].get("GPU")]
-    assert len(gpu_groups) >= 2, f"{_rel(path)}: want a teacher and a training GPU group"
+    assert len(gpu_groups) >= 2, f"{rel(path)}: want a teacher and a training GPU group"
     from raydistill.resources import node_types_from_launcher
 
     _check_job_configs_fit({k: float(v) for k, v in head["resources"].items()},
-                           node_types_from_launcher(raw)[0], _rel(path))
+                           node_types_from_launcher(raw)[0], rel(path))
 
 
 def _check_job_configs_fit(head: dict, types: list, where: str) -> None:
@@ -185,36 +144,36 @@ def _check_job_configs_fit(head: dict, types: list, where: str) -> None:
     for cfg_path in sorted((JOBS / "configs").glob("*.yaml")):
         cfg = load(cfg_path)
         stages = ("generate", "train", "evaluate", "serve")
-        assert check(cfg, stages, capacity) == [], f"{where}: {_rel(cfg_path)} does not fit"
+        assert check(cfg, stages, capacity) == [], f"{where}: {rel(cfg_path)} does not fit"
         (gen,) = stage_asks(cfg, "generate")
         added = place(gen, capacity)[1]
         if cfg.teacher.engine == "vllm" and cfg.teacher.asks_gpu():
-            assert set(added) <= gpu_types and added, f"{where}: {_rel(cfg_path)}'s teacher adds {added}"
+            assert set(added) <= gpu_types and added, f"{where}: {rel(cfg_path)}'s teacher adds {added}"
             accel = cfg.teacher.accelerator_type
             if accel:
                 assert all(resources_of[n].get(f"accelerator_type:{accel}")
-                           for n in added), f"{where}: {_rel(cfg_path)}'s teacher lands on {added}, not {accel}"
+                           for n in added), f"{where}: {rel(cfg_path)}'s teacher lands on {added}, not {accel}"
         if cfg.train.use_gpu:
             (train,) = stage_asks(cfg, "train")
             added = place(train, capacity)[1]
-            assert set(added) & gpu_types, f"{where}: {_rel(cfg_path)} trains on no GPU group"
+            assert set(added) & gpu_types, f"{where}: {rel(cfg_path)} trains on no GPU group"
             # the training group, even while an idle node of another GPU group is still up (a
             # teacher node the autoscaler has not released): train.accelerator_type must pin it
             accel = cfg.train.accelerator_type
-            assert accel, f"{_rel(cfg_path)}: set train.accelerator_type (the cluster has several GPU groups)"
+            assert accel, f"{rel(cfg_path)}: set train.accelerator_type (the cluster has several GPU groups)"
             typed = {n for n in gpu_types if resources_of[n].get(f"accelerator_type:{accel}")}
             for other in gpu_types - typed:
                 with_idle = Capacity([head, dict(resources_of[other])], types, limits=where)
                 added = place(train, with_idle)[1]
                 assert set(added) & gpu_types and set(added) & gpu_types <= typed, \
-                    f"{where}: {_rel(cfg_path)} trains on {added} beside an idle {other} node, not on {accel}"
+                    f"{where}: {rel(cfg_path)} trains on {added} beside an idle {other} node, not on {accel}"
 
 
 def check_serve_config(path: Path, raw: dict) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(raw)
-    assert schema.applications, f"{_rel(path)}: no application"
+    assert schema.applications, f"{rel(path)}: no application"
 
 
 def _group_resources(group: dict, where: str) -> dict:
@@ -258,7 +217,7 @@ def _check_ray_cluster_spec(spec: dict, where: str, autoscaling: bool) -> tuple[
 
 
 def check_kuberay(path: Path, raw: dict) -> None:
-    where = _rel(path)
+    where = rel(path)
     assert raw["apiVersion"] == "ray.io/v1", f"{where}: apiVersion {raw['apiVersion']}"
     assert raw["kind"] in KUBERAY_KINDS, f"{where}: kind {raw['kind']}"
     assert raw["metadata"]["name"], where
@@ -319,13 +278,13 @@ def check_runtime_env(path: Path, raw: dict) -> None:
     RuntimeEnv(**raw)  # Ray's own checks of each field
     for key, value in (raw.get("env_vars") or {}).items():
         if re.search(r"(^|_)(TOKEN|KEY|SECRET|PASSWORD)(_|$)", key):
-            assert re.fullmatch(r"\$\{\w+\}", value), f"{_rel(path)}: {key} holds a value; secrets come from ${{{key}}}"
+            assert re.fullmatch(r"\$\{\w+\}", value), f"{rel(path)}: {key} holds a value; secrets come from ${{{key}}}"
     if "pip" not in raw:
         return
     names = _pip_names(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
     pip = _pip_names(raw["pip"])
-    assert pip <= names, f"{_rel(path)}: pip installs what raydistill does not depend on: {pip - names}"
-    assert pip == names - IN_RAY_LLM_IMAGE, f"{_rel(path)}: missing dependencies {names - IN_RAY_LLM_IMAGE - pip}"
+    assert pip <= names, f"{rel(path)}: pip installs what raydistill does not depend on: {pip - names}"
+    assert pip == names - IN_RAY_LLM_IMAGE, f"{rel(path)}: missing dependencies {names - IN_RAY_LLM_IMAGE - pip}"
 
 
 def test_the_launcher_check_catches_a_wrong_key():
@@ -349,9 +308,9 @@ def test_jobs_exist_and_call_cli_commands():
     called = {}
     for p in SCRIPTS:
         m = re.search(r'^\s+run\("([\w-]+)"\)', p.read_text(), re.M)
-        assert m, f"{_rel(p)} calls no CLI command"
+        assert m, f"{rel(p)} calls no CLI command"
         called[p.stem] = m.group(1)
-        assert m.group(1) in commands, f"{_rel(p)}: raydistill has no command {m.group(1)}"
+        assert m.group(1) in commands, f"{rel(p)}: raydistill has no command {m.group(1)}"
     assert {"pipeline", "generate", "train", "evaluate", "serve"} <= set(called)
     assert called["pipeline"] == "run"
 

@@ -11,53 +11,21 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from raydistill.config import load
 from raydistill.corpus import write_prompts
 from raydistill.data import load_prompts, select_split
-from raydistill.schema import CORPUS_SCHEMA, PROMPTS_SCHEMA, SCHEMA_VERSION, SchemaError, conform
+from raydistill.schema import PROMPTS_SCHEMA, SchemaError
 
-from .conftest import build_tiny_model, mixed_prompts, write_jsonl
-
-
-def _config(tmp_path: Path, tiny_model: Path, rows: list[dict], extra: list[str] = ()) -> tuple[Path, list[str]]:
-    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
-    cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text(yaml.safe_dump({
-        "output_dir": str(tmp_path / "run"),
-        "teacher": {"model": str(tiny_model), "engine": "hf", "batch_size": 4, "max_model_len": 160},
-        "generation": {"max_new_tokens": 12},
-        "student": {"init": "prune", "keep_layers": [0, 3]},
-        "eval": {"engine": "hf", "batch_size": 4, "memory_probe_batch": 2},
-    }))
-    sets = [f"data.path={data}", "data.prompt_field=question", "data.reference_field=answer",
-            "data.id_field=qid", "data.task_field=kind", *extra]
-    return cfg_file, sets
-
-
-def write_corpus(cfg, prompts: pa.Table | None = None) -> pa.Table:
-    """A finished corpus as generate writes it: prompts/ (every split), the train and
-    validation rows with simple teacher answers, config.yaml (the settings that made it), manifest."""
-    prompts = load_prompts(cfg.data) if prompts is None else prompts
-    corpus = Path(cfg.output_dir) / "corpus"
-    (corpus / "data").mkdir(parents=True)
-    write_prompts(corpus, prompts)
-    rows = [dict(p, response="The answer is 1.", response_token_ids=[], finish_reason="stop", prompt_tokens=1,
-                 response_tokens=1, latency_s=0.1, batch_id="b", error=None, teacher="t", generation_params="{}")
-            for p in select_split(prompts, ("train", "validation")).to_pylist()]
-    pq.write_table(conform(pa.Table.from_pylist(rows), CORPUS_SCHEMA), corpus / "data" / "part-00000.parquet")
-    (corpus / "config.yaml").write_text(cfg.dump())
-    (corpus / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "rows": len(rows),
-                                                      "shards": ["data/part-00000.parquet"]}))
-    return prompts
+from .conftest import build_tiny_model, mixed_prompts
+from .helpers import eval_config, finished_answers, write_corpus
 
 
 def test_changed_data_seed_still_evaluates_the_corpus_test_split(tmp_path, tiny_model, caplog):
     """data.seed=1 at evaluate re-splits the same file differently: the corpus's split must win."""
     from raydistill.evaluate.prompts import load_eval_prompts
 
-    cfg_file, sets = _config(tmp_path, tiny_model, mixed_prompts(60))
+    cfg_file, sets = eval_config(tmp_path, tiny_model, mixed_prompts(60))
     made = load(cfg_file, sets)
     corpus_prompts = write_corpus(made)
     corpus_test = set(select_split(corpus_prompts, ("test",)).column("prompt_id").to_pylist())
@@ -76,7 +44,7 @@ def test_changed_data_seed_still_evaluates_the_corpus_test_split(tmp_path, tiny_
 def test_evaluated_prompt_that_is_a_train_row_of_the_corpus_fails(tmp_path, tiny_model):
     from raydistill.evaluate.prompts import load_eval_prompts
 
-    cfg_file, sets = _config(tmp_path, tiny_model, mixed_prompts(30))
+    cfg_file, sets = eval_config(tmp_path, tiny_model, mixed_prompts(30))
     cfg = load(cfg_file, sets)
     prompts = load_prompts(cfg.data)
     write_corpus(cfg, prompts)
@@ -98,7 +66,7 @@ def test_eval_limit_is_a_sample_spread_over_tasks(tmp_path, tiny_model):
     """eval.limit=10 over a test split of 14 math then 6 NLI prompts: 7 + 3, not the first 10 rows."""
     from raydistill.evaluate.prompts import load_eval_prompts
 
-    cfg_file, sets = _config(tmp_path, tiny_model, mixed_prompts(5), ["eval.limit=10"])
+    cfg_file, sets = eval_config(tmp_path, tiny_model, mixed_prompts(5), ["eval.limit=10"])
     cfg = load(cfg_file, sets)
     def msgs(pid):  # distinct questions: evaluate refuses a test prompt whose messages are a train row's
         return [{"role": "user", "content": f"q {pid}"}]
@@ -128,7 +96,7 @@ def test_evaluate_hf_engine_in_interleaved_rounds(tmp_path, tiny_model, ray_loca
     from raydistill.evaluate import run_evaluate
     from raydistill.evaluate.figures import MODEL_NAMES
 
-    cfg_file, sets = _config(tmp_path, tiny_model, mixed_prompts(30),
+    cfg_file, sets = eval_config(tmp_path, tiny_model, mixed_prompts(30),
                              ["data.split.test=0.5", "eval.limit=8", "eval.rounds=2"])
     made = load(cfg_file, sets)
     corpus_prompts = write_corpus(made)
@@ -185,30 +153,6 @@ def test_evaluate_hf_engine_in_interleaved_rounds(tmp_path, tiny_model, ray_loca
         assert (out / "eval" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _finished_answers(cfg) -> tuple[pa.Table, dict[str, pa.Table]]:
-    """Answers as run_evaluate collects them: the teacher and student answered 4 prompts in two
-    rounds; the baseline answered none (its prompts exceed its max_model_len)."""
-    from raydistill.generate import GENERATED_SCHEMA
-
-    msgs = [{"role": "user", "content": f"What is {i} plus 3?"} for i in range(4)]
-    prompts = pa.Table.from_pylist([{"prompt_id": f"p{i}", "split": "test", "task": "math", "messages": [m],
-                                     "reference": str(i + 3)} for i, m in enumerate(msgs)], schema=PROMPTS_SCHEMA)
-    gen = dict(response_token_ids=[], top_logprobs_ids=None, top_logprobs=None, prompt_tokens=30)
-
-    def answered(text):
-        return [dict(p, **gen, response=text.format(i + 3), finish_reason="stop", response_tokens=5,
-                     latency_s=0.5 + i / 10, batch_id=f"b{i}", error=None)
-                for i, p in enumerate(prompts.to_pylist())]
-
-    failed = [dict(p, **gen, response="", finish_reason="error", response_tokens=0, latency_s=None, batch_id="",
-                   error="prompt has 30 tokens; max_model_len 24 - max_new_tokens 8 = 16") for p in prompts.to_pylist()]
-    rounds = pa.array([0, 1, 0, 1], pa.int32())
-    answers = {n: pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA).append_column("round", rounds)
-               for n, rows in (("teacher", answered("The answer is {}.")), ("baseline_student", failed),
-                               ("student", answered("It is {}.")))}
-    return prompts, answers
-
-
 def test_finished_answers_survive_a_model_without_answers_and_failed_probes(tmp_path, tiny_model, monkeypatch):
     """eval.max_model_len=24: a model answers nothing; hub-like paths the probe cannot load; a plot
     that fails. The report is still written, with nulls and warnings, and eval.partial/ is gone."""
@@ -216,9 +160,9 @@ def test_finished_answers_survive_a_model_without_answers_and_failed_probes(tmp_
     from raydistill.evaluate.figures import MODEL_NAMES
     from raydistill.evaluate.run import finish_evaluation
 
-    cfg_file, sets = _config(tmp_path, tiny_model, mixed_prompts(5))
+    cfg_file, sets = eval_config(tmp_path, tiny_model, mixed_prompts(5))
     cfg = load(cfg_file, sets)
-    prompts, answers = _finished_answers(cfg)
+    prompts, answers = finished_answers(cfg)
     paths = {n: f"no-org/{n}-not-cached" for n in MODEL_NAMES}  # not local, not in the HF cache
     engines = {"teacher": cfg.teacher, "baseline_student": cfg.eval, "student": cfg.eval}
 
@@ -253,9 +197,9 @@ def test_a_failure_after_the_answers_keeps_them(tmp_path, tiny_model, monkeypatc
     from raydistill.evaluate.figures import MODEL_NAMES
     from raydistill.evaluate.run import finish_evaluation
 
-    cfg_file, sets = _config(tmp_path, tiny_model, mixed_prompts(5))
+    cfg_file, sets = eval_config(tmp_path, tiny_model, mixed_prompts(5))
     cfg = load(cfg_file, sets)
-    prompts, answers = _finished_answers(cfg)
+    prompts, answers = finished_answers(cfg)
     paths = {n: f"no-org/{n}-not-cached" for n in MODEL_NAMES}
     engines = {"teacher": cfg.teacher, "baseline_student": cfg.eval, "student": cfg.eval}
 

@@ -10,8 +10,9 @@ import pytest
 from raydistill.config import load
 from raydistill.storage import storage_path
 from raydistill.corpus import order_keys
-from raydistill.train.examples import (RETOKENIZED, order_boundaries, read_trained_rows,
-                                       write_examples)
+from raydistill.train.examples import RETOKENIZED, order_boundaries, read_trained_rows, write_examples
+
+from .helpers import eval_config, write_corpus
 
 
 def test_order_keys_do_not_depend_on_input_order_and_follow_the_seed():
@@ -94,9 +95,8 @@ def test_eval_prompts_come_in_one_order_whatever_the_order_of_prompts_files(tmp_
     from raydistill.evaluate.prompts import load_eval_prompts
 
     from .conftest import mixed_prompts
-    from .test_evaluate import _config, write_corpus
 
-    cfg_file, sets = _config(tmp_path, tiny_model, mixed_prompts(60))
+    cfg_file, sets = eval_config(tmp_path, tiny_model, mixed_prompts(60))
     cfg = load(cfg_file, sets)
     prompts = load_prompts(cfg.data)
     write_corpus(cfg, prompts)

@@ -19,6 +19,7 @@ from raydistill.config import EngineConfig, GenerationConfig
 from raydistill.schema import PROMPTS_SCHEMA
 
 from .conftest import CORPUS_TEXT, write_jsonl
+from .helpers import tiny_arch
 
 # What the shell gave, before any test ran init_ray (which must not pin it for every engine).
 _SHELL_KV = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
@@ -418,9 +419,8 @@ def test_hf_engine_batch_stays_within_max_model_len_for_absolute_positions(tiny_
     from raydistill.config import EngineConfig, GenerationConfig
     from raydistill.generate import HFGenerator
 
-    from .test_models import _tiny_arch
 
-    model_dir = _tiny_arch(tmp_path / "gpt2", "gpt2", tiny_model)
+    model_dir = tiny_arch(tmp_path / "gpt2", "gpt2", tiny_model)
     tok = AutoTokenizer.from_pretrained(model_dir)
     long_text = "Paris " * 200
     while len(prompt_ids(tok, [{"role": "user", "content": long_text}])) > 120:

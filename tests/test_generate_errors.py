@@ -4,7 +4,6 @@ of the model (``answer.answer_dataset`` is swapped; everything around it runs as
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 

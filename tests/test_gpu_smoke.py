@@ -13,6 +13,8 @@ import pytest
 
 from raydistill.train import smoke
 
+from .helpers import kd_config, write_topk_corpus
+
 
 def _last_json(text: str) -> dict:
     return json.loads(text.strip().splitlines()[-1])
@@ -57,7 +59,6 @@ def test_ray_train_logit_kd_on_gpus_with_nccl(tiny_model, tmp_path, ray_local, s
 
     from raydistill.train.stage import run_train
 
-    from .test_train_kd import kd_config, write_topk_corpus
 
     workers = min(2, torch.cuda.device_count())
     sets = [f"train.strategy={strategy}", f"train.workers={workers}", "train.use_gpu=true", "train.epochs=1"]

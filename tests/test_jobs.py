@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shlex
 import time
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -17,9 +16,8 @@ from raydistill.jobmode import JOB_CONFIG_ENV, input_problem, output_problem, su
 
 from ._ray_head import ray_head
 from .conftest import make_bucket, mixed_prompts, write_jsonl
+from .helpers import AWS_VARS, REPO, job_runtime_env, user_config, wait_for_job
 
-REPO = Path(__file__).resolve().parents[1]
-AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION")
 JOB_ENV = json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"},
                       "metadata": {"job_submission_id": "raysubmit_abc", "job_name": "raysubmit_abc"}})
 
@@ -109,27 +107,6 @@ def test_every_command_says_where_its_outputs_go(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- real jobs
 
-def _runtime_env() -> dict:
-    import os
-
-    return {"working_dir": str(REPO),
-            "excludes": [".venv", "runs", ".git", ".pytest_cache", "**/__pycache__", "*.egg-info"],
-            # The head was started without these: the job brings its own (as on a real cluster).
-            "env_vars": {k: os.environ[k] for k in AWS_VARS if k in os.environ}}
-
-
-def _wait(client, job_id: str, timeout_s: float):
-    from ray.job_submission import JobStatus
-
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        status = client.get_job_status(job_id)
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            return status
-        time.sleep(2)
-    client.stop_job(job_id)
-    pytest.fail(f"job {job_id} did not finish in {timeout_s} s; log tail:\n{client.get_job_logs(job_id)[-4000:]}")
-
 
 @pytest.fixture(scope="module")
 def job_head(s3_server):
@@ -144,8 +121,8 @@ def test_a_submitted_job_with_a_relative_output_dir_fails_with_the_reason(job_he
 
     client = JobSubmissionClient(job_head.dashboard)
     job_id = client.submit_job(entrypoint="python jobs/generate.py raydistill/demo/config.yaml --set output_dir=runs/job",
-                               runtime_env=_runtime_env())
-    assert _wait(client, job_id, 180) == JobStatus.FAILED
+                               runtime_env=job_runtime_env())
+    assert wait_for_job(client, job_id, 180) == JobStatus.FAILED
     logs = " ".join(client.get_job_logs(job_id).split())
     assert "output_dir 'runs/job' is a relative path, and this is a Ray job" in logs, logs[-3000:]
     assert "working_dir_files" in logs and "--set output_dir=s3://" in logs
@@ -159,7 +136,6 @@ def test_pipeline_job_writes_everything_to_s3(job_head, tiny_model, tmp_path):
 
     from raydistill.storage import storage_path
 
-    from .test_pipeline import user_config
 
     bucket = make_bucket("jobs-e2e")
     cfg_file, sets = user_config(tmp_path, tiny_model, 12, "hf")
@@ -171,8 +147,8 @@ def test_pipeline_job_writes_everything_to_s3(job_head, tiny_model, tmp_path):
     entry = shlex.join(["python", "jobs/pipeline.py", str(cfg_file), *[a for s in sets for a in ("--set", s)]])
     client = JobSubmissionClient(job_head.dashboard)
     t0 = time.time()
-    job_id = client.submit_job(entrypoint=entry, runtime_env=_runtime_env())
-    status = _wait(client, job_id, 1200)  # generate, train and evaluate on S3; 600 s was too tight for generate after issue 15 on a loaded machine
+    job_id = client.submit_job(entrypoint=entry, runtime_env=job_runtime_env())
+    status = wait_for_job(client, job_id, 1200)  # generate, train and evaluate on S3; 600 s was too tight for generate after issue 15 on a loaded machine
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-5000:]
     print(f"pipeline job: {time.time() - t0:.0f} s")

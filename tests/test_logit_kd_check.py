@@ -13,7 +13,8 @@ from raydistill.train.stage import run_train
 from raydistill.train.student import VocabularyMismatch
 
 from .fake_hub import serving, with_weights
-from .test_train_kd import kd_config
+
+from .helpers import kd_config
 
 HUB_STUDENT = "fake-org/narrow-student"
 

@@ -6,6 +6,8 @@ from transformers import AutoModelForCausalLM
 
 from raydistill.models import ModelError, default_keep_layers, prune_student, resolve_model, size_on_disk_mb
 
+from .helpers import tiny_arch
+
 
 def test_default_keep_layers_is_about_a_third():
     assert default_keep_layers(30) == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29]
@@ -63,34 +65,10 @@ def test_embedded_teacher_converts_to_safetensors():
     assert size_on_disk_mb(path) > 400
 
 
-def _tiny_arch(folder, kind, tokenizer_dir):
-    """A tiny random GPT-2, OPT or GPT-NeoX (4 layers) with the tiny model's tokenizer, built here."""
-    from transformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM,
-                              OPTConfig, OPTForCausalLM)
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    if kind == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=4, n_head=2, n_positions=128,
-                                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-    elif kind == "opt":
-        model = OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=4, ffn_dim=128,
-                                         num_attention_heads=2, word_embed_proj_dim=64, max_position_embeddings=128,
-                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                         pad_token_id=tok.pad_token_id))
-    else:
-        model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=4,
-                                                 num_attention_heads=2, intermediate_size=128,
-                                                 max_position_embeddings=128))
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize("kind,blocks", [("gpt2", "transformer.h"), ("opt", "model.decoder.layers")])
 def test_prune_gpt2_and_opt(tiny_model, tmp_path, kind, blocks):
     """GPT-2 keeps its blocks in transformer.h (n_layer), OPT in model.decoder.layers."""
-    teacher_dir = _tiny_arch(tmp_path / kind, kind, tiny_model)
+    teacher_dir = tiny_arch(tmp_path / kind, kind, tiny_model)
     keep = prune_student(teacher_dir, [0, 3], tmp_path / "student")
     assert keep == [0, 3]
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
@@ -116,7 +94,7 @@ def test_prune_gpt2_and_opt(tiny_model, tmp_path, kind, blocks):
 def test_prune_refuses_an_unsupported_architecture_before_any_work(tiny_model, tmp_path, monkeypatch):
     from raydistill.models import check_prunable
 
-    teacher_dir = _tiny_arch(tmp_path / "neox", "neox", tiny_model)
+    teacher_dir = tiny_arch(tmp_path / "neox", "neox", tiny_model)
 
     def no_weights(*a, **k):
         raise AssertionError("weights were loaded")
@@ -132,7 +110,7 @@ def test_prune_refuses_an_unsupported_architecture_before_any_work(tiny_model, t
 def test_prune_refuses_gpt2_scaled_by_layer_index(tiny_model, tmp_path):
     import json
 
-    teacher_dir = _tiny_arch(tmp_path / "gpt2", "gpt2", tiny_model)
+    teacher_dir = tiny_arch(tmp_path / "gpt2", "gpt2", tiny_model)
     cfg = json.loads((teacher_dir / "config.json").read_text())
     (teacher_dir / "config.json").write_text(json.dumps(dict(cfg, scale_attn_by_inverse_layer_idx=True)))
     with pytest.raises(ModelError, match="scale_attn_by_inverse_layer_idx"):
@@ -148,7 +126,7 @@ def test_lora_targets_are_checked_against_the_students_modules(tiny_model, tmp_p
     assert lora_target_problem(llama, ["qkv_proj"]) == (
         "no module named qkv_proj in the student; it has q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj")
     assert lora_target_problem(llama, ["mlp"]).startswith("mlp (LlamaMLP) is not a layer LoRA can wrap")
-    gpt2 = meta_model(_tiny_arch(tmp_path / "gpt2", "gpt2", tiny_model) / "config.json")
+    gpt2 = meta_model(tiny_arch(tmp_path / "gpt2", "gpt2", tiny_model) / "config.json")
     assert lora_target_problem(gpt2, ["c_attn"]) is None  # GPT-2's Conv1D
     assert lora_target_problem(gpt2, ["q_proj"]).endswith("it has c_attn, c_proj, c_fc")
 
@@ -157,5 +135,5 @@ def test_check_reference_reads_gpt2_depth_from_n_layer(tiny_model, tmp_path):
     """GPT-2's config.json names its depth n_layer: validate must still check keep_layers against it."""
     from raydistill.models import check_reference
 
-    problem, layers = check_reference(str(_tiny_arch(tmp_path / "gpt2", "gpt2", tiny_model)))
+    problem, layers = check_reference(str(tiny_arch(tmp_path / "gpt2", "gpt2", tiny_model)))
     assert problem is None and layers == 4

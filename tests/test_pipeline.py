@@ -17,35 +17,10 @@ from raydistill.cli import app
 from raydistill.config import load
 from raydistill.schema import CORPUS_SCHEMA, SCHEMA_VERSION, validate
 
-from .conftest import mixed_prompts, write_jsonl
+from .helpers import user_config, write_corpus
 
 REPORT_MODEL_KEYS = {"metrics", "agreement_rougeL", "latency_ms_p50", "latency_ms_p95", "output_tokens_per_s",
                      "peak_memory_mb", "params", "size_mb"}
-
-
-def user_config(tmp_path: Path, tiny_model: Path, n_prompts: int, engine: str) -> tuple[Path, list[str]]:
-    """A user's own JSONL (own field names) and a config file, plus the --set overrides."""
-    from raydistill.data import split_key, split_of
-
-    # One over-long prompt (in the train split: the split hashes the messages) must become an error row, not fail the run.
-    long_text = next(t for k in range(100) for t in ["Paris " * 300 + str(k)]
-                     if split_of(split_key([{"role": "user", "content": t}]), 0, 0.1, 0.2) == "train")
-    long_row = {"qid": "long", "kind": "qa", "question": long_text, "answer": "Paris"}
-    data = write_jsonl(tmp_path / "my_prompts.jsonl", mixed_prompts(n_prompts) + [long_row])
-    cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text(yaml.safe_dump({
-        "output_dir": str(tmp_path / "run"),
-        "teacher": {"model": str(tiny_model), "engine": engine, "batch_size": 16, "max_model_len": 160},
-        "generation": {"max_new_tokens": 12, "top_k_logprobs": 3, "max_error_share": 0.2},
-        # A random-weight teacher gives no final answers: keep its answers to train on (filters: tests/test_filters.py).
-        "filter": {"empty": False, "no_final_answer": False},
-        "student": {"init": "prune", "keep_layers": [0, 3]},
-        "train": {"workers": 2, "epochs": 4, "batch_size": 4, "lr": 3e-3, "max_seq_len": 128},
-        "eval": {"engine": engine, "batch_size": 32, "memory_probe_batch": 2, "rounds": 2},
-    }))
-    sets = [f"data.path={data}", "data.prompt_field=question", "data.reference_field=answer",
-            "data.id_field=qid", "data.task_field=kind"]
-    return cfg_file, sets
 
 
 def _cli(*args: str):
@@ -198,26 +173,6 @@ def test_later_stage_refuses_missing_or_unfinished_output(tiny_model, tmp_path):
     assert result.exit_code == 2 and "run `raydistill train` first" in result.output
 
 
-def write_synthetic_corpus(cfg, n: int) -> None:
-    """A finished corpus folder (schema + manifest) with simple teacher answers, no generation."""
-    import pyarrow as pa
-
-    from raydistill.data import load_prompts
-    from raydistill.schema import conform
-
-    prompts = load_prompts(cfg.data).to_pylist()[:n]
-    # answers of different lengths, so that the tokens of a batch tell which rows it held
-    rows = [dict(p, response="The answer is " + "very " * (i % 5) + f"{i % 7}.", response_token_ids=[], finish_reason="stop",
-                 prompt_tokens=1, response_tokens=1, latency_s=0.1, batch_id="b", error=None,
-                 teacher="t", generation_params="{}") for i, p in enumerate(prompts)]
-    corpus = Path(cfg.output_dir) / "corpus"
-    (corpus / "data").mkdir(parents=True)
-    pq.write_table(conform(pa.Table.from_pylist(rows), CORPUS_SCHEMA), corpus / "data" / "part-00000.parquet")
-    (corpus / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "rows": len(rows),
-                                                      "rows_generated": len(rows),
-                                                      "shards": ["data/part-00000.parquet"]}))
-
-
 def test_train_lora_merges_adapters_into_attention_only(tiny_model, tmp_path, ray_local):
     from transformers import AutoModelForCausalLM
 
@@ -225,7 +180,7 @@ def test_train_lora_merges_adapters_into_attention_only(tiny_model, tmp_path, ra
 
     cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
     cfg = load(cfg_file, sets + ["train.lora.enabled=true", "train.lora.r=4", "train.epochs=2", "train.lr=1e-2"])
-    write_synthetic_corpus(cfg, 30)
+    write_corpus(cfg, n=30, answered=None, varied=True)
     summary = run_train(cfg)
     out = Path(cfg.output_dir)
     assert summary["steps"] >= 2
@@ -270,7 +225,7 @@ def test_train_resumes_an_interrupted_run_and_restarts_a_finished_one(tiny_model
     cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
     sets = sets + ["train.delete_checkpoints=false"]  # keep them: the test plays an interruption after the end
     cfg = load(cfg_file, sets + ["train.epochs=2"])
-    write_synthetic_corpus(cfg, 30)
+    write_corpus(cfg, n=30, answered=None, varied=True)
     first = run_train(cfg)
     train_dir = Path(cfg.output_dir) / "train"
     history = [json.loads(x) for x in (train_dir / "metrics.jsonl").read_text().splitlines()]
@@ -345,7 +300,7 @@ def test_interrupted_training_removes_the_old_student(tiny_model, tmp_path, ray_
 
     cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
     cfg = load(cfg_file, sets + ["train.epochs=1"])
-    write_synthetic_corpus(cfg, 30)
+    write_corpus(cfg, n=30, answered=None, varied=True)
     # the student an earlier, finished run left (tests/test_train.py checks what a real one leaves)
     build_tiny_model(Path(cfg.output_dir) / "student", num_layers=2, seed=3)
 

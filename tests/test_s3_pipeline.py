@@ -24,9 +24,7 @@ from raydistill.config import load
 from raydistill.storage import local_copy, storage_path
 
 from .conftest import make_bucket
-from .test_evaluate import _config, _finished_answers
-from .test_pipeline import user_config
-from .test_train_cluster import _s3_files
+from .helpers import eval_config, finished_answers, s3_files, user_config
 
 EVAL_FILES = {"answers.parquet", "report.json", "report.md", "quality_vs_latency.png", "agreement.png", "config.yaml"}
 
@@ -44,9 +42,9 @@ def _upload(local: Path, uri: str) -> None:
 def _eval_inputs(tmp_path: Path, tiny_model: Path, run: str):
     from raydistill.evaluate.figures import MODEL_NAMES
 
-    cfg_file, sets = _config(tmp_path, tiny_model, [{"qid": "q0", "kind": "math", "question": "q", "answer": "1"}])
+    cfg_file, sets = eval_config(tmp_path, tiny_model, [{"qid": "q0", "kind": "math", "question": "q", "answer": "1"}])
     cfg = load(cfg_file, sets + [f"output_dir={run}"])
-    prompts, answers = _finished_answers(cfg)
+    prompts, answers = finished_answers(cfg)
     paths = {n: f"no-org/{n}-not-cached" for n in MODEL_NAMES}  # no probe: this is about the folders
     engines = {"teacher": cfg.teacher, "baseline_student": cfg.eval, "student": cfg.eval}
     return cfg, prompts, answers, paths, engines
@@ -78,7 +76,7 @@ def test_evaluate_on_s3_keeps_the_answers_and_replaces_eval_only_when_complete(t
     table = pq.read_table(kept.path, filesystem=kept.fs)
     assert table.num_rows == 12 and set(table.column("model").to_pylist()) == set(MODEL_NAMES)
     assert f"the answers are kept in {kept.uri}" in caplog.text
-    assert _s3_files(f"{run}/eval") == {"stale.txt", "report.json"}  # the old eval/ as it was
+    assert s3_files(f"{run}/eval") == {"stale.txt", "report.json"}  # the old eval/ as it was
 
     real_upload = st.upload_dir
 
@@ -91,11 +89,11 @@ def test_evaluate_on_s3_keeps_the_answers_and_replaces_eval_only_when_complete(t
         m.setattr(st, "upload_dir", cut_short)
         with pytest.raises(OSError, match="connection reset"):
             finish_evaluation(cfg, prompts, answers, paths, engines, {})
-    assert _s3_files(f"{run}/eval") == EVAL_FILES - {"report.json"}  # unfinished: no report.json
-    assert _s3_files(f"{run}/eval.partial") == EVAL_FILES  # the complete new evaluation, uploaded first
+    assert s3_files(f"{run}/eval") == EVAL_FILES - {"report.json"}  # unfinished: no report.json
+    assert s3_files(f"{run}/eval.partial") == EVAL_FILES  # the complete new evaluation, uploaded first
 
     report = finish_evaluation(cfg, prompts, answers, paths, engines, {}, shown={"student": f"{run}/student"})
-    assert _s3_files(f"{run}/eval") == EVAL_FILES
+    assert s3_files(f"{run}/eval") == EVAL_FILES
     assert not storage_path(f"{run}/eval.partial").exists()
     assert json.loads(storage_path(f"{run}/eval/report.json").read_text()) == json.loads(json.dumps(report))
     assert report["models"]["student"]["path"] == f"{run}/student"
@@ -191,7 +189,7 @@ def test_run_end_to_end_on_s3(tiny_model, tmp_path, s3_server):
         gen = model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert gen.shape[1] > ids["input_ids"].shape[1]
 
-    assert EVAL_FILES <= _s3_files(f"{run}/eval") and not storage_path(f"{run}/eval.partial").exists()
+    assert EVAL_FILES <= s3_files(f"{run}/eval") and not storage_path(f"{run}/eval.partial").exists()
     report = json.loads(storage_path(f"{run}/eval/report.json").read_text())
     test_ids = {p for p, s in zip(prompts.column("prompt_id").to_pylist(), prompts.column("split").to_pylist())
                 if s == "test"}
@@ -207,6 +205,6 @@ def test_run_end_to_end_on_s3(tiny_model, tmp_path, s3_server):
     assert models["student"]["params"] < models["teacher"]["params"]
     answers = storage_path(f"{run}/eval/answers.parquet")
     assert set(pq.read_table(answers.path, filesystem=answers.fs).column("prompt_id").to_pylist()) == test_ids
-    assert {"config.yaml", "corpus/manifest.json", "student/config.json", "train/summary.json"} <= _s3_files(run)
+    assert {"config.yaml", "corpus/manifest.json", "student/config.json", "train/summary.json"} <= s3_files(run)
     assert not (tmp_path / "run").exists()  # nothing went to a local run folder
 

@@ -11,7 +11,8 @@ from raydistill.config import load
 from raydistill.serve import ARMS
 from raydistill.serve.app import (VLLM_MAX_NUM_SEQS, engine_batch_size, is_loopback, llm_config, sizing_warnings)
 
-from .test_deploy_files import REPO, SHIPPED, _rel, classify
+from .helpers import REPO, SHIPPED, classify, rel
+
 
 LIMITS = ("max_ongoing_requests", "max_queued_requests")
 
@@ -32,7 +33,7 @@ def _served_configs() -> list[tuple[str, object, dict]]:
             cfg = load(path)
             if _gpu(cfg):
                 arms = {a: ((raw.get("serve") or {}).get(a) or {}) for a in ARMS}
-                out.append((_rel(path), cfg, arms))
+                out.append((rel(path), cfg, arms))
             continue
         if kind == "kuberay" and raw["kind"] == "RayService":
             raw = yaml.safe_load(raw["spec"]["serveConfigV2"])
@@ -44,7 +45,7 @@ def _served_configs() -> list[tuple[str, object, dict]]:
             cfg = load(None if args.get("config", "demo") == "demo" else REPO / args["config"], sets)
             if any(getattr(cfg.serve, a).gpus_per_replica > 0 for a in ARMS):
                 arms = {a: {k.split(".")[2].split("=")[0]: 1 for k in sets if k.startswith(f"serve.{a}.")} for a in ARMS}
-                out.append((f"{_rel(path)}:{app['name']}", cfg, arms))
+                out.append((f"{rel(path)}:{app['name']}", cfg, arms))
     return out
 
 

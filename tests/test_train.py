@@ -25,7 +25,7 @@ from raydistill.train.stage import run_train
 from raydistill.train.student import BASELINE_RECIPE, ensure_baseline
 
 from .conftest import build_tiny_model
-from .test_pipeline import user_config, write_synthetic_corpus
+from .helpers import tiny_arch, user_config, write_corpus
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -74,7 +74,7 @@ def test_lora_targets_the_student_lacks_fail_before_ray(tiny_model, tmp_path):
     r = CliRunner().invoke(app, ["validate", str(cfg_file), *[x for s in bad for x in ("--set", s)]])
     assert r.exit_code == 2 and want in r.output, r.output
     cfg = load(cfg_file, bad)
-    write_synthetic_corpus(cfg, 30)
+    write_corpus(cfg, n=30, answered=None, varied=True)
     with pytest.raises(ModelError) as e:
         run_train(cfg)
     assert str(e.value) == want
@@ -82,9 +82,8 @@ def test_lora_targets_the_student_lacks_fail_before_ray(tiny_model, tmp_path):
 
 
 def test_validate_refuses_pruning_an_unsupported_architecture(tiny_model, tmp_path):
-    from .test_models import _tiny_arch
 
-    neox = _tiny_arch(tmp_path / "neox", "neox", tiny_model)
+    neox = tiny_arch(tmp_path / "neox", "neox", tiny_model)
     cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
     r = CliRunner().invoke(app, ["validate", str(cfg_file), *[x for s in sets for x in ("--set", s)],
                                  "--set", f"teacher.model={neox}"])
@@ -100,7 +99,7 @@ def test_a_config_error_on_the_workers_is_not_retried(tiny_model, tmp_path, ray_
     monkeypatch.setattr(trainer, "check_lora_targets", lambda cfg, student_dir: None)
     cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
     cfg = load(cfg_file, sets + ["train.workers=1", "train.lora.enabled=true", "train.lora.target_modules=[qkv_proj]"])
-    write_synthetic_corpus(cfg, 30)
+    write_corpus(cfg, n=30, answered=None, varied=True)
     with pytest.raises(ValueError, match=r"a config error; not retried\): \w+Error: Target modules .*qkv_proj"):
         run_train(cfg)
 
@@ -119,7 +118,7 @@ def test_labels_follow_the_teachers_ids_and_truncation(tiny_model, tmp_path, ray
     monkeypatch.chdir(tmp_path)
     cfg = load(cfg_file, sets + ["output_dir=run", "train.workers=1", "train.epochs=1",
                                  "train.truncated_answers=drop"])
-    write_synthetic_corpus(cfg, 30)
+    write_corpus(cfg, n=30, answered=None, varied=True)
     tok = AutoTokenizer.from_pretrained(tiny_model)
     corpus = Path(cfg.output_dir) / "corpus"
     shard = corpus / "data" / "part-00000.parquet"
@@ -152,7 +151,7 @@ def test_shuffle_resume_schedule_and_checkpoints(tiny_model, tmp_path, ray_local
     sets += ["train.epochs=2", "train.checkpoint_every_steps=1", "train.keep_checkpoints=100",
              "train.delete_checkpoints=false"]
     cfg = load(cfg_file, sets)
-    write_synthetic_corpus(cfg, 30)
+    write_corpus(cfg, n=30, answered=None, varied=True)
     out = Path(cfg.output_dir)
     first = run_train(cfg)
     a = _metrics(out)
@@ -213,7 +212,7 @@ def _run_cli_train(cfg_file: Path, sets: list[str], stop_after_step: int) -> tup
 def test_ctrl_c_exits_130_and_the_next_run_resumes_from_the_latest_checkpoint(tiny_model, tmp_path, ray_local):
     cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
     sets += ["train.epochs=50", "train.checkpoint_every_steps=1"]
-    write_synthetic_corpus(load(cfg_file, sets), 30)
+    write_corpus(load(cfg_file, sets), 30)
     rc, output = _run_cli_train(cfg_file, sets, stop_after_step=3)
     assert rc == 130, output[-3000:]
     assert "interrupted during stage train" in output
@@ -263,7 +262,7 @@ def test_resuming_with_a_run_shorter_than_the_checkpoint_is_refused_up_front(tin
 
     cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
     cfg = load(cfg_file, sets + ["train.max_steps=2"])
-    write_synthetic_corpus(cfg, 30)
+    write_corpus(cfg, n=30, answered=None, varied=True)
     train_dir = Path(cfg.output_dir) / "train"
     ckpt = train_dir / "ray" / "checkpoint_2026-11-29_00-00-00.000000"
     ckpt.mkdir(parents=True)
@@ -281,7 +280,7 @@ def test_a_refused_rerun_keeps_the_previous_student_and_checkpoints(tiny_model, 
     anything an earlier run wrote."""
     cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
     cfg = load(cfg_file, sets)
-    write_synthetic_corpus(cfg, 30)
+    write_corpus(cfg, n=30, answered=None, varied=True)
     out = Path(cfg.output_dir)
     (out / "student").mkdir(parents=True)
     (out / "student" / "config.json").write_text("{}")

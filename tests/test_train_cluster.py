@@ -20,7 +20,7 @@ from raydistill.train.checkpoints import META_FILE, STATE_FILE, checkpoint_dirs,
 from raydistill.train.stage import run_train
 
 from .conftest import make_bucket
-from .test_pipeline import user_config, write_synthetic_corpus
+from .helpers import s3_files, user_config, write_corpus
 
 TRAIN_WORKER = "RayTrainWorker"  # Ray Train 2.60's worker actor class (ray.train.v2 ... worker_group.worker)
 
@@ -71,7 +71,7 @@ def test_a_killed_training_worker_is_replaced_and_the_run_ends_at_its_planned_st
     cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
     cfg = load(cfg_file, sets + ["train.workers=2", "train.epochs=4", "train.checkpoint_every_steps=1",
                                  "train.max_failures=1"])
-    write_synthetic_corpus(cfg, 30)
+    write_corpus(cfg, n=30, answered=None, varied=True)
     out = Path(cfg.output_dir)
     ray_dir = out / "train" / "ray"
     result: dict = {}
@@ -116,13 +116,6 @@ def test_a_killed_training_worker_is_replaced_and_the_run_ends_at_its_planned_st
     assert (out / "student" / "config.json").is_file()
 
 
-def _s3_files(uri: str) -> set[str]:
-    """Every file under an s3:// folder, relative to it."""
-    loc = storage_path(uri)
-    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
-    return {i.path[len(loc.path):].lstrip("/") for i in infos if i.type == pafs.FileType.File}
-
-
 @pytest.mark.slow
 def test_checkpoints_and_student_in_s3(tiny_model, tmp_path, s3_server):
     """output_dir on S3: the corpus is read, checkpoints, metrics, summary, plot and student are
@@ -135,7 +128,7 @@ def test_checkpoints_and_student_in_s3(tiny_model, tmp_path, s3_server):
     run = f"{bucket}/run"
     cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
     local_cfg = load(cfg_file, sets)
-    write_synthetic_corpus(local_cfg, 30)  # into <tmp>/run/corpus, then uploaded
+    write_corpus(local_cfg, n=30, answered=None, varied=True)  # into <tmp>/run/corpus, then uploaded
     corpus = storage_path(f"{run}/corpus")
     pafs.copy_files(str(Path(local_cfg.output_dir) / "corpus"), corpus.path,
                     source_filesystem=pafs.LocalFileSystem(), destination_filesystem=corpus.fs)
@@ -151,11 +144,11 @@ def test_checkpoints_and_student_in_s3(tiny_model, tmp_path, s3_server):
     metas = [read_meta(c) for c in checkpoints]
     assert all(m is not None for m in metas)  # complete: every listed file in S3 with its size
     assert max(m["step"] for m in metas) == steps and any(m["final"] for m in metas)
-    assert {STATE_FILE, META_FILE} <= _s3_files(checkpoints[-1].uri)
-    student_files = _s3_files(f"{run}/student")
+    assert {STATE_FILE, META_FILE} <= s3_files(checkpoints[-1].uri)
+    student_files = s3_files(f"{run}/student")
     assert {"config.json", "tokenizer.json", "tokenizer_config.json", "raydistill_config.yaml"} <= student_files
     assert any(f.endswith(".safetensors") for f in student_files), student_files
-    train_files = _s3_files(f"{run}/train")
+    train_files = s3_files(f"{run}/train")
     assert {"metrics.jsonl", "summary.json", "loss.png", "resume_key.json", "config.yaml"} <= train_files
     metrics = storage_path(f"{run}/train/metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in metrics] == list(range(1, steps + 1))
@@ -179,4 +172,4 @@ def test_checkpoints_and_student_in_s3(tiny_model, tmp_path, s3_server):
     resumed = json.loads(storage_path(f"{run}/train/summary.json").read_text())
     assert resumed["resumed_from_step"] == steps
     assert resumed["steps"] == steps // 2 * 3
-    assert "config.yaml" in _s3_files(run)  # the CLI wrote the resolved config beside the outputs
+    assert "config.yaml" in s3_files(run)  # the CLI wrote the resolved config beside the outputs

@@ -11,91 +11,15 @@ import json
 import math
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 
-from raydistill.config import load
 from raydistill.train.stage import run_train
 from raydistill.train.student import VocabularyMismatch
 
-from .conftest import build_tiny_model, mixed_prompts, write_jsonl
-from .test_pipeline import write_synthetic_corpus
-
-TOP_K = 5
-
-
-def kd_config(tmp_path: Path, tiny_model: Path, n_prompts: int, sets: list[str] = ()):
-    """A logit-KD run config over ``n_prompts`` prompts: the pruned tiny teacher (layers 0 and 3)
-    as the student, one worker, corpus top-k KD (forward_kl); ``sets`` override it."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    data = write_jsonl(tmp_path / "prompts.jsonl", mixed_prompts(n_prompts))
-    cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text(yaml.safe_dump({
-        "output_dir": str(tmp_path / "run"),
-        "data": {"path": str(data), "prompt_field": "question", "reference_field": "answer", "id_field": "qid",
-                 "task_field": "kind"},
-        "teacher": {"model": str(tiny_model), "engine": "hf"},
-        "generation": {"max_new_tokens": 8, "top_k_logprobs": TOP_K},
-        "student": {"init": "prune", "keep_layers": [0, 3]},
-        "train": {"workers": 1, "epochs": 4, "batch_size": 4, "lr": 3e-3, "max_seq_len": 128, "loss": "logit_kd",
-                  "kd": {"teacher": "corpus", "divergence": "forward_kl", "alpha": 0.5}},
-    }))
-    return load(cfg_file, list(sets))
-
-
-def write_topk_corpus(cfg, teacher_dir: Path, k: int = TOP_K) -> list[dict]:
-    """A finished corpus (schema + manifest) of the teacher's own answers with real top-k logprobs.
-
-    Per prompt (train and validation splits): greedy ids of the teacher, 3 to 8 tokens; every
-    fourth answer is cut there (finish_reason ``length``), the others end with the stop id (EOS,
-    finish_reason ``stop``). ``top_logprobs_ids`` / ``top_logprobs``: (response_tokens, k) from
-    ``log_softmax`` of the teacher's logits at the position before each answer token (natural
-    log, best first). The manifest records what generate records for logit KD: the teacher's
-    tokenizer fingerprint, its vocabulary size, the stop ids and ``generation.top_k_logprobs``.
-    Returns the corpus rows."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from raydistill.chat import prompt_ids, tokenizer_fingerprint
-    from raydistill.data import load_prompts
-    from raydistill.schema import CORPUS_SCHEMA, SCHEMA_VERSION, conform
-
-    tok = AutoTokenizer.from_pretrained(teacher_dir)
-    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    eos = tok.eos_token_id
-    rows = []
-    params = json.dumps(cfg.generation.model_dump())
-    for i, p in enumerate(r for r in load_prompts(cfg.data).to_pylist() if r["split"] != "test"):
-        prompt = prompt_ids(tok, p["messages"])
-        ids: list[int] = []
-        with torch.no_grad():
-            for _ in range(3 + i % 6):  # greedy; the teacher's EOS ends the answer early
-                nxt = int(model(torch.tensor([prompt + ids])).logits[0, -1].argmax())
-                if nxt == eos:
-                    break
-                ids.append(nxt)
-        finish = "length" if i % 4 == 3 and ids else "stop"
-        if finish == "stop":
-            ids.append(eos)
-        with torch.no_grad():
-            logits = model(torch.tensor([prompt + ids])).logits[0]
-        lp = torch.log_softmax(logits[len(prompt) - 1: len(prompt) + len(ids) - 1].float(), dim=-1)
-        top = lp.topk(k, dim=-1)
-        rows.append(dict(p, response=tok.decode(ids, skip_special_tokens=True), response_token_ids=ids,
-                         finish_reason=finish, prompt_tokens=len(prompt), response_tokens=len(ids), latency_s=0.1,
-                         batch_id="b0", top_logprobs_ids=top.indices.tolist(), top_logprobs=top.values.tolist(),
-                         error=None, teacher=cfg.teacher.model, generation_params=params))
-    corpus = Path(cfg.output_dir) / "corpus"
-    (corpus / "data").mkdir(parents=True)
-    pq.write_table(conform(pa.Table.from_pylist(rows), CORPUS_SCHEMA), corpus / "data" / "part-00000.parquet")
-    (corpus / "manifest.json").write_text(json.dumps({
-        "schema_version": SCHEMA_VERSION, "rows": len(rows), "shards": ["data/part-00000.parquet"],
-        "teacher": cfg.teacher.model, "teacher_tokenizer": tokenizer_fingerprint(tok), "teacher_vocab_size": len(tok),
-        "stop_token_ids": [eos], "generation_params": cfg.generation.model_dump(),
-        "response_tokens": sum(r["response_tokens"] for r in rows)}))
-    return rows
+from .conftest import build_tiny_model
+from .helpers import TOP_K, assert_same_weights, kd_config, write_corpus, write_topk_corpus
 
 
 def _metrics(cfg) -> list[dict]:
@@ -203,7 +127,7 @@ def test_vocabulary_mismatch_is_refused_before_training(tiny_model, tmp_path, te
 
 def test_logit_kd_without_logprobs_says_to_regenerate(tiny_model, tmp_path):
     cfg = kd_config(tmp_path, tiny_model, 12)
-    write_synthetic_corpus(cfg, 12)  # no top-k, no generation_params
+    write_corpus(cfg, n=12, answered=None, varied=True)  # no top-k, no generation_params
     with pytest.raises(ValueError, match=r"generation\.top_k_logprobs") as e:
         run_train(cfg)
     assert not isinstance(e.value, VocabularyMismatch)
@@ -217,8 +141,6 @@ def test_gradient_accumulation_equals_a_bigger_batch(tiny_model, tmp_path, ray_l
     epoch over the same rows; the step loss is a token mean, so losses and weights agree.
     Through Ray Train and the corpus (slow: two runs); the loop alone, in the default run:
     tests/test_train_loop.py::test_gradient_accumulation_equals_a_bigger_batch_in_the_loop."""
-    from .helpers import assert_same_weights
-
     sets = ["data.split.validation=0", "data.split.test=0", "train.epochs=3", "train.lr=1e-2",
             "train.warmup_ratio=0"]
     big = kd_config(tmp_path / "big", tiny_model, 8, sets + ["train.batch_size=8", "train.grad_accum_steps=1"])
