@@ -186,11 +186,11 @@ def _prompt_batch(batch: pa.Table, data: dict, task_prompts: dict, rank_seed: in
                   suffix: str, source: str, with_paths: bool) -> pa.Table:
     """One Ray Data batch -> prompt rows: records of a parquet batch, or the parsed files of a
     batch of (``bytes``, ``path``) rows."""
-    from ..data import _parquet_rows, make_prompts, parse_records
+    from ..data import make_prompts, parquet_rows, parse_records
 
     if suffix == ".parquet":
         files = sorted({_shown(p, remote) for p in batch.column("path").to_pylist()}) if with_paths else [source]
-        records = _parquet_rows(batch, ", ".join(files), first_row=None)
+        records = parquet_rows(batch, ", ".join(files), first_row=None)
         if with_paths:
             for r in records:
                 r["__source__"] = _shown(r.pop("path"), remote)
