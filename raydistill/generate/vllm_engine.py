@@ -61,11 +61,10 @@ def _vllm_config(model_dir: str, engine: EngineConfig, gen: GenerationConfig, gp
     )
     extra: dict[str, Any] = {}
     if gpu:
-        # Teacher-only settings (eval's engine has none): a replica spans tp × pp GPUs, which
-        # ray.data.llm reserves in one placement group.
-        engine_kwargs["pipeline_parallel_size"] = getattr(engine, "pipeline_parallel_size", 1)
-        engine_kwargs["gpu_memory_utilization"] = getattr(engine, "gpu_memory_utilization", 0.9)
-        if getattr(engine, "accelerator_type", None):
+        # A replica spans tp × pp GPUs, which ray.data.llm reserves in one placement group.
+        engine_kwargs["pipeline_parallel_size"] = engine.pipeline_parallel_size
+        engine_kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+        if engine.accelerator_type:
             extra["accelerator_type"] = engine.accelerator_type
     else:
         engine_kwargs["enforce_eager"] = True
