@@ -75,7 +75,7 @@ def run_generate(cfg: Config, overwrite: bool = False) -> dict:
     from ..chat import tokenizer_fingerprint
     from ..layout import corpus_location
     from ..runtime import init_ray, provenance
-    from .common import _stop_ids
+    from .common import model_stop_ids
     from .filters import REASONS
 
     out = corpus_location(cfg)
@@ -97,7 +97,7 @@ def run_generate(cfg: Config, overwrite: bool = False) -> dict:
         from ..models import resolve_model
 
         teacher_model = tokenizer_ref = resolve_model(cfg.teacher.model)
-        stop_ids = sorted(_stop_ids(teacher_model, cfg.storage))  # metadata files only
+        stop_ids = sorted(model_stop_ids(teacher_model, cfg.storage))  # metadata files only
     teacher_tokenizer = None
     teacher_vocab_size = None
     if tokenizer_ref:
