@@ -155,7 +155,7 @@ def filter_config(cfg: Config) -> Config:
 
 def _generated(out: StoragePath):
     """Every answer of ``generated/`` and this run's failed rows of ``errors/``, lazily (disjoint:
-    see ``_route_errors``; ``run_generate`` checks that they add up to the prompts)."""
+    see ``answering._route_errors``; ``run_generate`` checks that they add up to the prompts)."""
     import ray
 
     gen, errs = out / GENERATED_DIR, out / ERRORS_DIR

@@ -4,25 +4,26 @@ Rows flow from storage to storage (local or ``s3://``); the driver plans, watche
 manifest, and holds no rows (only small aggregates: counts per split, task or reason, and the ids
 of exact duplicates). Steps, each resumable:
 
-1. **Prompts** (``prompts``). Ray Data reads ``data.path`` (a file, a folder of shards or a glob; jsonl, json,
-   parquet or csv), turns each batch of records into prompt rows (``data.make_prompts``: messages
-   with the task's system prompt, the stable split) and writes ``corpus/prompts/`` — every prompt
-   of the run, test included. ``data.limit`` keeps a seeded sample spread over the task types
-   (the ``data.sample_by_task`` rule, computed with per-task thresholds in Ray Data). Before the
-   job, the first file's first rows get the line-exact checks of ``raydistill validate``.
+1. **Prompts** (``prompts``). Ray Data reads ``data.path`` (a file, a folder of shards or a glob;
+   jsonl, json, parquet or csv), turns each batch of records into prompt rows
+   (``data.make_prompts``: messages with the task's system prompt, the stable split) and writes
+   ``corpus/prompts/`` — every prompt of the run, test included. ``data.limit`` keeps a seeded
+   sample spread over the task types (the ``data.sample_by_task`` rule, computed with per-task
+   thresholds in Ray Data). Before the job, the first file's first rows get the line-exact checks of
+   ``raydistill validate``.
 2. **Answers** (``answering``). The train and validation prompts go through the teacher engine
    (``answer.answer_dataset``) in blocks of one engine batch and are written to
-   ``corpus/generated/`` in files of ``generation.rows_per_file`` answers. Ray Data's
-   row-level checkpointing (``ray.data.checkpoint.CheckpointConfig``, keyed by ``prompt_id``,
-   two-phase commit per shard) records what was written, so a rerun after a crash or a kill
-   answers only the prompts not yet written: every prompt id ends up exactly once.
-3. **Errors** (``answering``). A row the engine failed on is never committed as done: it goes to ``corpus/errors/``
-   (this run's failures, outside the checkpoint), so the next run answers it again. When more
-   than ``generation.max_error_rate`` of the last ``generation.error_window`` requests failed (an
-   API outage, a dead engine), the run stops early, keeping every answer written, with the rate and
-   what was kept. At the end of a run, when more than ``generation.max_error_share`` of the
-   prompts failed, the job stops (the message gives the share and the first errors); below it the
-   failed rows become rejects with reason ``error``.
+   ``corpus/generated/`` in files of ``generation.rows_per_file`` answers. Ray Data's row-level
+   checkpointing (``ray.data.checkpoint.CheckpointConfig``, keyed by ``prompt_id``, two-phase commit
+   per shard) records what was written, so a rerun after a crash or a kill answers only the prompts
+   not yet written: every prompt id ends up exactly once.
+3. **Errors** (``answering``). A row the engine failed on is never committed as done: it goes to
+   ``corpus/errors/`` (this run's failures, outside the checkpoint), so the next run answers it
+   again. When more than ``generation.max_error_rate`` of the last ``generation.error_window``
+   requests failed (an API outage, a dead engine), the run stops early, keeping every answer
+   written, with the rate and what was kept. At the end of a run, when more than
+   ``generation.max_error_share`` of the prompts failed, the job stops (the message gives the share
+   and the first errors); below it the failed rows become rejects with reason ``error``.
 4. **Filter** (``filtering``). Each answer is kept (``corpus/data/``) or rejected with its reason
    (``corpus/rejects/``, see ``generate.filters``).
 5. **Manifest** (this module), written last: what the corpus holds and how it was made, rows added
