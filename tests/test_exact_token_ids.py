@@ -73,7 +73,7 @@ def test_logit_kd_from_an_api_that_is_not_vllm_is_refused_up_front(api, tmp_path
     from raydistill.cli import preflight
     from raydistill.generate import run_generate
     from raydistill.generate.openai_engine import exact_ids_problem
-    from raydistill.generate.stage import GenerationError
+    from raydistill.generate import GenerationError
 
     cfg = _cfg(tmp_path, api.url, tiny_model)
     msg = exact_ids_problem(cfg)

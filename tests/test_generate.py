@@ -162,12 +162,12 @@ def check_special_prompt(tok, ids: list[int]) -> None:
 # ----------------------------------------------------------------------------- units
 
 def test_finish_reason_is_read_from_the_last_token():
-    from raydistill.generate.common import _finish_reason
+    from raydistill.generate.common import finish_reason_of
 
-    assert _finish_reason([5, 9, 2], {2}) == "stop"
-    assert _finish_reason([5, 2, 9], {2}) == "length"  # a stop id mid-answer cannot happen; only the end counts
-    assert _finish_reason([5, 9], {2, 7}) == "length"
-    assert _finish_reason([], {2}) == "length"
+    assert finish_reason_of([5, 9, 2], {2}) == "stop"
+    assert finish_reason_of([5, 2, 9], {2}) == "length"  # a stop id mid-answer cannot happen; only the end counts
+    assert finish_reason_of([5, 9], {2, 7}) == "length"
+    assert finish_reason_of([], {2}) == "length"
 
 
 def test_vllm_env_gives_each_engine_its_own_kv_cache(monkeypatch):

@@ -78,7 +78,7 @@ def test_outage_stops_early_and_the_rerun_answers_exactly_the_rest(tiny_model, t
     and the finished corpus holds every prompt once."""
     from raydistill.config import load
     from raydistill.generate import answer, run_generate
-    from raydistill.generate.stage import GenerationError
+    from raydistill.generate import GenerationError
 
     cfg = load(_config(tmp_path, tiny_model, 60, generation={"error_window": 8, "max_error_rate": 0.5,
                                                              "rows_per_file": 8},
@@ -110,8 +110,8 @@ def test_outage_stops_early_and_the_rerun_answers_exactly_the_rest(tiny_model, t
     from raydistill.generate import stage
 
     written: list[int] = []
-    cleanup = stage._cleanup
-    monkeypatch.setattr(stage, "_cleanup", lambda out: (written.append(len(list((corpus / "generated").glob(
+    cleanup = stage.cleanup
+    monkeypatch.setattr(stage, "cleanup", lambda out: (written.append(len(list((corpus / "generated").glob(
         "*.parquet")))), cleanup(out)))
     manifest = run_generate(cfg)
     asked = _asked(second_calls)
@@ -136,7 +136,7 @@ def test_outage_stops_early_and_the_rerun_answers_exactly_the_rest(tiny_model, t
 def test_error_window_counts_the_last_requests_only():
     """The stop needs more than max_rate of the *last* `window` requests failed: old failures
     slide out, and no stop before the window is full."""
-    from raydistill.generate.stage import _ErrorWindow
+    from raydistill.generate.answering import _ErrorWindow
 
     w = _ErrorWindow(window=4, max_rate=0.5)
     assert w.add([True, True], "e1") is None  # 2 requests: window not full
@@ -157,12 +157,12 @@ def test_a_corpus_the_filters_empty_fails_with_the_reasons_and_the_setting():
     """The new user's case: 40 math answers, every one cut at max_new_tokens=64 and rejected
     no_final_answer: generate fails (it used to finish, and train failed later without a reason)."""
     from raydistill.config import Config
-    from raydistill.generate.stage import GenerationError, _check_kept
+    from raydistill.generate.filtering import GenerationError, check_kept
 
     cfg = Config.model_validate({"generation": {"max_new_tokens": 64}})
     stats = [_stat("train", "length", "no_final_answer", 36), _stat("validation", "length", "no_final_answer", 4)]
     with pytest.raises(GenerationError) as err:
-        _check_kept(stats, cfg)
+        check_kept(stats, cfg)
     assert str(err.value) == (
         "generate: no usable train answer: 0 of 40 answers (0%) pass the filters; "
         "rejected: no_final_answer 40; finish reasons: length 40. To change: every answer (40 of 40) ran into "
@@ -173,7 +173,7 @@ def test_a_corpus_the_filters_empty_fails_with_the_reasons_and_the_setting():
 
 def test_kept_share_floor_fails_below_it_and_warns_below_70_percent(caplog):
     from raydistill.config import Config
-    from raydistill.generate.stage import GenerationError, _check_kept
+    from raydistill.generate.filtering import GenerationError, check_kept
 
     stats = [_stat("train", "stop", "kept", 6), _stat("train", "stop", "reference_mismatch", 3),
              _stat("validation", "length", "truncated", 1)]
@@ -181,12 +181,12 @@ def test_kept_share_floor_fails_below_it_and_warns_below_70_percent(caplog):
                                               r"the filters; rejected: reference_mismatch 3, truncated 1; finish "
                                               r"reasons: stop 9, length 1\. To change: reference_mismatch: the "
                                               r"teacher disagrees with the references.*filter.match_reference=false"):
-        _check_kept(stats, Config.model_validate({"generation": {"min_kept_share": 0.8}}))
-    with caplog.at_level("WARNING", logger="raydistill.generate.stage"):
-        _check_kept(stats, Config())  # default floor 0: 60 % kept only warns
+        check_kept(stats, Config.model_validate({"generation": {"min_kept_share": 0.8}}))
+    with caplog.at_level("WARNING", logger="raydistill.generate.filtering"):
+        check_kept(stats, Config())  # default floor 0: 60 % kept only warns
     assert "only 6 of 10 answers (60%) pass the filters" in caplog.text
     caplog.clear()
-    _check_kept([_stat("train", "stop", "kept", 8), _stat("train", "stop", "empty", 2)], Config())
+    check_kept([_stat("train", "stop", "kept", 8), _stat("train", "stop", "empty", 2)], Config())
     assert caplog.text == ""  # 80 % kept: silent
 
 
@@ -196,7 +196,7 @@ def test_generate_fails_when_every_answer_was_cut(tiny_model, tmp_path, ray_loca
     answer fail generate (no manifest, nothing in data/), naming the reason and the setting."""
     from raydistill.config import load
     from raydistill.generate import answer, run_generate
-    from raydistill.generate.stage import GenerationError
+    from raydistill.generate import GenerationError
 
     cfg = load(_config(tmp_path, tiny_model, 10, data={"task": "math"}, filter={"duplicates": False}))
     monkeypatch.setattr(answer, "answer_dataset", scripted_engine(None, tmp_path / "calls", response="Let me think",

@@ -106,7 +106,7 @@ def test_generation_killed_part_way_resumes_with_every_prompt_exactly_once(tiny_
 def test_rerun_keeps_a_finished_corpus_and_overwrite_starts_again(tiny_model, tmp_path, ray_local):
     from raydistill.config import load
     from raydistill.generate import run_generate
-    from raydistill.generate.stage import GenerationError
+    from raydistill.generate import GenerationError
 
     rows = _prompts(30)
     data = write_jsonl(tmp_path / "p.jsonl", rows)
@@ -172,7 +172,7 @@ def test_error_share_stops_the_job_and_rows_below_it_are_rejects(tiny_model, tmp
     rows are not committed: the rerun tries those prompts again (and only those)."""
     from raydistill.config import load
     from raydistill.generate import run_generate
-    from raydistill.generate.stage import GenerationError
+    from raydistill.generate import GenerationError
 
     rows = _prompts(20)
     long_ids = [r["qid"] for r in rows][:4]
@@ -218,14 +218,14 @@ def test_manifest_figures_and_cost(tiny_model, tmp_path, ray_local):
 
 def _prompts_step(tmp_path: Path, data: str, **data_settings):
     from raydistill.config import Config
-    from raydistill.generate.stage import _write_prompts
+    from raydistill.generate.prompts import write_prompts
     from raydistill.storage import storage_path
 
     cfg = Config.model_validate({"output_dir": str(tmp_path / "run"),
                                  "data": {"path": data, "prompt_field": "question", "id_field": "qid",
                                           "reference_field": "answer", **data_settings}})
     out = storage_path(tmp_path / "run" / "corpus")
-    info = _write_prompts(cfg, out)
+    info = write_prompts(cfg, out)
     return cfg, info, pq.read_table(out.path + "/prompts")
 
 
@@ -310,13 +310,13 @@ def test_half_committed_s3_checkpoints_are_settled(tmp_path):
     """A kill between the copy and the delete of an S3 rename leaves X.pending.parquet beside
     X.parquet: that shard is committed, and the pending file goes (Ray's recovery would otherwise
     delete the shard's data and keep its ids marked done)."""
-    from raydistill.generate.stage import _settle_checkpoints
+    from raydistill.generate.resume import settle_checkpoints
     from raydistill.storage import storage_path
 
     out = storage_path(tmp_path / "corpus")
     for name in ("a.parquet", "a.pending.parquet", "b.pending.parquet", "c.parquet"):
         (out / "_checkpoint" / name).write_text("x")
-    _settle_checkpoints(out)
+    settle_checkpoints(out)
     assert sorted(p.name for p in (tmp_path / "corpus" / "_checkpoint").iterdir()) == \
         ["a.parquet", "b.pending.parquet", "c.parquet"]
 
@@ -325,18 +325,18 @@ def test_settings_a_corpus_must_share(tmp_path):
     """A filter change re-filters an unfinished corpus but cannot change a finished one (its raw
     answers are gone): refused there. data.label_map only affects scoring: never a change."""
     from raydistill.config import Config
-    from raydistill.generate.stage import GenerationError, _check_settings, _settings
+    from raydistill.generate.resume import GenerationError, check_settings, shared_settings
     from raydistill.storage import storage_path
 
     out = storage_path(tmp_path / "corpus")
     base = Config()
-    _check_settings(out, _settings(base, "tok"))  # first run: recorded
+    check_settings(out, shared_settings(base, "tok"))  # first run: recorded
     refilter = base.model_copy(update={"filter": base.filter.model_copy(update={"truncated": True})})
-    _check_settings(out, _settings(refilter, "tok"))  # unfinished: the filter pass runs again anyway
+    check_settings(out, shared_settings(refilter, "tok"))  # unfinished: the filter pass runs again anyway
     with pytest.raises(GenerationError, match=r"finished corpus made with other settings \(filter.truncated: "
                                               r"False -> True\)"):
-        _check_settings(out, _settings(refilter, "tok"), finished=True)
+        check_settings(out, shared_settings(refilter, "tok"), finished=True)
     relabel = base.model_copy(update={"data": base.data.model_copy(update={"label_map": {"0": "entailment"}})})
-    _check_settings(out, _settings(relabel, "tok"), finished=True)
+    check_settings(out, shared_settings(relabel, "tok"), finished=True)
     with pytest.raises(GenerationError, match=r"teacher_tokenizer: 'tok' -> 'other'"):
-        _check_settings(out, _settings(base, "other"))
+        check_settings(out, shared_settings(base, "other"))

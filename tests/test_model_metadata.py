@@ -37,14 +37,14 @@ def test_a_hub_teacher_brings_only_its_metadata_to_the_driver(tiny_model, tmp_pa
     from transformers import AutoTokenizer
 
     from raydistill.chat import tokenizer_fingerprint
-    from raydistill.generate.common import _stop_ids
+    from raydistill.generate.common import model_stop_ids
     from raydistill.generate.vllm_engine import _PromptTokenizer
 
     repo = with_weights(tiny_model, tmp_path / "repo")
     cache = tmp_path / "hf-cache"
     with serving(monkeypatch, {REPO: repo}, cache) as hub:
         folder = model_metadata(REPO)
-        stops = _stop_ids(REPO)  # what generate's driver records and vLLM's rows are read with
+        stops = model_stop_ids(REPO)  # what generate's driver records and vLLM's rows are read with
         tok = AutoTokenizer.from_pretrained(folder)
         actor = _PromptTokenizer(REPO)  # the prompt tokenizer of generate and evaluate
         assert hub.requested, "nothing was fetched from the fake hub"

@@ -11,15 +11,21 @@ generation columns (``schema.GENERATION_FIELDS``), through ``answer.answer_datas
 - ``openai`` (``openai_engine``): any OpenAI-compatible chat-completions endpoint through
   ``ray.data.llm``'s HTTP processor.
 
-``stage.run_generate`` is the generate stage (prompt files in, ``corpus/`` out); ``filters``
-decides which answers train. Heavy imports (vllm, transformers, torch) happen inside actors and
-functions, never at import.
+``stage.run_generate`` is the generate stage (prompt files in, ``corpus/`` out), one module per
+step: ``prompts`` (prompt files to ``corpus/prompts/``, the first file's line-exact checks),
+``answering`` (the checkpointed teacher pass into ``corpus/generated/``, failed rows to
+``corpus/errors/``, the early stop), ``filtering`` (kept or rejected with a reason, the checks on
+the counts, ``data/`` and ``rejects/``), ``stage`` itself (the order of the steps and the manifest);
+``resume`` holds what a rerun continues from (shared settings, runs, checkpoint bookkeeping) and
+``GenerationError``. ``filters`` holds the rules that decide which answers train. Heavy imports
+(vllm, transformers, torch) happen inside actors and functions, never at import.
 """
 
 from .answer import answer_dataset, generate_dataset, generate_table
 from .common import GENERATED_SCHEMA, engine_throughput
 from .hf_engine import HFGenerator
+from .resume import GenerationError
 from .stage import run_generate
 
-__all__ = ["GENERATED_SCHEMA", "HFGenerator", "answer_dataset", "engine_throughput", "generate_dataset", "generate_table",
-           "run_generate"]
+__all__ = ["GENERATED_SCHEMA", "GenerationError", "HFGenerator", "answer_dataset", "engine_throughput",
+           "generate_dataset", "generate_table", "run_generate"]

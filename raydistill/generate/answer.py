@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 from .common import GENERATED_SCHEMA
 from .hf_engine import HFGenerator
-from .vllm_engine import _vllm_dataset
+from .vllm_engine import vllm_dataset
 
 
 def _cluster_has_gpus() -> bool:
@@ -52,7 +52,7 @@ def answer_dataset(ds, model: str, engine: EngineConfig, gen: GenerationConfig, 
         out = openai_dataset(ds, engine, gen)
     elif kind == "vllm":
         gpu = engine.asks_gpu() or _cluster_has_gpus() or on_gpu_machine()
-        out = _vllm_dataset(ds, model, engine, gen, gpu, storage)
+        out = vllm_dataset(ds, model, engine, gen, gpu, storage)
     else:
         gpu = engine.gpus_per_replica > 0
         out = ds.map_batches(

@@ -29,17 +29,17 @@ def prompt_tokenizer_pool(engine: EngineConfig) -> dict:
                 num_cpus=TOKENIZER_CPUS)
 
 
-def _dtype(engine: EngineConfig, gpu: bool) -> str:
+def engine_dtype(engine: EngineConfig, gpu: bool) -> str:
     if engine.dtype != "auto":
         return engine.dtype
     return "bfloat16" if gpu else "float32"
 
 
-def _messages(value) -> list[dict[str, str]]:
+def chat_messages(value) -> list[dict[str, str]]:
     return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
 
 
-def _top_logprobs(entries, k: int) -> tuple[list[list[int]] | None, list[list[float]] | None]:
+def flat_top_logprobs(entries, k: int) -> tuple[list[list[int]] | None, list[list[float]] | None]:
     """Flatten vLLM's per-token ``{token_id: {"logprob": ...}}`` dicts into (len, k) lists."""
     if not k or entries is None:
         return None, None
@@ -52,7 +52,7 @@ def _top_logprobs(entries, k: int) -> tuple[list[list[int]] | None, list[list[fl
     return ids, lps
 
 
-def _stop_ids(model_dir: str, storage=None) -> set[int]:
+def model_stop_ids(model_dir: str, storage=None) -> set[int]:
     """Token ids that end an answer for the model ``model_dir`` (any model reference;
     ``chat.stop_token_ids``: the EOS ids of generation_config.json / config.json and the
     tokenizer's EOS, the ids vLLM and transformers stop on). Only the model's metadata files are
@@ -66,7 +66,7 @@ def _stop_ids(model_dir: str, storage=None) -> set[int]:
     return ids
 
 
-def _finish_reason(tokens: list[int], stop_ids: set[int]) -> str:
+def finish_reason_of(tokens: list[int], stop_ids: set[int]) -> str:
     """How an answer ended, read from its tokens with the engine's own rule: "stop" when its last
     token is one of the model's stop ids (the engine ends an answer there and keeps that token),
     else "length" (``max_new_tokens`` reached, or the prompt + answer filled ``max_model_len``)."""

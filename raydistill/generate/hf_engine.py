@@ -14,14 +14,14 @@ from ..config import EngineConfig, GenerationConfig
 
 log = logging.getLogger(__name__)
 
-from .common import GENERATED_SCHEMA, _dtype, _finish_reason, _messages, _stop_ids
+from .common import GENERATED_SCHEMA, chat_messages, engine_dtype, finish_reason_of, model_stop_ids
 
 
 class HFGenerator:
     """A Ray Data actor that answers prompt batches with transformers ``generate``.
 
     Prompts are ``chat.prompt_ids`` of each row's messages (the ids the vLLM engine gets), left-padded
-    here with an attention mask. Like vLLM, an answer ends at a stop id (``_stop_ids``, kept as the
+    here with an attention mask. Like vLLM, an answer ends at a stop id (``model_stop_ids``, kept as the
     last response token), at ``max_new_tokens``, or when prompt + answer reach
     ``engine.max_model_len``; a prompt of ``max_model_len`` tokens or more gets an error row
     instead of failing the batch. Each actor uses ``threads`` torch threads (Ray would leave it one).
@@ -46,10 +46,10 @@ class HFGenerator:
         self.device = "cuda" if gpu else "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         require_chat_template(self.tokenizer, model_dir)
-        self.stop_ids = _stop_ids(model_dir)
+        self.stop_ids = model_stop_ids(model_dir)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (min(self.stop_ids) if self.stop_ids else 0)
-        dtype = getattr(torch, _dtype(self.engine, gpu))
+        dtype = getattr(torch, engine_dtype(self.engine, gpu))
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -58,7 +58,7 @@ class HFGenerator:
         rows = batch.to_pylist()
         batch_id = uuid.uuid4().hex
         limit = self.engine.max_model_len
-        encoded = [prompt_ids(self.tokenizer, _messages(r["messages"])) for r in rows]
+        encoded = [prompt_ids(self.tokenizer, chat_messages(r["messages"])) for r in rows]
         results: dict[int, dict] = {}
         caps: dict[int, int] = {}  # row -> most new tokens it may get
         for i, ids in enumerate(encoded):
@@ -114,7 +114,7 @@ class HFGenerator:
                     top = torch.topk(lp, k)
                     ids_k.append(top.indices.tolist())
                     lps_k.append(top.values.tolist())
-            finish = _finish_reason(toks, self.stop_ids)
+            finish = finish_reason_of(toks, self.stop_ids)
             # Like vLLM, the text leaves the stop token out (even one that is not a special token).
             text = self.tokenizer.decode(toks[:-1] if finish == "stop" else toks, skip_special_tokens=True)
             results[i] = dict(response=text, response_token_ids=toks, finish_reason=finish,

@@ -47,7 +47,7 @@ from ..config import GenerationConfig, TeacherConfig
 
 log = logging.getLogger(__name__)
 
-from .common import _messages
+from .common import chat_messages
 
 #: Statuses worth another attempt: timeouts, rate limits and transient server errors.
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -354,7 +354,7 @@ def _answer_row(row: dict, k: int, tokenizer: str | None) -> dict:
     reply = row.get("http_response") or {}
     out = {
         "prompt_id": row["prompt_id"], "split": row["split"], "task": row["task"],
-        "messages": _messages(row["messages"]), "reference": row["reference"],
+        "messages": chat_messages(row["messages"]), "reference": row["reference"],
         "response": "", "response_token_ids": [], "finish_reason": "error", "prompt_tokens": 0,
         "response_tokens": 0, "latency_s": None, "batch_id": str(reply.get("batch_id") or ""),
         "top_logprobs_ids": None, "top_logprobs": None, "error": reply.get("error") or None,
@@ -460,7 +460,7 @@ def openai_dataset(ds, teacher: TeacherConfig, gen: GenerationConfig):
              else "none (no teacher.tokenizer)")
 
     def preprocess(row: dict) -> dict:
-        return {"payload": dict(base, messages=_messages(row["messages"]))}
+        return {"payload": dict(base, messages=chat_messages(row["messages"]))}
 
     config = HttpRequestProcessorConfig(
         url=teacher.base_url.rstrip("/") + "/chat/completions",

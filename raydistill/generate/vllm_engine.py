@@ -15,7 +15,8 @@ from ..config import EngineConfig, GenerationConfig, StorageConfig
 
 log = logging.getLogger(__name__)
 
-from .common import _dtype, _finish_reason, _messages, _stop_ids, _top_logprobs, prompt_tokenizer_pool
+from .common import (chat_messages, engine_dtype, finish_reason_of, flat_top_logprobs, model_stop_ids,
+                     prompt_tokenizer_pool)
 
 
 class _PromptTokenizer:
@@ -37,7 +38,7 @@ class _PromptTokenizer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from ..chat import prompt_ids
 
-        ids = [prompt_ids(self.tokenizer, _messages(m)) for m in batch.column("messages").to_pylist()]
+        ids = [prompt_ids(self.tokenizer, chat_messages(m)) for m in batch.column("messages").to_pylist()]
         batch = batch.append_column("tokenized_prompt", pa.array(ids, pa.list_(pa.int64())))
         return batch.append_column("prompt_tokens", pa.array([len(x) for x in ids], pa.int32()))
 
@@ -54,18 +55,17 @@ def _vllm_config(model_dir: str, engine: EngineConfig, gen: GenerationConfig, gp
     from ..storage import s3_env
 
     engine_kwargs: dict[str, Any] = dict(
-        dtype=_dtype(engine, gpu),
+        dtype=engine_dtype(engine, gpu),
         max_model_len=engine.max_model_len,
         tensor_parallel_size=engine.tensor_parallel_size,
         max_logprobs=max(20, gen.top_k_logprobs),
     )
     extra: dict[str, Any] = {}
     if gpu:
-        # Teacher-only settings (eval's engine has none): a replica spans tp × pp GPUs, which
-        # ray.data.llm reserves in one placement group.
-        engine_kwargs["pipeline_parallel_size"] = getattr(engine, "pipeline_parallel_size", 1)
-        engine_kwargs["gpu_memory_utilization"] = getattr(engine, "gpu_memory_utilization", 0.9)
-        if getattr(engine, "accelerator_type", None):
+        # A replica spans tp × pp GPUs, which ray.data.llm reserves in one placement group.
+        engine_kwargs["pipeline_parallel_size"] = engine.pipeline_parallel_size
+        engine_kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+        if engine.accelerator_type:
             extra["accelerator_type"] = engine.accelerator_type
     else:
         engine_kwargs["enforce_eager"] = True
@@ -111,7 +111,7 @@ def _vllm_outputs(ds, model_dir: str, engine: EngineConfig, gen: GenerationConfi
 
     def preprocess(row: dict) -> dict:
         # Our prompt columns travel through the stage untouched; the engine reads tokenized_prompt.
-        return dict(row, messages=_messages(row["messages"]), sampling_params=sampling)
+        return dict(row, messages=chat_messages(row["messages"]), sampling_params=sampling)
 
     config = _vllm_config(model_dir, engine, gen, gpu, storage)
     with _env(s3_env(storage)):  # build_processor reads the model's config here too (Ray's telemetry)
@@ -135,13 +135,13 @@ def _vllm_row(row: dict, k: int, stop_ids: set[int]) -> dict:
     """One vLLM stage output row -> prompt columns + ``GENERATION_FIELDS``.
 
     ray.data.llm (2.60) does not pass vLLM's finish_reason through, so it is read from the
-    tokens with vLLM's own rule (``_finish_reason``): vLLM keeps the stop token in the output ids
+    tokens with vLLM's own rule (``finish_reason_of``): vLLM keeps the stop token in the output ids
     and ends a request at ``max_tokens`` or when prompt + answer reach ``max_model_len``.
     """
     error = row.get("__inference_error__") or None
     tokens = row.get("generated_tokens")  # a numpy array or list (vLLM keeps the stop token in it)
     tokens = [int(t) for t in tokens] if tokens is not None else []
-    ids, lps = _top_logprobs(row.get("logprobs"), k)
+    ids, lps = flat_top_logprobs(row.get("logprobs"), k)
     if not error:
         from ..schema import topk_problem
 
@@ -150,10 +150,10 @@ def _vllm_row(row: dict, k: int, stop_ids: set[int]) -> dict:
             error = f"the engine's top-k logprobs do not pair with its token ids: {problem}"
     return {
         "prompt_id": row["prompt_id"], "split": row["split"], "task": row["task"],
-        "messages": _messages(row["messages"]), "reference": row["reference"],
+        "messages": chat_messages(row["messages"]), "reference": row["reference"],
         "response": row.get("generated_text") or "",
         "response_token_ids": tokens,
-        "finish_reason": "error" if error else _finish_reason(tokens, stop_ids),
+        "finish_reason": "error" if error else finish_reason_of(tokens, stop_ids),
         # what the engine read; our own count for rows the engine refused
         "prompt_tokens": int(row.get("num_input_tokens") or row.get("prompt_tokens") or 0),
         "response_tokens": len(tokens),
@@ -164,11 +164,11 @@ def _vllm_row(row: dict, k: int, stop_ids: set[int]) -> dict:
     }
 
 
-def _vllm_dataset(ds, model_dir: str, engine: EngineConfig, gen: GenerationConfig, gpu: bool,
-                  storage: StorageConfig | None = None):
+def vllm_dataset(ds, model_dir: str, engine: EngineConfig, gen: GenerationConfig, gpu: bool,
+                 storage: StorageConfig | None = None):
     from functools import partial
 
-    stop_ids = _stop_ids(model_dir, storage)  # metadata files only, on the driver
+    stop_ids = model_stop_ids(model_dir, storage)  # metadata files only, on the driver
     # Not build_processor(postprocess=...): ray.data.llm routes failed rows around a postprocess
     # function, and they must reach the corpus as error rows with the same columns.
     return _vllm_outputs(ds, model_dir, engine, gen, gpu, storage).map(partial(_vllm_row, k=gen.top_k_logprobs,
