@@ -127,9 +127,11 @@ def test_outage_stops_early_and_the_rerun_answers_exactly_the_rest(tiny_model, t
     assert [r["rows_added"] for r in manifest["runs"]] == [kept, len(ids) - kept]
     # both runs' error-window actors are gone (Ray Data's plan kept a handle: they used to stay alive
     # for the whole Ray session, one per generate run)
-    from ray.util.state import list_actors
+    # read from this session's GCS (the state API would need a dashboard, and without an address it
+    # may follow the machine's /tmp/ray/ray_current_cluster to another, or a dead, cluster)
+    from ray._private.state import actors
 
-    alive = list_actors(filters=[("class_name", "=", "_ErrorWindow"), ("state", "=", "ALIVE")])
+    alive = [a for a in actors().values() if a["ActorClassName"] == "_ErrorWindow" and a["State"] == "ALIVE"]
     assert not alive, alive
 
 
