@@ -294,7 +294,8 @@ def bench_serve(config: ConfigArg, set_: SetOpt = None) -> None:
     _setup_logging()
     _output_location(cfg)
     from .schema import SchemaError
-    from .serve.bench import EndpointError, run_bench, summary_line
+    from .serve.bench import run_bench, summary_line
+    from .serve.client import EndpointError
 
     try:
         result = run_bench(cfg)

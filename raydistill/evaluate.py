@@ -1169,7 +1169,7 @@ def run_evaluate(cfg: Config, overwrite: bool = False) -> dict:
     prompts, changes = load_eval_prompts(cfg)
     endpoint = None
     if cfg.eval.latency_source == "serve":  # before any engine starts, not after the answers
-        from .serve.bench import api_key, check_endpoint, check_served_models, endpoint_url
+        from .serve.client import api_key, check_endpoint, check_served_models, endpoint_url
 
         endpoint = endpoint_url(cfg)
         check_endpoint(endpoint, key=api_key(cfg))  # serve.api_key_env: the endpoint's key
@@ -1226,7 +1226,7 @@ def served_timing(cfg: Config, parts: list[pa.Table], endpoint: str) -> dict[str
     name → one row per request: ``prompt_id``, ``task``, ``round``, ``latency_s``, ``ttft_s``,
     ``response_tokens`` and ``prompt_tokens`` (the stream's usage), ``batch_id`` (one per request),
     ``answered_by``, ``error`` (null unless it failed)."""
-    from .serve.bench import api_key, run_requests
+    from .serve.client import api_key, run_requests
 
     key = api_key(cfg)
     g = cfg.generation

@@ -398,7 +398,7 @@ def test_clients_see_what_each_arm_serves_and_refuse_another_runs_endpoint(serve
     """The model cards carry fingerprints; evaluate and bench-serve (which send the key of
     serve.api_key_env) refuse an endpoint that serves another student than their config's."""
     from raydistill.serve.app import model_fingerprint
-    from raydistill.serve.bench import EndpointError, check_endpoint, check_served_models
+    from raydistill.serve.client import EndpointError, check_endpoint, check_served_models
 
     cfg = load(served.log.parent / "serve.yaml")
     monkeypatch.delenv(KEY_ENV, raising=False)

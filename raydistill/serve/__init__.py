@@ -6,6 +6,8 @@ on Ray Serve (``ray.serve.llm`` deployments running vLLM, and our A/B ingress).
   A/B rule ``pick_arm``. Importing it stays light; Ray and vLLM load when an app is built.
 - ``raydistill.serve.ingress``: ``ABIngress``, the ``OpenAiIngress`` subclass that routes
   ``model: "ab"`` and names the answering arm (imports ``ray.serve.llm``, hence vLLM).
+- ``raydistill.serve.client``: the client of the OpenAI API (endpoint checks, streamed and timed chat
+  completions) that bench-serve and evaluate use.
 - ``raydistill.serve.bench``: ``raydistill bench-serve``, the load benchmark of a running endpoint.
 
 The contract shared with clients: model ids ``ARMS`` + ``AB_MODEL``; the ``ARM_HEADER`` response
