@@ -44,13 +44,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import platform
 import time
 from pathlib import Path
 
 from ..config import Config
+from ..stats import percentile, ratio
 from . import ARMS
 from .client import (REQUEST_TIMEOUT_S, RequestRecord, api_key, check_endpoint, check_served_models, endpoint_url,
                      run_requests)
@@ -66,24 +66,6 @@ OVERHEAD_GAP_S = 0.5
 
 
 # ----------------------------------------------------------------------------- statistics
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear-interpolated percentile (q in 0–100), as ``numpy.percentile``'s default; None for no values."""
-    if not values:
-        return None
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    """a / b; None when either is missing or b is 0."""
-    if a is None or b is None or not b:
-        return None
-    return a / b
-
 
 def arm_stats(records: list[RequestRecord], wall_s: float) -> dict:
     """Figures of one arm at one level.
