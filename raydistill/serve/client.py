@@ -35,10 +35,13 @@ import time
 from dataclasses import dataclass
 
 from ..config import Config
+from ..openai_errors import server_message
 from . import ARM_HEADER, ARMS
 
 #: Seconds before one request is abandoned (counted as an error).
 REQUEST_TIMEOUT_S = 600.0
+#: Most characters of the server's message kept in an error.
+MESSAGE_CHARS = 300
 
 
 class EndpointError(ConnectionError):
@@ -99,7 +102,7 @@ def check_endpoint(base_url: str, arms: tuple[str, ...] = ARMS, timeout_s: float
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
             raise EndpointError(f"the endpoint {base_url} refused the request (HTTP {e.code}: "
-                                f"{_server_message(e.read())}): set serve.api_key_env to the variable holding "
+                                f"{server_message(e.read(), MESSAGE_CHARS)}): set serve.api_key_env to the variable holding "
                                 "the endpoint's key" + (" (no key was sent)" if not key else "")) from None
         raise EndpointError(f"the endpoint {base_url} answered GET /models with HTTP {e.code}: is it the "
                             "OpenAI API of `raydistill serve`?") from None
@@ -168,17 +171,6 @@ class RequestRecord:
         return self.error is None
 
 
-def _server_message(body: bytes) -> str:
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return body.decode(errors="replace")[:300]
-    err = data.get("error") if isinstance(data, dict) else None
-    if isinstance(err, dict):
-        return str(err.get("message") or err)[:300]
-    return str(data.get("message") or data.get("detail") or data)[:300] if isinstance(data, dict) else str(data)[:300]
-
-
 async def stream_chat(session, base_url: str, arm: str, messages: list[dict], sampling: dict,
                       index: int = 0, timeout_s: float = REQUEST_TIMEOUT_S) -> RequestRecord:
     """Send one streaming chat completion for model ``arm`` and time it.
@@ -205,7 +197,7 @@ async def stream_chat(session, base_url: str, arm: str, messages: list[dict], sa
                                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             rec.status = resp.status
             if resp.status >= 400:
-                rec.error = f"HTTP {resp.status}: {_server_message(await resp.read())}"
+                rec.error = f"HTTP {resp.status}: {server_message(await resp.read(), MESSAGE_CHARS)}"
                 return rec
             named = rec.answered_by = resp.headers.get(ARM_HEADER)
             async for raw in resp.content:  # read to the end: leaving early makes the server cancel
@@ -218,7 +210,7 @@ async def stream_chat(session, base_url: str, arm: str, messages: list[dict], sa
                     continue
                 chunk = json.loads(data)
                 if "error" in chunk:  # an error after the stream started
-                    rec.error = f"stream error: {_server_message(data.encode())}"
+                    rec.error = f"stream error: {server_message(data, MESSAGE_CHARS)}"
                     break
                 if rec.answered_by is None and chunk.get("model"):
                     rec.answered_by = chunk["model"]
