@@ -75,7 +75,7 @@ def arm_stats(records: list[RequestRecord], wall_s: float) -> dict:
         wall_s: the arm's wall time at this level (s): the sum of its parts' wall times.
     Returns:
         ``via`` (``"direct"``: the requests named their arm, so the endpoint's metrics count them
-        apart from A/B users, ``serve.app.request_via``; None without records),
+        apart from A/B users, ``serve.routing.request_via``; None without records),
         ``requests`` (sent), ``answered``, ``errors``, ``first_error`` (None without errors),
         ``latency_ms_p50/p95/p99`` and ``ttft_ms_p50/p95`` (ms, over answered requests; None
         without any), ``requests_per_s`` (answered / wall_s), ``output_tokens`` (sum over answered
@@ -88,7 +88,7 @@ def arm_stats(records: list[RequestRecord], wall_s: float) -> dict:
     counted = [r.output_tokens for r in ok if r.output_tokens is not None]
     tokens = sum(counted)
     errors = [r for r in records if not r.ok]
-    from .app import request_via
+    from .routing import request_via
 
     vias = sorted({request_via(r.arm) for r in records})
     return {
