@@ -4,6 +4,8 @@ on Ray Serve (``ray.serve.llm`` deployments running vLLM, and our A/B ingress).
 - ``raydistill.serve.app``: ``build_app(cfg)`` (the Serve application), ``app_builder(args)`` (the
   entry point a Serve config file names) and ``serve_problems(cfg)`` (refusals before starting).
   Importing it stays light; Ray and vLLM load when an app is built.
+- ``raydistill.serve.lifecycle``: ``raydistill serve`` in this process: start Serve, wait for Ctrl-C or
+  SIGTERM, shut down.
 - ``raydistill.serve.routing``: the A/B rule ``pick_arm`` and the metrics' ``request_via``.
 - ``raydistill.serve.access``: the API-key rules and the decision on a request's key (``auth_problem``).
 - ``raydistill.serve.ingress``: ``ABIngress``, the ``OpenAiIngress`` subclass that routes
