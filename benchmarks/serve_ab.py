@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     from raydistill.config import ConfigError, load
-    from raydistill.serve.bench import EndpointError, run_bench, summary_line
+    from raydistill.serve.bench import run_bench, summary_line
+    from raydistill.serve.client import EndpointError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)

@@ -3,6 +3,8 @@
 Every command takes a YAML config and repeatable ``--set dotted.key=value`` overrides, writes
 the resolved config to ``<output_dir>/config.yaml``, and exits non-zero with a one-paragraph
 message on bad input. Stage modules are imported lazily so ``--help`` and ``validate`` stay fast.
+This module only wires the commands: ``validate``'s checks are ``raydistill.validate``, the Serve
+lifecycle of ``serve`` is ``raydistill.serve.lifecycle``.
 """
 
 from __future__ import annotations
@@ -199,11 +201,10 @@ def serve(config: ConfigArg, set_: SetOpt = None) -> None:
     writes the resolved config to <output_dir>/serve/config.yaml. Ctrl-C or SIGTERM shuts Serve
     down (on a RAY_ADDRESS cluster: deletes only this application), frees the port and exits 0."""
     import os
-    import signal
 
     from .models import ModelError
-    from .serve import AB_MODEL, ARMS
-    from .serve.app import arm_refs, serve_problems
+    from .serve.app import serve_problems
+    from .serve.lifecycle import serve_until_stopped
 
     from .jobmode import submission_id
 
@@ -222,66 +223,13 @@ def serve(config: ConfigArg, set_: SetOpt = None) -> None:
     except OSError as e:
         _fail(_unwritable(location, e))
     _ensure_ray(cfg, ("serve",))
-    on_cluster = bool(os.environ.get("RAY_ADDRESS"))
-    name = cfg.serve.app_name
-    started = False
-    original_sigterm = None
     try:
-        from ray import serve as ray_serve
-
-        from .runtime import init_ray
-        from .serve.app import build_app
-
-        init_ray()
-        # SIGTERM (systemd, docker stop, Kubernetes, `ray job stop`) stops like Ctrl-C; set after
-        # ray.init, whose own handler dumped the stack and exited 134
-        original_sigterm = signal.signal(signal.SIGTERM, _interrupt)
-        try:
-            app_ = build_app(cfg)
-        except ModelError as e:
-            _fail(str(e))
-        ray_serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-        t0 = time.perf_counter()
-        ray_serve.run(app_, name=name, route_prefix="/")
-        started = True
-        url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1"
-        refs = arm_refs(cfg)
-        weights = ", ".join(f"{cfg.serve.ab.weights.get(a, 0.0):g} {a}" for a in ARMS)
-        typer.echo(f"serving {name} at {url} (ready in {time.perf_counter() - t0:.0f} s); models:\n"
-                   + "".join(f"  {a}: {refs[a]}\n" for a in ARMS)
-                   + f"  {AB_MODEL}: weights {weights}, sticky on header {cfg.serve.ab.sticky_header}\n"
-                   + (f"API key: required (Authorization: Bearer, the value of ${cfg.serve.api_key_env})\n"
-                      if cfg.serve.api_key_env else "API key: none (serve.api_key_env unset; loopback only)\n")
-                   + f"health: http://{cfg.serve.host}:{cfg.serve.port}/health; Ctrl-C stops")
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        typer.echo("stopping: " + ("deleting the application" if on_cluster else "shutting Ray Serve down"), err=True)
-    finally:
-        import ray
-
-        # a second SIGTERM (an impatient supervisor) must not cut the teardown short
-        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        try:
-            if ray.is_initialized():
-                from ray import serve as ray_serve
-
-                try:
-                    if on_cluster:
-                        ray_serve.delete(name)
-                    else:
-                        ray_serve.shutdown()
-                finally:
-                    ray.shutdown()
-        finally:
-            signal.signal(signal.SIGTERM, previous if original_sigterm is None else original_sigterm)
+        started = serve_until_stopped(cfg, typer.echo)
+    except ModelError as e:
+        _fail(str(e))
+        raise
     if not started:
         raise typer.Exit(code=130)
-
-
-def _interrupt(signum, frame) -> None:
-    """A signal handler that stops the command as Ctrl-C does (raises KeyboardInterrupt)."""
-    raise KeyboardInterrupt
 
 
 @app.command("bench-serve")
@@ -294,7 +242,8 @@ def bench_serve(config: ConfigArg, set_: SetOpt = None) -> None:
     _setup_logging()
     _output_location(cfg)
     from .schema import SchemaError
-    from .serve.bench import EndpointError, run_bench, summary_line
+    from .serve.bench import run_bench, summary_line
+    from .serve.client import EndpointError
 
     try:
         result = run_bench(cfg)
@@ -305,82 +254,6 @@ def bench_serve(config: ConfigArg, set_: SetOpt = None) -> None:
     typer.echo(summary_line(result))
 
 
-def preflight(cfg: Config, counts: dict[str, int] | None) -> list[str]:
-    """Problems that would stop a stage later: model references, layer indices, an architecture
-    init=prune cannot prune, LoRA target modules the student lacks (checked on the meta device
-    when the model's config.json is at hand), split sizes."""
-    from .models import ModelError, check_prunable, check_reference, config_json, lora_target_problem, meta_model
-
-    from .models import EMBEDDED_PREFIX, resolve_model
-
-    problems = []
-    needs_files = cfg.student.init == "prune" and (cfg.student.keep_layers or cfg.train.lora.enabled)
-    if needs_files and cfg.teacher.model.startswith(EMBEDDED_PREFIX) and config_json(cfg.teacher.model) is None:
-        # The embedded teacher is a GGUF until its first use: convert it now (once per machine)
-        # rather than skip the layer and LoRA checks.
-        typer.echo(f"converting {cfg.teacher.model} once (about 40 s) to check student.keep_layers and "
-                   "train.lora against it ...", err=True)
-        try:
-            resolve_model(cfg.teacher.model)
-        except ModelError as e:
-            problems.append(f"teacher.model: {e}")
-    if cfg.teacher.engine == "openai":  # an API model name, not a local model; its tokenizer is
-        import os
-
-        teacher_layers = None
-        if cfg.teacher.api_key_env and not os.environ.get(cfg.teacher.api_key_env):
-            problems.append(f"teacher.api_key_env: environment variable {cfg.teacher.api_key_env} is not set; "
-                            "export it before generating (or set teacher.api_key_env=null for a server without a key)")
-        if cfg.teacher.tokenizer:
-            problem, _ = check_reference(cfg.teacher.tokenizer)
-            if problem:
-                problems.append(f"teacher.tokenizer: {problem}")
-        from .generate.openai_engine import exact_ids_problem
-
-        if problem := exact_ids_problem(cfg):  # logit KD only with exact token ids (asks GET /models)
-            problems.append(problem)
-    else:
-        problem, teacher_layers = check_reference(cfg.teacher.model)
-        if problem:
-            problems.append(f"teacher.model: {problem}")
-    if cfg.student.init == "pretrained":
-        problem, _ = check_reference(cfg.student.model)
-        if problem:
-            problems.append(f"student.model: {problem}")
-    else:
-        if cfg.student.keep_layers and teacher_layers:
-            bad = [i for i in cfg.student.keep_layers if not 0 <= i < teacher_layers]
-            if bad:
-                problems.append(f"student.keep_layers: {bad} out of range; the teacher has {teacher_layers} layers")
-        teacher_cfg = config_json(cfg.teacher.model)
-        problem = check_prunable(teacher_cfg) if teacher_cfg else None
-        if problem:
-            problems.append(f"student.init=prune: {problem}")
-    # The student's modules are the teacher's (init=prune) or student.model's.
-    student_cfg = config_json(cfg.teacher.model if cfg.student.init == "prune" else cfg.student.model)
-    if cfg.train.lora.enabled and student_cfg:
-        try:
-            problem = lora_target_problem(meta_model(student_cfg), cfg.train.lora.target_modules)
-        except ModelError as e:
-            problem = str(e)
-        if problem:
-            problems.append(f"train.lora.target_modules: {problem}")
-    if cfg.train.mlflow.enabled:
-        import importlib.util
-
-        if importlib.util.find_spec("mlflow") is None:
-            problems.append("train.mlflow.enabled is true but mlflow is not installed: pip install mlflow "
-                            "(or set train.mlflow.enabled=false)")
-    if counts is None:  # split sizes unknown (validate read a sample of the data)
-        return problems
-    if counts["train"] < cfg.train.workers:
-        problems.append(f"the train split has {counts['train']} prompt(s), fewer than train.workers="
-                        f"{cfg.train.workers}")
-    if counts[cfg.eval.split] == 0:
-        problems.append(f"the {cfg.eval.split} split (eval.split) is empty; raise data.split.{cfg.eval.split}")
-    return problems
-
-
 @app.command()
 def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Check a config, its prompt file(s), model references and split sizes without running anything.
@@ -388,24 +261,16 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     One local file is checked whole (line-exact errors, duplicate ids, split sizes); a folder of
     shards, a glob or an s3:// path is checked on the first file's first rows (the same check
     generate runs before its job); split sizes are then not checked (they show the sample's)."""
-    from .data import DataError, load_prompts
-    from .generate.prompts import PRECHECK_ROWS, precheck_sample, prompt_files
+    from .data import DataError
+    from .validate import preflight, read_prompts_to_check, split_counts
 
     cfg = _load(config, set_)
-    sampled = ""
     try:
-        files, _ = prompt_files(cfg)
-        if len(files) == 1 and not files[0].remote:
-            # the one file prompt_files found (data.path may be a folder or glob around it)
-            prompts = load_prompts(cfg.data.model_copy(update={"path": str(files[0].local())}), cfg.task_prompts)
-        else:
-            prompts = precheck_sample(cfg)
-            sampled = (f" (a sample: the first {prompts.num_rows} rows of {files[0]}, 1 of {len(files)} file(s); "
-                       f"up to {PRECHECK_ROWS} rows are checked)")
+        prompts, sampled = read_prompts_to_check(cfg)
     except (DataError, OSError) as e:
         _fail(str(e))
         raise
-    counts = {s: prompts.column("split").to_pylist().count(s) for s in ("train", "validation", "test")}
+    counts = split_counts(prompts)
     problems = preflight(cfg, None if sampled else counts)  # a sample's split sizes say nothing of the whole
     if problems:
         _fail("the config would fail later:\n  " + "\n  ".join(problems))

@@ -21,8 +21,9 @@ from typer.testing import CliRunner
 
 from raydistill.cli import app
 from raydistill.config import load
-from raydistill.serve.bench import (EndpointError, RequestRecord, arm_stats, check_endpoint, endpoint_url,
-                                    level_ratios, percentile, ratio, split_parts)
+from raydistill.serve.bench import arm_stats, level_ratios, split_parts
+from raydistill.serve.client import EndpointError, RequestRecord, check_endpoint, endpoint_url
+from raydistill.stats import percentile, ratio
 
 from .conftest import _free_port, build_tiny_model, mixed_prompts, write_jsonl
 from .helpers import write_corpus

@@ -146,15 +146,16 @@ def test_absent_or_empty_key_is_a_clear_error_naming_the_variable(monkeypatch):
 
 
 def test_retry_after_and_server_messages_are_read():
-    from raydistill.generate.openai_engine import MAX_RETRY_AFTER_S, _retry_after, _server_message
+    from raydistill.generate.openai_engine import MAX_RETRY_AFTER_S, _retry_after
+    from raydistill.openai_errors import server_message
 
     assert _retry_after("2") == 2.0 and _retry_after("0.5") == 0.5 and _retry_after(None) is None
     assert _retry_after("99999") == MAX_RETRY_AFTER_S and _retry_after("soon") is None
     assert 0 <= _retry_after("Thu, 01 Jan 1970 00:00:00 GMT") <= 0  # a date in the past: no wait
-    assert _server_message('{"error": {"message": "too long", "code": 400}}') == "too long"
-    assert _server_message('{"object": "error", "message": "bad model"}') == "bad model"
-    assert _server_message("<html>Bad Gateway</html>") == "<html>Bad Gateway</html>"
-    assert len(_server_message("x" * 5000)) <= 501
+    assert server_message('{"error": {"message": "too long", "code": 400}}') == "too long"
+    assert server_message('{"object": "error", "message": "bad model"}') == "bad model"
+    assert server_message("<html>Bad Gateway</html>") == "<html>Bad Gateway</html>"
+    assert len(server_message("x" * 5000)) <= 501
 
 
 def test_prune_student_with_an_api_teacher_is_refused_at_load():

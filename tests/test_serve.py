@@ -135,7 +135,7 @@ def served(tmp_path_factory, tiny_model):
 # --------------------------------------------------------------------------- the A/B rule (no server)
 
 def test_pick_arm_is_sticky_weighted_and_never_picks_a_zero_arm():
-    from raydistill.serve.app import pick_arm
+    from raydistill.serve.routing import pick_arm
 
     ab = ABConfig()
     assert {pick_arm(ab, "alice") for _ in range(20)} == {pick_arm(ab, "alice")}
@@ -153,7 +153,7 @@ def test_pick_arm_is_sticky_weighted_and_never_picks_a_zero_arm():
 # --------------------------------------------------------------------------- deploy files
 
 def _check_app(app: dict, http_host: str) -> None:
-    from raydistill.serve.app import is_loopback
+    from raydistill.serve.access import is_loopback
 
     module, _, attr = app["import_path"].partition(":")
     assert callable(getattr(importlib.import_module(module), attr))
@@ -290,7 +290,7 @@ def test_ab_split_within_binomial_bound(served):
 
 
 def test_ab_is_sticky_per_user_header(served):
-    from raydistill.serve.app import pick_arm
+    from raydistill.serve.routing import pick_arm
 
     client = served.client()
 
@@ -398,7 +398,7 @@ def test_clients_see_what_each_arm_serves_and_refuse_another_runs_endpoint(serve
     """The model cards carry fingerprints; evaluate and bench-serve (which send the key of
     serve.api_key_env) refuse an endpoint that serves another student than their config's."""
     from raydistill.serve.app import model_fingerprint
-    from raydistill.serve.bench import EndpointError, check_endpoint, check_served_models
+    from raydistill.serve.client import EndpointError, check_endpoint, check_served_models
 
     cfg = load(served.log.parent / "serve.yaml")
     monkeypatch.delenv(KEY_ENV, raising=False)

@@ -9,7 +9,8 @@ import yaml
 
 from raydistill.config import load
 from raydistill.serve import ARMS
-from raydistill.serve.app import (VLLM_MAX_NUM_SEQS, engine_batch_size, is_loopback, llm_config, sizing_warnings)
+from raydistill.serve.access import is_loopback
+from raydistill.serve.app import VLLM_MAX_NUM_SEQS, engine_batch_size, llm_config, sizing_warnings
 
 from .helpers import REPO, SHIPPED, classify, rel
 

@@ -39,7 +39,7 @@ def test_gpu_arms_keep_one_node_per_replica_and_pass_no_local_env():
 def test_auth_decision_on_each_kind_of_header():
     import hashlib
 
-    from raydistill.serve.app import auth_problem
+    from raydistill.serve.access import auth_problem
 
     key = "s3cret-key-123"
     digest = hashlib.sha256(key.encode()).hexdigest()
@@ -56,7 +56,8 @@ def test_auth_decision_on_each_kind_of_header():
 
 
 def test_no_key_only_on_loopback_and_the_key_variable_must_be_set(monkeypatch):
-    from raydistill.serve.app import api_key_digest, api_key_problem, is_loopback, serve_problems
+    from raydistill.serve.access import api_key_digest, api_key_problem, is_loopback
+    from raydistill.serve.app import serve_problems
 
     assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.5", "myhost.internal"))
@@ -114,7 +115,7 @@ def test_model_fingerprint_names_the_model_not_its_location(tmp_path):
 
 def test_requests_are_tagged_ab_or_direct():
     from raydistill.serve import AB_MODEL, ARMS
-    from raydistill.serve.app import request_via
+    from raydistill.serve.routing import request_via
 
     assert request_via(AB_MODEL) == "ab"
     assert {request_via(arm) for arm in ARMS} == {"direct"}

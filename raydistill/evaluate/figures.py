@@ -15,6 +15,7 @@ import statistics
 import pyarrow as pa
 
 from ..generate import engine_throughput
+from ..stats import percentile, ratio
 from ..tasks import PRIMARY, rouge_l, score
 
 MODEL_NAMES = ("teacher", "baseline_student", "student")
@@ -30,22 +31,6 @@ LABEL_TASKS = ("nli",)
 LENIENT_SUFFIX = "_lenient"
 BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "float16": 2}
 _MAX_NGRAM = 4
-
-
-# ----------------------------------------------------------------------------- small arithmetic
-
-def _percentile(values: list[float], q: float) -> float | None:
-    """Linear-interpolated percentile (q in 0–100), as numpy's default; None for no values."""
-    import numpy as np
-
-    return float(np.percentile(values, q)) if values else None
-
-
-def ratio(a, b) -> float | None:
-    """a / b, or None when either is missing or b is 0."""
-    if a is None or b is None or not b:
-        return None
-    return a / b
 
 
 # ----------------------------------------------------------------------------- answer figures
@@ -150,9 +135,9 @@ def model_report(table: pa.Table, teacher: pa.Table, label_map: dict[str, str] |
         "finish_stop_share": sum(r["finish_reason"] == "stop" for r in ok) / n_ok if n_ok else None,
         "finish_length_share": sum(r["finish_reason"] == "length" for r in ok) / n_ok if n_ok else None,
         "mean_output_tokens": sum(r["response_tokens"] or 0 for r in ok) / n_ok if n_ok else None,
-        "latency_ms_p50": _percentile(lat_ms, 50),
-        "latency_ms_p95": _percentile(lat_ms, 95),
-        "latency_ms_per_token_p50": _percentile(per_token, 50),
+        "latency_ms_p50": percentile(lat_ms, 50),
+        "latency_ms_p95": percentile(lat_ms, 95),
+        "latency_ms_per_token_p50": percentile(per_token, 50),
         "output_tokens_per_s": engine_throughput(table) if lat_ms else None,
         **degeneracy(ok),
     }
@@ -176,7 +161,7 @@ def round_figures(table: pa.Table) -> dict:
     """Timing figures of one model in one round: latency_ms_p50, output_tokens_per_s, answers."""
     lat = [x * 1000 for x, e in zip(table.column("latency_s").to_pylist(), table.column("error").to_pylist())
            if e is None and x is not None]
-    return {"latency_ms_p50": _percentile(lat, 50), "output_tokens_per_s": engine_throughput(table) if lat else None,
+    return {"latency_ms_p50": percentile(lat, 50), "output_tokens_per_s": engine_throughput(table) if lat else None,
             "answers": len(lat)}
 
 
@@ -193,8 +178,8 @@ def timing_figures(table: pa.Table | None) -> dict:
           if r["error"] is None and r["latency_s"] is not None]
     lat_ms = [r["latency_s"] * 1000 for r in ok]
     per_token = [r["latency_s"] * 1000 / r["response_tokens"] for r in ok if r["response_tokens"]]
-    return {"latency_ms_p50": _percentile(lat_ms, 50), "latency_ms_p95": _percentile(lat_ms, 95),
-            "latency_ms_per_token_p50": _percentile(per_token, 50),
+    return {"latency_ms_p50": percentile(lat_ms, 50), "latency_ms_p95": percentile(lat_ms, 95),
+            "latency_ms_per_token_p50": percentile(per_token, 50),
             "output_tokens_per_s": engine_throughput(table) if lat_ms else None}
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from .figures import MODEL_NAMES, ratio
+from ..stats import ratio
+from .figures import MODEL_NAMES
 
 log = logging.getLogger(__name__)
 

@@ -128,7 +128,7 @@ def served_timing(cfg: Config, parts: list[pa.Table], endpoint: str) -> dict[str
     name → one row per request: ``prompt_id``, ``task``, ``round``, ``latency_s``, ``ttft_s``,
     ``response_tokens`` and ``prompt_tokens`` (the stream's usage), ``batch_id`` (one per request),
     ``answered_by``, ``error`` (null unless it failed)."""
-    from ..serve.bench import api_key, run_requests
+    from ..serve.client import api_key, run_requests
 
     key = api_key(cfg)
     g = cfg.generation

@@ -72,7 +72,7 @@ def run_evaluate(cfg: Config, overwrite: bool = False) -> dict:
     prompts, changes = load_eval_prompts(cfg)
     endpoint = None
     if cfg.eval.latency_source == "serve":  # before any engine starts, not after the answers
-        from ..serve.bench import api_key, check_endpoint, check_served_models, endpoint_url
+        from ..serve.client import api_key, check_endpoint, check_served_models, endpoint_url
 
         endpoint = endpoint_url(cfg)
         check_endpoint(endpoint, key=api_key(cfg))  # serve.api_key_env: the endpoint's key
@@ -102,22 +102,6 @@ def run_evaluate(cfg: Config, overwrite: bool = False) -> dict:
     return report
 
 
-def _publish(local: Path, dest) -> None:
-    """Upload the finished eval folder ``local`` to ``dest`` (a ``storage.StoragePath``), replacing
-    what was there, ``report.json`` last: a ``dest`` without it (an upload cut short) is unfinished.
-    ``local`` is left as it was."""
-    from ..storage import upload_dir
-
-    report = local / "report.json"
-    held = local.with_name(local.name + ".report.json")  # out of the folder while the rest goes up
-    report.rename(held)
-    try:
-        upload_dir(local, dest)
-    finally:
-        held.rename(report)
-    (dest / "report.json").write_bytes(report.read_bytes())
-
-
 def finish_evaluation(cfg: Config, prompts: pa.Table, answers: dict[str, pa.Table], paths: dict[str, str],
                       engines: dict[str, EngineConfig], changes: dict[str, dict],
                       served: dict[str, pa.Table] | None = None, endpoint: str | None = None,
@@ -125,7 +109,7 @@ def finish_evaluation(cfg: Config, prompts: pa.Table, answers: dict[str, pa.Tabl
     """Everything after the answers: write ``answers.parquet`` first (into ``eval.partial/``), probe
     memory, build and write the report, then rename ``eval.partial/`` to ``eval/``. Returns the report.
     With an ``s3://`` output_dir both folders are built locally, ``eval.partial/answers.parquet`` is
-    uploaded at once and ``eval/`` is uploaded when complete (``report.json`` last, see ``_publish``).
+    uploaded at once and ``eval/`` is uploaded when complete (``report.json`` last, ``storage.publish_folder``).
 
     ``answers``: model name → answers in prompt order (``GENERATED_SCHEMA`` + ``round``). A model
     that answered nothing or a probe that fails gives null figures and a warning; a plot that fails
@@ -177,8 +161,10 @@ def finish_evaluation(cfg: Config, prompts: pa.Table, answers: dict[str, pa.Tabl
         if staging:
             # the complete evaluation beside the old eval/ first, then eval/ replaced: a failure
             # while eval/ is rewritten leaves the whole new evaluation in eval.partial/
-            _publish(tmp, out / "eval.partial")
-            _publish(tmp, out / "eval")
+            from ..storage import publish_folder
+
+            publish_folder(tmp, out / "eval.partial", last="report.json")
+            publish_folder(tmp, out / "eval", last="report.json")
     except BaseException:
         log.error("evaluate: failed after every model had answered; the answers are kept in %s%s "
                   "(the next `raydistill evaluate` starts afresh and removes that folder)", kept / "answers.parquet",

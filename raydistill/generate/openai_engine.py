@@ -44,6 +44,7 @@ from functools import lru_cache, partial
 from typing import Any
 
 from ..config import GenerationConfig, TeacherConfig
+from ..openai_errors import server_message
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,6 @@ from .common import chat_messages
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 #: The longest ``Retry-After`` honoured (s); a longer one waits this long.
 MAX_RETRY_AFTER_S = 600.0
-#: At most this much of an error body goes into a row's ``error`` (characters).
-MAX_ERROR_CHARS = 500
 
 
 class _Secret:
@@ -223,7 +222,7 @@ class _Session:
                                "attempts": attempt, "batch_id": self.batch_id})
             retryable = status == 0 or status in RETRY_STATUSES
             if not retryable or attempt > f.max_retries:
-                what = f"HTTP {status}: {_server_message(text)}" if status else text
+                what = f"HTTP {status}: {server_message(text)}" if status else text
                 if retryable:
                     what = f"gave up after {attempt} attempt(s): {what}"
                 return _Reply({"status": status, "body": "", "error": _scrub(what, f.key), "latency_s": None,
@@ -250,22 +249,6 @@ def _retry_after(value: str | None) -> float | None:
         except (TypeError, ValueError):
             return None
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
-
-
-def _server_message(text: str) -> str:
-    """The message of an error body (OpenAI style ``{"error": {"message": ...}}``, vLLM's
-    ``{"message": ...}``), else the body itself; cut to MAX_ERROR_CHARS."""
-    try:
-        body = json.loads(text)
-    except ValueError:
-        body = None
-    if isinstance(body, dict):
-        err = body.get("error")
-        msg = err.get("message") if isinstance(err, dict) else err if isinstance(err, str) else body.get("message")
-        if msg:
-            text = str(msg)
-    text = " ".join(text.split())
-    return text[:MAX_ERROR_CHARS] + ("…" if len(text) > MAX_ERROR_CHARS else "")
 
 
 class _SessionFactory:
@@ -367,7 +350,7 @@ def _answer_row(row: dict, k: int, tokenizer: str | None) -> dict:
         choice = body["choices"][0]
         text = choice["message"].get("content") or ""
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-        out["error"] = f"unreadable answer ({type(e).__name__}: {e}): {_server_message(reply.get('body') or '')}"
+        out["error"] = f"unreadable answer ({type(e).__name__}: {e}): {server_message(reply.get('body') or '')}"
         return out
     usage = body.get("usage") or {}
     content = (choice.get("logprobs") or {}).get("content") or []

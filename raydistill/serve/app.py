@@ -3,12 +3,12 @@
 
 Served models (``GET /v1/models``): ``teacher``, ``student`` and ``ab``. ``model: "ab"`` picks an arm
 by ``serve.ab.weights``, sticky per value of the ``serve.ab.sticky_header`` request header
-(``pick_arm``). Every answer names its arm: the ``model`` field of the body (and of every streamed
+(``serve.routing.pick_arm``). Every answer names its arm: the ``model`` field of the body (and of every streamed
 chunk) and the ``x-raydistill-arm`` response header.
 
 Access: with ``serve.api_key_env`` every route but ``GET /health`` needs ``Authorization: Bearer
-<key>`` (``auth_problem``; 401 otherwise); without it the endpoint must bind a loopback address
-(``api_key_problem``). No answer names where a model is stored: model cards carry
+<key>`` (``serve.access.auth_problem``; 401 otherwise); without it the endpoint must bind a loopback
+address (``serve.access.api_key_problem``). No answer names where a model is stored: model cards carry
 ``model_fingerprint`` instead.
 
 This module imports nothing heavy at import time (Ray, vLLM and the ingress load inside
@@ -19,43 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import random
 from pathlib import Path
 from typing import Any
 
-from ..config import ABConfig, Config, ServeArmConfig, load
+from ..config import Config, ServeArmConfig, load
 from . import AB_MODEL, ARMS
+from .access import api_key_digest, api_key_problem
 
 log = logging.getLogger(__name__)
-
-
-def pick_arm(ab: ABConfig, user: str | None, rng: random.Random | None = None) -> str:
-    """The arm (``"teacher"`` or ``"student"``) that answers one ``model: "ab"`` request.
-
-    ``u`` in [0, 1) is ``sha256(f"{ab.seed}:{user}")`` read as a fraction (first 8 bytes / 2**64),
-    or a random draw when ``user`` is None or empty; the arm is the first of ``ARMS`` whose cumulative
-    normalized weight exceeds ``u``. So one user always lands on one arm, an arm of weight 0 never
-    answers, and over many users each arm's share tends to its weight. Arms missing from
-    ``ab.weights`` weigh 0.
-    """
-    if user:
-        u = int.from_bytes(hashlib.sha256(f"{ab.seed}:{user}".encode()).digest()[:8], "big") / 2**64
-    else:
-        u = (rng or random).random()
-    total = sum(ab.weights.get(a, 0.0) for a in ARMS)
-    cum = 0.0
-    for arm in ARMS:
-        cum += ab.weights.get(arm, 0.0) / total
-        if u < cum:
-            return arm
-    return next(a for a in reversed(ARMS) if ab.weights.get(a, 0.0) > 0)  # u within rounding of 1
-
-
-def request_via(model: str | None) -> str:
-    """How a request reached its arm, the ``via`` tag of the per-arm metrics: ``"ab"`` when it asked
-    for ``model: "ab"`` (an A/B user; ``pick_arm`` chose), else ``"direct"`` (it named the arm:
-    ``bench-serve``, evaluate, any direct caller). A/B figures are those with ``via="ab"``."""
-    return "ab" if model == AB_MODEL else "direct"
 
 
 def _student_ref(cfg: Config) -> str:
@@ -144,76 +115,6 @@ def arm_fingerprints(cfg: Config) -> dict[str, str]:
     """``model_fingerprint`` of each arm's model (``arm_refs``): what ``GET /v1/models`` shows in
     each arm's ``metadata.fingerprint``. Raises ``models.ModelError`` as ``model_fingerprint``."""
     return {arm: model_fingerprint(ref, cfg.storage) for arm, ref in arm_refs(cfg).items()}
-
-
-def is_loopback(host: str) -> bool:
-    """True when ``host`` is reachable only from this machine: ``localhost`` or a loopback address
-    (127.0.0.0/8, ::1). ``0.0.0.0`` and ``::`` (every interface) are not."""
-    import ipaddress
-
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:  # a host name: it may resolve to any interface
-        return False
-
-
-def api_key_problem(cfg: Config) -> str | None:
-    """Why ``cfg`` may not serve as it stands (None when it may): no ``serve.api_key_env`` while
-    ``serve.host`` is not a loopback address (anyone who reaches the host could use the models), or
-    an ``api_key_env`` that names an unset or empty environment variable."""
-    import os
-
-    name = cfg.serve.api_key_env
-    if name is None:
-        if is_loopback(cfg.serve.host):
-            return None
-        return (f"serve.host is {cfg.serve.host}, reachable from other machines, and serve.api_key_env is not set: "
-                "the endpoint would answer anyone. Set serve.api_key_env to the name of an environment variable "
-                "holding a key (e.g. --set serve.api_key_env=RAYDISTILL_SERVE_KEY with "
-                "export RAYDISTILL_SERVE_KEY=$(openssl rand -hex 32)); clients send `Authorization: Bearer <key>`. "
-                "Without a key, bind to 127.0.0.1")
-    if not os.environ.get(name, "").strip():
-        return (f"serve.api_key_env: environment variable {name} is not set (or empty); export it where the "
-                f"app is built (export {name}=...), or set serve.api_key_env=null on a 127.0.0.1 endpoint")
-    return None
-
-
-def api_key_digest(cfg: Config) -> str | None:
-    """SHA-256 (hex) of the key in ``serve.api_key_env``, None when no key is set: what the ingress
-    compares requests against (the key itself never leaves this process). Raises ValueError with
-    ``api_key_problem``'s message when the setting or the variable is missing."""
-    import os
-
-    problem = api_key_problem(cfg)
-    if problem:
-        raise ValueError(problem)
-    name = cfg.serve.api_key_env
-    return hashlib.sha256(os.environ[name].strip().encode()).hexdigest() if name else None
-
-
-def auth_problem(authorization: str | None, key_digest: str | None) -> str | None:
-    """The decision on one request: None lets it through, else the message of its 401 answer.
-
-    ``authorization``: the request's ``Authorization`` header (None when absent); ``key_digest``:
-    ``api_key_digest`` (None = no key required: everything passes). The header must be
-    ``Bearer <key>`` (scheme case-insensitive) with the key whose SHA-256 is ``key_digest``
-    (compared in constant time). The message never repeats what the client sent."""
-    import hmac
-
-    if key_digest is None:
-        return None
-    if not authorization or not authorization.strip():
-        return ("missing API key: send the header `Authorization: Bearer <key>` with the key of this endpoint "
-                "(the openai client's api_key)")
-    scheme, _, token = authorization.strip().partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return "malformed Authorization header: expected `Authorization: Bearer <key>`"
-    given = hashlib.sha256(token.strip().encode()).hexdigest()
-    if not hmac.compare_digest(given, key_digest):
-        return "invalid API key: the key sent is not this endpoint's key"
-    return None
 
 
 def serve_problems(cfg: Config, check_port: bool = True, local_only: bool = False) -> list[str]:
@@ -476,6 +377,5 @@ def app_builder(args: dict) -> Any:
     return build_app(cfg)
 
 
-__all__ = ["AB_MODEL", "ARMS", "api_key_digest", "api_key_problem", "app_builder", "arm_fingerprints", "arm_models",
-           "arm_refs", "auth_problem", "build_app", "is_loopback", "llm_config", "model_fingerprint", "pick_arm",
-           "engine_batch_size", "port_problem", "request_via", "serve_problems", "sizing_warnings"]
+__all__ = ["AB_MODEL", "ARMS", "app_builder", "arm_fingerprints", "arm_models", "arm_refs", "build_app", "llm_config",
+           "model_fingerprint", "engine_batch_size", "port_problem", "serve_problems", "sizing_warnings"]

@@ -3,7 +3,7 @@ clear request errors and a health route. Imports ``ray.serve.llm`` (which needs 
 through ``raydistill.serve.app.build_app``.
 
 Ray's ``OpenAiIngress`` routes a request to the deployment named by its ``model`` field; this
-subclass turns ``model: "ab"`` into ``teacher`` or ``student`` (``app.pick_arm``) before
+subclass turns ``model: "ab"`` into ``teacher`` or ``student`` (``routing.pick_arm``) before
 delegating, because the engine only knows its own model id.
 """
 
@@ -26,7 +26,8 @@ from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionReq
 from ..config import ABConfig
 from ..data import first_bad_text
 from . import AB_MODEL, ARM_HEADER, ARMS
-from .app import auth_problem, pick_arm, request_via
+from .access import auth_problem
+from .routing import pick_arm, request_via
 
 log = logging.getLogger("ray.serve")
 
@@ -100,13 +101,13 @@ OPEN_PATHS = ("/health",)
 
 class BearerAuth:
     """ASGI middleware: every HTTP request except ``OPEN_PATHS`` and CORS preflights (OPTIONS) needs
-    ``Authorization: Bearer <key>`` (``app.auth_problem``); otherwise a 401 OpenAI-style error
+    ``Authorization: Bearer <key>`` (``access.auth_problem``); otherwise a 401 OpenAI-style error
     (type ``invalid_request_error``, code ``invalid_api_key``, header ``WWW-Authenticate: Bearer``),
     before the body is read. Added outermost, so an unauthenticated client learns nothing else
     (not even which routes exist).
 
     Args:
-        key_digest: SHA-256 (hex) of the key (``app.api_key_digest``).
+        key_digest: SHA-256 (hex) of the key (``access.api_key_digest``).
     """
 
     def __init__(self, app, key_digest: str):
