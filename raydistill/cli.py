@@ -202,11 +202,10 @@ def serve(config: ConfigArg, set_: SetOpt = None) -> None:
     down (on a RAY_ADDRESS cluster: deletes only this application), frees the port and exits 0."""
     import os
 
+    from .jobmode import submission_id
     from .models import ModelError
     from .serve.app import serve_problems
     from .serve.lifecycle import serve_until_stopped
-
-    from .jobmode import submission_id
 
     cfg = _load(config, set_)
     # On a cluster (RAY_ADDRESS, or a Ray job) the replicas download hub ids and s3:// folders on

@@ -43,9 +43,16 @@ def preflight(cfg: Config, counts: dict[str, int] | None) -> list[str]:
     """Problems that would stop a stage later: model references, layer indices, an architecture
     init=prune cannot prune, LoRA target modules the student lacks (checked on the meta device
     when the model's config.json is at hand), split sizes."""
-    from .models import ModelError, check_prunable, check_reference, config_json, lora_target_problem, meta_model
-
-    from .models import EMBEDDED_PREFIX, resolve_model
+    from .models import (
+        EMBEDDED_PREFIX,
+        ModelError,
+        check_prunable,
+        check_reference,
+        config_json,
+        lora_target_problem,
+        meta_model,
+        resolve_model,
+    )
 
     problems = []
     needs_files = cfg.student.init == "prune" and (cfg.student.keep_layers or cfg.train.lora.enabled)

@@ -222,8 +222,15 @@ def finished_answers(cfg) -> tuple[pa.Table, dict[str, pa.Table]]:
 
 def tiny_arch(folder, kind, tokenizer_dir):
     """A tiny random GPT-2, OPT or GPT-NeoX (4 layers) with the tiny model's tokenizer, built here."""
-    from transformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM,
-                              OPTConfig, OPTForCausalLM)
+    from transformers import (
+        AutoTokenizer,
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        OPTConfig,
+        OPTForCausalLM,
+    )
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)

@@ -10,8 +10,14 @@ import sys
 import pytest
 from transformers import AutoTokenizer
 
-from raydistill.chat import (end_of_turn_ids, has_special_text, prompt_ids, stop_token_ids, text_ids,
-                             tokenizer_fingerprint)
+from raydistill.chat import (
+    end_of_turn_ids,
+    has_special_text,
+    prompt_ids,
+    stop_token_ids,
+    text_ids,
+    tokenizer_fingerprint,
+)
 
 
 @pytest.fixture(scope="module")

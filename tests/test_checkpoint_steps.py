@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from raydistill.train import loop as L
-from raydistill.train.smoke import build_student, settings, synthetic_batches
 from raydistill.train.plan import checkpoint_steps
+from raydistill.train.smoke import build_student, settings, synthetic_batches
 
 
 @pytest.mark.parametrize("total,per_epoch,every,validation", [(7, 3, 2, True), (7, 3, 2, False), (5, 2, 0, False)])

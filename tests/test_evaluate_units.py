@@ -7,8 +7,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from raydistill.evaluate.figures import (MODEL_NAMES, degeneracy, model_report, ratio_spread, repetition, retained,
-                                         timing_ratios)
+from raydistill.evaluate.figures import (
+    MODEL_NAMES,
+    degeneracy,
+    model_report,
+    ratio_spread,
+    repetition,
+    retained,
+    timing_ratios,
+)
 from raydistill.evaluate.probes import memory_probe, model_files
 from raydistill.evaluate.render import write_report
 from raydistill.evaluate.report import build_report

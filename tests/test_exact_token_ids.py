@@ -70,10 +70,9 @@ def _cfg(tmp_path, base_url, tokenizer, loss="logit_kd"):
 
 @pytest.mark.parametrize("api", ["deepseek"], indirect=True)
 def test_logit_kd_from_an_api_that_is_not_vllm_is_refused_up_front(api, tmp_path, tiny_model):
-    from raydistill.validate import preflight
-    from raydistill.generate import run_generate
+    from raydistill.generate import GenerationError, run_generate
     from raydistill.generate.openai_engine import exact_ids_problem
-    from raydistill.generate import GenerationError
+    from raydistill.validate import preflight
 
     cfg = _cfg(tmp_path, api.url, tiny_model)
     msg = exact_ids_problem(cfg)

@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from raydistill.config import load
-from raydistill.storage import storage_path
 from raydistill.corpus import order_keys
+from raydistill.storage import storage_path
 from raydistill.train.examples import RETOKENIZED, order_boundaries, read_trained_rows, write_examples
 
 from .helpers import eval_config, write_corpus

@@ -77,8 +77,7 @@ def test_outage_stops_early_and_the_rerun_answers_exactly_the_rest(tiny_model, t
     The rerun (engine healthy again) asks the engine for exactly the prompts not answered before,
     and the finished corpus holds every prompt once."""
     from raydistill.config import load
-    from raydistill.generate import answer, run_generate
-    from raydistill.generate import GenerationError
+    from raydistill.generate import GenerationError, answer, run_generate
 
     cfg = load(_config(tmp_path, tiny_model, 60, generation={"error_window": 8, "max_error_rate": 0.5,
                                                              "rows_per_file": 8},
@@ -197,8 +196,7 @@ def test_generate_fails_when_every_answer_was_cut(tiny_model, tmp_path, ray_loca
     """Wired into the stage: math prompts whose answers all end at max_new_tokens without a final
     answer fail generate (no manifest, nothing in data/), naming the reason and the setting."""
     from raydistill.config import load
-    from raydistill.generate import answer, run_generate
-    from raydistill.generate import GenerationError
+    from raydistill.generate import GenerationError, answer, run_generate
 
     cfg = load(_config(tmp_path, tiny_model, 10, data={"task": "math"}, filter={"duplicates": False}))
     monkeypatch.setattr(answer, "answer_dataset", scripted_engine(None, tmp_path / "calls", response="Let me think",

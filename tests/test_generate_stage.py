@@ -105,8 +105,7 @@ def test_generation_killed_part_way_resumes_with_every_prompt_exactly_once(tiny_
 @pytest.mark.slow  # three generate runs (about 10 min on a loaded 2-core machine); the pipeline tests rerun a finished generate by default
 def test_rerun_keeps_a_finished_corpus_and_overwrite_starts_again(tiny_model, tmp_path, ray_local):
     from raydistill.config import load
-    from raydistill.generate import run_generate
-    from raydistill.generate import GenerationError
+    from raydistill.generate import GenerationError, run_generate
 
     rows = _prompts(30)
     data = write_jsonl(tmp_path / "p.jsonl", rows)
@@ -171,8 +170,7 @@ def test_error_share_stops_the_job_and_rows_below_it_are_rejects(tiny_model, tmp
     job stops with the share and the first errors, below it they are counted as rejects. Failed
     rows are not committed: the rerun tries those prompts again (and only those)."""
     from raydistill.config import load
-    from raydistill.generate import run_generate
-    from raydistill.generate import GenerationError
+    from raydistill.generate import GenerationError, run_generate
 
     rows = _prompts(20)
     long_ids = [r["qid"] for r in rows][:4]

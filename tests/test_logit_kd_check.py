@@ -13,7 +13,6 @@ from raydistill.train.stage import run_train
 from raydistill.train.student import VocabularyMismatch
 
 from .fake_hub import serving, with_weights
-
 from .helpers import kd_config
 
 HUB_STUDENT = "fake-org/narrow-student"

@@ -10,8 +10,7 @@ import math
 import pytest
 
 from raydistill.storage import storage_path
-from raydistill.train.observe import (MlflowLogger, MlflowMissingError, plot_losses, read_metrics,
-                                      require_mlflow)
+from raydistill.train.observe import MlflowLogger, MlflowMissingError, plot_losses, read_metrics, require_mlflow
 
 from .conftest import make_bucket
 

@@ -30,9 +30,8 @@ def _cli(*args: str):
 
 
 def _check_corpus(out: Path, cfg) -> list[dict]:
-    from raydistill.data import load_prompts
-
     from raydistill.corpus import read_prompts
+    from raydistill.data import load_prompts
 
     manifest = json.loads((out / "corpus" / "manifest.json").read_text())
     table = pq.read_table(out / "corpus" / "data")

@@ -10,10 +10,17 @@ import sys
 import time
 from pathlib import Path
 
-
 from raydistill.config import load
-from raydistill.resources import (Capacity, NodeType, check, local_cpus_needed, node_types_from_gcs,
-                                  node_types_from_launcher, place, stage_asks)
+from raydistill.resources import (
+    Capacity,
+    NodeType,
+    check,
+    local_cpus_needed,
+    node_types_from_gcs,
+    node_types_from_launcher,
+    place,
+    stage_asks,
+)
 
 from ._ray_head import ray_head
 

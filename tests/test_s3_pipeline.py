@@ -55,10 +55,10 @@ def test_evaluate_on_s3_keeps_the_answers_and_replaces_eval_only_when_complete(t
     """output_dir on S3: a failure after the answers leaves them in ``eval.partial/`` in S3 and the
     previous ``eval/`` untouched; an upload cut short leaves an ``eval/`` without ``report.json``
     (unfinished); a finished evaluation replaces ``eval/`` whole and removes ``eval.partial/``."""
+    import raydistill.storage as st
     from raydistill.evaluate import render
     from raydistill.evaluate.figures import MODEL_NAMES
     from raydistill.evaluate.run import finish_evaluation
-    import raydistill.storage as st
 
     run = f"{_bucket()}/run"
     cfg, prompts, answers, paths, engines = _eval_inputs(tmp_path, tiny_model, run)

@@ -14,7 +14,6 @@ from raydistill.serve.app import VLLM_MAX_NUM_SEQS, engine_batch_size, llm_confi
 
 from .helpers import REPO, SHIPPED, classify, rel
 
-
 LIMITS = ("max_ongoing_requests", "max_queued_requests")
 
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from raydistill.tasks import (bleu, bleu_tokenizer, extract_nli_label, extract_number, rouge_l,
-                              rouge_tokens, score)
-
+from raydistill.tasks import bleu, bleu_tokenizer, extract_nli_label, extract_number, rouge_l, rouge_tokens, score
 
 # --- extract_number ----------------------------------------------------------------------------
 

@@ -10,11 +10,18 @@ from transformers import AutoTokenizer
 
 from raydistill.chat import end_of_turn_ids, prompt_ids, text_ids, tokenizer_fingerprint
 from raydistill.config import load
-from raydistill.train.losses import IGNORE_INDEX
 from raydistill.train.checkpoints import META_FILE, latest_checkpoint, prune
-from raydistill.train.examples import (RETOKENIZED, TEACHER_IDS, build_example, choose_label_source, collate, pack,
-                                       tokenize_batch)
+from raydistill.train.examples import (
+    RETOKENIZED,
+    TEACHER_IDS,
+    build_example,
+    choose_label_source,
+    collate,
+    pack,
+    tokenize_batch,
+)
 from raydistill.train.loop import lr_lambda
+from raydistill.train.losses import IGNORE_INDEX
 from raydistill.train.plan import plan_steps, warmup_steps
 
 USER = [{"role": "user", "content": "What is the capital of France?"}]

@@ -20,8 +20,18 @@ from __future__ import annotations
 import pyarrow as pa
 
 from ..config import DataConfig, TaskPromptsConfig
-from .files import (FORMATS, PICKLED_EXTENSION_TYPES, check_parquet_files, check_parquet_schema, first_bad_text,
-                    parquet_rows, parse_records, pickled_columns, read_records, resolve_data_path)
+from .files import (
+    FORMATS,
+    PICKLED_EXTENSION_TYPES,
+    check_parquet_files,
+    check_parquet_schema,
+    first_bad_text,
+    parquet_rows,
+    parse_records,
+    pickled_columns,
+    read_records,
+    resolve_data_path,
+)
 from .rows import make_prompts
 from .split import SPLIT_RULE, sample_by_task, select_split, split_key, split_of, task_quotas
 from .values import DataError

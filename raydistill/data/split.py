@@ -12,7 +12,6 @@ import unicodedata
 
 import pyarrow as pa
 
-
 #: How ``make_prompts`` decides splits; recorded in ``corpus/prompts/_COMPLETE`` (``split_rule``). A
 #: corpus whose record has none was split by prompt id (an earlier rule).
 SPLIT_RULE = "messages-or-group-sha256"

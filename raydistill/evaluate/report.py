@@ -12,8 +12,20 @@ from __future__ import annotations
 import pyarrow as pa
 
 from ..config import Config
-from .figures import (BYTES_PER_PARAM, DEGENERATE_SHARE, MODEL_NAMES, REPEAT_COVERAGE, STUDENTS, model_report,
-                      ratio, ratio_spread, retained, round_figures, timing_figures, timing_ratios)
+from .figures import (
+    BYTES_PER_PARAM,
+    DEGENERATE_SHARE,
+    MODEL_NAMES,
+    REPEAT_COVERAGE,
+    STUDENTS,
+    model_report,
+    ratio,
+    ratio_spread,
+    retained,
+    round_figures,
+    timing_figures,
+    timing_ratios,
+)
 from .render import pct
 
 

@@ -47,8 +47,18 @@ from ..schema import SCHEMA_VERSION
 from .answering import generate_answers
 from .filtering import check_errors, check_kept, filter_config, outcome_stats, tag_answers, write_filtered
 from .prompts import precheck_sample, write_prompts
-from .resume import (ERRORS_DIR, RUNS_DIR, SETTINGS, GenerationError, check_settings, cleanup, committed_rows,
-                     run_history, settle_checkpoints, shared_settings)
+from .resume import (
+    ERRORS_DIR,
+    RUNS_DIR,
+    SETTINGS,
+    GenerationError,
+    check_settings,
+    cleanup,
+    committed_rows,
+    run_history,
+    settle_checkpoints,
+    shared_settings,
+)
 
 log = logging.getLogger(__name__)
 

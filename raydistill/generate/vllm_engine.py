@@ -15,8 +15,14 @@ from ..config import EngineConfig, GenerationConfig, StorageConfig
 
 log = logging.getLogger(__name__)
 
-from .common import (chat_messages, engine_dtype, finish_reason_of, flat_top_logprobs, model_stop_ids,
-                     prompt_tokenizer_pool)
+from .common import (
+    chat_messages,
+    engine_dtype,
+    finish_reason_of,
+    flat_top_logprobs,
+    model_stop_ids,
+    prompt_tokenizer_pool,
+)
 
 
 class _PromptTokenizer:

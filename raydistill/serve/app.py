@@ -280,10 +280,9 @@ def build_app(cfg: Config):
     """
     from ray import serve
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray.llm._internal.serve.core.ingress.ingress import init as init_fastapi
     from ray.serve.llm import LLMConfig, build_llm_deployment
     from ray.serve.llm.ingress import make_fastapi_ingress
-
-    from ray.llm._internal.serve.core.ingress.ingress import init as init_fastapi
 
     from .ingress import ENDPOINTS, ABIngress, BearerAuth
 

@@ -52,8 +52,15 @@ from pathlib import Path
 from ..config import Config
 from ..stats import percentile, ratio
 from . import ARMS
-from .client import (REQUEST_TIMEOUT_S, RequestRecord, api_key, check_endpoint, check_served_models, endpoint_url,
-                     run_requests)
+from .client import (
+    REQUEST_TIMEOUT_S,
+    RequestRecord,
+    api_key,
+    check_endpoint,
+    check_served_models,
+    endpoint_url,
+    run_requests,
+)
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,11 @@ import uuid
 from typing import Any, Dict, Optional
 
 from fastapi import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..config import ABConfig
 from ..data import first_bad_text

@@ -14,8 +14,17 @@ same rules as the scorers:
 
 from __future__ import annotations
 
-from .extract import (extract_nli_label, extract_number, marked_text, nli_hit, nli_reference, normalise_math, qa_text,
-                      same_number, stated_number)
+from .extract import (
+    extract_nli_label,
+    extract_number,
+    marked_text,
+    nli_hit,
+    nli_reference,
+    normalise_math,
+    qa_text,
+    same_number,
+    stated_number,
+)
 from .text_metrics import rouge_tokens
 
 #: Tasks whose answers carry a final answer that ``final_answer`` reads.

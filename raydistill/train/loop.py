@@ -39,8 +39,16 @@ from typing import Any
 import torch
 
 from . import parallel
-from .checkpoints import (HF_SUBDIR, HISTORY_FILE, STATE_FILE, best_checkpoint, latest_checkpoint, load_state, prune,
-                          write_meta)
+from .checkpoints import (
+    HF_SUBDIR,
+    HISTORY_FILE,
+    STATE_FILE,
+    best_checkpoint,
+    latest_checkpoint,
+    load_state,
+    prune,
+    write_meta,
+)
 from .losses import IGNORE_INDEX, combine
 from .plan import Plan
 from .prefetch import prefetched

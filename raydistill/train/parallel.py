@@ -343,8 +343,8 @@ def save_hf(model_unwrapped, state_dict: dict[str, Any], out_dir: str | Path, dt
 def _merged_lora_state(peft_model, state_dict: dict[str, Any]) -> dict[str, Any]:
     """``state_dict`` (peft's names, full tensors) with every LoRA adapter folded into its base
     weight, under the base model's names (``model.layers.0.self_attn.q_proj.weight``)."""
-    from peft.tuners.lora import LoraLayer
     from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
 
     adapter = peft_model.active_adapter
     merged = dict(state_dict)
