@@ -1,4 +1,4 @@
-"""``raydistill`` command line: run | generate | train | evaluate | validate | demo.
+"""``raydistill`` command line: run | generate | train | evaluate | validate | demo | serve | bench-serve.
 
 Every command takes a YAML config and repeatable ``--set dotted.key=value`` overrides, writes
 the resolved config to ``<output_dir>/config.yaml``, and exits non-zero with a one-paragraph
