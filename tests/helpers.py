@@ -127,7 +127,7 @@ def write_corpus(cfg, prompts: pa.Table | None = None, *, n: int | None = None,
     corpus = Path(cfg.output_dir) / "corpus"
     corpus.mkdir(parents=True)
     write_prompts(corpus, prompts)
-    chosen = prompts if answered is None else select_split(prompts, answered)
+    chosen = prompts if answered is None else select_split(prompts, answered) if answered else prompts.slice(0, 0)
     rows = [dict(p, response=varied_answer(i) if varied else "The answer is 1.", response_token_ids=[],
                  finish_reason="stop", prompt_tokens=1, response_tokens=1, latency_s=0.1, batch_id="b", error=None,
                  teacher="t", generation_params="{}") for i, p in enumerate(chosen.to_pylist())]
