@@ -61,7 +61,7 @@ def _load(config: Path | None, overrides: list[str] | None) -> Config:
 
 
 def _prepare(cfg: Config, stages: tuple[str, ...]) -> None:
-    from .storage import storage_path
+    from .layout import output_location
 
     if "train" in stages and cfg.train.mlflow.enabled:  # before generation, not after it
         from .train.observe import MlflowMissingError, require_mlflow
@@ -70,7 +70,7 @@ def _prepare(cfg: Config, stages: tuple[str, ...]) -> None:
             require_mlflow()
         except MlflowMissingError as e:
             _fail(str(e))
-    (storage_path(cfg.output_dir, cfg.storage) / "config.yaml").write_text(cfg.dump())
+    (output_location(cfg) / "config.yaml").write_text(cfg.dump())
 
 
 def _output_location(cfg: Config, reads_data: bool = False) -> str:
@@ -78,7 +78,7 @@ def _output_location(cfg: Config, reads_data: bool = False) -> str:
     cannot use (raydistill.jobmode), then say where the outputs go (absolute path or s3:// URI);
     returns it."""
     from .jobmode import JobModeError, check_output_dir, input_problem
-    from .storage import storage_path
+    from .layout import output_location
 
     try:
         job = check_output_dir(cfg.output_dir, cfg.storage.shared_local)
@@ -88,7 +88,7 @@ def _output_location(cfg: Config, reads_data: bool = False) -> str:
     problem = input_problem(cfg.data.path, cfg.storage.shared_local, job) if reads_data else None
     if problem:
         _fail(problem)
-    uri = storage_path(cfg.output_dir, cfg.storage).uri
+    uri = output_location(cfg).uri
     typer.echo(f"output location: {uri}" + (f" (Ray job {job})" if job else ""), err=True)
     return uri
 
@@ -157,9 +157,9 @@ def _run_stages(cfg: Config, stages: tuple[str, ...], overwrite: bool = False) -
         raise typer.Exit(code=130) from None
     log.info("finished in %.0f s; outputs in %s", time.perf_counter() - t0, location)
     if "evaluate" in stages:
-        from .storage import storage_path
+        from .layout import eval_location
 
-        typer.echo(f"report: {storage_path(cfg.output_dir, cfg.storage) / 'eval' / 'report.md'}")
+        typer.echo(f"report: {eval_location(cfg) / 'report.md'}")
 
 
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Make the stages' outputs again even when finished "
@@ -215,10 +215,10 @@ def serve(config: ConfigArg, set_: SetOpt = None) -> None:
         _fail("cannot serve:\n  " + "\n  ".join(problems))
     _setup_logging()
     location = _output_location(cfg)
-    from .storage import storage_path
+    from .layout import serve_location
 
     try:
-        (storage_path(cfg.output_dir, cfg.storage) / "serve" / "config.yaml").write_text(cfg.dump())
+        (serve_location(cfg) / "config.yaml").write_text(cfg.dump())
     except OSError as e:
         _fail(_unwritable(location, e))
     _ensure_ray(cfg, ("serve",))

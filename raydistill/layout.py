@@ -1,70 +1,102 @@
 """The run folder: where each stage writes, in one place.
 
-Stages find each other's outputs only through these paths (and ``raydistill.corpus`` for the
+Stages find each other's outputs only through these locations (and ``raydistill.corpus`` for the
 corpus contents), never by importing another stage (evaluate reuses generate's engine functions to
-answer its prompts, not to find generate's outputs)::
+answer its prompts, not to find generate's outputs). Every ``*_location`` function returns a
+``storage.StoragePath`` (local or ``s3://``, with the ``storage.*`` settings); a stage that needs a
+local ``Path`` takes it from there (``.local()``). No other module spells a folder name below::
 
-    <output_dir>/
+    <output_dir>/            output_location
       config.yaml            resolved config of the last command
-      corpus/                generate: prompts/ (the split), data/ and rejects/ (part-*.parquet), manifest.json
-                             (local or s3://; see raydistill.corpus)
-      baseline_student/      train (student.init=prune): the student before training
-      train/                 train: metrics.jsonl, loss.png, summary.json, student_init.json, examples/
-                             (tokenized, per split), ray/ (checkpoints; removed after a finished run
-                             unless train.delete_checkpoints=false); local or s3://
-      student/               train: the distilled student (HF folder; local or s3://)
-      eval/                  evaluate: report.{json,md}, answers.parquet, *.png
-      bench/                 bench-serve: serve.{json,md,png}, config.yaml
+      corpus/                corpus_location. generate: prompts/ (the split), data/ and rejects/
+                             (part-*.parquet), manifest.json (see raydistill.corpus)
+      baseline_student/      baseline_location. train (student.init=prune): the student before training
+      train/                 train_location. train: metrics.jsonl, loss.png, summary.json, student_init.json,
+                             examples/ (examples_location: tokenized, per split), ray/ (ray_train_location:
+                             Ray Train's run folder with the checkpoints; removed after a finished run
+                             unless train.delete_checkpoints=false)
+      student/               student_location. train: the distilled student (HF folder)
+      eval/                  eval_location. evaluate: report.{json,md}, answers.parquet, *.png
+      eval.partial/          eval_partial_location. evaluate: eval/ while it is built (answers.parquet
+                             first); renamed (uploaded, for s3://) to eval/ when complete, and left with
+                             the answers when a later step fails
+      serve/                 serve_location. serve: config.yaml
+      bench/                 bench_location. bench-serve: serve.{json,md,png}, config.yaml
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import Config
 
-
-def output_dir(cfg: Config) -> Path:
-    return Path(cfg.output_dir)
-
-
-def corpus_dir(cfg: Config) -> Path:
-    return output_dir(cfg) / "corpus"
+if TYPE_CHECKING:
+    from .storage import StoragePath
 
 
-def train_dir(cfg: Config) -> Path:
-    return output_dir(cfg) / "train"
+def output_location(cfg: Config) -> StoragePath:
+    """``output_dir`` itself (local paths made absolute)."""
+    from .storage import storage_path
+
+    return storage_path(cfg.output_dir, cfg.storage)
 
 
-def student_dir(cfg: Config) -> Path:
-    return output_dir(cfg) / "student"
+def corpus_location(cfg: Config) -> StoragePath:
+    """``corpus/``: what generate writes (see ``raydistill.corpus``)."""
+    return output_location(cfg) / "corpus"
 
 
-def eval_dir(cfg: Config) -> Path:
-    return output_dir(cfg) / "eval"
+def baseline_location(cfg: Config) -> StoragePath:
+    """``baseline_student/``: the pruned student before training (student.init=prune)."""
+    return output_location(cfg) / "baseline_student"
 
 
-def bench_dir(cfg: Config) -> Path:
-    """Where `raydistill bench-serve` writes (serve.json, serve.md, serve.png, config.yaml)."""
-    return output_dir(cfg) / "bench"
+def train_location(cfg: Config) -> StoragePath:
+    """``train/``: training's records, metrics and plots (``train.stage``)."""
+    return output_location(cfg) / "train"
 
 
-def pruned_baseline_dir(cfg: Config) -> Path:
-    """Where train writes the pruned baseline student (student.init=prune)."""
-    return output_dir(cfg) / "baseline_student"
+def examples_location(cfg: Config, split: str | None = None) -> StoragePath:
+    """``train/examples/``: the tokenized examples; with ``split``, that split's folder."""
+    folder = train_location(cfg) / "examples"
+    return folder / split if split else folder
+
+
+def ray_train_location(cfg: Config) -> StoragePath:
+    """``train/ray/``: Ray Train's run folder (its ``RunConfig`` name is this folder's name),
+    holding the checkpoints."""
+    return train_location(cfg) / "ray"
+
+
+def student_location(cfg: Config) -> StoragePath:
+    """``student/``: the distilled student (HF folder)."""
+    return output_location(cfg) / "student"
+
+
+def eval_location(cfg: Config) -> StoragePath:
+    """``eval/``: the finished evaluation (``report.json`` last)."""
+    return output_location(cfg) / "eval"
+
+
+def eval_partial_location(cfg: Config) -> StoragePath:
+    """``eval.partial/``: the evaluation while it is built, and its answers after a failure."""
+    return output_location(cfg) / "eval.partial"
+
+
+def serve_location(cfg: Config) -> StoragePath:
+    """``serve/``: where `raydistill serve` writes its resolved config."""
+    return output_location(cfg) / "serve"
+
+
+def bench_location(cfg: Config) -> StoragePath:
+    """``bench/``: where `raydistill bench-serve` writes (serve.json, serve.md, serve.png, config.yaml)."""
+    return output_location(cfg) / "bench"
 
 
 def baseline_student_ref(cfg: Config) -> str:
-    """The baseline (untrained) student: ``output_dir/baseline_student`` for init=prune, else the
+    """The baseline (untrained) student: ``baseline_location`` (its URI) for init=prune, else the
     ``student.model`` reference as given (resolve it with ``raydistill.models.resolve_model``)."""
     if cfg.student.init == "prune":
-        return str(pruned_baseline_dir(cfg))
+        return baseline_location(cfg).uri
     assert cfg.student.model is not None  # enforced by StudentConfig
     return cfg.student.model
-
-
-def corpus_location(cfg: Config):
-    """``corpus/`` as a ``storage.StoragePath`` (local or s3://, with ``storage.*`` settings)."""
-    from .storage import storage_path
-
-    return storage_path(cfg.output_dir, cfg.storage) / "corpus"

@@ -155,10 +155,9 @@ def evaluate_stage(cfg) -> Stage:
 
     from .config import EngineConfig
     from .corpus import MANIFEST, PROMPTS_DIR
-    from .layout import corpus_location
+    from .layout import baseline_location, corpus_location, eval_location, student_location
     from .storage import is_remote, storage_path
 
-    out = storage_path(cfg.output_dir, cfg.storage)
     corpus = corpus_location(cfg)
     settings = {
         # eval's GPU engine fields (on every engine config since they moved to EngineConfig) count only
@@ -176,12 +175,13 @@ def evaluate_stage(cfg) -> Stage:
     if cfg.eval.latency_source == "serve":
         settings["serve"] = cfg.serve.model_dump(mode="json")
     if cfg.student.init == "prune":
-        baseline = fingerprint(out / "baseline_student")
+        baseline = fingerprint(baseline_location(cfg))
     else:
         model = cfg.student.model
         local = is_remote(model) or Path(model).exists()
         baseline = {"ref": model, "files": fingerprint(storage_path(model, cfg.storage)) if local else None}
-    inputs = {"student": fingerprint(out / "student"), "baseline_student": baseline,
+    inputs = {"student": fingerprint(student_location(cfg)), "baseline_student": baseline,
               "student_settings": cfg.student.model_dump(mode="json"),
               "prompts": fingerprint(corpus / PROMPTS_DIR), "corpus_manifest": fingerprint(corpus / MANIFEST)}
-    return Stage("evaluate", out / "eval" / RECORD, {"eval": out / "eval"}, settings=settings, inputs=inputs)
+    folder = eval_location(cfg)
+    return Stage("evaluate", folder / RECORD, {"eval": folder}, settings=settings, inputs=inputs)

@@ -39,11 +39,11 @@ def run_evaluate(cfg: Config, overwrite: bool = False) -> dict:
     and a later failure keeps ``eval.partial/`` (the log says so). With an ``s3://`` output_dir the
     students are read through a local copy and ``eval/`` is uploaded (see docs/report.md, "Files").
     """
-    from ..layout import baseline_student_ref, student_dir
+    from ..layout import baseline_location, baseline_student_ref, student_location
     from ..models import resolve_model
     from ..runtime import init_ray
     from ..stages import evaluate_stage
-    from ..storage import is_remote, local_copy, storage_path
+    from ..storage import is_remote, local_copy
 
     stage = evaluate_stage(cfg)
     if stage.done(overwrite):
@@ -53,15 +53,16 @@ def run_evaluate(cfg: Config, overwrite: bool = False) -> dict:
     paths = {"teacher": cfg.teacher.model if api_teacher else resolve_model(cfg.teacher.model),
              "baseline_student": (baseline_student_ref(cfg) if cfg.student.init == "prune"
                                   else resolve_model(baseline_student_ref(cfg))),
-             "student": str(student_dir(cfg))}
+             "student": student_location(cfg).uri}
     # Both are written by `raydistill train` (the baseline only for init=prune; otherwise it is student.model).
     written = ("baseline_student", "student") if cfg.student.init == "prune" else ("student",)
     shown = dict(paths)  # what the report calls each model (its S3 URI for an s3:// run)
     if is_remote(cfg.output_dir):
-        out = storage_path(cfg.output_dir, cfg.storage)
+        locations = {"baseline_student": baseline_location, "student": student_location}
         for name in written:
-            shown[name] = (out / name).uri
-            if not (out / name / "config.json").is_file():
+            folder = locations[name](cfg)
+            shown[name] = folder.uri
+            if not (folder / "config.json").is_file():
                 raise FileNotFoundError(f"no {name} at {shown[name]}: run `raydistill train` first")
         for name in written:
             paths[name] = local_copy(shown[name], cfg.storage, weights=False)  # the engines fetch the weights
@@ -123,13 +124,12 @@ def finish_evaluation(cfg: Config, prompts: pa.Table, answers: dict[str, pa.Tabl
 
     import pyarrow.parquet as pq
 
-    from ..layout import eval_dir
-    from ..storage import storage_path, upload_dir
+    from ..layout import eval_location, eval_partial_location
+    from ..storage import upload_dir
 
-    out = storage_path(cfg.output_dir, cfg.storage)
-    staging = Path(tempfile.mkdtemp(prefix="raydistill-eval-")) if out.remote else None
-    folder = staging / "eval" if staging else eval_dir(cfg)
-    tmp = folder.with_name("eval.partial")
+    dest, partial = eval_location(cfg), eval_partial_location(cfg)
+    staging = Path(tempfile.mkdtemp(prefix="raydistill-eval-")) if dest.remote else None
+    tmp = staging / partial.name if staging else partial.local()
     kept = tmp  # where the answers stay after a failure (in the run's storage once uploaded)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -142,8 +142,8 @@ def finish_evaluation(cfg: Config, prompts: pa.Table, answers: dict[str, pa.Tabl
         timing = {n: served.get(n) for n in MODEL_NAMES}
     try:
         if staging:  # the answers in the run's storage before anything else can fail
-            upload_dir(tmp, out / "eval.partial")
-            kept = out / "eval.partial"
+            upload_dir(tmp, partial)
+            kept = partial
         probe_msgs = [list(m) for m in prompts.column("messages").to_pylist()[: cfg.eval.memory_probe_batch]]
         info = {name: model_info(paths[name], engines[name], probe_msgs, cfg.eval.memory_probe_batch,
                                   (shown or {}).get(name, paths[name]), cfg.storage)
@@ -163,8 +163,8 @@ def finish_evaluation(cfg: Config, prompts: pa.Table, answers: dict[str, pa.Tabl
             # while eval/ is rewritten leaves the whole new evaluation in eval.partial/
             from ..storage import publish_folder
 
-            publish_folder(tmp, out / "eval.partial", last="report.json")
-            publish_folder(tmp, out / "eval", last="report.json")
+            publish_folder(tmp, partial, last="report.json")
+            publish_folder(tmp, dest, last="report.json")
     except BaseException:
         log.error("evaluate: failed after every model had answered; the answers are kept in %s%s "
                   "(the next `raydistill evaluate` starts afresh and removes that folder)", kept / "answers.parquet",
@@ -177,8 +177,9 @@ def finish_evaluation(cfg: Config, prompts: pa.Table, answers: dict[str, pa.Tabl
         except OSError as e:
             log.warning("evaluate: %s could not be removed (%s); eval/ is complete", kept.uri, e)
     if staging:
-        folder = out / "eval"
+        folder = dest
     else:
+        folder = dest.local()
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
     for w in report["warnings"]:

@@ -30,12 +30,9 @@ log = logging.getLogger(__name__)
 
 
 def _student_ref(cfg: Config) -> str:
-    from ..layout import student_dir
-    from ..storage import is_remote
+    from ..layout import student_location
 
-    if is_remote(cfg.output_dir):
-        return cfg.output_dir.rstrip("/") + "/student"
-    return str(student_dir(cfg))
+    return student_location(cfg).uri
 
 
 def arm_refs(cfg: Config) -> dict[str, str]:

@@ -374,9 +374,9 @@ def write_report(cfg: Config, result: dict) -> dict:
     import shutil
     import tempfile
 
-    from ..storage import storage_path
+    from ..layout import bench_location
 
-    dest = storage_path(cfg.output_dir, cfg.storage) / "bench"
+    dest = bench_location(cfg)
     local = Path(tempfile.mkdtemp(prefix="raydistill-bench-")) if dest.remote else dest.local()
     local.mkdir(parents=True, exist_ok=True)
     try:

@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                     "backend": "nccl" if gpu else "gloo", "torch": torch.__version__, "checks": {}}
     work = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="raydistill-smoke-"))
     try:
-        student = build_student(work / "student", hidden=hidden, layers=layers, heads=heads, vocab=vocab)
+        student = build_student(work / "student", hidden=hidden, layers=layers, heads=heads,  # not a run folder
+                                vocab=vocab)
         accum = 2
         common = dict(use_gpu=gpu, strategy="fsdp", precision="auto" if gpu else "fp32", grad_accum_steps=accum,
                       batch_size=batch, checkpoint_every_steps=steps // 2)

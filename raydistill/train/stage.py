@@ -96,7 +96,7 @@ def train_stage(cfg: Config, manifest: dict):
     file's size and mtime: a regenerated corpus is a new input) and, for ``init=pretrained`` with
     a local or ``s3://`` folder, that folder's files. Outputs: ``student/`` and ``train/summary.json``."""
     from ..corpus import MANIFEST
-    from ..layout import corpus_location
+    from ..layout import corpus_location, student_location, train_location
     from ..stages import RECORD, Stage, fingerprint
     from ..storage import is_remote, storage_path
 
@@ -108,8 +108,8 @@ def train_stage(cfg: Config, manifest: dict):
     model = cfg.student.model
     if cfg.student.init == "pretrained" and model and (is_remote(model) or Path(model).exists()):
         inputs["student_model"] = fingerprint(storage_path(model, cfg.storage))
-    out = storage_path(cfg.output_dir, cfg.storage)
-    return Stage("train", out / "train" / RECORD, {"student": out / "student", "summary": out / "train" / "summary.json"},
+    train_dir = train_location(cfg)
+    return Stage("train", train_dir / RECORD, {"student": student_location(cfg), "summary": train_dir / "summary.json"},
                  settings={"train": train, "student": key["student"], "teacher": key["teacher"]}, inputs=inputs)
 
 
@@ -177,11 +177,10 @@ def resume_or_reset(cfg: Config, manifest: dict, stage, student: Student, overwr
     checkpoint keeping may change on resume. Either way the previous student and stage record are
     removed (they no longer describe this training) and ``train/resume_key.json`` and
     ``train/student_init.json`` are written. Returns the step resumed from, or None."""
-    from ..storage import storage_path
+    from ..layout import examples_location, ray_train_location, student_location, train_location
 
-    out = storage_path(cfg.output_dir, cfg.storage)
-    train_dir = out / "train"
-    ray_dir = train_dir / "ray"
+    train_dir = train_location(cfg)
+    ray_dir = ray_train_location(cfg)
     key = resume_key(cfg, manifest)
     key_file = train_dir / "resume_key.json"
     found = latest_checkpoint(ray_dir)
@@ -205,12 +204,13 @@ def resume_or_reset(cfg: Config, manifest: dict, stage, student: Student, overwr
         elif found and not finished:
             log.warning("train: settings or corpus changed since the interrupted run; starting afresh")
         ray_dir.delete()
-        for stale in ("summary.json", "metrics.jsonl", "loss.png", "examples"):
-            (train_dir / stale).delete()
+        for stale in [*(train_dir / name for name in ("summary.json", "metrics.jsonl", "loss.png")),
+                      examples_location(cfg)]:
+            stale.delete()
     key_file.write_text(json.dumps(key, indent=2))
     # The previous student no longer describes this training: never leave it for evaluate.
     stage.forget()
-    (out / "student").delete()
+    student_location(cfg).delete()
     (train_dir / "student_init.json").write_text(json.dumps(
         {"init": cfg.student.init, "baseline_student": student.ref, "teacher": cfg.teacher.model,
          "keep_layers": cfg.student.keep_layers}, indent=2))
@@ -223,17 +223,16 @@ def plan_run(cfg: Config, manifest: dict, corpus: StoragePath, student: Student,
     interrupted run's examples, in their order, so it skips exactly what it trained) and plan the
     steps. Raises ValueError when no train row is usable or fits ``train.max_seq_len``, when the
     rows cannot feed every worker, or when a resumed run already trained past this run's length."""
+    from ..layout import examples_location, ray_train_location
     from ..runtime import init_ray
-    from ..storage import storage_path
 
     t = cfg.train
-    train_dir = storage_path(cfg.output_dir, cfg.storage) / "train"
     init_ray()
     with_topk = t.loss == "logit_kd" and t.kd.teacher == "corpus"
     data_files = [(corpus / f).path for f in manifest.get("shards", [])]
     counts = {}
     for split in ("train", "validation"):
-        folder = train_dir / "examples" / split
+        folder = examples_location(cfg, split)
         if resumed_from is not None and (folder / COMPLETE).is_file():
             # the interrupted run's examples, in their order: the resumed run skips exactly what it trained
             counts[split] = example_counts(folder)
@@ -257,7 +256,7 @@ def plan_run(cfg: Config, manifest: dict, corpus: StoragePath, student: Student,
     if resumed_from is not None and resumed_from > total:
         raise ValueError(f"the interrupted run already trained {resumed_from} steps, past this run's length of "
                          f"{total} steps (train.epochs={t.epochs}, train.max_steps={t.max_steps}): raise them to "
-                         f"continue it, or delete {train_dir / 'ray'} to start afresh")
+                         f"continue it, or delete {ray_train_location(cfg)} to start afresh")
     plan = Plan(total_steps=total, warmup_steps=warmup_steps(total, t.warmup_ratio), steps_per_epoch=steps_per_epoch,
                 micro_per_epoch=micro_per_epoch, vocab=len(labels.tokenizer),
                 has_validation=bool(n_val))  # read whole by every rank, with pyarrow (examples.read_trained_rows)
@@ -274,13 +273,12 @@ def fit(cfg: Config, student: Student, labels: Labels, examples: Examples) -> fl
     import ray.train
     from ray.data import ExecutionOptions
 
+    from ..layout import examples_location, output_location, ray_train_location, train_location
     from ..models import resolve_model
-    from ..storage import storage_path
 
     t = cfg.train
-    out = storage_path(cfg.output_dir, cfg.storage)
-    train_dir = out / "train"
-    ray_dir = train_dir / "ray"
+    train_dir = train_location(cfg)
+    ray_dir = ray_train_location(cfg)
     error_file = train_dir / WORKER_ERROR_FILE
     error_file.delete()
     tokenizer = labels.tokenizer
@@ -288,8 +286,8 @@ def fit(cfg: Config, student: Student, labels: Labels, examples: Examples) -> fl
     settings = WorkerSettings(
         train=t, storage=cfg.storage, student=student.ref, teacher=teacher_ref, plan=examples.plan,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        validation_dir=(train_dir / "examples" / "validation").uri, ray_dir=ray_dir.uri, error_file=error_file.uri,
-        run_name=f"raydistill {t.loss} {out.uri}", params=cfg.model_dump(mode="json"),
+        validation_dir=examples_location(cfg, "validation").uri, ray_dir=ray_dir.uri, error_file=error_file.uri,
+        run_name=f"raydistill {t.loss} {output_location(cfg).uri}", params=cfg.model_dump(mode="json"),
         mlflow=_mlflow_settings(t, train_dir))
     plan = examples.plan
     log.info("train: %d examples, %d workers x batch %d x %d accumulation, %d steps (%d/epoch), loss %s%s",
@@ -304,14 +302,14 @@ def fit(cfg: Config, student: Student, labels: Labels, examples: Examples) -> fl
         train_loop_config={"settings": settings},
         scaling_config=scaling_config(t),
         run_config=ray.train.RunConfig(
-            name="ray", **run_kwargs,
+            name=ray_dir.name, **run_kwargs,  # Ray Train's run folder: train/ray/
             # Checkpoints are kept by raydistill (the latest train.keep_checkpoints and the best by
             # validation loss, checkpoints.prune), not by Ray's single ordering.
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
             # Worker crashes are retried from the latest checkpoint; config errors never reach
             # this point (checked above, or reported by the workers through error_file).
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures)),
-        datasets={"train": _examples_dataset(train_dir / "examples" / "train")},
+        datasets={"train": _examples_dataset(examples_location(cfg, "train"))},
         # Every rank gets its own equal part of the train rows, in a fixed order (so a resumed run
         # skips exactly the micro-batches already trained); validation is read by the workers themselves.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"],
@@ -343,14 +341,14 @@ def export(cfg: Config, stage, student: Student, labels: Labels, examples: Examp
     stage as finished, last. Returns the summary."""
     import tempfile
 
+    from ..layout import ray_train_location, student_location, train_location
     from ..runtime import provenance
-    from ..storage import publish_folder, storage_path
+    from ..storage import publish_folder
     from .observe import plot_losses
 
     t = cfg.train
-    out = storage_path(cfg.output_dir, cfg.storage)
-    train_dir = out / "train"
-    ray_dir = train_dir / "ray"
+    train_dir = train_location(cfg)
+    ray_dir = ray_train_location(cfg)
     total = examples.plan.total_steps
     final = latest_checkpoint(ray_dir)
     stopped_early = bool(final and final[1].get("stopped_early"))  # train.early_stopping_patience
@@ -361,9 +359,9 @@ def export(cfg: Config, stage, student: Student, labels: Labels, examples: Examp
     history = json.loads((final_dir / HISTORY_FILE).read_text())
     (train_dir / "metrics.jsonl").write_text("".join(json.dumps(rec) + "\n" for rec in history))
     plot_losses(history, train_dir / "loss.png", title=f"{t.loss} · {cfg.output_dir}")
-    student_out = out / "student"
+    student_out = student_location(cfg)
     with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d) / "student"
+        tmp = Path(d) / student_out.name
         if final_dir.remote:
             from .checkpoints import download
 
@@ -420,16 +418,14 @@ def run_train(cfg: Config, overwrite: bool = False) -> dict:
     fit (``fit``) → export and publish (``export``).
     """
     from ..corpus import read_manifest
-    from ..layout import corpus_location
-    from ..storage import storage_path
+    from ..layout import corpus_location, train_location
 
-    out = storage_path(cfg.output_dir, cfg.storage)
     corpus = corpus_location(cfg)
     manifest = read_manifest(corpus)
     stage = train_stage(cfg, manifest)
     if stage.done(overwrite):
-        return json.loads((out / "train" / "summary.json").read_text())
-    (out / "train").mkdir()
+        return json.loads((train_location(cfg) / "summary.json").read_text())
+    train_location(cfg).mkdir()
     student = prepare_student(cfg)
     labels = check_inputs(cfg, manifest, student)
     # Every refusal above comes before anything of an earlier run is deleted.

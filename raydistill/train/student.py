@@ -80,7 +80,7 @@ def prune_to(teacher_ref: str, keep_layers: list[int] | None, dest_uri: str, sto
     dest = storage_path(dest_uri, StorageConfig.model_validate(storage))
     teacher_dir = resolve_model(local_copy(teacher_ref, storage))
     with staging_folder(dest) as tmp:
-        built = tmp / "student"
+        built = tmp / dest.name
         keep = prune_student(teacher_dir, keep_layers, built)
         (built / BASELINE_RECIPE).write_text(json.dumps(dict(recipe, kept=keep), indent=2))
         publish_folder(built, dest, last=BASELINE_RECIPE)
@@ -95,12 +95,13 @@ def ensure_baseline(cfg: Config) -> Path:
     when the teacher cannot be pruned (the task's own error, without Ray's wrapping)."""
     import ray
 
-    from ..layout import pruned_baseline_dir
+    from ..layout import baseline_location
     from ..models import ModelError, model_metadata
     from ..storage import storage_path
 
-    out = storage_path(cfg.output_dir, cfg.storage)
-    dest = out / "baseline_student" if out.remote else storage_path(pruned_baseline_dir(cfg).resolve())
+    dest = baseline_location(cfg)
+    if not dest.remote:
+        dest = storage_path(dest.local().resolve())  # symlinks resolved: the path the Ray task writes
     local_teacher = local_teacher_dir(cfg.teacher.model)
     recipe = baseline_recipe(cfg.teacher.model, local_teacher, cfg.student.keep_layers)
     recipe_file = dest / BASELINE_RECIPE
@@ -133,16 +134,16 @@ def prepare_student(cfg: Config) -> Student:
     id or ``s3://`` student: fetched, without its weights), so that every check runs for every
     kind of reference; the workers load the weights. Raises ModelError for a student that cannot
     be built or read."""
+    from ..layout import baseline_location
     from ..models import model_metadata, resolve_model
     from ..runtime import init_ray
-    from ..storage import storage_path
 
     if cfg.student.init == "prune":
-        out = storage_path(cfg.output_dir, cfg.storage)
+        baseline = baseline_location(cfg)
         init_ray()  # the pruning runs in a Ray task
         student_dir = ensure_baseline(cfg)
         # absolute (Ray tasks and workers run elsewhere); an s3:// run's workers read the run's storage
-        return Student((out / "baseline_student").uri if out.remote else str(student_dir), student_dir)
+        return Student(baseline.uri if baseline.remote else str(student_dir), student_dir)
     student_ref = resolve_model(cfg.student.model)
     if Path(student_ref).exists():
         # Ray Train workers do not run in the driver's working directory: hand them absolute paths.
@@ -186,6 +187,7 @@ def check_logit_kd(cfg: Config, manifest: dict, student_tokenizer, student_dir: 
     online teacher from its own metadata files; no weight is read.
     """
     from ..chat import tokenizer_fingerprint
+    from ..layout import corpus_location
 
     t = cfg.train
     if t.loss != "logit_kd":
@@ -196,7 +198,7 @@ def check_logit_kd(cfg: Config, manifest: dict, student_tokenizer, student_dir: 
         k = (manifest.get("generation_params") or {}).get("top_k_logprobs") or 0
         if not k:
             raise ValueError("train.loss=logit_kd with train.kd.teacher=corpus needs the teacher's top-k logprobs, "
-                             f"and the corpus at {cfg.output_dir}/corpus has none (generation.top_k_logprobs was 0): "
+                             f"and the corpus at {corpus_location(cfg)} has none (generation.top_k_logprobs was 0): "
                              "set generation.top_k_logprobs: 20 in the config file and regenerate with "
                              "`raydistill generate CONFIG --overwrite`, or use train.kd.teacher=online or "
                              "train.loss=sequence_kd")
