@@ -27,8 +27,13 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/raydistill demo
 
+# Two pytest-xdist workers (tests/conftest.py groups the tests that share a server or a module
+# fixture); PYTEST_WORKERS=0 runs everything in this one process.
+PYTEST_WORKERS ?= 2
+PARALLEL = $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --dist loadgroup)
+
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PARALLEL)
 
 # ruff: imports sorted, no unused or undefined names (pyproject.toml [tool.ruff])
 lint: install
@@ -36,7 +41,7 @@ lint: install
 
 # everything but the benchmark smoke runs: the default tests plus those marked slow
 test-all: install
-	$(PY) -m pytest -q -m "not bench"
+	$(PY) -m pytest -q $(PARALLEL) -m "not bench"
 
 test-fast: install
 	$(PY) -m pytest -q -m "not vllm and not slow and not bench"

@@ -53,6 +53,37 @@ def build_tiny_model(folder: Path, num_layers: int = 4, seed: int = 0, vocab_siz
     return folder
 
 
+# ----------------------------------------------------------------------------- running in parallel
+
+# Session fixtures that cost minutes to start: under pytest-xdist (`make test` runs 2 workers) every
+# test that uses one runs on the same worker, so each starts once per run, not once per worker.
+SHARED_SERVERS = {"vllm_server": "vllm-server"}
+# Fixtures whose tests are end-to-end (real Ray, servers, subprocesses): handed out first, so the
+# short unit tests fill the workers' last minutes instead of one long test running alone at the end.
+END_TO_END = {"ray_local", "s3_server", "vllm_server", "job_head", "served", "ab_server"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    """For ``--dist loadgroup`` (pytest-xdist): tests sharing a module-scoped fixture go to one
+    worker (the fixture is built once), as do the users of a ``SHARED_SERVERS`` fixture. Modules
+    with end-to-end tests come first (the order within a module is kept, so module fixtures are
+    built once in a plain run too)."""
+    heavy_modules = set()
+    for item in items:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        defs = fixtures.name2fixturedefs if fixtures else {}
+        shared = sorted(SHARED_SERVERS[n] for n in item.fixturenames if n in SHARED_SERVERS)
+        module_scoped = any(d[-1].scope == "module" for d in defs.values() if d)
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
+        elif module_scoped:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+        if END_TO_END & set(item.fixturenames):
+            heavy_modules.add(item.module.__name__)
+    items.sort(key=lambda item: item.module.__name__ not in heavy_modules)  # stable: modules stay whole
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-teacher")
