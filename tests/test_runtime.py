@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from ._ray_head import kill_tree
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -24,7 +26,7 @@ def _free_port() -> int:
 def running_head(tmp_path):
     """A real `ray start --head` on 127.0.0.1 with 1 CPU; it writes the machine's cluster file
     (/tmp/ray/ray_current_cluster), which a bare ray.init() would join. Stopped by killing its own
-    process group only (never `ray stop`, which would stop every Ray on the machine)."""
+    processes only (never `ray stop`, which would stop every Ray on the machine)."""
     port = _free_port()
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
@@ -45,11 +47,7 @@ def running_head(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("ray start --head did not come up in 120 s")
     yield f"127.0.0.1:{port}"
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc)  # SIGKILL: `ray start --block` took the whole 30 s it was given to stop on SIGTERM
 
 
 def _init_ray_in_subprocess(env_extra: dict) -> dict:

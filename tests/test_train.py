@@ -143,16 +143,24 @@ def test_labels_follow_the_teachers_ids_and_truncation(tiny_model, tmp_path, ray
     assert sum(m["tokens"] for m in _metrics(Path(cfg.output_dir))) == (n_train - 2) * (len(spelled) + 2)
 
 
-def test_shuffle_resume_schedule_and_checkpoints(tiny_model, tmp_path, ray_local):
-    """Batches change every epoch; an interrupted run resumes from its latest checkpoint even when
-    Ray's own record lags, sees the same batches, and follows the schedule of its new length; only
-    train.keep_checkpoints checkpoints stay (none with delete_checkpoints)."""
+def test_resume_after_an_interruption_and_a_finished_run_skipped_refused_or_overwritten(tiny_model, tmp_path,
+                                                                                     ray_local, monkeypatch):
+    """Interrupted: batches change every epoch; the run resumes from its latest checkpoint even when
+    Ray's own record lags, sees the same batches and follows the schedule of its new length; only
+    train.keep_checkpoints checkpoints stay; with another setting (lr) it starts afresh. Finished:
+    `raydistill run` after a failed evaluate skips it (student/ untouched, no training step); other
+    settings are refused, naming them; --overwrite trains again from step 1."""
+    from ray.train.torch import TorchTrainer
+
+    import raydistill.evaluate
+
     cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
     sets += ["train.epochs=2", "train.checkpoint_every_steps=1", "train.keep_checkpoints=100",
              "train.delete_checkpoints=false"]
     cfg = load(cfg_file, sets)
     write_corpus(cfg, n=30, answered=None, varied=True)
     out = Path(cfg.output_dir)
+    train_dir = out / "train"
     first = run_train(cfg)
     a = _metrics(out)
     per_epoch = first["steps"] // 2
@@ -162,15 +170,16 @@ def test_shuffle_resume_schedule_and_checkpoints(tiny_model, tmp_path, ray_local
     assert tokens[:per_epoch] != tokens[per_epoch:]  # epoch 1 is not epoch 0 again
     assert _steps_on_disk(out) == list(range(1, 2 * per_epoch + 1))
 
-    # Interrupted after step 4: later checkpoints gone, Ray's record still names them.
-    (out / "train" / "summary.json").unlink()
-    for d in checkpoint_dirs(out / "train" / "ray"):
+    # Interrupted after step 4 (no summary.json yet): later checkpoints gone, Ray's record still names them.
+    (train_dir / "summary.json").unlink()
+    for d in checkpoint_dirs(train_dir / "ray"):
         if checkpoint_step(d) > 4:
             d.delete()
     resumed = run_train(load(cfg_file, sets + ["train.epochs=3", "train.keep_checkpoints=2"]))
     b = _metrics(out)
     total = 3 * per_epoch
     assert resumed["resumed_from_step"] == 4 and resumed["steps"] == total
+    assert [m["step"] for m in b] == list(range(1, total + 1))
     assert b[:4] == a[:4]  # steps 1-4 come from the checkpoint, not redone
     assert [m["tokens"] for m in b[4:2 * per_epoch]] == tokens[4:]  # the same batches as uninterrupted
     # ... from the same weights: step 5's loss (measured before its update, whose rate follows the new
@@ -181,6 +190,53 @@ def test_shuffle_resume_schedule_and_checkpoints(tiny_model, tmp_path, ray_local
     peak, warmup = cfg.train.lr, warmup_steps(total, cfg.train.warmup_ratio)
     assert [m["lr"] for m in b[4:]] == pytest.approx([peak * lr_lambda(s, total, warmup) for s in range(4, total)])
     assert _steps_on_disk(out) == [total - 1, total]  # train.keep_checkpoints=2
+
+    # Interrupted again, but with another learning rate: the checkpoints do not apply, start afresh.
+    (train_dir / "summary.json").unlink()
+    changed = run_train(load(cfg_file, sets + ["train.epochs=1", "train.lr=1e-2"]))
+    assert changed["steps"] == per_epoch and changed["resumed_from_step"] is None
+    assert [m["step"] for m in _metrics(out)] == list(range(1, per_epoch + 1))
+
+    # Finished, then evaluate failed: `raydistill run` again skips generate and train.
+    finished_sets = sets + ["train.epochs=1", "train.lr=1e-2"]
+    args = [x for s in finished_sets for x in ("--set", s)]
+    student = out / "student"
+    files = {p.name: p.stat().st_mtime_ns for p in student.iterdir()}
+    metrics = (train_dir / "metrics.jsonl").read_text()
+
+    def no_training(self):
+        raise AssertionError("a finished training ran again")
+
+    def evaluate_fails(cfg, overwrite=False):
+        raise ValueError("the evaluation engine died")
+
+    monkeypatch.setattr(TorchTrainer, "fit", no_training)
+    monkeypatch.setattr(raydistill.evaluate, "run_evaluate", evaluate_fails)
+    for _ in range(2):
+        result = CliRunner().invoke(app, ["run", str(cfg_file), *args])
+        assert result.exit_code == 2 and "the evaluation engine died" in result.output, result.output
+    assert {p.name: p.stat().st_mtime_ns for p in student.iterdir()} == files  # not deleted, not rewritten
+    assert (train_dir / "metrics.jsonl").read_text() == metrics
+    # Another setting: refused with the difference, nothing deleted.
+    result = CliRunner().invoke(app, ["train", str(cfg_file), *[x for s in sets + ["train.epochs=1"]
+                                                                for x in ("--set", s)]])
+    assert result.exit_code == 2 and "train.lr: 0.01 -> 0.003" in result.output and "--overwrite" in result.output
+    assert {p.name: p.stat().st_mtime_ns for p in student.iterdir()} == files
+    # --overwrite: a new run starts from step 1 with the new settings: when Ray Train starts, no
+    # checkpoint is left to resume from and the old student and metrics are gone. (The run itself
+    # would be the first run of this test again, so it is stopped there.)
+    assert checkpoint_dirs(train_dir / "ray")  # train.delete_checkpoints=false: the finished run's are there
+    seen = {}
+
+    def fit_from_scratch(self):
+        seen.update(checkpoints=checkpoint_dirs(train_dir / "ray"), student=student.exists(),
+                    metrics=(train_dir / "metrics.jsonl").exists(), summary=(train_dir / "summary.json").exists())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TorchTrainer, "fit", fit_from_scratch)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(load(cfg_file, sets + ["train.epochs=1"]), overwrite=True)
+    assert seen == {"checkpoints": [], "student": False, "metrics": False, "summary": False}
 
 
 def _run_cli_train(cfg_file: Path, sets: list[str], stop_after_step: int) -> tuple[int, str]:
