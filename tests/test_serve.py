@@ -17,9 +17,11 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -44,8 +46,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 class Served:
-    def __init__(self, proc, port: int, run: Path, log: Path):
-        self.proc, self.port, self.run, self.log = proc, port, run, log
+    def __init__(self, proc, port: int, run: Path, log: Path, tmp: Path):
+        self.proc, self.port, self.run, self.log, self.tmp = proc, port, run, log, tmp  # tmp: the server's TMPDIR
         self.root = f"http://127.0.0.1:{port}"
 
     def client(self):
@@ -116,10 +118,13 @@ def served(tmp_path_factory, tiny_model):
     port = _free_port()
     cfg = _config(base, tiny_model, port)
     log = base / "serve.log"
-    env = dict(os.environ, TMPDIR=str(base), **{KEY_ENV: KEY})
+    # Ray's session (and its sockets) goes under TMPDIR: a short folder, since a socket path may not
+    # pass 107 bytes (pytest-xdist's tmp_path, /tmp/pytest-of-root/pytest-N/popen-gw0/serve0/, did)
+    tmp = Path(tempfile.mkdtemp(prefix="rds", dir="/tmp"))
+    env = dict(os.environ, TMPDIR=str(tmp), **{KEY_ENV: KEY})
     proc = subprocess.Popen([sys.executable, "-m", "raydistill.cli", "serve", str(cfg)], stdout=log.open("w"),
                             stderr=subprocess.STDOUT, env=env, cwd=base, start_new_session=True)
-    s = Served(proc, port, base / "run", log)
+    s = Served(proc, port, base / "run", log, tmp)
     deadline = time.time() + 600
     while s.health_status() != 200:
         if proc.poll() is not None or time.time() > deadline:
@@ -130,6 +135,7 @@ def served(tmp_path_factory, tiny_model):
         s.post("/v1/chat/completions", {"model": arm, "messages": HI, "max_tokens": 1})
     yield s
     _stop(proc)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the A/B rule (no server)
@@ -461,7 +467,7 @@ def test_per_arm_metrics_reach_prometheus(served):
     The 503s of the overload test were counted moments ago and may reach the endpoint one export
     later than the series of earlier tests (CI once scraped all series before the 503 one),
     so the test waits for both."""
-    port_file = next((served.log.parent / "ray" / "session_latest").glob("metrics_export_port_*"))
+    port_file = next((served.tmp / "ray" / "session_latest").glob("metrics_export_port_*"))
     url = f"http://127.0.0.1:{port_file.read_text().strip()}/metrics"
     want = {(name, arm, via) for name in ("raydistill_requests", "raydistill_latency_ms_count")
             for arm in ("teacher", "student") for via in ("ab", "direct")}
