@@ -213,9 +213,9 @@ def test_hf_generator_uses_as_many_threads_as_cpus(tiny_model):
 
 
 def test_interrupted_training_removes_the_old_student(tiny_model, tmp_path, ray_local, monkeypatch):
-    """A student from an earlier run must not outlive a training that was interrupted."""
-    from ray.train.torch import TorchTrainer
-
+    """A student from an earlier run must not outlive a training that was interrupted (here by
+    Ctrl-C while its examples are tokenized, the first step after the reset)."""
+    import raydistill.train.stage as stage
     from raydistill.train.stage import run_train
 
     from .conftest import build_tiny_model
@@ -226,10 +226,10 @@ def test_interrupted_training_removes_the_old_student(tiny_model, tmp_path, ray_
     # the student an earlier, finished run left (tests/test_train.py checks what a real one leaves)
     build_tiny_model(Path(cfg.output_dir) / "student", num_layers=2, seed=3)
 
-    def interrupted(self):
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(TorchTrainer, "fit", interrupted)
+    monkeypatch.setattr(stage, "plan_run", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_train(load(cfg_file, sets + ["train.epochs=2"]), overwrite=True)
     assert not (Path(cfg.output_dir) / "student").exists()

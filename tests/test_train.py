@@ -153,6 +153,7 @@ def test_resume_after_an_interruption_and_a_finished_run_skipped_refused_or_over
     from ray.train.torch import TorchTrainer
 
     import raydistill.evaluate
+    import raydistill.train.stage
 
     cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
     sets += ["train.epochs=2", "train.checkpoint_every_steps=1", "train.keep_checkpoints=100",
@@ -222,21 +223,23 @@ def test_resume_after_an_interruption_and_a_finished_run_skipped_refused_or_over
                                                                 for x in ("--set", s)]])
     assert result.exit_code == 2 and "train.lr: 0.01 -> 0.003" in result.output and "--overwrite" in result.output
     assert {p.name: p.stat().st_mtime_ns for p in student.iterdir()} == files
-    # --overwrite: a new run starts from step 1 with the new settings: when Ray Train starts, no
-    # checkpoint is left to resume from and the old student and metrics are gone. (The run itself
-    # would be the first run of this test again, so it is stopped there.)
+    # --overwrite: a new run starts from step 1 with the new settings: once the reset is done (when
+    # the examples are tokenized, before Ray Train starts), no checkpoint is left to resume from and
+    # the old student and metrics are gone. (The run itself would be the first run of this test
+    # again, so it is stopped there.)
     assert checkpoint_dirs(train_dir / "ray")  # train.delete_checkpoints=false: the finished run's are there
     seen = {}
 
-    def fit_from_scratch(self):
+    def plan_from_scratch(cfg, manifest, corpus, student_, labels, resumed_from):
         seen.update(checkpoints=checkpoint_dirs(train_dir / "ray"), student=student.exists(),
-                    metrics=(train_dir / "metrics.jsonl").exists(), summary=(train_dir / "summary.json").exists())
+                    metrics=(train_dir / "metrics.jsonl").exists(), summary=(train_dir / "summary.json").exists(),
+                    resumed_from=resumed_from)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(TorchTrainer, "fit", fit_from_scratch)
+    monkeypatch.setattr(raydistill.train.stage, "plan_run", plan_from_scratch)
     with pytest.raises(KeyboardInterrupt):
         run_train(load(cfg_file, sets + ["train.epochs=1"]), overwrite=True)
-    assert seen == {"checkpoints": [], "student": False, "metrics": False, "summary": False}
+    assert seen == {"checkpoints": [], "student": False, "metrics": False, "summary": False, "resumed_from": None}
 
 
 def _run_cli_train(cfg_file: Path, sets: list[str], stop_after_step: int) -> tuple[int, str]:
