@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -71,8 +73,14 @@ def test_a_two_node_cluster_refuses_a_local_output_dir(tmp_path):
     in its own process): refused with the fix named; accepted with storage.shared_local."""
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-c", _TWO_NODES, str(tmp_path / "ray"), str(tmp_path / "run")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    # the cluster's temp dir holds its sockets, whose paths may not pass 107 bytes: a short folder
+    # (pytest-xdist's tmp_path, /tmp/pytest-of-root/pytest-N/popen-gw0/test_a_two_node_.../, was too long)
+    ray_tmp = tempfile.mkdtemp(prefix="rds", dir="/tmp")
+    try:
+        proc = subprocess.run([sys.executable, "-c", _TWO_NODES, ray_tmp, str(tmp_path / "run")],
+                              capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["local"] and "has 2 nodes" in out["local"] and "storage.shared_local=true" in out["local"], out

@@ -271,7 +271,7 @@ def _run_cli_train(cfg_file: Path, sets: list[str], stop_after_step: int) -> tup
 def test_ctrl_c_exits_130_and_the_next_run_resumes_from_the_latest_checkpoint(tiny_model, tmp_path, ray_local):
     cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
     sets += ["train.epochs=50", "train.checkpoint_every_steps=1"]
-    write_corpus(load(cfg_file, sets), 30)
+    write_corpus(load(cfg_file, sets), n=30, answered=None, varied=True)
     rc, output = _run_cli_train(cfg_file, sets, stop_after_step=3)
     assert rc == 130, output[-3000:]
     assert "interrupted during stage train" in output
