@@ -27,10 +27,10 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/raydistill demo
 
-# Two pytest-xdist workers (tests/conftest.py groups the tests that share a server or a module
+# Two pytest-xdist workers (tests/conftest.py keeps together the tests that share a server or a module
 # fixture); PYTEST_WORKERS=0 runs everything in this one process.
 PYTEST_WORKERS ?= 2
-PARALLEL = $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --dist loadgroup)
+PARALLEL = $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS))
 
 test: install
 	$(PY) -m pytest -q $(PARALLEL)

@@ -55,32 +55,48 @@ def build_tiny_model(folder: Path, num_layers: int = 4, seed: int = 0, vocab_siz
 
 # ----------------------------------------------------------------------------- running in parallel
 
-# Session fixtures that cost minutes to start: under pytest-xdist (`make test` runs 2 workers) every
-# test that uses one runs on the same worker, so each starts once per run, not once per worker.
-SHARED_SERVERS = {"vllm_server": "vllm-server"}
-# Fixtures whose tests are end-to-end (real Ray, servers, subprocesses): handed out first, so the
-# short unit tests fill the workers' last minutes instead of one long test running alone at the end.
+# `make test` runs 2 pytest-xdist workers. A test module with a module-scoped fixture (the Serve
+# application, the Jobs API head, the FSDP run, ...) runs whole on one worker, so the fixture is
+# built once; every module that uses the session's vLLM OpenAI server runs on one worker, so one
+# server starts. The rest is handed out test by test. The rule reads the test files' source
+# (xdist's scheduler sees node ids only; its xdist_group mark does not work with pytest 9, whose
+# node ids xdist can no longer rename).
+TESTS = Path(__file__).resolve().parent
+SHARED_SERVER_FIXTURES = ("vllm_server", "ab_server")
+# Fixtures whose tests are end-to-end (real Ray, servers, subprocesses): their modules are handed
+# out first, so the short unit tests fill the workers' last minutes instead of one long test at the end.
 END_TO_END = {"ray_local", "s3_server", "vllm_server", "job_head", "served", "ab_server"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def _work_unit(path: str, sources: dict[str, str]) -> str | None:
+    """The unit a test file's tests go in together: "vllm-server" for the modules using the
+    session's vLLM server, the file itself for a module with a module-scoped fixture, else None
+    (test by test)."""
+    text = sources.get(Path(path).name, "")
+    if any(f"{name}" in text for name in SHARED_SERVER_FIXTURES):
+        return "vllm-server"
+    if 'scope="module"' in text:
+        return path
+    return None
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's load-scope scheduler with ``_work_unit``'s units (the largest units first)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    sources = {p.name: p.read_text() for p in TESTS.glob("test_*.py")}
+
+    class Units(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _work_unit(nodeid.split("::", 1)[0], sources) or nodeid
+
+    return Units(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """For ``--dist loadgroup`` (pytest-xdist): tests sharing a module-scoped fixture go to one
-    worker (the fixture is built once), as do the users of a ``SHARED_SERVERS`` fixture. Modules
-    with end-to-end tests come first (the order within a module is kept, so module fixtures are
-    built once in a plain run too)."""
-    heavy_modules = set()
-    for item in items:
-        fixtures = getattr(item, "_fixtureinfo", None)
-        defs = fixtures.name2fixturedefs if fixtures else {}
-        shared = sorted(SHARED_SERVERS[n] for n in item.fixturenames if n in SHARED_SERVERS)
-        module_scoped = any(d[-1].scope == "module" for d in defs.values() if d)
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(shared[0]))
-        elif module_scoped:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-        if END_TO_END & set(item.fixturenames):
-            heavy_modules.add(item.module.__name__)
+    """Modules with end-to-end tests come first (the order within a module is kept, so module
+    fixtures are built once in a plain run too)."""
+    heavy_modules = {item.module.__name__ for item in items if END_TO_END & set(item.fixturenames)}
     items.sort(key=lambda item: item.module.__name__ not in heavy_modules)  # stable: modules stay whole
 
 
