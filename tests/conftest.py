@@ -80,6 +80,7 @@ def _work_unit(path: str, sources: dict[str, str]) -> str | None:
     return None
 
 
+@pytest.hookimpl(optionalhook=True)  # without xdist (-p no:xdist) the hook is unknown
 def pytest_xdist_make_scheduler(config, log):
     """pytest-xdist's load-scope scheduler with ``_work_unit``'s units (the largest units first)."""
     from xdist.scheduler import LoadScopeScheduling
