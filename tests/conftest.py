@@ -73,7 +73,7 @@ def _work_unit(path: str, sources: dict[str, str]) -> str | None:
     session's vLLM server, the file itself for a module with a module-scoped fixture, else None
     (test by test)."""
     text = sources.get(Path(path).name, "")
-    if any(f"{name}" in text for name in SHARED_SERVER_FIXTURES):
+    if any(name in text for name in SHARED_SERVER_FIXTURES):
         return "vllm-server"
     if 'scope="module"' in text:
         return path
