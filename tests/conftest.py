@@ -175,12 +175,37 @@ def wait_for_http(url: str, proc, timeout_s: float, interval_s: float) -> bool:
             time.sleep(interval_s)
 
 
+_PORTS: list[int] = []
+
+
 def _free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a test server to listen on.
+
+    Drawn from 20000-32767: above Ray's worker ports (10002-19999) and below the kernel's ephemeral
+    range (32768-60999 here), where ``bind(("", 0))``, outgoing connections and the internal ports of
+    vLLM and Ray land. A port from ``bind(0)`` could be taken by any of those between this check and
+    the server's own bind (a CI run lost its vLLM server to "Address already in use" that way). Each
+    pytest-xdist worker draws from its own slice of the range, in a shuffled order, and never hands out
+    a port twice, so two workers never race for one."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    if not _PORTS:
+        worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+        count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        lo, hi = 20000, 32768
+        size = (hi - lo) // count
+        _PORTS.extend(range(lo + worker * size, lo + (worker + 1) * size))
+        random.Random(os.getpid()).shuffle(_PORTS)
+    while _PORTS:
+        port = _PORTS.pop()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port left in this worker's slice of 20000-32767")
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,12 +13,7 @@ from pathlib import Path
 import pytest
 
 from ._ray_head import kill_tree
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .conftest import _free_port
 
 
 @pytest.fixture
@@ -77,3 +71,21 @@ def test_a_running_head_does_not_break_a_local_run(running_head):
     joined = _init_ray_in_subprocess({"RAY_ADDRESS": running_head})
     assert joined["cpus"] == 1 and joined["address"].endswith(f":{port}")  # Ray reports the node's own IP
     assert f"connected to the Ray cluster at RAY_ADDRESS={running_head}" in joined["log"]
+
+
+def test_test_server_ports_avoid_ephemeral_and_ray_worker_ports_and_split_between_workers(monkeypatch):
+    """The fixtures' ports (vLLM server, moto, Ray heads, Serve) come from 20000-32767, where neither
+    ``bind(0)`` nor Ray's workers (10002-19999) land, and two pytest-xdist workers draw disjoint ports
+    (a CI run lost its vLLM server to "Address already in use" when both came from ``bind(0)``)."""
+    from . import conftest
+
+    drawn = {}
+    for worker in ("gw0", "gw1"):
+        monkeypatch.setattr(conftest, "_PORTS", [])
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+        monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+        drawn[worker] = [conftest._free_port() for _ in range(40)]
+        assert len(set(drawn[worker])) == 40, "a port handed out twice"
+    assert all(20000 <= p < 26384 for p in drawn["gw0"]) and all(26384 <= p < 32768 for p in drawn["gw1"])
+    lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    assert not any(lo <= p <= hi for ports in drawn.values() for p in ports)
