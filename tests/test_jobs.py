@@ -152,6 +152,7 @@ def test_pipeline_job_writes_everything_to_s3(job_head, tiny_model, tmp_path):
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-5000:]
     print(f"pipeline job: {time.time() - t0:.0f} s")
+    print("\n".join(line for line in logs.splitlines() if "=== stage" in line or " done in " in line))
     assert f"output location: {out} (Ray job {job_id})" in logs
     root = storage_path(out)
     manifest = json.loads((root / "corpus" / "manifest.json").read_text())

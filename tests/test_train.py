@@ -1,4 +1,4 @@
-"""The train stage end to end on a tiny model: labels, shuffling, resume, checkpoints, config errors, Ctrl-C."""
+"""The train stage end to end on a tiny model: labels, LoRA, shuffling, resume, checkpoints, config errors, Ctrl-C."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from raydistill.cli import app
@@ -104,20 +105,26 @@ def test_a_config_error_on_the_workers_is_not_retried(tiny_model, tmp_path, ray_
         run_train(cfg)
 
 
-def test_labels_follow_the_teachers_ids_and_truncation(tiny_model, tmp_path, ray_local, monkeypatch):
-    """A corpus made with the student's tokenizer is trained on its stored ids; truncated rows are
-    counted, and with truncated_answers=drop left out; every left-out row is in the summary.
+def test_lora_on_the_teachers_ids_drops_truncated_rows_and_merges_into_attention_only(tiny_model, tmp_path, ray_local,
+                                                                                        monkeypatch):
+    """One LoRA run on 2 workers checks the labels and the adapters.
+
+    Labels: a corpus made with the student's tokenizer is trained on its stored ids; truncated rows
+    are counted, and with truncated_answers=drop left out; every left-out row is in the summary.
     The output_dir is relative (as runs/demo is): Ray Train workers do not run in the driver's
-    working directory, so they must be handed absolute paths."""
-    from transformers import AutoTokenizer
+    working directory, so they must be handed absolute paths.
+    LoRA: the loss falls from epoch 1 to 2, and the exported student is a plain Llama again whose
+    every attention projection, and nothing else, moved."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from raydistill.chat import text_ids, tokenizer_fingerprint
     from raydistill.schema import CORPUS_SCHEMA, conform
 
     cfg_file, sets = user_config(tmp_path, tiny_model, 30, "hf")
     monkeypatch.chdir(tmp_path)
-    cfg = load(cfg_file, sets + ["output_dir=run", "train.workers=1", "train.epochs=1",
-                                 "train.truncated_answers=drop"])
+    cfg = load(cfg_file, sets + ["output_dir=run", "train.epochs=2", "train.truncated_answers=drop",
+                                 "train.lora.enabled=true", "train.lora.r=4", "train.lr=1e-2"])
+    assert cfg.train.workers == 2
     write_corpus(cfg, n=30, answered=None, varied=True)
     tok = AutoTokenizer.from_pretrained(tiny_model)
     corpus = Path(cfg.output_dir) / "corpus"
@@ -134,13 +141,28 @@ def test_labels_follow_the_teachers_ids_and_truncation(tiny_model, tmp_path, ray
     manifest.update(teacher_tokenizer=tokenizer_fingerprint(tok), stop_token_ids=[tok.eos_token_id])
     (corpus / "manifest.json").write_text(json.dumps(manifest))
     summary = run_train(cfg)
+    out = Path(cfg.output_dir)
     n_train = len(train_rows)
+    uneven = (n_train - 2) % 2  # each of the 2 workers trains the same number of examples
     assert summary["label_source"] == "teacher_token_ids"
     assert summary["truncated_rows"] == 1 and summary["truncated_action"] == "dropped"
-    assert summary["dropped"] == {"error": 1, "truncated": 1, "too_long": 0, "uneven_split": 0}
+    assert summary["dropped"] == {"error": 1, "truncated": 1, "too_long": 0, "uneven_split": uneven}
     assert summary["examples"] == n_train - 2
     # the tokens trained per epoch: each example's labels are the 5 spelled ids + <|im_end|>\n
-    assert sum(m["tokens"] for m in _metrics(Path(cfg.output_dir))) == (n_train - 2) * (len(spelled) + 2)
+    history = _metrics(out)
+    for epoch in (0, 1):
+        assert sum(m["tokens"] for m in history if m["epoch"] == epoch) == (n_train - 2 - uneven) * (len(spelled) + 2)
+    # the training loss over the same rows, epoch 2 vs epoch 1 (token-weighted: single steps are noisy)
+    mean = {e: sum(m["loss"] * m["tokens"] for m in history if m["epoch"] == e)
+            / sum(m["tokens"] for m in history if m["epoch"] == e) for e in (0, 1)}
+    assert mean[1] < mean[0], history
+    student = AutoModelForCausalLM.from_pretrained(out / "student")  # merged: a plain Llama again
+    assert not any("lora" in n for n, _ in student.named_parameters())
+    base = dict(AutoModelForCausalLM.from_pretrained(out / "baseline_student").named_parameters())
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, base[n])}
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert changed and all(any(t in n for t in targets) for n in changed), changed
+    assert all(any(f"{t}.weight" in n for n in changed) for t in targets)  # every target got a delta
 
 
 def test_resume_after_an_interruption_and_a_finished_run_skipped_refused_or_overwritten(tiny_model, tmp_path,
