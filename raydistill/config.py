@@ -334,6 +334,10 @@ class EvalConfig(EngineConfig):
     split: Literal["test", "validation"] = Field("test", description="Held-out split evaluated.")
     limit: int | None = Field(None, gt=0, description="Evaluate at most this many prompts: a sample seeded by "
                               "data.seed and spread over the task types (not the first rows).")
+    memory_probe: bool = Field(True, description="After the answers, load each model once more in a fresh "
+                               "process (transformers, one batch of memory_probe_batch prompts) for its parameter "
+                               "count and peak memory. false: those figures are null, with a note; one model load "
+                               "per model saved (minutes for a large teacher).")
     memory_probe_batch: int = Field(4, gt=0, description="Prompts in the peak-memory probe (one batch, transformers).")
     rounds: int = Field(3, ge=1, description="Timing rounds: the prompts are cut into this many parts and the "
                         "models answer them interleaved (teacher, baseline, student, then the next part), so "

@@ -253,7 +253,7 @@ def test_evaluate_takes_latency_from_the_endpoint(tmp_path, tiny_model, ab_serve
 
     cfg_file = _run_config(tmp_path, tiny_model, ab_server, {
         "student": {"init": "prune", "keep_layers": [0, 3]},
-        "eval": {"engine": "hf", "batch_size": 4, "memory_probe_batch": 2, "limit": 4, "rounds": 2,
+        "eval": {"engine": "hf", "batch_size": 4, "memory_probe": False, "limit": 4, "rounds": 2,
                  "latency_source": "serve"}})
     cfg = load(cfg_file)
     write_corpus(cfg, answered=(), task_prompts=True)

@@ -197,7 +197,7 @@ def test_a_failure_after_the_answers_keeps_them(tmp_path, tiny_model, monkeypatc
     from raydistill.evaluate.figures import MODEL_NAMES
     from raydistill.evaluate.run import finish_evaluation
 
-    cfg_file, sets = eval_config(tmp_path, tiny_model, mixed_prompts(5))
+    cfg_file, sets = eval_config(tmp_path, tiny_model, mixed_prompts(5), ["eval.memory_probe=false"])
     cfg = load(cfg_file, sets)
     prompts, answers = finished_answers(cfg)
     paths = {n: f"no-org/{n}-not-cached" for n in MODEL_NAMES}

@@ -140,6 +140,24 @@ def test_memory_probe_separates_model_from_process_baseline(tiny_model):
     assert all(math.isfinite(out[k]) for k in ("peak_memory_mb", "model_memory_mb", "process_baseline_mb"))
 
 
+def test_memory_probe_false_keeps_the_size_and_loads_nothing(tiny_model, monkeypatch):
+    """eval.memory_probe=false: no probe process; parameters and memory null, with the reason in a
+    note (a report warning); the size on disk is still read from the files."""
+    from raydistill.config import EngineConfig, load
+    from raydistill.evaluate import probes
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("the probe ran")
+
+    monkeypatch.setattr(probes, "memory_probe", no_probe)
+    info = probes.model_info(str(tiny_model), EngineConfig(engine="hf"), [[{"role": "user", "content": "Hi"}]], 1,
+                             probe=False)
+    assert info["size_mb"] == model_files(str(tiny_model))[0] > 0
+    assert "params" not in info and "peak_memory_mb" not in info
+    assert info["note"] == "memory and parameter figures are null: eval.memory_probe is false"
+    assert load(None, ["eval.memory_probe=false"]).eval.memory_probe is False
+
+
 def test_model_files_local_folder_and_uncached_hub_id(tiny_model):
     size, dtype = model_files(str(tiny_model))
     assert size == pytest.approx(sum(f.stat().st_size for f in tiny_model.glob("*.safetensors")) / 1e6, abs=0.01)

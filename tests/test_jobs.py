@@ -143,7 +143,7 @@ def test_pipeline_job_writes_everything_to_s3(job_head, tiny_model, tmp_path):
     (storage_path(f"{bucket}/prompts/prompts.jsonl")).write_bytes(prompts.read_bytes())
     out = f"{bucket}/run"
     sets += [f"output_dir={out}", f"data.path={bucket}/prompts/prompts.jsonl", "train.epochs=1",
-             "eval.rounds=1", "generation.max_new_tokens=8"]
+             "eval.rounds=1", "eval.memory_probe=false", "generation.max_new_tokens=8"]
     entry = shlex.join(["python", "jobs/pipeline.py", str(cfg_file), *[a for s in sets for a in ("--set", s)]])
     client = JobSubmissionClient(job_head.dashboard)
     t0 = time.time()

@@ -103,11 +103,12 @@ def model_files(path: str, ref: str | None = None, storage=None) -> tuple[float 
 
 
 def model_info(path: str, engine: EngineConfig, probe_msgs: list, batch: int, ref: str | None = None,
-                storage=None) -> dict:
+                storage=None, probe: bool = True) -> dict:
     """Probe and size figures of one model; a failed probe leaves its figures null, with a note.
     An API teacher (``engine`` ``openai``) is not probed: its figures are null, with a note; nor is
     a model whose engine spans several GPUs (tensor or pipeline parallelism: one device cannot
-    hold it). ``path``: the model on this machine; ``ref``: what a probe on another node reads
+    hold it), nor any model when ``probe`` is false (``eval.memory_probe``: its size on disk is
+    still given). ``path``: the model on this machine; ``ref``: what a probe on another node reads
     (its ``s3://`` URI; default ``path``), see ``_probe``."""
     if engine.engine == "openai":
         return {"path": path, "dtype": None, "device": None, "size_mb": None, "size_dtype": None,
@@ -116,6 +117,9 @@ def model_info(path: str, engine: EngineConfig, probe_msgs: list, batch: int, re
     dtype, device = engine_device(engine)
     info: dict = {"path": path, "dtype": dtype, "device": device}
     info["size_mb"], info["size_dtype"] = model_files(path, ref, storage)
+    if not probe:
+        info["note"] = "memory and parameter figures are null: eval.memory_probe is false"
+        return info
     shards = engine.tensor_parallel_size * getattr(engine, "pipeline_parallel_size", 1)
     if shards > 1:
         info["note"] = (f"memory and parameter figures are null: the engine spans {shards} GPUs (tensor × pipeline "

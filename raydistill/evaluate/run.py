@@ -146,7 +146,7 @@ def finish_evaluation(cfg: Config, prompts: pa.Table, answers: dict[str, pa.Tabl
             kept = partial
         probe_msgs = [list(m) for m in prompts.column("messages").to_pylist()[: cfg.eval.memory_probe_batch]]
         info = {name: model_info(paths[name], engines[name], probe_msgs, cfg.eval.memory_probe_batch,
-                                  (shown or {}).get(name, paths[name]), cfg.storage)
+                                  (shown or {}).get(name, paths[name]), cfg.storage, cfg.eval.memory_probe)
                 for name in MODEL_NAMES}
         for name, ref in (shown or {}).items():
             info[name]["path"] = ref
