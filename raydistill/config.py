@@ -207,13 +207,29 @@ class TeacherConfig(EngineConfig):
         return self
 
 
+class PruneConfig(_Section):
+    """How ``student.init: prune`` chooses the teacher layers it keeps; see ``raydistill.layer_importance``."""
+    method: Literal["stride", "importance"] = Field(
+        "stride", description="'stride': student.keep_layers, or every third layer plus the last; 'importance': "
+        "the num_layers layers of highest Block Influence (ShortGPT, arXiv 2403.03853) measured on a "
+        "calibration sample of the corpus's train rows.")
+    num_layers: int | None = Field(None, gt=0, description="Layers kept by method=importance; default: as many "
+                                   "as the stride default keeps (11 of SmolLM2's 30).")
+    calibration_rows: int = Field(64, gt=0, description="Train rows (prompt and teacher answer) of the corpus "
+                                  "the importance is measured on: those first in the data.seed order.")
+    calibration_max_tokens: int = Field(256, gt=0, description="Tokens of each calibration row read (the rest "
+                                        "is cut).")
+
+
 class StudentConfig(_Section):
     init: Literal["pretrained", "prune"] = Field("prune", description="'pretrained' loads student.model; "
-                                                 "'prune' copies the teacher keeping only keep_layers.")
+                                                 "'prune' copies the teacher keeping only some of its layers "
+                                                 "(student.prune).")
     model: str | None = Field(None, description="HF model id or local folder (init=pretrained).")
     keep_layers: list[int] | None = Field(None, description="Teacher decoder layer indices kept by init=prune "
-                                          "(0-based); default: every third layer plus the last "
-                                          "(11 of SmolLM2's 30).")
+                                          "with prune.method=stride (0-based); default: every third layer plus "
+                                          "the last (11 of SmolLM2's 30).")
+    prune: PruneConfig = Field(default_factory=PruneConfig)
 
     @model_validator(mode="after")
     def _needs_model(self) -> "StudentConfig":
@@ -221,6 +237,9 @@ class StudentConfig(_Section):
             raise ValueError("student.init is 'pretrained' but student.model is empty")
         if self.keep_layers is not None and len(self.keep_layers) == 0:
             raise ValueError("student.keep_layers is empty; keep at least one layer")
+        if self.keep_layers is not None and self.prune.method == "importance":
+            raise ValueError("student.keep_layers names the layers, and student.prune.method=importance chooses "
+                             "them: set one (student.prune.num_layers sets how many importance keeps)")
         return self
 
 

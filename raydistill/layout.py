@@ -46,6 +46,11 @@ def corpus_location(cfg: Config) -> StoragePath:
     return output_location(cfg) / "corpus"
 
 
+#: in ``baseline_student/``: what the pruned baseline was made from, the layers it kept and, for
+#: ``student.prune.method=importance``, every teacher layer's score (written by train, read by evaluate)
+BASELINE_RECIPE = "raydistill_student_init.json"
+
+
 def baseline_location(cfg: Config) -> StoragePath:
     """``baseline_student/``: the pruned student before training (student.init=prune)."""
     return output_location(cfg) / "baseline_student"

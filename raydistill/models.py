@@ -305,24 +305,36 @@ def default_keep_layers(num_layers: int) -> list[int]:
     return keep
 
 
-def prune_student(teacher_dir: str | Path, keep_layers: list[int] | None, out_dir: str | Path) -> list[int]:
+def load_for_pruning(teacher_dir: str | Path):
+    """The teacher at ``teacher_dir`` loaded in float32 for ``prune_student``, after checking on the
+    meta device (before any weight is read) that it can be depth-pruned; raises ModelError if not."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    problem = prune_problem(meta_model(Path(teacher_dir) / "config.json"))
+    if problem:
+        raise ModelError(f"student.init=prune: {problem}")
+    return AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+
+
+def prune_student(teacher_dir: str | Path, keep_layers: list[int] | None, out_dir: str | Path,
+                  model=None) -> list[int]:
     """Write a depth-pruned copy of the teacher to ``out_dir`` (HF format, with tokenizer).
 
     Embeddings, final norm and LM head are copied; decoder layers ``keep_layers`` (0-based,
-    in the given order) are kept and renumbered (KV-cache slots). Supported layouts:
-    ``SUPPORTED_PRUNE`` (Llama-style, OPT, GPT-2). Returns the kept indices. Raises ModelError
-    for another architecture (checked on the meta device before any weight is read), an index
-    out of range, or a written copy that does not reload with exactly the kept weights.
-    Weights are saved in float32.
+    in the given order; None: ``default_keep_layers``) are kept and renumbered (KV-cache slots).
+    Supported layouts: ``SUPPORTED_PRUNE`` (Llama-style, OPT, GPT-2). ``model``: the teacher as
+    ``load_for_pruning`` returned it (default: loaded here; it is changed in place). Returns the
+    kept indices. Raises ModelError for another architecture (checked on the meta device before
+    any weight is read), an index out of range, or a written copy that does not reload with
+    exactly the kept weights. Weights are saved in float32.
     """
     import torch
     from torch import nn
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    problem = prune_problem(meta_model(Path(teacher_dir) / "config.json"))
-    if problem:
-        raise ModelError(f"student.init=prune: {problem}")
-    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    if model is None:
+        model = load_for_pruning(teacher_dir)
     parent, attr, layers = _layer_slot(model)
     n = len(layers)
     keep = list(keep_layers) if keep_layers is not None else default_keep_layers(n)

@@ -93,6 +93,9 @@ def preflight(cfg: Config, counts: dict[str, int] | None) -> list[str]:
             bad = [i for i in cfg.student.keep_layers if not 0 <= i < teacher_layers]
             if bad:
                 problems.append(f"student.keep_layers: {bad} out of range; the teacher has {teacher_layers} layers")
+        wanted = cfg.student.prune.num_layers if cfg.student.prune.method == "importance" else None
+        if wanted and teacher_layers and wanted > teacher_layers:
+            problems.append(f"student.prune.num_layers: {wanted} layers asked for; the teacher has {teacher_layers}")
         teacher_cfg = config_json(cfg.teacher.model)
         problem = check_prunable(teacher_cfg) if teacher_cfg else None
         if problem:

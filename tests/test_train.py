@@ -65,6 +65,18 @@ def test_baseline_student_is_rebuilt_when_what_made_it_changes(tiny_model, tmp_p
     assert json.loads((base / BASELINE_RECIPE).read_text())["kept"] == [0, 3, 5]  # the new teacher's default
     assert json.loads((base / "config.json").read_text())["num_hidden_layers"] == 3
     assert not list(out.glob("baseline_student.partial*"))
+    # importance: measured on the corpus's train rows in the task; switching back to the stride rebuilds
+    importance = sets + ["teacher.model=./other-teacher", "student.keep_layers=null", "student.prune.method=importance",
+                         "student.prune.num_layers=2", "student.prune.calibration_rows=4"]
+    write_corpus(load(cfg_file, importance), n=10, answered=None, varied=True)
+    ensure_baseline(load(cfg_file, importance))
+    recipe = json.loads((base / BASELINE_RECIPE).read_text())
+    assert recipe["prune"]["method"] == "importance" and len(recipe["scores"]) == 6 and len(recipe["kept"]) == 2
+    assert recipe["kept"] == sorted(sorted(range(6), key=lambda i: -recipe["scores"][i])[:2])
+    assert recipe["calibration_rows_read"] == 4
+    ensure_baseline(load(cfg_file, sets + ["teacher.model=./other-teacher", "student.keep_layers=null"]))
+    assert "prune" not in json.loads((base / BASELINE_RECIPE).read_text())  # rebuilt with the stride
+    assert json.loads((base / BASELINE_RECIPE).read_text())["kept"] == [0, 3, 5]
 
 
 def test_lora_targets_the_student_lacks_fail_before_ray(tiny_model, tmp_path):

@@ -230,4 +230,20 @@ def run_keys(cfg: Config, changes: dict[str, dict], served: dict[str, pa.Table] 
                   "endpoint": endpoint, "concurrency": 1}
     return {"prompt_source": str(corpus_location(cfg) / PROMPTS_DIR), "limit": cfg.eval.limit,
             "data_changed_since_corpus": changes, "corpus_rejects": corpus_rejects(corpus_location(cfg)),
-            "timing_source": source, "provenance": provenance()}
+            "timing_source": source, "student_init": student_init(cfg), "provenance": provenance()}
+
+
+def student_init(cfg: Config) -> dict | None:
+    """How the pruned baseline student was made, from its ``BASELINE_RECIPE``: ``prune_method``
+    (``stride`` or ``importance``), the teacher layers ``kept`` and, for importance, every teacher
+    layer's Block Influence ``scores``; None when the student was not pruned or the record is absent."""
+    import json
+
+    from ..layout import BASELINE_RECIPE, baseline_location
+
+    record = baseline_location(cfg) / BASELINE_RECIPE
+    if cfg.student.init != "prune" or not record.is_file():
+        return None
+    recipe = json.loads(record.read_text())
+    return {"prune_method": (recipe.get("prune") or {}).get("method", "stride"), "kept": recipe.get("kept"),
+            "scores": recipe.get("scores")}

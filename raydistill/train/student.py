@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
+from ..layout import BASELINE_RECIPE  # noqa: F401 - re-exported: train writes it
 from .examples import TEACHER_IDS, local_teacher_tokenizer
 
 log = logging.getLogger(__name__)
 
-BASELINE_RECIPE = "raydistill_student_init.json"  # in baseline_student/: what it was made from
 
 
 class VocabularyMismatch(ValueError):
@@ -38,17 +38,36 @@ class Student:
     dir: Path
 
 
-def baseline_recipe(teacher_ref: str, teacher_dir: str | None, keep_layers: list[int] | None) -> dict:
+def baseline_recipe(teacher_ref: str, teacher_dir: str | None, keep_layers: list[int] | None,
+                    prune: dict | None = None) -> dict:
     """What a pruned baseline student is made from: the teacher reference, the names and sizes of
     its weight files when it is a local folder (a folder whose weights changed makes another
-    student; None for a hub id or ``s3://`` teacher, whose reference names it), and
-    ``student.keep_layers`` as configured (None = the default choice)."""
+    student; None for a hub id or ``s3://`` teacher, whose reference names it),
+    ``student.keep_layers`` as configured (None = the default choice) and, for
+    ``student.prune.method=importance``, ``prune`` (``importance_recipe``; absent for the stride)."""
     from ..model_files import WEIGHT_SUFFIXES
 
     folder = Path(teacher_dir) if teacher_dir else None
     files = ({f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.name.endswith(WEIGHT_SUFFIXES)}
              if folder is not None and folder.is_dir() else None)
-    return {"teacher": teacher_ref, "teacher_weights": files, "keep_layers": keep_layers}
+    recipe = {"teacher": teacher_ref, "teacher_weights": files, "keep_layers": keep_layers}
+    return dict(recipe, prune=prune) if prune else recipe
+
+
+def importance_recipe(cfg: Config) -> dict | None:
+    """For ``student.prune.method=importance``: its settings, the data seed that picks the
+    calibration rows and the corpus manifest's fingerprint (another corpus: other rows, maybe other
+    layers); None for the stride."""
+    from ..corpus import MANIFEST
+    from ..layout import corpus_location
+    from ..stages import fingerprint
+
+    p = cfg.student.prune
+    if p.method != "importance":
+        return None
+    return {"method": "importance", "num_layers": p.num_layers, "calibration_rows": p.calibration_rows,
+            "calibration_max_tokens": p.calibration_max_tokens, "seed": cfg.data.seed,
+            "corpus_manifest": fingerprint(corpus_location(cfg) / MANIFEST)}
 
 
 def local_teacher_dir(ref: str) -> str | None:
@@ -64,7 +83,7 @@ def local_teacher_dir(ref: str) -> str | None:
 
 
 def prune_to(teacher_ref: str, keep_layers: list[int] | None, dest_uri: str, storage: dict,
-             recipe: dict) -> list[int]:
+             recipe: dict, calibration_files: list[str] | None = None) -> list[int]:
     """Ray task body: fetch the teacher where this task runs (``models.resolve_model``; an ``s3://``
     teacher: ``storage.local_copy``), write its depth-pruned copy into a temporary folder, then
     replace ``dest_uri`` with it (``storage.publish_folder``): a local destination by renaming a
@@ -72,17 +91,41 @@ def prune_to(teacher_ref: str, keep_layers: list[int] | None, dest_uri: str, sto
     ``s3://`` one by uploading, with ``BASELINE_RECIPE`` written last, so that a cut upload is
     never taken for a finished one. Returns the kept layers.
     ``teacher_ref``: a local folder as an absolute path (workers do not share the driver's
-    working directory)."""
+    working directory). With ``recipe["prune"]`` (method importance) the layers kept are those of
+    highest Block Influence on calibration rows read here from ``calibration_files`` (the corpus's
+    data shards, URIs), and the recipe written records every layer's score (``scores``)."""
     from ..config import StorageConfig
-    from ..models import prune_student, resolve_model
+    from ..models import ModelError, decoder_layers, default_keep_layers, load_for_pruning, prune_student, resolve_model
     from ..storage import local_copy, publish_folder, staging_folder, storage_path
 
-    dest = storage_path(dest_uri, StorageConfig.model_validate(storage))
+    store = StorageConfig.model_validate(storage)
+    dest = storage_path(dest_uri, store)
     teacher_dir = resolve_model(local_copy(teacher_ref, storage))
+    model = load_for_pruning(teacher_dir)
+    record = dict(recipe)
+    if recipe.get("prune"):
+        from transformers import AutoTokenizer
+
+        from ..layer_importance import block_influence, calibration_batches, calibration_rows, most_influential
+
+        p = recipe["prune"]
+        paths = [storage_path(f, store) for f in calibration_files or []]
+        rows = calibration_rows([x.path for x in paths], paths[0].fs if paths else None, p["calibration_rows"],
+                                p["seed"])
+        if not rows:
+            raise ValueError("student.prune.method=importance: the corpus has no answered train row to measure "
+                             "the layers' importance on")
+        batches = calibration_batches(AutoTokenizer.from_pretrained(teacher_dir), rows, p["calibration_max_tokens"])
+        scores = block_influence(model, batches)
+        n = len(decoder_layers(model))
+        if (p["num_layers"] or 0) > n:
+            raise ModelError(f"student.prune.num_layers={p['num_layers']}: the teacher has {n} layers")
+        keep_layers = most_influential(scores, p["num_layers"] or len(default_keep_layers(n)))
+        record.update(scores=[round(x, 6) for x in scores], calibration_rows_read=len(rows))
     with staging_folder(dest) as tmp:
         built = tmp / dest.name
-        keep = prune_student(teacher_dir, keep_layers, built)
-        (built / BASELINE_RECIPE).write_text(json.dumps(dict(recipe, kept=keep), indent=2))
+        keep = prune_student(teacher_dir, keep_layers, built, model=model)
+        (built / BASELINE_RECIPE).write_text(json.dumps(dict(record, kept=keep), indent=2))
         publish_folder(built, dest, last=BASELINE_RECIPE)
     return keep
 
@@ -103,26 +146,37 @@ def ensure_baseline(cfg: Config) -> Path:
     if not dest.remote:
         dest = storage_path(dest.local().resolve())  # symlinks resolved: the path the Ray task writes
     local_teacher = local_teacher_dir(cfg.teacher.model)
-    recipe = baseline_recipe(cfg.teacher.model, local_teacher, cfg.student.keep_layers)
+    recipe = baseline_recipe(cfg.teacher.model, local_teacher, cfg.student.keep_layers, importance_recipe(cfg))
     recipe_file = dest / BASELINE_RECIPE
     previous = json.loads(recipe_file.read_text()) if recipe_file.is_file() else None
     made = (dest / "config.json").is_file()
-    if not (made and previous is not None and {k: previous.get(k) for k in recipe} == recipe):
+    keys = [*recipe, *(["prune"] if "prune" not in recipe else [])]  # a stride recipe has no "prune"
+    if not (made and previous is not None and all(previous.get(k) == recipe.get(k) for k in keys)):
         if made:
-            changed = [k for k in recipe if previous is None or previous.get(k) != recipe[k]]
+            changed = [k for k in keys if previous is None or previous.get(k) != recipe.get(k)]
             log.warning("train: rebuilding %s: it was made from another %s", dest.uri,
                         " and ".join(changed) if previous else "recipe (no record of what made it)")
         # a local folder by its absolute path (the task's working directory is not the driver's);
         # an embedded model, hub id or s3:// teacher by its reference
         teacher = local_teacher if local_teacher and not cfg.teacher.model.startswith("embedded:") else cfg.teacher.model
+        files = None
+        if "prune" in recipe:  # the calibration rows: read by the task from the corpus's shards
+            from ..corpus import read_manifest
+            from ..layout import corpus_location
+
+            corpus = corpus_location(cfg)
+            files = [(corpus / f).uri if corpus.remote else str((corpus / f).local().resolve())
+                     for f in read_manifest(corpus).get("shards", [])]
         task = ray.remote(num_cpus=1, max_retries=0)(prune_to)
         try:
-            keep = ray.get(task.remote(teacher, cfg.student.keep_layers, dest.uri, cfg.storage.model_dump(), recipe))
+            keep = ray.get(task.remote(teacher, cfg.student.keep_layers, dest.uri, cfg.storage.model_dump(), recipe,
+                                       files))
         except ray.exceptions.RayTaskError as e:
-            if isinstance(getattr(e, "cause", None), ModelError):
+            if isinstance(getattr(e, "cause", None), (ModelError, ValueError)):
                 raise e.cause from None
             raise
-        log.info("train: pruned student keeps teacher layers %s -> %s", keep, dest.uri)
+        log.info("train: pruned student keeps teacher layers %s%s -> %s", keep,
+                 " (highest Block Influence)" if "prune" in recipe else "", dest.uri)
     return dest.local() if not dest.remote else model_metadata(dest.uri, cfg.storage)
 
 
