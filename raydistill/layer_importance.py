@@ -28,7 +28,7 @@ def block_influence(model, batches: Iterable[dict]) -> list[float]:
 
     ``batches``: dicts with ``input_ids`` and ``attention_mask``, LongTensors of shape (batch, seq)
     (right padding). Returns one float per block, in [0, 2] (0: the block's output points where its
-    input did). Runs under ``torch.no_grad`` on the model's device; raises ValueError when the
+    input did; a zero vector counts as cosine 0, ``torch.nn.functional.cosine_similarity``'s eps). Runs under ``torch.no_grad`` on the model's device; raises ValueError when the
     batches hold no token."""
     import torch
 
