@@ -27,6 +27,10 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Overri
 
 log = logging.getLogger("raydistill")
 
+#: exit code of `evaluate` and `run` when the student retains less than eval.min_retained (2: bad
+#: input or a failed stage; 130: Ctrl-C)
+GATE_FAILED = 3
+
 
 def _version(value: bool) -> None:
     if value:
@@ -129,6 +133,7 @@ def _run_stages(cfg: Config, stages: tuple[str, ...], overwrite: bool = False) -
     _ensure_ray(cfg, stages)
     t0 = time.perf_counter()
     stage = stages[0]
+    report: dict = {}  # the evaluate stage's, for the quality gate
     try:
         for stage in stages:
             ts = time.perf_counter()
@@ -144,7 +149,7 @@ def _run_stages(cfg: Config, stages: tuple[str, ...], overwrite: bool = False) -
             else:
                 from .evaluate import run_evaluate
 
-                run_evaluate(cfg, overwrite=overwrite)
+                report = run_evaluate(cfg, overwrite=overwrite)
             log.info("=== stage %s done in %.0f s ===", stage, time.perf_counter() - ts)
     except (DataError, ModelError, SchemaError, OSError, ValueError) as e:  # OSError: unreachable storage, too
         _fail(str(e))
@@ -157,9 +162,13 @@ def _run_stages(cfg: Config, stages: tuple[str, ...], overwrite: bool = False) -
         raise typer.Exit(code=130) from None
     log.info("finished in %.0f s; outputs in %s", time.perf_counter() - t0, location)
     if "evaluate" in stages:
+        from .evaluate.report import gate_failure
         from .layout import eval_location
 
         typer.echo(f"report: {eval_location(cfg) / 'report.md'}")
+        if failed := gate_failure(report):
+            typer.echo(f"error: {failed}", err=True)
+            raise typer.Exit(code=GATE_FAILED)
 
 
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Make the stages' outputs again even when finished "

@@ -366,6 +366,11 @@ class EvalConfig(EngineConfig):
                                     "untrustworthy in the report.")
     warn_retained_below: float = Field(0.5, ge=0, le=1, description="The report warns when the student "
                                        "retains less than this share of the teacher's quality.")
+    min_retained: float | None = Field(None, gt=0, description="Quality gate: the student must retain at least "
+                                       "this share of the teacher's quality and of every strict task metric "
+                                       "(report.json's retained); else `raydistill evaluate` and `run` exit with "
+                                       "code 3 (outputs kept) and the report names each figure that fell short. "
+                                       "null: no gate.")
     latency_source: Literal["engine", "serve"] = Field(
         "engine", description="Where latency and throughput come from: 'engine' = the batch engine that "
         "answers the eval prompts; 'serve' = the running `raydistill serve` endpoint (serve.host:serve.port), "

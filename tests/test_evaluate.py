@@ -97,7 +97,7 @@ def test_evaluate_hf_engine_in_interleaved_rounds(tmp_path, tiny_model, ray_loca
     from raydistill.evaluate.figures import MODEL_NAMES
 
     cfg_file, sets = eval_config(tmp_path, tiny_model, mixed_prompts(30),
-                             ["data.split.test=0.5", "eval.limit=8", "eval.rounds=2"])
+                             ["data.split.test=0.5", "eval.limit=8", "eval.rounds=2", "eval.min_retained=1000"])
     made = load(cfg_file, sets)
     corpus_prompts = write_corpus(made)
     out = Path(made.output_dir)
@@ -123,6 +123,18 @@ def test_evaluate_hf_engine_in_interleaved_rounds(tmp_path, tiny_model, ray_loca
     assert report["data_changed_since_corpus"] == {"data.seed": {"corpus": 0, "now": 3}}
     assert any(w.startswith("data.seed differs from the corpus's settings") for w in report["warnings"])
     assert report["prompts"] == 8 and sum(report["prompts_by_task"].values()) == 8
+    # the quality gate: no student retains 1000 times the teacher (or quality is unmeasured): it fails,
+    # in the report and as exit code 3 of the CLI, which reads the finished evaluation again
+    from typer.testing import CliRunner
+
+    from raydistill.cli import GATE_FAILED, app
+    from raydistill.evaluate.report import quality_gate
+
+    assert report["gate"] == quality_gate(report["retained"], 1000.0) and report["gate"]["passed"] is False
+    assert "Quality gate (`eval.min_retained` = 1000.0): **failed**" in (out / "eval" / "report.md").read_text()
+    r = CliRunner().invoke(app, ["evaluate", str(cfg_file), *[x for s in sets + ["data.seed=3"] for x in ("--set", s)]])
+    assert r.exit_code == GATE_FAILED == 3, r.output
+    assert "quality gate failed: the student retains less than eval.min_retained=1000.0" in r.output
 
     for key in ("latency_ms_p50", "output_tokens_per_s"):
         r = report["compared_to_teacher"]["student"][key]

@@ -140,6 +140,30 @@ def test_memory_probe_separates_model_from_process_baseline(tiny_model):
     assert all(math.isfinite(out[k]) for k in ("peak_memory_mb", "model_memory_mb", "process_baseline_mb"))
 
 
+def test_quality_gate_names_what_fell_short_and_needs_a_measured_quality(tmp_path):
+    from raydistill.evaluate.report import gate_failure, quality_gate
+
+    assert quality_gate({"quality": 0.5}, None) is None
+    ok = quality_gate({"quality": 0.95, "qa.f1": 0.9, "nli.accuracy": None}, 0.9)
+    assert ok == {"min_retained": 0.9, "passed": True, "short": {}, "unmeasured": ["nli.accuracy"]}
+    short = quality_gate({"quality": 0.95, "qa.f1": 0.41, "math.accuracy": 0.2}, 0.9)
+    assert short["passed"] is False and short["short"] == {"qa.f1": 0.41, "math.accuracy": 0.2}
+    assert gate_failure({"gate": short, "retained": {"quality": 0.95}}) == (
+        "quality gate failed: the student retains less than eval.min_retained=0.9 of the teacher: "
+        "qa.f1 0.410, math.accuracy 0.200")
+    unmeasured = quality_gate({"quality": None, "qa.f1": 0.95}, 0.9)
+    assert unmeasured["passed"] is False and unmeasured["unmeasured"] == ["quality"]
+    assert "quality not measured" in gate_failure({"gate": unmeasured, "retained": {"quality": None}})
+    assert gate_failure({"gate": ok, "retained": {}}) is None and gate_failure({"gate": None}) is None
+    # the report carries it, report.md says it first
+    rows = _rows(2)
+    report = _report({n: _table(rows, [0, 1]) for n in MODEL_NAMES}, min_retained=0.5)
+    assert report["gate"] == quality_gate(report["retained"], 0.5)
+    write_report(tmp_path, report, {n: _table(rows, [0, 1]) for n in MODEL_NAMES})
+    md = (tmp_path / "report.md").read_text()
+    assert md.splitlines()[2].startswith("Quality gate (`eval.min_retained` = 0.5): ")
+
+
 def test_memory_probe_false_keeps_the_size_and_loads_nothing(tiny_model, monkeypatch):
     """eval.memory_probe=false: no probe process; parameters and memory null, with the reason in a
     note (a report warning); the size on disk is still read from the files."""

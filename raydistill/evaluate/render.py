@@ -96,6 +96,12 @@ def write_markdown(report: dict, answers: dict[str, pa.Table], path: Path) -> No
     m = report["models"]
     names = list(MODEL_NAMES)
     lines = ["# raydistill evaluation report", ""]
+    gate = report.get("gate")
+    if gate:
+        verdict = "passed" if gate["passed"] else "**failed**"
+        short = "; fell short: " + ", ".join(f"`{k}` {v:.3f}" for k, v in gate["short"].items()) if gate["short"] else ""
+        unmeasured = "; not measured: " + ", ".join(f"`{k}`" for k in gate["unmeasured"]) if gate["unmeasured"] else ""
+        lines += [f"Quality gate (`eval.min_retained` = {gate['min_retained']}): {verdict}{short}{unmeasured}.", ""]
     if report["warnings"]:
         lines += ["## Warnings", ""] + [f"- {w}" for w in report["warnings"]] + [""]
     by_task = ", ".join(f"{k} {v}" for k, v in report.get("prompts_by_task", {}).items())

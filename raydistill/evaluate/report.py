@@ -32,7 +32,8 @@ from .render import pct
 def build_report(answers: dict[str, pa.Table], model_info: dict[str, dict], *, split: str, teacher: str,
                  engine: str, label_map: dict | None, max_ratio_spread: float, warn_retained_below: float,
                  extra: dict | None = None, marker: str = "####",
-                 timing: dict[str, pa.Table | None] | None = None, settings: dict[str, dict] | None = None) -> dict:
+                 timing: dict[str, pa.Table | None] | None = None, settings: dict[str, dict] | None = None,
+                 min_retained: float | None = None) -> dict:
     """The report dict (every key in docs/report.md) from the answers of the three models.
 
     Args:
@@ -49,6 +50,7 @@ def build_report(answers: dict[str, pa.Table], model_info: dict[str, dict], *, s
         settings: model name → the timed engine's settings (``timing_settings``: batch_size, replicas,
             concurrency, gpus), reported as ``timing.settings``; ``gpus`` > 0 gives
             ``output_tokens_per_s_per_gpu`` and its student/teacher ratio.
+        min_retained: ``eval.min_retained``, judged by ``quality_gate`` into ``gate`` (None: no gate).
     Returns:
         A dict that ``json.dumps(..., allow_nan=False)`` accepts.
     """
@@ -119,6 +121,7 @@ def build_report(answers: dict[str, pa.Table], model_info: dict[str, dict], *, s
         "retained": retained(models["student"], models["teacher"]),
         "retained_baseline": retained(models["baseline_student"], models["teacher"]),
     }
+    report["gate"] = quality_gate(report["retained"], min_retained)
     report["warnings"] = build_warnings(report, answers, model_info)
     for name, table in (timing or {}).items():
         errors = [e for e in table.column("error").to_pylist() if e is not None] if table is not None else []
@@ -211,6 +214,32 @@ def corpus_rejects(corpus) -> dict | None:
         return None
     counts = {str(k): int(v) for k, v in rejects.items()}
     return {"rows_kept": manifest.get("rows"), "rows_rejected": sum(counts.values()), "rejects": counts}
+
+
+def quality_gate(retained_figures: dict[str, float | None], min_retained: float | None) -> dict | None:
+    """``eval.min_retained`` judged on the student's ``retained`` figures (``figures.retained``:
+    ``quality`` and every strict ``task.metric``): ``{"min_retained", "passed", "short", "unmeasured"}``
+    where ``short`` maps each figure below the bar to its value and ``unmeasured`` lists the figures
+    that are null (the teacher scored 0, or a model gave no score). It passes when nothing is short
+    and ``quality`` was measured. None when ``min_retained`` is None (no gate)."""
+    if min_retained is None:
+        return None
+    short = {k: v for k, v in retained_figures.items() if v is not None and v < min_retained}
+    unmeasured = sorted(k for k, v in retained_figures.items() if v is None)
+    return {"min_retained": min_retained, "passed": not short and retained_figures.get("quality") is not None,
+            "short": short, "unmeasured": unmeasured}
+
+
+def gate_failure(report: dict) -> str | None:
+    """The sentence saying why ``report``'s quality gate failed, or None (passed, or no gate)."""
+    gate = report.get("gate")
+    if not gate or gate["passed"]:
+        return None
+    parts = [f"{k} {v:.3f}" for k, v in gate["short"].items()]
+    if report["retained"].get("quality") is None:
+        parts.append("quality not measured (the teacher scored 0 or no score)")
+    return (f"quality gate failed: the student retains less than eval.min_retained={gate['min_retained']} of the "
+            f"teacher: {', '.join(parts)}")
 
 
 def run_keys(cfg: Config, changes: dict[str, dict], served: dict[str, pa.Table] | None = None,

@@ -155,7 +155,7 @@ def finish_evaluation(cfg: Config, prompts: pa.Table, answers: dict[str, pa.Tabl
             label_map=cfg.data.label_map, max_ratio_spread=cfg.eval.max_ratio_spread,
             warn_retained_below=cfg.eval.warn_retained_below, marker=cfg.task_prompts.final_answer_marker,
             extra=run_keys(cfg, changes, served, endpoint), timing=timing,
-            settings=timing_settings(engines))
+            settings=timing_settings(engines), min_retained=cfg.eval.min_retained)
         write_report(tmp, report, answers)
         (tmp / "config.yaml").write_text(cfg.dump())
         if staging:
