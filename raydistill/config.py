@@ -371,6 +371,9 @@ class EvalConfig(EngineConfig):
                                        "(report.json's retained); else `raydistill evaluate` and `run` exit with "
                                        "code 3 (outputs kept) and the report names each figure that fell short. "
                                        "null: no gate.")
+    compare_to: str | None = Field(None, description="Another run's evaluation, shown beside this one in report.md "
+                                   "and report.json's comparison: its eval/report.json, its eval/ folder or its "
+                                   "output_dir (a path or s3:// URI).")
     latency_source: Literal["engine", "serve"] = Field(
         "engine", description="Where latency and throughput come from: 'engine' = the batch engine that "
         "answers the eval prompts; 'serve' = the running `raydistill serve` endpoint (serve.host:serve.port), "

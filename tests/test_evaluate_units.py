@@ -164,6 +164,42 @@ def test_quality_gate_names_what_fell_short_and_needs_a_measured_quality(tmp_pat
     assert md.splitlines()[2].startswith("Quality gate (`eval.min_retained` = 0.5): ")
 
 
+def test_compare_to_reads_another_runs_report_and_sets_the_students_side_by_side(tmp_path):
+    from raydistill.config import load
+    from raydistill.evaluate.report import COMPARED_FIGURES, other_report
+
+    rows = _rows(2)
+    answers = {n: _table(rows, [0, 1]) for n in MODEL_NAMES}
+    before = _report(answers)
+    before["retained"]["old.metric"] = 0.5  # a figure only the other run has
+    (tmp_path / "old" / "eval").mkdir(parents=True)
+    (tmp_path / "old" / "eval" / "report.json").write_text(json.dumps(before))
+    assert other_report(load(None, [f"output_dir={tmp_path / 'new'}"])) is None
+    for ref in ("old", "old/eval", "old/eval/report.json"):  # the run, its eval/ folder or the file
+        got = other_report(load(None, [f"eval.compare_to={tmp_path / ref}"]))
+        assert got == (str(tmp_path / "old" / "eval" / "report.json"), before)
+    with pytest.raises(FileNotFoundError, match="eval.compare_to: no report.json at"):
+        other_report(load(None, [f"eval.compare_to={tmp_path / 'nowhere'}"]))
+    (tmp_path / "bad.json").write_text("{}")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "report.json").write_text('{"a": 1}')
+    with pytest.raises(ValueError, match="is not a raydistill report.json"):
+        other_report(load(None, [f"eval.compare_to={tmp_path / 'bad'}"]))
+
+    report = _report(answers, compare_to=("s3://b/old/eval/report.json", before))
+    comp = report["comparison"]
+    assert comp["report"] == "s3://b/old/eval/report.json" and set(comp["student"]) == set(COMPARED_FIGURES)
+    assert comp["student"]["quality"] == {"this": report["models"]["student"]["quality"],
+                                          "other": before["models"]["student"]["quality"]}
+    assert comp["retained"]["old.metric"] == {"this": None, "other": 0.5}
+    assert set(comp["retained"]) == set(report["retained"]) | {"old.metric"}
+    write_report(tmp_path, report, answers)
+    md = (tmp_path / "report.md").read_text()
+    assert "## Compared with another run (`s3://b/old/eval/report.json`)" in md
+    assert "| retained old.metric | n/a | 0.500 |" in md
+    assert _report(answers)["comparison"] is None
+
+
 def test_memory_probe_false_keeps_the_size_and_loads_nothing(tiny_model, monkeypatch):
     """eval.memory_probe=false: no probe process; parameters and memory null, with the reason in a
     note (a report warning); the size on disk is still read from the files."""

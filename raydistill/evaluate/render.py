@@ -137,6 +137,7 @@ def write_markdown(report: dict, answers: dict[str, pa.Table], path: Path) -> No
         cells = [pct(m[n].get(key)) if digits == "%" else fmt(m[n].get(key), digits) for n in names]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
+    lines += _comparison_markdown(report.get("comparison"))
     lines += _rejects_markdown(report.get("corpus_rejects"))
     lines += ["", "## Timing rounds", "",
               "Every model answers the same parts of the prompts (rounds), each in one engine for all its rounds.", "",
@@ -250,6 +251,24 @@ def write_plots(report: dict, folder: Path) -> list[Path]:
     fig.savefig(p2, dpi=100)
     plt.close(fig)
     return [p1, p2]
+
+
+def _comparison_markdown(comp: dict | None) -> list[str]:
+    """The student of this run beside another run's (``eval.compare_to``); nothing without one."""
+    if not comp:
+        return []
+    labels = {"quality": "student quality (0–1)", "agreement_rougeL": "student agreement with teacher (ROUGE-L)",
+              "repetitive_share": "repetitive answers", "identical_share": "answers identical across prompts",
+              "finish_stop_share": "ended by themselves", "latency_ms_p50": "student latency p50 (ms)",
+              "output_tokens_per_s": "student output tokens/s"}
+    shares = {"repetitive_share", "identical_share", "finish_stop_share"}
+    lines = ["", f"## Compared with another run (`{comp['report']}`)", "", "| | this run | other run |", "|---|---|---|"]
+    for key, pair in comp["student"].items():
+        show = pct if key in shares else (lambda v: fmt(v, 3 if key in ("quality", "agreement_rougeL") else 1))
+        lines.append(f"| {labels.get(key, key)} | {show(pair['this'])} | {show(pair['other'])} |")
+    for key, pair in comp["retained"].items():
+        lines.append(f"| retained {key} | {fmt(pair['this'], 3)} | {fmt(pair['other'], 3)} |")
+    return lines
 
 
 def write_report(folder: Path, report: dict, answers: dict[str, pa.Table]) -> None:

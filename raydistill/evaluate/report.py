@@ -33,7 +33,7 @@ def build_report(answers: dict[str, pa.Table], model_info: dict[str, dict], *, s
                  engine: str, label_map: dict | None, max_ratio_spread: float, warn_retained_below: float,
                  extra: dict | None = None, marker: str = "####",
                  timing: dict[str, pa.Table | None] | None = None, settings: dict[str, dict] | None = None,
-                 min_retained: float | None = None) -> dict:
+                 min_retained: float | None = None, compare_to: tuple[str, dict] | None = None) -> dict:
     """The report dict (every key in docs/report.md) from the answers of the three models.
 
     Args:
@@ -51,6 +51,7 @@ def build_report(answers: dict[str, pa.Table], model_info: dict[str, dict], *, s
             concurrency, gpus), reported as ``timing.settings``; ``gpus`` > 0 gives
             ``output_tokens_per_s_per_gpu`` and its student/teacher ratio.
         min_retained: ``eval.min_retained``, judged by ``quality_gate`` into ``gate`` (None: no gate).
+        compare_to: another run's report (``other_report``), set beside this one in ``comparison``.
     Returns:
         A dict that ``json.dumps(..., allow_nan=False)`` accepts.
     """
@@ -122,6 +123,7 @@ def build_report(answers: dict[str, pa.Table], model_info: dict[str, dict], *, s
         "retained_baseline": retained(models["baseline_student"], models["teacher"]),
     }
     report["gate"] = quality_gate(report["retained"], min_retained)
+    report["comparison"] = comparison(report, compare_to)
     report["warnings"] = build_warnings(report, answers, model_info)
     for name, table in (timing or {}).items():
         errors = [e for e in table.column("error").to_pylist() if e is not None] if table is not None else []
@@ -240,6 +242,50 @@ def gate_failure(report: dict) -> str | None:
         parts.append("quality not measured (the teacher scored 0 or no score)")
     return (f"quality gate failed: the student retains less than eval.min_retained={gate['min_retained']} of the "
             f"teacher: {', '.join(parts)}")
+
+
+#: the student figures a comparison with another run shows (``models.student`` keys)
+COMPARED_FIGURES = ("quality", "agreement_rougeL", "repetitive_share", "identical_share", "finish_stop_share",
+                    "latency_ms_p50", "output_tokens_per_s")
+
+
+def other_report(cfg: Config) -> tuple[str, dict] | None:
+    """``eval.compare_to`` read: (the report.json's URI, the report), or None when not set. Accepts
+    the report file, its ``eval/`` folder or the run's output_dir. Raises FileNotFoundError when no
+    report.json is there and ValueError when it is not a raydistill report."""
+    import json
+
+    from ..storage import storage_path
+
+    ref = cfg.eval.compare_to
+    if not ref:
+        return None
+    where = storage_path(ref, cfg.storage)
+    for candidate in (where, where / "report.json", where / "eval" / "report.json"):
+        if candidate.uri.endswith("report.json") and candidate.is_file():
+            try:
+                other = json.loads(candidate.read_text())
+            except ValueError as e:
+                raise ValueError(f"eval.compare_to: {candidate.uri} is not JSON ({e})") from None
+            if not isinstance(other, dict) or not {"models", "retained"} <= set(other):
+                raise ValueError(f"eval.compare_to: {candidate.uri} is not a raydistill report.json "
+                                 "(no models or retained)")
+            return candidate.uri, other
+    raise FileNotFoundError(f"eval.compare_to: no report.json at {ref} (nor in its eval/ folder)")
+
+
+def comparison(report: dict, other: tuple[str, dict] | None) -> dict | None:
+    """This run's student beside ``other``'s (``other_report``): ``report`` (its URI), ``student``
+    (each of ``COMPARED_FIGURES``: ``{"this", "other"}``) and ``retained`` (each figure of either
+    run's ``retained``: ``{"this", "other"}``, null where a run lacks it). None without ``other``."""
+    if other is None:
+        return None
+    uri, rep = other
+    mine, theirs = report["models"]["student"], rep["models"].get("student", {})
+    keys = list(report["retained"]) + [k for k in rep["retained"] if k not in report["retained"]]
+    return {"report": uri,
+            "student": {k: {"this": mine.get(k), "other": theirs.get(k)} for k in COMPARED_FIGURES},
+            "retained": {k: {"this": report["retained"].get(k), "other": rep["retained"].get(k)} for k in keys}}
 
 
 def run_keys(cfg: Config, changes: dict[str, dict], served: dict[str, pa.Table] | None = None,

@@ -22,7 +22,7 @@ from .figures import MODEL_NAMES
 from .probes import model_info
 from .prompts import load_eval_prompts
 from .render import fmt, write_report
-from .report import build_report, run_keys
+from .report import build_report, other_report, run_keys
 from .rounds import answer_rounds, served_timing, split_rounds, timed_engines, timing_settings
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ def run_evaluate(cfg: Config, overwrite: bool = False) -> dict:
     stage = evaluate_stage(cfg)
     if stage.done(overwrite):
         return json.loads((stage.outputs["eval"] / "report.json").read_text())
+    other_report(cfg)  # a wrong eval.compare_to fails now, not after every model has answered
     stage.forget()
     api_teacher = cfg.teacher.engine == "openai"  # answers from the endpoint; teacher.model is its model name
     paths = {"teacher": cfg.teacher.model if api_teacher else resolve_model(cfg.teacher.model),
@@ -155,7 +156,7 @@ def finish_evaluation(cfg: Config, prompts: pa.Table, answers: dict[str, pa.Tabl
             label_map=cfg.data.label_map, max_ratio_spread=cfg.eval.max_ratio_spread,
             warn_retained_below=cfg.eval.warn_retained_below, marker=cfg.task_prompts.final_answer_marker,
             extra=run_keys(cfg, changes, served, endpoint), timing=timing,
-            settings=timing_settings(engines), min_retained=cfg.eval.min_retained)
+            settings=timing_settings(engines), min_retained=cfg.eval.min_retained, compare_to=other_report(cfg))
         write_report(tmp, report, answers)
         (tmp / "config.yaml").write_text(cfg.dump())
         if staging:
