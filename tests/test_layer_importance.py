@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from raydistill.config import ConfigError, load
 from raydistill.layer_importance import block_influence, calibration_batches, calibration_rows, most_influential
+from raydistill.models import ModelError
 
 from .conftest import build_tiny_model
 from .helpers import user_config, write_corpus
@@ -117,6 +118,9 @@ def test_importance_pruning_keeps_the_working_layers_and_records_their_scores(tm
     assert recipe["kept"] == [0, 3, 5] and len(recipe["scores"]) == 6 and recipe["calibration_rows_read"] == 8
     assert [i for i, s in enumerate(recipe["scores"]) if abs(s) < 1e-5] == list(PASS_THROUGH)
     assert AutoModelForCausalLM.from_pretrained(dest).config.num_hidden_layers == 3
+    with pytest.raises(ModelError, match=r"student.prune.num_layers=7: the teacher has 6 layers"):
+        prune_to(str(teacher), None, str(dest), cfg.storage.model_dump(),
+                 {"teacher": str(teacher), "prune": dict(prune, num_layers=7)}, [shard])
 
 
 def test_keep_layers_and_importance_are_one_choice_too_many(tmp_path):

@@ -24,7 +24,6 @@ from .examples import TEACHER_IDS, local_teacher_tokenizer
 log = logging.getLogger(__name__)
 
 
-
 class VocabularyMismatch(ValueError):
     """Logit KD asked for with a teacher and student that do not share one token-id space."""
 
@@ -109,6 +108,9 @@ def prune_to(teacher_ref: str, keep_layers: list[int] | None, dest_uri: str, sto
         from ..layer_importance import block_influence, calibration_batches, calibration_rows, most_influential
 
         p = recipe["prune"]
+        n = len(decoder_layers(model))
+        if (p["num_layers"] or 0) > n:
+            raise ModelError(f"student.prune.num_layers={p['num_layers']}: the teacher has {n} layers")
         paths = [storage_path(f, store) for f in calibration_files or []]
         rows = calibration_rows([x.path for x in paths], paths[0].fs if paths else None, p["calibration_rows"],
                                 p["seed"])
@@ -117,9 +119,6 @@ def prune_to(teacher_ref: str, keep_layers: list[int] | None, dest_uri: str, sto
                              "the layers' importance on")
         batches = calibration_batches(AutoTokenizer.from_pretrained(teacher_dir), rows, p["calibration_max_tokens"])
         scores = block_influence(model, batches)
-        n = len(decoder_layers(model))
-        if (p["num_layers"] or 0) > n:
-            raise ModelError(f"student.prune.num_layers={p['num_layers']}: the teacher has {n} layers")
         keep_layers = most_influential(scores, p["num_layers"] or len(default_keep_layers(n)))
         record.update(scores=[round(x, 6) for x in scores], calibration_rows_read=len(rows))
     with staging_folder(dest) as tmp:
