@@ -80,7 +80,13 @@ def student_location(cfg: Config) -> StoragePath:
 
 def eval_location(cfg: Config) -> StoragePath:
     """``eval/``: the finished evaluation (``report.json`` last)."""
-    return output_location(cfg) / "eval"
+    return eval_of(output_location(cfg))
+
+
+def eval_of(run: StoragePath) -> StoragePath:
+    """The ``eval/`` folder of the run whose output location is ``run`` (this run's, or another
+    run's for ``eval.compare_to``)."""
+    return run / "eval"
 
 
 def eval_partial_location(cfg: Config) -> StoragePath:

@@ -255,13 +255,14 @@ def other_report(cfg: Config) -> tuple[str, dict] | None:
     report.json is there and ValueError when it is not a raydistill report."""
     import json
 
+    from ..layout import eval_of
     from ..storage import storage_path
 
     ref = cfg.eval.compare_to
     if not ref:
         return None
     where = storage_path(ref, cfg.storage)
-    for candidate in (where, where / "report.json", where / "eval" / "report.json"):
+    for candidate in (where, where / "report.json", eval_of(where) / "report.json"):
         if candidate.uri.endswith("report.json") and candidate.is_file():
             try:
                 other = json.loads(candidate.read_text())
