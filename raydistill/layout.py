@@ -56,6 +56,21 @@ def baseline_location(cfg: Config) -> StoragePath:
     return output_location(cfg) / "baseline_student"
 
 
+def baseline_pruning(cfg: Config) -> dict | None:
+    """How the pruned baseline student was made, from its ``BASELINE_RECIPE``: ``prune_method``
+    (``stride`` or ``importance``), the teacher layers ``kept`` and, for importance, every teacher
+    layer's Block Influence ``scores`` (else None); None when the student is not pruned or the
+    record is absent. Read by train (``train/student_init.json``) and evaluate (``report.json``)."""
+    import json
+
+    record = baseline_location(cfg) / BASELINE_RECIPE
+    if cfg.student.init != "prune" or not record.is_file():
+        return None
+    recipe = json.loads(record.read_text())
+    return {"prune_method": (recipe.get("prune") or {}).get("method", "stride"), "kept": recipe.get("kept"),
+            "scores": recipe.get("scores")}
+
+
 def train_location(cfg: Config) -> StoragePath:
     """``train/``: training's records, metrics and plots (``train.stage``)."""
     return output_location(cfg) / "train"

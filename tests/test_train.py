@@ -74,9 +74,15 @@ def test_baseline_student_is_rebuilt_when_what_made_it_changes(tiny_model, tmp_p
     assert recipe["prune"]["method"] == "importance" and len(recipe["scores"]) == 6 and len(recipe["kept"]) == 2
     assert recipe["kept"] == sorted(sorted(range(6), key=lambda i: -recipe["scores"][i])[:2])
     assert recipe["calibration_rows_read"] == 4
+    from raydistill.layout import baseline_pruning  # what train/student_init.json and report.json say of it
+
+    assert baseline_pruning(load(cfg_file, importance)) == {"prune_method": "importance", "kept": recipe["kept"],
+                                                            "scores": recipe["scores"]}
     ensure_baseline(load(cfg_file, sets + ["teacher.model=./other-teacher", "student.keep_layers=null"]))
     assert "prune" not in json.loads((base / BASELINE_RECIPE).read_text())  # rebuilt with the stride
     assert json.loads((base / BASELINE_RECIPE).read_text())["kept"] == [0, 3, 5]
+    assert baseline_pruning(load(cfg_file, sets + ["teacher.model=./other-teacher", "student.keep_layers=null"])) == {
+        "prune_method": "stride", "kept": [0, 3, 5], "scores": None}
 
 
 def test_lora_targets_the_student_lacks_fail_before_ray(tiny_model, tmp_path):

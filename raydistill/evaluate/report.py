@@ -238,7 +238,7 @@ def gate_failure(report: dict) -> str | None:
     if not gate or gate["passed"]:
         return None
     parts = [f"{k} {v:.3f}" for k, v in gate["short"].items()]
-    if report["retained"].get("quality") is None:
+    if "quality" in gate["unmeasured"]:
         parts.append("quality not measured (the teacher scored 0 or no score)")
     return (f"quality gate failed: the student retains less than eval.min_retained={gate['min_retained']} of the "
             f"teacher: {', '.join(parts)}")
@@ -296,7 +296,7 @@ def run_keys(cfg: Config, changes: dict[str, dict], served: dict[str, pa.Table] 
     ``corpus_rejects``, ``timing_source`` (the served models and ``endpoint`` when ``served``, see
     ``run.finish_evaluation``) and ``provenance``."""
     from ..corpus import PROMPTS_DIR
-    from ..layout import corpus_location
+    from ..layout import baseline_pruning, corpus_location
     from ..runtime import provenance
 
     source = {"latency_source": "engine", "models": dict.fromkeys(MODEL_NAMES, "engine"), "endpoint": None,
@@ -306,20 +306,4 @@ def run_keys(cfg: Config, changes: dict[str, dict], served: dict[str, pa.Table] 
                   "endpoint": endpoint, "concurrency": 1}
     return {"prompt_source": str(corpus_location(cfg) / PROMPTS_DIR), "limit": cfg.eval.limit,
             "data_changed_since_corpus": changes, "corpus_rejects": corpus_rejects(corpus_location(cfg)),
-            "timing_source": source, "student_init": student_init(cfg), "provenance": provenance()}
-
-
-def student_init(cfg: Config) -> dict | None:
-    """How the pruned baseline student was made, from its ``BASELINE_RECIPE``: ``prune_method``
-    (``stride`` or ``importance``), the teacher layers ``kept`` and, for importance, every teacher
-    layer's Block Influence ``scores``; None when the student was not pruned or the record is absent."""
-    import json
-
-    from ..layout import BASELINE_RECIPE, baseline_location
-
-    record = baseline_location(cfg) / BASELINE_RECIPE
-    if cfg.student.init != "prune" or not record.is_file():
-        return None
-    recipe = json.loads(record.read_text())
-    return {"prune_method": (recipe.get("prune") or {}).get("method", "stride"), "kept": recipe.get("kept"),
-            "scores": recipe.get("scores")}
+            "timing_source": source, "student_init": baseline_pruning(cfg), "provenance": provenance()}

@@ -66,7 +66,7 @@ from ..storage import StoragePath
 from .checkpoints import HF_SUBDIR, HISTORY_FILE, best_checkpoint, checkpoint_dirs, latest_checkpoint, prune
 from .examples import COMPLETE, choose_label_source, example_counts, trained_rows, write_examples
 from .plan import Plan, plan_steps, warmup_steps
-from .student import BASELINE_RECIPE, Student, check_logit_kd, check_lora_targets, prepare_student
+from .student import Student, check_logit_kd, check_lora_targets, prepare_student
 from .worker import WORKER_ERROR_FILE, WorkerSettings, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ def resume_or_reset(cfg: Config, manifest: dict, stage, student: Student, overwr
     checkpoint keeping may change on resume. Either way the previous student and stage record are
     removed (they no longer describe this training) and ``train/resume_key.json`` and
     ``train/student_init.json`` are written. Returns the step resumed from, or None."""
-    from ..layout import baseline_location, examples_location, ray_train_location, student_location, train_location
+    from ..layout import baseline_pruning, examples_location, ray_train_location, student_location, train_location
 
     train_dir = train_location(cfg)
     ray_dir = ray_train_location(cfg)
@@ -213,11 +213,7 @@ def resume_or_reset(cfg: Config, manifest: dict, stage, student: Student, overwr
     student_location(cfg).delete()
     init = {"init": cfg.student.init, "baseline_student": student.ref, "teacher": cfg.teacher.model,
             "keep_layers": cfg.student.keep_layers}
-    made = baseline_location(cfg) / BASELINE_RECIPE
-    if cfg.student.init == "prune" and made.is_file():  # the layers the pruning kept, and their scores
-        recipe = json.loads(made.read_text())
-        init.update(prune_method=cfg.student.prune.method, kept_layers=recipe.get("kept"),
-                    layer_scores=recipe.get("scores"))
+    init.update(baseline_pruning(cfg) or {})  # the layers the pruning kept, and their scores
     (train_dir / "student_init.json").write_text(json.dumps(init, indent=2))
     return resumed_from
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
-from ..layout import BASELINE_RECIPE  # noqa: F401 - re-exported: train writes it
+from ..layout import BASELINE_RECIPE
 from .examples import TEACHER_IDS, local_teacher_tokenizer
 
 log = logging.getLogger(__name__)
